@@ -1,0 +1,98 @@
+"""The ``stylepipe`` command line: thin wrappers over the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+console = Console(stderr=True)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="settings file (YAML); defaults apply when omitted")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting, e.g. --set train.lr=0.01 (repeatable)",
+    )  # fmt: skip
+
+
+def _load(args: argparse.Namespace):
+    from stylepipe.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from stylepipe.train import ProgressBar, TrainingHalted
+    from stylepipe.train.recipe import train_from_config
+
+    config = _load(args)
+    try:
+        out = train_from_config(config, callbacks=[ProgressBar(f"train {config.name}")])
+    except TrainingHalted as halted:
+        console.print(f"[bold red]{halted.autopsy.explain()}")
+        console.print(f"autopsy: {halted.output.autopsy_json}\nmetrics: {halted.output.metrics_csv}")
+        return 3
+    final = out.result.final
+    console.print(
+        f"[green]trained {out.result.steps} steps in {out.result.seconds:.1f} s; "
+        f"final total loss {final['loss/total']:.4g}"
+    )
+    console.print(f"checkpoint: {out.checkpoint}\nmetrics:    {out.metrics_csv}")
+    return 0
+
+
+def cmd_stylize(args: argparse.Namespace) -> int:
+    from stylepipe.stylize import stylize_file
+    from stylepipe.train.checkpoint import load_checkpoint
+
+    model = load_checkpoint(args.model)
+    out = stylize_file(model, args.input, args.output, max_size=args.max_size)
+    console.print(f"stylised image: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stylepipe", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one style network with NaN guards")
+    _add_config_args(train)
+    train.set_defaults(func=cmd_train)
+
+    stylize = sub.add_parser("stylize", help="apply a trained model to an image")
+    stylize.add_argument("--model", required=True, help="checkpoint (.safetensors or .pt)")
+    stylize.add_argument("input")
+    stylize.add_argument("output")
+    stylize.add_argument("--max-size", type=int, default=None, help="shrink the long side first")
+    stylize.set_defaults(func=cmd_stylize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    from stylepipe.config import ConfigError
+    from stylepipe.data.sources import SourceError
+    from stylepipe.nets.vgg import WeightsUnavailable
+    from stylepipe.train.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ConfigError, SourceError, WeightsUnavailable, CheckpointError) as err:
+        console.print(f"[bold red]error:[/] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

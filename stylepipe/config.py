@@ -1,0 +1,170 @@
+"""Validated settings: YAML files plus ``--set section.key=value`` overrides.
+
+Every section forbids unknown keys, so a typo is refused with the key and the
+file named instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+LAYER_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
+
+
+class ConfigError(ValueError):
+    """A settings file or override that cannot be used, with the reason."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    # "skimage" (scikit-image's bundled photos) or a folder of images.
+    content: str = "skimage"
+    # A path, "skimage:NAME", or "generated:NAME" (a procedural image made here).
+    style_image: str = "generated:swirl"
+    image_size: int = Field(64, ge=16, le=4096)
+    style_size: int | None = Field(None, ge=16, le=4096)
+
+
+class LossConfig(Section):
+    # "imagenet" (torchvision's cache), "random" (seeded; tests the pipeline only),
+    # or a path to a local VGG16 state_dict (.pth/.pt loaded with weights_only, or .safetensors).
+    vgg_weights: str = "random"
+    content_layers: list[str] = ["relu2_2"]
+    style_layers: list[str] = list(LAYER_NAMES)
+    content_weight: float = Field(1.0, ge=0)
+    style_weight: float = Field(1e5, ge=0)
+    tv_weight: float = Field(1e-6, ge=0)
+    # "fp32" always computes the Gram matrix in float32. "autocast" lets it follow the
+    # autocast dtype: the common mistake that overflows in fp16. Kept for reproductions.
+    gram_precision: Literal["fp32", "autocast"] = "fp32"
+
+    @field_validator("content_layers", "style_layers")
+    @classmethod
+    def _known_layers(cls, layers: list[str]) -> list[str]:
+        unknown = [name for name in layers if name not in LAYER_NAMES]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {unknown}; choose from {list(LAYER_NAMES)}")
+        if not layers:
+            raise ValueError("at least one layer is needed")
+        return layers
+
+
+class TrainConfig(Section):
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(4, ge=1)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    clip_norm: float | None = Field(None, gt=0)  # None: no clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    channels_last: bool = True  # applied on CUDA only
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # Finiteness is decided on the device every step but read by the host only
+    # every check_every steps; the first bad step is still exact.
+    check_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class GuardConfig(Section):
+    enabled: bool = True
+    divergence_factor: float = Field(20.0, gt=1)  # loss above factor x running minimum
+    divergence_warmup: int = Field(20, ge=0)  # steps before divergence checks start
+    grad_spike_factor: float = Field(1000.0, gt=1)  # grad norm above factor x running median
+    grad_spike_window: int = Field(50, ge=3)
+    imbalance_ratio: float = Field(1e6, gt=1)  # weighted loss terms this far apart
+    max_fp16_skips: int = Field(20, ge=1)  # consecutive GradScaler skips before giving up
+
+
+class Config(Section):
+    name: str = "stylepipe"
+    run_dir: Path = Path("runs/default")
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    guard: GuardConfig = GuardConfig()
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        """A copy with dotted-key overrides applied and validated."""
+        raw = self.model_dump(mode="json")
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return _validate(raw, source="overrides")
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a settings section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value``; the value is read as YAML (numbers, null, lists)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected the form section.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    return key.strip(), parsed
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        given = item.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {key}: {item['msg']}{shown}")
+    return f"invalid settings in {source}:\n" + "\n".join(lines)
+
+
+def _validate(raw: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or the defaults), then apply ``key=value`` overrides.
+
+    Errors name the offending key and the file (or the override) they came from.
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = loaded or {}
+    config = _validate(raw, source)
+    if overrides:
+        for text in overrides:
+            key, value = parse_override(text)
+            raw_now = config.model_dump(mode="json")
+            _set_dotted(raw_now, key, value)
+            config = _validate(raw_now, f"override --set {text}")
+    return config

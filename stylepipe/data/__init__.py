@@ -1,0 +1,1 @@
+"""Data: image sources, normalisation, preparation and the batches training reads."""

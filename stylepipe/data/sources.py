@@ -1,0 +1,128 @@
+"""Where images come from: a folder, scikit-image's bundled photos, or generated here.
+
+Specs used in configs:
+  ``skimage``            the colour photos bundled with scikit-image (offline)
+  ``skimage:NAME``       one of them, e.g. ``skimage:coffee``
+  ``generated:swirl``    a procedural, painting-like style image made with numpy
+  anything else          a path to an image file or a folder of images
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+# scikit-image's bundled colour photos (each ships inside the package: no download).
+SKIMAGE_COLOUR = (
+    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+    "retina", "colorwheel",
+)  # fmt: skip
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class SourceError(ValueError):
+    """An image source that cannot be read, with the reason."""
+
+
+def skimage_image(name: str) -> Image.Image:
+    import skimage.data
+
+    loader = getattr(skimage.data, name, None)
+    if loader is None or not callable(loader):
+        raise SourceError(f"scikit-image has no bundled image called {name!r}")
+    array = np.asarray(loader())
+    return Image.fromarray(array)
+
+
+def generated_image(name: str, size: int = 256, seed: int = 0) -> Image.Image:
+    """A procedural style image: bold hues, swirling strokes, hard edges."""
+    if name != "swirl":
+        raise SourceError(f"unknown generated image {name!r}; available: 'swirl'")
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    angle = np.arctan2(y - 0.5, x - 0.5)
+    radius = np.hypot(y - 0.5, x - 0.5)
+    field = np.sin(12 * radius + 3 * angle) + 0.5 * np.sin(9 * x + 5 * np.sin(7 * y))
+    field += 0.02 * rng.standard_normal((size, size))
+    bands = np.floor((field + 2) * 2.5) / 10.0  # posterised: hard-edged colour regions
+    hue = (bands + 0.3 * x) % 1.0
+    hsv = np.stack([hue, np.full_like(hue, 0.85), 0.55 + 0.45 * np.cos(6 * field) ** 2], axis=-1)
+    rgb = Image.fromarray((hsv * 255).astype(np.uint8), mode="HSV").convert("RGB")
+    return rgb
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Open an image file as RGB with its EXIF orientation applied."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise SourceError(f"cannot read image {path}: {err}") from err
+
+
+def load_image(spec: str) -> Image.Image:
+    """One image from a spec (see module doc)."""
+    kind, _, name = spec.partition(":")
+    if kind == "skimage" and name:
+        return skimage_image(name).convert("RGB")
+    if kind == "generated" and name:
+        return generated_image(name)
+    path = Path(spec)
+    if not path.is_file():
+        raise SourceError(f"style/content image not found: {spec}")
+    return open_rgb(path)
+
+
+def resize_crop(image: Image.Image, size: int) -> torch.Tensor:
+    """Shorter side to ``size`` (antialiased), centre crop; uint8 tensor 3 x size x size."""
+    transform = v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(size, antialias=True),
+        v2.CenterCrop(size),
+    ])  # fmt: skip
+    return transform(image.convert("RGB"))
+
+
+def load_content_images(spec: str, size: int) -> torch.Tensor:
+    """All content images of a source as one uint8 tensor N x 3 x size x size."""
+    if spec == "skimage":
+        images = [skimage_image(name) for name in SKIMAGE_COLOUR]
+    else:
+        folder = Path(spec)
+        if not folder.is_dir():
+            raise SourceError(f"content source is neither 'skimage' nor a folder: {spec}")
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SourceError(f"no images found under {folder}")
+        images = [open_rgb(p) for p in files]
+    return torch.stack([resize_crop(img, size) for img in images])
+
+
+class RandomBatches:
+    """Endless shuffled batches from a uint8 image tensor, reshuffled every epoch.
+
+    The images can live on the GPU, then a batch is one index operation.
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int = 0):
+        if len(images) == 0:
+            raise SourceError("no training images")
+        self.images = images
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def __iter__(self) -> RandomBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        while len(self._order) < self.batch_size:
+            fresh = torch.randperm(len(self.images), generator=self.generator)
+            self._order = torch.cat([self._order, fresh])
+        index, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return self.images[index.to(self.images.device)]

@@ -1,0 +1,18 @@
+"""Training: the loop, its guards and autopsy, callbacks, checkpoints."""
+
+from stylepipe.train.callbacks import Callback, CSVMetricsWriter, ProgressBar
+from stylepipe.train.guards import CAUSES, Autopsy, TrainingHalted, classify_cause
+from stylepipe.train.trainer import Trainer, TrainResult, resolve_device
+
+__all__ = [
+    "CAUSES",
+    "Autopsy",
+    "CSVMetricsWriter",
+    "Callback",
+    "ProgressBar",
+    "TrainResult",
+    "Trainer",
+    "TrainingHalted",
+    "classify_cause",
+    "resolve_device",
+]

@@ -1,0 +1,47 @@
+"""Checkpoints: the transformer's weights as safetensors, with the settings beside them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stylepipe.nets.transformer import TransformerNet
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as a stylepipe transformer."""
+
+
+def save_checkpoint(model: TransformerNet, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"stylepipe": json.dumps(metadata or {}, default=str)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TransformerNet:
+    """A TransformerNet from a safetensors file or a ``weights_only`` torch state_dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    model = TransformerNet()
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as err:
+        raise CheckpointError(f"{path} is not a stylepipe TransformerNet checkpoint: {err}") from err
+    return model.to(device).eval()

@@ -1,0 +1,76 @@
+"""The training recipe: from validated settings to a trained model on disk.
+
+``build_criterion`` and ``build_batches`` assemble the pieces the Trainer takes;
+``train_from_config`` is what ``stylepipe train`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stylepipe.config import Config
+from stylepipe.data.sources import RandomBatches, load_content_images, load_image, resize_crop
+from stylepipe.nets.losses import PerceptualLoss
+from stylepipe.nets.vgg import LossNetwork, load_vgg16_features
+from stylepipe.train.callbacks import Callback, CSVMetricsWriter
+from stylepipe.train.checkpoint import save_checkpoint
+from stylepipe.train.guards import TrainingHalted
+from stylepipe.train.trainer import Trainer, TrainResult, resolve_device
+
+
+def build_criterion(config: Config, device: torch.device | None = None) -> PerceptualLoss:
+    loss = config.loss
+    features = load_vgg16_features(loss.vgg_weights, seed=config.train.seed)
+    network = LossNetwork(features, loss.content_layers + loss.style_layers)
+    style_size = config.data.style_size or config.data.image_size
+    style = resize_crop(load_image(config.data.style_image), style_size).float().div(255)
+    criterion = PerceptualLoss(
+        network, style, loss.content_layers, loss.style_layers, gram_fp32=loss.gram_precision == "fp32"
+    )
+    return criterion.to(device) if device is not None else criterion
+
+
+def build_batches(config: Config, device: torch.device | None = None) -> RandomBatches:
+    images = load_content_images(config.data.content, config.data.image_size)
+    if device is not None:
+        images = images.to(device)
+    return RandomBatches(images, config.train.batch_size, seed=config.train.seed)
+
+
+@dataclass
+class TrainingOutput:
+    result: TrainResult | None
+    checkpoint: Path | None
+    metrics_csv: Path
+    autopsy_json: Path | None = None
+
+
+def train_from_config(config: Config, callbacks: Sequence[Callback] = ()) -> TrainingOutput:
+    """Train, then write ``model.safetensors`` and ``metrics.csv`` under ``config.run_dir``.
+
+    When a guard halts training, ``autopsy.json`` is written instead of a checkpoint and
+    ``TrainingHalted`` is re-raised with the paths attached as ``error.output``.
+    """
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.train.device)
+    metrics = CSVMetricsWriter(run_dir / "metrics.csv")
+    trainer = Trainer(config, build_criterion(config, device), build_batches(config, device),
+                      callbacks=[metrics, *callbacks], device=device)
+    try:
+        result = trainer.fit()
+    except TrainingHalted as halted:
+        path = run_dir / "autopsy.json"
+        path.write_text(halted.autopsy.to_json())
+        halted.output = TrainingOutput(None, None, metrics.path, path)
+        raise
+    finally:
+        metrics.close()
+    meta = {"config": json.loads(config.model_dump_json()), "steps": result.steps}
+    checkpoint = save_checkpoint(result.model, run_dir / "model.safetensors", meta)
+    return TrainingOutput(result, checkpoint, metrics.path)

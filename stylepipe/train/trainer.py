@@ -1,0 +1,300 @@
+"""The training loop for the style transformer, with NaN and divergence guards.
+
+One step: forward under autocast, perceptual losses (Gram in fp32), backward
+(through GradScaler in fp16), per-group gradient norms, clipping by global norm,
+optimiser and scheduler steps. Every number the guards need is written into one
+small row tensor on the device; the host reads the rows only every
+``check_every`` steps, in one transfer, and inspects them in order, so the first
+bad step is exact without a host-device sync per step.
+
+The trainer knows nothing of MLflow, Optuna or Prefect: it takes callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from stylepipe.config import Config
+from stylepipe.nets.losses import PerceptualLoss
+from stylepipe.nets.transformer import TransformerNet
+from stylepipe.train.callbacks import Callback
+from stylepipe.train.guards import (
+    Autopsy,
+    DivergenceMonitor,
+    Evidence,
+    TrainingHalted,
+    classify_cause,
+)
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but no CUDA device is available")
+    return device
+
+
+@dataclass
+class TrainResult:
+    model: TransformerNet
+    steps: int
+    metrics: list[dict[str, float]]
+    seconds: float
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.metrics[-1]
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: Config,
+        criterion: PerceptualLoss,
+        batches: Iterable[torch.Tensor],
+        model: TransformerNet | None = None,
+        callbacks: Sequence[Callback] = (),
+        device: torch.device | None = None,
+    ):
+        tc = self.train_config = config.train
+        self.guard_config = config.guard
+        self.device = device or resolve_device(tc.device)
+        self.steps = tc.steps
+        self.callbacks = list(callbacks)
+        self.batches: Iterator[torch.Tensor] = iter(batches)
+        self.weights = (config.loss.content_weight, config.loss.style_weight, config.loss.tv_weight)
+
+        cuda = self.device.type == "cuda"
+        self.memory_format = torch.channels_last if (cuda and tc.channels_last) else torch.preserve_format
+        if model is None:
+            torch.manual_seed(tc.seed)
+            model = TransformerNet()
+        self.model = model.to(self.device, memory_format=self.memory_format).train()
+        self.criterion = criterion.to(self.device, memory_format=self.memory_format)
+
+        groups = self.model.parameter_groups()
+        self.group_names = list(groups)
+        self.group_params = [groups[name] for name in self.group_names]
+        self.params = [p for group in self.group_params for p in group]
+
+        optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+        # fused kernels on CUDA, foreach elsewhere: no per-parameter Python loop.
+        fast = {"fused": True} if cuda else {"foreach": True}
+        self.optimizer = optimizer_cls(
+            self.params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, **fast
+        )
+        warmup = tc.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0
+        )
+        self.autocast_dtype = AUTOCAST_DTYPES[tc.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
+        self.forward_loss = torch.compile(self._forward_loss) if tc.compile else self._forward_loss
+
+        layers = criterion.style_layers
+        self.columns = (
+            ["loss/content", "loss/style", *(f"loss/style/{n}" for n in layers), "loss/tv", "loss/total"]
+            + ["grad_norm/total", *(f"grad_norm/{g}" for g in self.group_names)]
+            + ["clip/fraction", "param_norm", "finite/input", "finite/output"]
+        )
+        # Where a step can first go non-finite, in data-flow order (see guards.py).
+        self.flow_order = (
+            [("input", "finite/input"), ("output", "finite/output"), ("loss/content", "loss/content")]
+            + [(f"loss/style/{n}", f"loss/style/{n}") for n in layers]
+            + [("loss/tv", "loss/tv"), ("loss/total", "loss/total")]
+            + [(f"grad/{g}", f"grad_norm/{g}") for g in self.group_names]
+            + [("params", "param_norm")]
+        )
+        self.history: list[dict[str, float]] = []
+
+    # ----------------------------------------------------------------- one step
+    def _forward_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output = self.model(images)
+        terms = self.criterion(output, images)
+        wc, ws, wt = self.weights
+        style = terms.style
+        total = wc * terms.content + ws * style + wt * terms.tv
+        return output, total, terms.content, style, torch.stack(list(terms.style_by_layer.values())), terms.tv
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, batch: torch.Tensor) -> torch.Tensor:
+        """One optimisation step; returns the metric row, still on the device."""
+        images = batch.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = images.float().div(255)
+        images = images.contiguous(memory_format=self.memory_format)
+        input_finite = torch.isfinite(images).all()
+
+        with self._autocast():
+            output, total, content, style, style_by_layer, tv = self.forward_loss(images)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
+
+        # Gradient norms per parameter group, then global; all on the device.
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        per_param = torch._foreach_norm(grads)
+        group_norms, start = [], 0
+        for group in self.group_params:
+            group_norms.append(torch.stack(per_param[start : start + len(group)]).norm())
+            start += len(group)
+        grad_norm = torch.stack(group_norms).norm()
+
+        clipped = torch.zeros((), device=self.device)
+        if self.train_config.clip_norm is not None:
+            max_norm = self.train_config.clip_norm
+            torch._foreach_mul_(grads, (max_norm / (grad_norm + 1e-6)).clamp(max=1.0))
+            clipped = (grad_norm > max_norm).float()
+
+        self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
+        self.scaler.update()
+        self.scheduler.step()
+        param_norm = torch.stack(torch._foreach_norm([p.detach() for p in self.params])).norm()
+
+        values = [content, style, *style_by_layer.unbind(), tv, total, grad_norm, *group_norms]
+        values += [clipped, param_norm, input_finite, torch.isfinite(output).all()]
+        return torch.stack([v.detach().float() for v in values])
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self) -> TrainResult:
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        self._initial_param_norm = float(torch.stack(torch._foreach_norm([p.detach() for p in self.params])).norm())
+        self._monitor = DivergenceMonitor(
+            self.guard_config.divergence_factor,
+            self.guard_config.divergence_warmup,
+            self.guard_config.grad_spike_factor,
+            self.guard_config.grad_spike_window,
+        )
+        self._fp16_skips = 0
+        check_every = self.train_config.check_every
+        pending: list[torch.Tensor] = []
+        pending_lr: list[float] = []
+        started = time.perf_counter()
+
+        for step in range(1, self.steps + 1):
+            pending_lr.append(self.scheduler.get_last_lr()[0])
+            pending.append(self.train_step(next(self.batches)))
+            if len(pending) == check_every or step == self.steps:
+                table = torch.stack(pending).cpu().tolist()  # the only host-device sync
+                first = step - len(pending) + 1
+                rows = [self._row(first + i, values, lr) for i, (values, lr) in enumerate(zip(table, pending_lr))]
+                pending.clear()
+                pending_lr.clear()
+                self._inspect(rows)
+                for cb in self.callbacks:
+                    cb.on_metrics([self._public(row) for row in rows])
+                for cb in self.callbacks:
+                    cb.on_check(self, step)
+
+        result = TrainResult(self.model, self.steps, [self._public(r) for r in self.history],
+                             time.perf_counter() - started)
+        for cb in self.callbacks:
+            cb.on_train_end(result)
+        return result
+
+    def _row(self, step: int, values: list[float], lr: float) -> dict[str, float]:
+        row = {"step": step, "lr": lr}
+        row.update(zip(self.columns, values))
+        return row
+
+    @staticmethod
+    def _public(row: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in row.items() if not k.startswith("finite/")}
+
+    # ----------------------------------------------------------------- guards
+    def _first_nonfinite(self, row: dict[str, float]) -> str | None:
+        for location, column in self.flow_order:
+            value = row[column]
+            bad = value == 0.0 if column.startswith("finite/") else not math.isfinite(value)
+            if bad:
+                return location
+        return None
+
+    def _inspect(self, rows: list[dict[str, float]]) -> None:
+        """Check rows in step order; on the first bad one, halt with an autopsy."""
+        guard = self.guard_config
+        for index, row in enumerate(rows):
+            where = self._first_nonfinite(row)
+            trigger = None
+            if where is not None and self.train_config.precision == "fp16" and where.startswith("grad/"):
+                # GradScaler found inf gradients and skipped the update: expected in fp16,
+                # unless it keeps happening.
+                self._fp16_skips += 1
+                if self._fp16_skips > guard.max_fp16_skips:
+                    trigger = "fp16_skips"
+                where_for_flow = None
+            else:
+                self._fp16_skips = 0
+                where_for_flow = where
+            if trigger is None and where_for_flow is not None:
+                trigger = "nonfinite"
+            if trigger is None and where is None:
+                trigger = self._monitor.observe(int(row["step"]), row["loss/total"], row["grad_norm/total"])
+            if trigger is not None and guard.enabled:
+                self.history.extend(rows[: index + 1])
+                autopsy = self._autopsy(row, where, trigger)
+                for cb in self.callbacks:
+                    cb.on_metrics([self._public(r) for r in rows[: index + 1]])
+                for cb in self.callbacks:
+                    cb.on_halt(autopsy)
+                raise TrainingHalted(autopsy)
+        self.history.extend(rows)
+
+    def _autopsy(self, bad: dict[str, float], where: str | None, trigger: str) -> Autopsy:
+        finite_rows = [r for r in self.history[:-1] if self._first_nonfinite(r) is None]
+        last = finite_rows[-1] if finite_rows else None
+        wc, ws, wt = self.weights
+        # Loss balance from the failing step when its raw terms are finite, else the last good one.
+        source = bad if all(math.isfinite(bad[k]) for k in ("loss/content", "loss/style")) else last
+        ratio = None
+        if source is not None:
+            weighted = [w * source[k] for w, k in ((wc, "loss/content"), (ws, "loss/style")) if w > 0]
+            weighted = [v for v in weighted if v > 0]
+            if len(weighted) == 2:
+                ratio = max(weighted) / min(weighted)
+        growth = None
+        if last is not None and self._initial_param_norm > 0:
+            growth = last["param_norm"] / self._initial_param_norm
+        if math.isfinite(bad["param_norm"]) and self._initial_param_norm > 0:
+            growth = max(growth or 0.0, bad["param_norm"] / self._initial_param_norm)
+        outcome = "diverged" if trigger in ("loss_rise", "grad_spike") else "nan"
+        evidence = Evidence(outcome, where, trigger, self.train_config.precision, ratio, growth)
+        cause, reason = classify_cause(evidence, self.guard_config.imbalance_ratio)
+        losses = {}
+        if last is not None:
+            losses = {k: last[k] for k in ("loss/content", "loss/style", "loss/tv", "loss/total")}
+        grad_tail = [r["grad_norm/total"] for r in self.history[-20:]]
+        return Autopsy(
+            outcome=outcome,
+            step=int(bad["step"]),
+            first_nonfinite=where,
+            cause=cause,
+            reason=reason,
+            trigger=trigger,
+            last_finite_losses=losses,
+            grad_norm_tail=grad_tail,
+            lr=bad["lr"],
+            clip_norm=self.train_config.clip_norm,
+            precision=self.train_config.precision,
+            evidence={
+                "weighted_loss_ratio": ratio,
+                "param_norm_growth": growth,
+                "weights": {"content": wc, "style": ws, "tv": wt},
+                "bad_step": self._public(bad),
+            },
+        )
