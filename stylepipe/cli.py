@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.logging import RichHandler
 
-console = Console(stderr=True)
+# Results (paths, summaries) go to stdout; logs, errors and autopsies to stderr.
+out = Console(soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -33,17 +35,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _load(args)
     try:
-        out = train_from_config(config, callbacks=[ProgressBar(f"train {config.name}")])
+        output = train_from_config(config, callbacks=[ProgressBar(f"train {config.name}")])
     except TrainingHalted as halted:
         console.print(f"[bold red]{halted.autopsy.explain()}")
         console.print(f"autopsy: {halted.output.autopsy_json}\nmetrics: {halted.output.metrics_csv}")
         return 3
-    final = out.result.final
-    console.print(
-        f"[green]trained {out.result.steps} steps in {out.result.seconds:.1f} s; "
+    final = output.result.final
+    out.print(
+        f"[green]trained {output.result.steps} steps in {output.result.seconds:.1f} s; "
         f"final total loss {final['loss/total']:.4g}"
     )
-    console.print(f"checkpoint: {out.checkpoint}\nmetrics:    {out.metrics_csv}")
+    out.print(f"checkpoint: {output.checkpoint}\nmetrics:    {output.metrics_csv}")
     return 0
 
 
@@ -52,8 +54,8 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     from stylepipe.train.checkpoint import load_checkpoint
 
     model = load_checkpoint(args.model)
-    out = stylize_file(model, args.input, args.output, max_size=args.max_size)
-    console.print(f"stylised image: {out}")
+    written = stylize_file(model, args.input, args.output, max_size=args.max_size)
+    out.print(f"stylised image: {written}")
     return 0
 
 

@@ -22,8 +22,9 @@ def stylize_tensor(model: TransformerNet, images: torch.Tensor) -> torch.Tensor:
     return model(x)[..., :h, :w].clamp(0, 1)
 
 
-def stylize_file(model: TransformerNet, source: str | Path, target: str | Path,
-                 max_size: int | None = None) -> Path:
+def stylize_file(
+    model: TransformerNet, source: str | Path, target: str | Path, max_size: int | None = None
+) -> Path:
     """Stylise one image file; the output keeps the input's size (or ``max_size`` on the long side)."""
     image = open_rgb(Path(source))
     if max_size and max(image.size) > max_size:

@@ -64,7 +64,7 @@ class Evidence:
     first_nonfinite: str | None  # a location (see module doc), None when diverged while finite
     trigger: str  # "nonfinite", "loss_rise", "grad_spike" or "fp16_skips"
     precision: str
-    weighted_loss_ratio: float | None  # largest / smallest weighted loss term, last finite step
+    weighted_loss_ratio: float | None  # largest / smallest weighted loss term at step 1
     param_norm_growth: float | None  # parameter norm at the last finite step / at step 0
 
 
@@ -76,15 +76,19 @@ def classify_cause(ev: Evidence, imbalance_ratio: float) -> tuple[str, str]:
     1. the input batch was non-finite                        -> bad_input
     2. fp16 and either GradScaler gave up (too many consecutive
        overflowing steps) or a forward value (output, loss) went
-       non-finite while parameters were finite                -> precision_overflow
-    3. the weighted loss terms were ``imbalance_ratio`` or more
-       apart at the last finite step                          -> loss_imbalance
-    4. the parameters went non-finite first, or their norm grew
+       non-finite while the parameters had not blown up       -> precision_overflow
+    3. the parameters went non-finite first, or their norm grew
        PARAM_BLOWUP_GROWTH-fold since step 0                  -> parameter_blowup
+    4. the weighted loss terms were ``imbalance_ratio`` or more
+       apart at the first step (the weights, not a blow-up,
+       made them so)                                          -> loss_imbalance
     5. gradients went non-finite first, or the gradient norm
        spiked far above its running median                    -> gradient_explosion
     6. the loss rose far above its running minimum            -> divergence
     7. anything else                                          -> unknown
+
+    Parameter blow-up is tested before loss imbalance because a blown-up network
+    makes its loss terms wildly unequal too; the imbalance is then a symptom.
     """
     where = ev.first_nonfinite
     forward = where is not None and (where == "output" or where.startswith("loss/"))
@@ -95,12 +99,12 @@ def classify_cause(ev: Evidence, imbalance_ratio: float) -> tuple[str, str]:
         return "precision_overflow", "fp16 gradients overflowed on every step; GradScaler could not recover"
     if ev.precision == "fp16" and forward and not (growth and growth >= PARAM_BLOWUP_GROWTH):
         return "precision_overflow", f"{describe(where)} overflowed in fp16 while the parameters were finite"
-    ratio = ev.weighted_loss_ratio
-    if ratio is not None and ratio >= imbalance_ratio:
-        return "loss_imbalance", f"the weighted loss terms were {ratio:.3g}x apart before it failed"
     if where == "params" or (growth is not None and growth >= PARAM_BLOWUP_GROWTH):
         grown = f" (parameter norm grew {growth:.3g}x)" if growth else ""
         return "parameter_blowup", f"the optimiser step pushed the parameters out of range{grown}"
+    ratio = ev.weighted_loss_ratio
+    if ratio is not None and ratio >= imbalance_ratio:
+        return "loss_imbalance", f"the weighted loss terms were {ratio:.3g}x apart from the first step"
     if (where or "").startswith("grad/") or ev.trigger == "grad_spike":
         return "gradient_explosion", "the gradient norm exploded while the loss was still finite"
     if ev.trigger == "loss_rise":

@@ -60,8 +60,13 @@ def train_from_config(config: Config, callbacks: Sequence[Callback] = ()) -> Tra
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.train.device)
     metrics = CSVMetricsWriter(run_dir / "metrics.csv")
-    trainer = Trainer(config, build_criterion(config, device), build_batches(config, device),
-                      callbacks=[metrics, *callbacks], device=device)
+    trainer = Trainer(
+        config,
+        build_criterion(config, device),
+        build_batches(config, device),
+        callbacks=[metrics, *callbacks],
+        device=device,
+    )
     try:
         result = trainer.fit()
     except TrainingHalted as halted:

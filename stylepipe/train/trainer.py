@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from stylepipe.train.guards import (
     TrainingHalted,
     classify_cause,
 )
+
+# When GradScaler skips an overflowing fp16 step, the scheduler still steps: expected, not a bug.
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -173,7 +177,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         for cb in self.callbacks:
             cb.on_train_start(self)
-        self._initial_param_norm = float(torch.stack(torch._foreach_norm([p.detach() for p in self.params])).norm())
+        self._initial_param_norm = float(
+            torch.stack(torch._foreach_norm([p.detach() for p in self.params])).norm()
+        )
         self._monitor = DivergenceMonitor(
             self.guard_config.divergence_factor,
             self.guard_config.divergence_warmup,
@@ -192,7 +198,10 @@ class Trainer:
             if len(pending) == check_every or step == self.steps:
                 table = torch.stack(pending).cpu().tolist()  # the only host-device sync
                 first = step - len(pending) + 1
-                rows = [self._row(first + i, values, lr) for i, (values, lr) in enumerate(zip(table, pending_lr))]
+                rows = [
+                    self._row(first + i, values, lr)
+                    for i, (values, lr) in enumerate(zip(table, pending_lr, strict=True))
+                ]
                 pending.clear()
                 pending_lr.clear()
                 self._inspect(rows)
@@ -201,15 +210,16 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_check(self, step)
 
-        result = TrainResult(self.model, self.steps, [self._public(r) for r in self.history],
-                             time.perf_counter() - started)
+        result = TrainResult(
+            self.model, self.steps, [self._public(r) for r in self.history], time.perf_counter() - started
+        )
         for cb in self.callbacks:
             cb.on_train_end(result)
         return result
 
     def _row(self, step: int, values: list[float], lr: float) -> dict[str, float]:
         row = {"step": step, "lr": lr}
-        row.update(zip(self.columns, values))
+        row.update(zip(self.columns, values, strict=True))
         return row
 
     @staticmethod
@@ -225,31 +235,29 @@ class Trainer:
                 return location
         return None
 
+    def _verdict(self, row: dict[str, float], where: str | None) -> str | None:
+        """Why this step should halt training (a trigger name), or None when it is fine."""
+        if where is not None and self.train_config.precision == "fp16" and where.startswith("grad/"):
+            # GradScaler found inf gradients and skipped the update: expected in fp16,
+            # unless it keeps happening.
+            self._fp16_skips += 1
+            return "fp16_skips" if self._fp16_skips > self.guard_config.max_fp16_skips else None
+        self._fp16_skips = 0
+        if where is not None:
+            return "nonfinite"
+        return self._monitor.observe(int(row["step"]), row["loss/total"], row["grad_norm/total"])
+
     def _inspect(self, rows: list[dict[str, float]]) -> None:
         """Check rows in step order; on the first bad one, halt with an autopsy."""
-        guard = self.guard_config
         for index, row in enumerate(rows):
             where = self._first_nonfinite(row)
-            trigger = None
-            if where is not None and self.train_config.precision == "fp16" and where.startswith("grad/"):
-                # GradScaler found inf gradients and skipped the update: expected in fp16,
-                # unless it keeps happening.
-                self._fp16_skips += 1
-                if self._fp16_skips > guard.max_fp16_skips:
-                    trigger = "fp16_skips"
-                where_for_flow = None
-            else:
-                self._fp16_skips = 0
-                where_for_flow = where
-            if trigger is None and where_for_flow is not None:
-                trigger = "nonfinite"
-            if trigger is None and where is None:
-                trigger = self._monitor.observe(int(row["step"]), row["loss/total"], row["grad_norm/total"])
-            if trigger is not None and guard.enabled:
-                self.history.extend(rows[: index + 1])
+            trigger = self._verdict(row, where)
+            if trigger is not None and self.guard_config.enabled:
+                seen = rows[: index + 1]
+                self.history.extend(seen)
                 autopsy = self._autopsy(row, where, trigger)
                 for cb in self.callbacks:
-                    cb.on_metrics([self._public(r) for r in rows[: index + 1]])
+                    cb.on_metrics([self._public(r) for r in seen])
                 for cb in self.callbacks:
                     cb.on_halt(autopsy)
                 raise TrainingHalted(autopsy)
@@ -259,11 +267,11 @@ class Trainer:
         finite_rows = [r for r in self.history[:-1] if self._first_nonfinite(r) is None]
         last = finite_rows[-1] if finite_rows else None
         wc, ws, wt = self.weights
-        # Loss balance from the failing step when its raw terms are finite, else the last good one.
-        source = bad if all(math.isfinite(bad[k]) for k in ("loss/content", "loss/style")) else last
+        # Loss balance as the weights set it: the first step's terms (later ones may be a symptom).
+        first = self.history[0]
         ratio = None
-        if source is not None:
-            weighted = [w * source[k] for w, k in ((wc, "loss/content"), (ws, "loss/style")) if w > 0]
+        if all(math.isfinite(first[k]) for k in ("loss/content", "loss/style")):
+            weighted = [w * first[k] for w, k in ((wc, "loss/content"), (ws, "loss/style")) if w > 0]
             weighted = [v for v in weighted if v > 0]
             if len(weighted) == 2:
                 ratio = max(weighted) / min(weighted)
