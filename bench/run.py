@@ -1,6 +1,6 @@
 """``make bench``: side-by-side measurements, printed as a table with ratios.
 
-Trainer throughput with the host reading the guard rows every step against every
+Preparation (bench/prepare_bench.py), then trainer throughput with the host reading the guard rows every step against every
 ``check_every`` steps (the default), same settings, same process.
 """
 
@@ -35,6 +35,10 @@ def images_per_second(overrides: list[str], steps: int) -> float:
 
 def main() -> None:
     logging.disable(logging.WARNING)
+    from bench import prepare_bench
+
+    prepare_bench.main()
+    print()
     cuda = torch.cuda.is_available()
     size, steps = (256, 50) if cuda else (64, 20)
     base = [f"data.image_size={size}", "train.batch_size=4", "train.warmup_steps=0"]

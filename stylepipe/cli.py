@@ -49,6 +49,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stylepipe.data.prepare import prepare
+    from stylepipe.data.sources import export_skimage
+
+    config = _load(args)
+    target = Path(args.out)
+    source = export_skimage(target.parent / "skimage-images") if args.source == "skimage" else args.source
+    result = prepare(source, target, config.prepare, progress=not args.quiet)
+    out.print(
+        f"[green]{len(result.manifest)} files: {result.kept} kept, {result.quarantined} quarantined "
+        f"({result.processed} decoded, {result.reused} reused)"
+    )
+    out.print(
+        f"manifest: {result.manifest_path}\nshard:    {result.shard_path}\nreport:   {result.report_path}"
+    )
+    return 0
+
+
 def cmd_stylize(args: argparse.Namespace) -> int:
     from stylepipe.stylize import stylize_file
     from stylepipe.train.checkpoint import load_checkpoint
@@ -68,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
 
+    prep = sub.add_parser("prepare", help="check, normalise and pack an image folder into a shard")
+    prep.add_argument("source", help="folder of images (searched recursively), or 'skimage'")
+    prep.add_argument("out", help="output folder: manifest.parquet, shard.npy, report.md")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_args(prep)
+    prep.set_defaults(func=cmd_prepare)
+
     stylize = sub.add_parser("stylize", help="apply a trained model to an image")
     stylize.add_argument("--model", required=True, help="checkpoint (.safetensors or .pt)")
     stylize.add_argument("input")
@@ -85,13 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers=[RichHandler(console=console, show_path=False)],
     )
     from stylepipe.config import ConfigError
+    from stylepipe.data.prepare import PrepareError
     from stylepipe.data.sources import SourceError
     from stylepipe.nets.vgg import WeightsUnavailable
     from stylepipe.train.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, SourceError, WeightsUnavailable, CheckpointError) as err:
+    except (ConfigError, SourceError, WeightsUnavailable, CheckpointError, PrepareError) as err:
         console.print(f"[bold red]error:[/] {err}")
         return 2
 

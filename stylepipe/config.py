@@ -24,12 +24,34 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    # "skimage" (scikit-image's bundled photos) or a folder of images.
+    # "skimage" (scikit-image's bundled photos), a folder of images, or a folder written
+    # by ``stylepipe prepare`` (manifest.parquet + shard.npy), which training then reads.
     content: str = "skimage"
     # A path, "skimage:NAME", or "generated:NAME" (a procedural image made here).
     style_image: str = "generated:swirl"
     image_size: int = Field(64, ge=16, le=4096)
     style_size: int | None = Field(None, ge=16, le=4096)
+
+
+class PrepareConfig(Section):
+    """Thresholds of the preparation stage; every outlier check is a named reason."""
+
+    image_size: int = Field(256, ge=8, le=4096)  # side of the square training images
+    max_pixels: int = Field(89_478_485, ge=1)  # larger images are decompression bombs
+    min_size: int = Field(64, ge=1)  # shorter side below this: too_small
+    max_aspect: float = Field(3.0, ge=1)  # long side / short side above this: extreme_aspect
+    near_constant_std: float = Field(2.0, ge=0)  # luminance std below this: near_constant
+    dark_level: int = Field(16, ge=0, le=255)  # luminance below this counts as near-black
+    bright_level: int = Field(240, ge=0, le=255)  # luminance above this counts as near-white
+    mostly_fraction: float = Field(0.9, gt=0, le=1)  # share of near-black/white pixels: mostly_*
+    min_contrast: float = Field(32.0, ge=0)  # luminance p99 - p01 below this: low_contrast
+    min_sharpness: float = Field(20.0, ge=0)  # variance of the Laplacian below this: blurry
+    near_duplicate_distance: int = Field(4, ge=0, le=32)  # perceptual-hash Hamming distance
+    outlier_z: float = Field(8.0, gt=0)  # robust z-score (median/MAD) above this: statistical_outlier
+    outlier_min_images: int = Field(20, ge=3)  # the whole-set statistics need this many images
+    background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited on this colour
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    workers: int = Field(0, ge=0)  # 0: all cores
 
 
 class LossConfig(Section):
@@ -89,6 +111,7 @@ class Config(Section):
     name: str = "stylepipe"
     run_dir: Path = Path("runs/default")
     data: DataConfig = DataConfig()
+    prepare: PrepareConfig = PrepareConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     guard: GuardConfig = GuardConfig()

@@ -38,6 +38,38 @@ def skimage_image(name: str) -> Image.Image:
     return Image.fromarray(array)
 
 
+# What the demo prepares: colour photos plus the grayscale, RGBA and binary images.
+SKIMAGE_DEMO = (
+    *SKIMAGE_COLOUR, "camera", "brick", "grass", "gravel", "moon", "page", "text", "coins",
+    "horse", "logo", "cell", "clock", "checkerboard", "binary_blobs", "microaneurysms",
+    "shepp_logan_phantom", "cat",
+)  # fmt: skip
+
+
+def export_skimage(folder: str | Path, names: tuple[str, ...] = SKIMAGE_DEMO) -> Path:
+    """Write scikit-image's bundled images as PNG files, keeping their modes (L, 1, RGBA, RGB)."""
+    import skimage.data
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        target = folder / f"{name}.png"
+        if target.exists():
+            continue
+        array = np.asarray(getattr(skimage.data, name)())
+        if array.dtype == bool:
+            image = Image.fromarray(array.astype(np.uint8) * 255).convert("1")
+        else:
+            if array.dtype != np.uint8:  # float images in [0, 1] or [min, max]
+                low, high = float(array.min()), float(array.max())
+                array = np.rint(255 * (array - low) / max(high - low, 1e-12)).astype(np.uint8)
+            image = Image.fromarray(array)
+        tmp = target.with_suffix(".tmp.png")
+        image.save(tmp)
+        tmp.replace(target)
+    return folder
+
+
 def generated_image(name: str, size: int = 256, seed: int = 0) -> Image.Image:
     """A procedural style image: bold hues, swirling strokes, hard edges."""
     if name != "swirl":
@@ -89,9 +121,16 @@ def resize_crop(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def load_content_images(spec: str, size: int) -> torch.Tensor:
-    """All content images of a source as one uint8 tensor N x 3 x size x size."""
+    """All content images of a source as one uint8 tensor N x 3 x size x size.
+
+    A prepared folder gives its training split at the size it was prepared at.
+    """
+    from stylepipe.data.shard import is_prepared, load_split
+
     if spec == "skimage":
         images = [skimage_image(name) for name in SKIMAGE_COLOUR]
+    elif is_prepared(spec):
+        return load_split(spec, "train")
     else:
         folder = Path(spec)
         if not folder.is_dir():

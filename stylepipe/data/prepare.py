@@ -1,0 +1,439 @@
+"""The preparation stage: scan a folder, decode defensively, normalise, check, pack.
+
+``prepare(source, out, settings)`` writes into ``out``:
+
+  manifest.parquet  one row per file found under ``source`` (kept or quarantined, with reasons)
+  shard.npy         the kept images, uint8 N x 3 x S x S, memory-mappable, rows in path order
+  shard.json        image size, counts, the loss network's normalisation, the settings used
+  report.md         a short human report
+  cache/            per-content-hash results, so a re-run decodes only new files
+
+Originals are only ever read. Decoding runs in worker processes, one file at a time;
+normalised pixels go straight to the cache on disk, so the main process never holds
+the whole set. Outputs are written to temporary names and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.progress import Progress
+
+from stylepipe.config import PrepareConfig
+from stylepipe.data.decode import decode
+from stylepipe.data.stats import STAT_COLUMNS, image_checks, image_statistics, normalise
+from stylepipe.nets.vgg import IMAGENET_MEAN, IMAGENET_STD
+
+PrepareSettings = PrepareConfig  # the settings this stage takes (the config's `prepare` section)
+
+MANIFEST_COLUMNS = (
+    ["path", "size_bytes", "sha256", "format", "mode", "width", "height", "status", "reasons", "notes"]
+    + list(STAT_COLUMNS)
+    + ["split", "shard_row", "detail"]
+)
+# Changing any of these changes the normalised pixels or the statistics: a new cache.
+_CACHE_KEYS = ("image_size", "max_pixels", "background", "dark_level", "bright_level")
+_CACHE_VERSION = 1
+
+
+class PrepareError(ValueError):
+    """The source or output folder cannot be used."""
+
+
+@dataclass
+class PrepareResult:
+    manifest: pd.DataFrame
+    manifest_path: Path
+    shard_path: Path
+    report_path: Path
+    processed: int  # files decoded in this run
+    reused: int  # rows taken from the cache of an earlier run
+
+    @property
+    def kept(self) -> int:
+        return int((self.manifest["status"] == "kept").sum())
+
+    @property
+    def quarantined(self) -> int:
+        return int((self.manifest["status"] == "quarantined").sum())
+
+
+# ------------------------------------------------------------------ scanning
+
+
+def scan(source: Path) -> list[tuple[str, Path]]:
+    """Every file under source (recursively), as (posix relative path, absolute path).
+
+    Symlinks are listed but not followed into directories; where they lead is checked later.
+    """
+    found = []
+    for folder, dirs, files in os.walk(source, followlinks=False):
+        dirs.sort()
+        base = Path(folder)
+        names = files + [d for d in dirs if (base / d).is_symlink()]
+        for name in sorted(names):
+            path = base / name
+            found.append((path.relative_to(source).as_posix(), path))
+    return sorted(found)
+
+
+def _settings_fingerprint(settings: PrepareConfig) -> str:
+    values = {key: getattr(settings, key) for key in _CACHE_KEYS}
+    values["version"] = _CACHE_VERSION
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def split_for(sha256: str, val_fraction: float) -> str:
+    """Stable train/validation split from the content hash alone."""
+    return "val" if int(sha256[:8], 16) / 0x1_0000_0000 < val_fraction else "train"
+
+
+# ------------------------------------------------------------------ one file (in a worker)
+
+
+def _analyse(job: tuple[str, str, dict, str]) -> dict[str, Any]:
+    """Decode, normalise and measure one file; pixels go to the cache file."""
+    path, sha, settings_dict, cache_file = job
+    settings = PrepareConfig.model_validate(settings_dict)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return {"reasons": ["unreadable"], "notes": [], "detail": f"cannot read: {err}"}
+    if hashlib.sha256(data).hexdigest() != sha:
+        return {
+            "reasons": ["changed_while_reading"],
+            "notes": [],
+            "detail": "the file changed during preparation",
+        }
+    decoded = decode(data, settings.max_pixels, tuple(settings.background))
+    row: dict[str, Any] = {
+        "format": decoded.format,
+        "mode": decoded.mode,
+        "width": decoded.width,
+        "height": decoded.height,
+        "reasons": list(decoded.reasons),
+        "notes": list(decoded.notes),
+        "detail": decoded.detail,
+    }
+    if decoded.rgb is not None:
+        height, width = decoded.rgb.shape[:2]
+        chw = normalise(decoded.rgb, settings.image_size)
+        row.update(image_statistics(chw, settings))
+        row["oriented_size"] = (width, height)
+        tmp = cache_file + ".tmp.npy"
+        np.save(tmp, chw)
+        os.replace(tmp, cache_file)
+    return row
+
+
+# ------------------------------------------------------------------ whole-set checks
+
+
+def _hamming(a: str, b: str) -> int:
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+def _near_duplicates(frame: pd.DataFrame, candidates: list[int], distance: int) -> dict[int, str]:
+    """For each later image (in path order) within ``distance`` of an earlier kept one: that one.
+
+    Pigeonhole index: two 64-bit hashes within ``distance`` bits agree exactly on at least
+    one of ``distance + 1`` bands, so only images sharing a band are compared.
+    """
+    bands = distance + 1
+    edges = [int(e) for e in np.linspace(0, 64, bands + 1)]
+    index: list[dict[int, list[int]]] = [defaultdict(list) for _ in range(bands)]
+    found: dict[int, str] = {}
+    for i in candidates:
+        value = int(frame.at[i, "phash"], 16)
+        keys = [(value >> edges[k]) & ((1 << (edges[k + 1] - edges[k])) - 1) for k in range(bands)]
+        match = None
+        for k, key in enumerate(keys):
+            for j in index[k].get(key, ()):
+                if _hamming(frame.at[i, "phash"], frame.at[j, "phash"]) <= distance:
+                    match = j
+                    break
+            if match is not None:
+                break
+        if match is not None:
+            found[i] = frame.at[match, "path"]
+        else:
+            for k, key in enumerate(keys):
+                index[k][key].append(i)
+    return found
+
+
+def _robust_outliers(frame: pd.DataFrame, candidates: list[int], settings: PrepareConfig) -> dict[int, str]:
+    """Images whose robust z-score (median/MAD) on any statistic exceeds ``outlier_z``."""
+    if len(candidates) < settings.outlier_min_images:
+        return {}
+    features = {
+        "brightness": frame.loc[candidates, "lum_p50"].astype(float),
+        "contrast": frame.loc[candidates, "lum_std"].astype(float),
+        "log_sharpness": np.log1p(frame.loc[candidates, "sharpness"].astype(float)),
+        "colourfulness": frame.loc[candidates, "colourfulness"].astype(float),
+    }
+    flagged: dict[int, str] = {}
+    for name, values in features.items():
+        median = values.median()
+        mad = (values - median).abs().median()
+        if mad <= 0:
+            continue
+        z = 0.6745 * (values - median) / mad
+        for i in z.index[z.abs() > settings.outlier_z]:
+            flagged.setdefault(i, f"{name} z={z[i]:.1f}")
+    return flagged
+
+
+def _whole_set_checks(frame: pd.DataFrame, settings: PrepareConfig) -> None:
+    """Duplicates, near-duplicates and statistical outliers, after every image is read."""
+    frame.sort_values("path", inplace=True, ignore_index=True)
+    readable = [i for i in frame.index if isinstance(frame.at[i, "phash"], str)]
+    first_of: dict[str, str] = {}
+    for i in frame.index:
+        sha = frame.at[i, "sha256"]
+        if not isinstance(sha, str):
+            continue
+        if sha in first_of:
+            frame.at[i, "reasons"] = [*frame.at[i, "reasons"], "duplicate"]
+            frame.at[i, "detail"] = f"same bytes as {first_of[sha]}"
+        else:
+            first_of[sha] = frame.at[i, "path"]
+    clean = [i for i in readable if not frame.at[i, "reasons"]]
+    for i, other in _near_duplicates(frame, clean, settings.near_duplicate_distance).items():
+        frame.at[i, "reasons"] = [*frame.at[i, "reasons"], "near_duplicate"]
+        frame.at[i, "detail"] = f"looks like {other}"
+    clean = [i for i in clean if not frame.at[i, "reasons"]]
+    for i, why in _robust_outliers(frame, clean, settings).items():
+        frame.at[i, "reasons"] = [*frame.at[i, "reasons"], "statistical_outlier"]
+        frame.at[i, "detail"] = why
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def prepare(
+    source: str | Path, out: str | Path, settings: PrepareConfig | None = None, progress: bool = True
+) -> PrepareResult:
+    """Prepare every file under ``source`` into ``out`` (see the module doc)."""
+    settings = settings or PrepareConfig()
+    source, out = Path(source).resolve(), Path(out)
+    if not source.is_dir():
+        raise PrepareError(f"source folder not found: {source}")
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve().is_relative_to(source):
+        raise PrepareError(f"the output folder {out} must not be inside the source {source}")
+    cache = out / "cache" / _settings_fingerprint(settings)
+    cache.mkdir(parents=True, exist_ok=True)
+    cached_rows = _load_cached_rows(cache)
+
+    files = scan(source)
+    rows: list[dict[str, Any]] = []
+    jobs: list[tuple[int, tuple]] = []
+    same_bytes: dict[int, int] = {}  # row -> earlier row with the same content, decoded once
+    pending: dict[str, int] = {}
+    reused = 0
+    settings_dict = settings.model_dump(mode="json")
+    for rel, path in files:
+        row: dict[str, Any] = {"path": rel, "reasons": [], "notes": [], "detail": ""}
+        rows.append(row)
+        try:
+            row["size_bytes"] = path.lstat().st_size
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(source):
+                    row["reasons"] = ["symlink_outside_source"]
+                    row["detail"] = "not followed: it leads outside the source folder"
+                    continue
+                if not target.is_file():
+                    row["reasons"] = ["not_a_file"]
+                    row["detail"] = f"symlink to {'a folder' if target.is_dir() else 'nothing'}"
+                    continue
+            with path.open("rb") as handle:
+                row["sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError as err:
+            row["reasons"] = ["unreadable"]
+            row["detail"] = f"cannot read: {err}"
+            continue
+        if row["sha256"] in cached_rows:
+            row.update(cached_rows[row["sha256"]])
+            reused += 1
+        elif row["sha256"] in pending:
+            same_bytes[len(rows) - 1] = pending[row["sha256"]]
+        else:
+            pending[row["sha256"]] = len(rows) - 1
+            cache_file = str(cache / f"{row['sha256']}.npy")
+            jobs.append((len(rows) - 1, (str(path), row["sha256"], settings_dict, cache_file)))
+
+    processed = _run_jobs(rows, jobs, settings, progress)
+    for index, earlier in same_bytes.items():
+        rows[index].update({k: v for k, v in rows[earlier].items() if k not in ("path", "size_bytes")})
+    _save_cached_rows(cache, rows)
+    frame = _finish_frame(rows, settings)
+    return _write_outputs(frame, out, cache, settings, processed, reused)
+
+
+def _run_jobs(
+    rows: list[dict], jobs: list[tuple[int, tuple]], settings: PrepareConfig, progress: bool
+) -> int:
+    if not jobs:
+        return 0
+    workers = settings.workers or os.cpu_count() or 1
+    with Progress(disable=not progress, transient=False) as bar:
+        task = bar.add_task("preparing images", total=len(jobs))
+        if workers == 1:
+            results = (_analyse(job) for _, job in jobs)
+            for (index, _), result in zip(jobs, results, strict=True):
+                rows[index].update(result)
+                bar.advance(task)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                # map keeps only a bounded window of results; bytes are sent per file.
+                results = pool.map(_analyse, [job for _, job in jobs], chunksize=4)
+                for (index, _), result in zip(jobs, results, strict=True):
+                    rows[index].update(result)
+                    bar.advance(task)
+    return len(jobs)
+
+
+def _load_cached_rows(cache: Path) -> dict[str, dict]:
+    path = cache / "rows.parquet"
+    if not path.is_file():
+        return {}
+    frame = pd.read_parquet(path)
+    rows = {}
+    for record in frame.to_dict("records"):
+        sha = record.pop("sha256")
+        # Only trust a row whose pixels are on disk (or that had none to store).
+        has_pixels = isinstance(record.get("phash"), str)
+        if has_pixels and not (cache / f"{sha}.npy").is_file():
+            continue
+        record["reasons"] = list(record["reasons"])
+        record["notes"] = list(record["notes"])
+        if record.get("oriented_size") is not None:
+            record["oriented_size"] = tuple(record["oriented_size"])
+        rows[sha] = record
+    return rows
+
+
+def _save_cached_rows(cache: Path, rows: list[dict]) -> None:
+    keep = ["sha256", "format", "mode", "width", "height", "reasons", "notes", "detail", "oriented_size"]
+    keep += list(STAT_COLUMNS)
+    records = {}
+    for row in rows:
+        if isinstance(row.get("sha256"), str):
+            records[row["sha256"]] = {k: row.get(k) for k in keep}
+    frame = pd.DataFrame(list(records.values()), columns=keep)
+    frame["oriented_size"] = [list(v) if v is not None else None for v in frame["oriented_size"]]
+    tmp = cache / "rows.parquet.tmp"
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, cache / "rows.parquet")
+
+
+def _finish_frame(rows: list[dict], settings: PrepareConfig) -> pd.DataFrame:
+    for row in rows:
+        size = row.get("oriented_size")
+        if size is not None and not row["reasons"]:
+            stats = {k: row[k] for k in STAT_COLUMNS}
+            row["reasons"] = image_checks(size[0], size[1], stats, settings)
+    frame = pd.DataFrame(rows)
+    for column in MANIFEST_COLUMNS:
+        if column not in frame:
+            frame[column] = None
+    frame["reasons"] = [list(r) for r in frame["reasons"]]
+    _whole_set_checks(frame, settings)
+    kept = frame["reasons"].map(len) == 0
+    frame["status"] = np.where(kept, "kept", "quarantined")
+    frame["shard_row"] = -1
+    frame.loc[kept, "shard_row"] = np.arange(int(kept.sum()))
+    frame["split"] = [
+        split_for(sha, settings.val_fraction) if k else None
+        for sha, k in zip(frame["sha256"], kept, strict=True)
+    ]
+    return frame[MANIFEST_COLUMNS].astype({"shard_row": int})
+
+
+def _write_outputs(frame, out: Path, cache: Path, settings, processed: int, reused: int) -> PrepareResult:
+    size = settings.image_size
+    kept = frame[frame["status"] == "kept"]
+    shard_path, tmp = out / "shard.npy", out / "shard.npy.tmp"
+    shard = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(kept), 3, size, size))
+    for row_index, sha in zip(kept["shard_row"], kept["sha256"], strict=True):
+        shard[row_index] = np.load(cache / f"{sha}.npy")
+    shard.flush()
+    del shard
+    os.replace(tmp, shard_path)
+
+    manifest_path = out / "manifest.parquet"
+    frame.to_parquet(out / "manifest.parquet.tmp", index=False)
+    os.replace(out / "manifest.parquet.tmp", manifest_path)
+
+    meta = {
+        "image_size": size,
+        "count": len(kept),
+        "train": int((kept["split"] == "train").sum()),
+        "val": int((kept["split"] == "val").sum()),
+        "quarantined": int((frame["status"] == "quarantined").sum()),
+        "loss_network_mean": list(IMAGENET_MEAN),
+        "loss_network_std": list(IMAGENET_STD),
+        "dataset_mean_rgb": [float(kept[f"mean_{c}"].mean() / 255) if len(kept) else None for c in "rgb"],
+        "settings": settings.model_dump(mode="json"),
+    }
+    (out / "shard.json").write_text(json.dumps(meta, indent=2))
+    report_path = out / "report.md"
+    report_path.write_text(render_report(frame, meta, processed, reused))
+    return PrepareResult(frame, manifest_path, shard_path, report_path, processed, reused)
+
+
+def render_report(frame: pd.DataFrame, meta: dict, processed: int, reused: int) -> str:
+    quarantined = frame[frame["status"] == "quarantined"]
+    reasons = Counter(r for rs in quarantined["reasons"] for r in rs)
+    notes = Counter(n for ns in frame.loc[frame["status"] == "kept", "notes"] for n in ns)
+    lines = [
+        "# Preparation report",
+        "",
+        f"- files found: {len(frame)}",
+        f"- kept: {meta['count']} (train {meta['train']}, validation {meta['val']})",
+        f"- quarantined: {len(quarantined)}",
+        f"- decoded this run: {processed}; reused from earlier runs: {reused}",
+        f"- image size: {meta['image_size']} x {meta['image_size']}",
+        "",
+        "## Quarantine reasons",
+        "",
+        "| reason | files |",
+        "|---|---|",
+        *(f"| {reason} | {count} |" for reason, count in reasons.most_common()),
+        "",
+        "## Conversions among kept images",
+        "",
+        "| note | files |",
+        "|---|---|",
+        *(f"| {note} | {count} |" for note, count in notes.most_common()),
+        "",
+        "## Quarantined files",
+        "",
+        *(
+            f"- `{row.path}`: {', '.join(row.reasons)}" + (f" ({row.detail})" if row.detail else "")
+            for row in quarantined.itertuples()
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def load_manifest(out: str | Path) -> pd.DataFrame:
+    path = Path(out) / "manifest.parquet"
+    if not path.is_file():
+        raise PrepareError(f"no manifest in {out}: run `stylepipe prepare` first")
+    frame = pd.read_parquet(path)
+    frame["reasons"] = frame["reasons"].map(list)
+    frame["notes"] = frame["notes"].map(list)
+    return frame

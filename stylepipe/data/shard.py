@@ -1,0 +1,43 @@
+"""Reading a prepared shard: the kept images of one split, as a uint8 tensor.
+
+The shard is memory-mapped; only the rows of the requested split are copied, once,
+into a tensor (on the GPU when asked and it fits). Training never decodes JPEGs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stylepipe.data.prepare import PrepareError, load_manifest
+
+
+def is_prepared(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / "manifest.parquet").is_file() and (folder / "shard.npy").is_file()
+
+
+def shard_info(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / "shard.json").read_text())
+
+
+def load_split(
+    folder: str | Path, split: str = "train", device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The split's images, uint8 N x 3 x S x S, in shard (path) order."""
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"split must be 'train', 'val' or 'all', not {split!r}")
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    kept = manifest[manifest["status"] == "kept"]
+    rows = kept["shard_row"] if split == "all" else kept.loc[kept["split"] == split, "shard_row"]
+    shard = np.load(folder / "shard.npy", mmap_mode="r")
+    if len(shard) != len(kept):
+        raise PrepareError(f"{folder}: shard has {len(shard)} rows but the manifest keeps {len(kept)}")
+    images = torch.from_numpy(np.ascontiguousarray(shard[np.sort(rows.to_numpy())]))
+    if device is not None:
+        images = images.to(device)
+    return images
