@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/stylepipe train --config $(CONFIG)
+	$(VENV)/bin/stylepipe prepare skimage runs/demo/prepared --config $(CONFIG)
+	$(VENV)/bin/stylepipe train --config $(CONFIG) --set data.content=runs/demo/prepared
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

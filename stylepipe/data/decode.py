@@ -95,8 +95,8 @@ def decode(data: bytes, max_pixels: int, background: tuple[int, int, int]) -> De
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as err:
-        return Decoded(None, reasons=["not_an_image"], detail=str(err))
+    except UnidentifiedImageError:
+        return Decoded(None, reasons=["not_an_image"], detail="no image format recognised")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return Decoded(None, reasons=["decompression_bomb"], detail=str(err))
     except Exception as err:  # a header PIL recognised but could not parse

@@ -36,9 +36,12 @@ def build_criterion(config: Config, device: torch.device | None = None) -> Perce
 
 
 def build_batches(config: Config, device: torch.device | None = None) -> RandomBatches:
+    """Shuffled batches of the training images, resident on the GPU when they fit."""
     images = load_content_images(config.data.content, config.data.image_size)
-    if device is not None:
-        images = images.to(device)
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # a quarter of free memory at most; otherwise pinned host memory, copied per batch
+        images = images.to(device) if images.nbytes < free // 4 else images.pin_memory()
     return RandomBatches(images, config.train.batch_size, seed=config.train.seed)
 
 
