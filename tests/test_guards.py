@@ -183,3 +183,17 @@ def test_autopsy_explains_itself_in_plain_words(tiny):
     assert "step 2" in text and "parameter_blowup" in text and "lr=10" in text
     assert "clip_norm=off" in text and "precision=fp32" in text
     assert '"cause": "parameter_blowup"' in autopsy.to_json()
+
+
+def test_warmup_ramps_the_learning_rate_and_adamw_bf16_trains_finite(tiny):
+    result = fit(tiny("train.warmup_steps=4", "train.lr=0.002", "train.steps=6", "train.optimizer=adamw",
+                      "train.weight_decay=0.01", "train.precision=bf16"))  # fmt: skip
+    lrs = [row["lr"] for row in result.metrics]
+    assert lrs == pytest.approx([0.0005, 0.001, 0.0015, 0.002, 0.002, 0.002])
+    assert all(math.isfinite(row["loss/total"]) for row in result.metrics)
+
+
+def test_clip_fraction_reports_which_steps_were_clipped(tiny):
+    result = fit(tiny("train.clip_norm=1e-6", "train.steps=3"))
+    assert [row["clip/fraction"] for row in result.metrics] == [1.0, 1.0, 1.0]
+    assert all(row["grad_norm/total"] > 1e-6 for row in result.metrics)  # the norm before clipping
