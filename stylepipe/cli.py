@@ -69,6 +69,32 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from stylepipe.search.study import run_search
+
+    config = _load(args)
+    result = run_search(config, progress=not args.quiet)
+    trials = result.trials
+    counts = trials["outcome"].value_counts().to_dict()
+    out.print(
+        f"study {result.study.study_name}: {len(trials)} trials "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
+    out.print(f"stability map: {result.stability_map}")
+    if result.safest is None:
+        console.print(
+            "[bold red]No safe configuration: every candidate went NaN or diverged under the stress "
+            f"replays. Nothing was registered. Details: {result.safest_path}"
+        )
+        return 4
+    s = result.safest
+    out.print(f"[green]safest: trial {s['trial']}, quality {s['quality']:.4g}, params {s['params']}")
+    out.print(f"safest.json: {result.safest_path}")
+    if result.model:
+        out.print(f"registered model: {result.model['model_uri']} (version {result.model['version']})")
+    return 0
+
+
 def cmd_stylize(args: argparse.Namespace) -> int:
     from stylepipe.stylize import stylize_file
     from stylepipe.train.checkpoint import load_checkpoint
@@ -95,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(prep)
     prep.set_defaults(func=cmd_prepare)
 
+    search = sub.add_parser("search", help="Optuna study: prune NaN trials, confirm the safest settings")
+    _add_config_args(search)
+    search.add_argument("--quiet", action="store_true", help="no progress bar")
+    search.set_defaults(func=cmd_search)
+
     stylize = sub.add_parser("stylize", help="apply a trained model to an image")
     stylize.add_argument("--model", required=True, help="checkpoint (.safetensors or .pt)")
     stylize.add_argument("input")
@@ -115,11 +146,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stylepipe.data.prepare import PrepareError
     from stylepipe.data.sources import SourceError
     from stylepipe.nets.vgg import WeightsUnavailable
+    from stylepipe.search.objective import SearchError
+    from stylepipe.tracking import TrackingError
     from stylepipe.train.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, SourceError, WeightsUnavailable, CheckpointError, PrepareError) as err:
+    except (
+        ConfigError,
+        SourceError,
+        WeightsUnavailable,
+        CheckpointError,
+        PrepareError,
+        SearchError,
+        TrackingError,
+    ) as err:
         console.print(f"[bold red]error:[/] {err}")
         return 2
 

@@ -107,6 +107,53 @@ class GuardConfig(Section):
     max_fp16_skips: int = Field(20, ge=1)  # consecutive GradScaler skips before giving up
 
 
+class SearchSpace(Section):
+    """Ranges the sampler draws from; every numeric range is sampled on a log scale."""
+
+    lr: tuple[float, float] = (1e-4, 1e-1)
+    clip_norm: tuple[float, float] | None = (0.1, 100.0)  # None: never clip
+    allow_no_clip: bool = True  # "off" is one more choice beside the range
+    content_weight: tuple[float, float] = (0.3, 3.0)
+    style_weight: tuple[float, float] = (1e4, 1e6)
+    tv_weight: tuple[float, float] = (1e-7, 1e-4)
+    beta1: tuple[float, float] | None = None  # e.g. [0.5, 0.95]; None keeps train.betas
+    precision: list[Literal["fp32", "bf16", "fp16"]] | None = None  # None keeps train.precision
+
+    @field_validator("lr", "clip_norm", "content_weight", "style_weight", "tv_weight", "beta1")
+    @classmethod
+    def _positive_ordered(cls, pair: tuple[float, float] | None) -> tuple[float, float] | None:
+        if pair is not None and not (0 < pair[0] <= pair[1]):
+            raise ValueError(f"expected 0 < low <= high, got {list(pair)}")
+        return pair
+
+
+class SearchConfig(Section):
+    study_name: str | None = None  # default: the config's name
+    storage: str | None = None  # default: sqlite:///<run_dir>/optuna.db ; a PostgreSQL URL works too
+    n_trials: int = Field(12, ge=1)  # total finished trials the study should hold
+    seed: int = 0
+    space: SearchSpace = SearchSpace()
+    eval_every: int = Field(10, ge=1)  # steps between validation-quality reports
+    val_batch_size: int = Field(8, ge=1)
+    max_val_images: int = Field(64, ge=1)
+    # Quality uses these fixed weights for every trial, never the trial's own.
+    reference_content_weight: float = Field(1.0, gt=0)
+    reference_style_weight: float = Field(1e5, gt=0)
+    pruner_startup_trials: int = Field(4, ge=0)
+    pruner_warmup_steps: int = Field(20, ge=0)
+    top_k: int = Field(3, ge=1)  # candidates replayed under stress
+    replay_seeds: int = Field(2, ge=0)  # more seeds per candidate
+    lr_margin: float = Field(2.0, ge=1.0)  # and once with lr x margin
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # default: sqlite:///<run_dir>/mlflow.db
+    experiment: str | None = None  # default: the study name
+    registered_model: str = "stylepipe-style"
+    train_final_model: bool = True
+    final_steps: int | None = Field(None, ge=1)  # default: train.steps
+
+
 class Config(Section):
     name: str = "stylepipe"
     run_dir: Path = Path("runs/default")
@@ -115,6 +162,20 @@ class Config(Section):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     guard: GuardConfig = GuardConfig()
+    search: SearchConfig = SearchConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @property
+    def study_name(self) -> str:
+        return self.search.study_name or self.name
+
+    @property
+    def storage_url(self) -> str:
+        return self.search.storage or f"sqlite:///{Path(self.run_dir).resolve() / 'optuna.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{Path(self.run_dir).resolve() / 'mlflow.db'}"
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with dotted-key overrides applied and validated."""

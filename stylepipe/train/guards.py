@@ -130,10 +130,11 @@ class Autopsy:
     evidence: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-safe: non-finite numbers become the strings "nan", "inf" and "-inf"."""
+        return _finite_json(asdict(self))
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=_json_number)
+        return json.dumps(self.to_dict(), indent=2)
 
     def explain(self) -> str:
         clip = "off" if self.clip_norm is None else f"{self.clip_norm:g}"
@@ -154,10 +155,14 @@ class Autopsy:
         )
 
 
-def _json_number(value: Any) -> Any:
+def _finite_json(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 class TrainingHalted(RuntimeError):

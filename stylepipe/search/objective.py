@@ -1,0 +1,209 @@
+"""One trial: train a candidate configuration, report validation quality, explain NaN.
+
+Quality (DESIGN.md) is measured on the held-out validation split with the study's fixed
+reference weights, from the content and style losses computed the same way for every
+trial, so a trial cannot look better by shrinking its own loss weights. Lower is better.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import optuna
+import torch
+
+from stylepipe.config import Config
+from stylepipe.data.shard import is_prepared, load_split
+from stylepipe.data.sources import RandomBatches
+from stylepipe.nets.losses import PerceptualLoss
+from stylepipe.nets.transformer import TransformerNet
+from stylepipe.search.space import apply, suggest
+from stylepipe.tracking import RunLogger, Tracker
+from stylepipe.train import Callback, Trainer, TrainingHalted, resolve_device
+from stylepipe.train.guards import Autopsy
+from stylepipe.train.recipe import build_criterion
+
+
+class SearchError(RuntimeError):
+    """The search cannot start or finish; the message says why."""
+
+
+@dataclass
+class StudyData:
+    """What every trial of a study shares: built once, not per trial."""
+
+    config: Config
+    criterion: PerceptualLoss
+    train_images: torch.Tensor
+    val_images: torch.Tensor
+    device: torch.device
+
+
+def load_study_data(config: Config) -> StudyData:
+    folder = config.data.content
+    if not is_prepared(folder):
+        raise SearchError(
+            f"data.content={folder!r} is not a prepared folder; run `stylepipe prepare SOURCE OUT` "
+            "and set data.content to OUT (the search needs its validation split)"
+        )
+    device = resolve_device(config.train.device)
+    train = load_split(folder, "train")
+    val = load_split(folder, "val")[: config.search.max_val_images]
+    if len(train) == 0 or len(val) == 0:
+        raise SearchError(
+            f"{folder}: {len(train)} training and {len(val)} validation images; both are needed "
+            "(add images or change prepare.val_fraction)"
+        )
+    if device.type == "cuda":
+        train, val = train.to(device), val.to(device)
+    return StudyData(config, build_criterion(config, device), train, val, device)
+
+
+@torch.no_grad()
+def evaluate_quality(model: TransformerNet, data: StudyData) -> float:
+    """Reference-weighted content + style loss of the model on the validation images."""
+    search = data.config.search
+    was_training = model.training
+    model.eval()
+    content = style = 0.0
+    for batch in torch.split(data.val_images, search.val_batch_size):
+        images = batch.to(data.device).float().div(255)
+        terms = data.criterion(model(images), images)
+        content += float(terms.content) * len(batch)
+        style += float(terms.style) * len(batch)
+    model.train(was_training)
+    n = len(data.val_images)
+    return search.reference_content_weight * content / n + search.reference_style_weight * style / n
+
+
+class QualityReporter(Callback):
+    """Evaluates quality every ``eval_every`` steps; reports to Optuna and may prune."""
+
+    def __init__(self, data: StudyData, eval_every: int, trial: optuna.Trial | None = None,
+                 logger: RunLogger | None = None):  # fmt: skip
+        self.data = data
+        self.eval_every = eval_every
+        self.trial = trial
+        self.logger = logger
+        self.last_step = 0
+        self.history: list[tuple[int, float]] = []
+
+    def on_check(self, trainer: Trainer, step: int) -> None:
+        if step - self.last_step < self.eval_every and step != trainer.steps:
+            return
+        self.last_step = step
+        quality = evaluate_quality(trainer.model, self.data)
+        self.history.append((step, quality))
+        if self.logger is not None:
+            self.logger.on_metrics([{"step": step, "val/quality": quality}])
+        if self.trial is not None:
+            self.trial.report(quality, step)
+            if math.isfinite(quality) and self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}: quality {quality:.4g} behind the median")
+
+    @property
+    def final(self) -> float | None:
+        return self.history[-1][1] if self.history else None
+
+
+def spikiness(metrics: list[dict[str, float]]) -> float:
+    """Largest gradient norm over the median one: how close a run came to exploding."""
+    norms = [row["grad_norm/total"] for row in metrics if math.isfinite(row["grad_norm/total"])]
+    if not norms:
+        return math.inf
+    median = statistics.median(norms)
+    return max(norms) / median if median > 0 else math.inf
+
+
+@dataclass
+class CandidateRun:
+    outcome: str  # complete | nan | diverged
+    quality: float | None
+    autopsy: Autopsy | None
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    model: TransformerNet | None = None
+
+    @property
+    def spikiness(self) -> float:
+        return spikiness(self.metrics)
+
+
+def run_candidate(
+    config: Config,
+    data: StudyData,
+    callbacks: Sequence[Callback] = (),
+    trial: optuna.Trial | None = None,
+    logger: RunLogger | None = None,
+) -> CandidateRun:
+    """Train one configuration; a guard's halt becomes an outcome, not an exception.
+
+    ``optuna.TrialPruned`` (from the pruner) and any other exception propagate.
+    """
+    eval_every = config.search.eval_every if trial is not None else config.train.steps
+    reporter = QualityReporter(data, eval_every, trial, logger)
+    batches = RandomBatches(data.train_images, config.train.batch_size, seed=config.train.seed)
+    torch.manual_seed(config.train.seed)
+    trainer = Trainer(config, data.criterion, batches, model=TransformerNet(),
+                      callbacks=[*callbacks, reporter], device=data.device)  # fmt: skip
+    try:
+        result = trainer.fit()
+    except TrainingHalted as halted:
+        return CandidateRun(halted.autopsy.outcome, None, halted.autopsy, trainer.history)
+    quality = reporter.final
+    if quality is None or not math.isfinite(quality):
+        return CandidateRun("nan", None, None, result.metrics, result.model)
+    return CandidateRun("complete", quality, None, result.metrics, result.model)
+
+
+class Objective:
+    """Optuna's objective: one MLflow run per trial, NaN trials pruned with their autopsy."""
+
+    def __init__(self, data: StudyData, tracker: Tracker, parent_run_id: str):
+        self.data = data
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        base = self.data.config
+        params = suggest(trial, base.search.space)
+        config = apply(base, params)
+        run_id = self.tracker.child_run(
+            self.parent_run_id, f"trial {trial.number}", "trial", params,
+            {"trial": trial.number, "stylepipe.study": base.study_name},
+        )  # fmt: skip
+        trial.set_user_attr("mlflow_run_id", run_id)
+        logger = RunLogger(self.tracker.client, run_id)
+        try:
+            run = run_candidate(config, self.data, [logger], trial, logger)
+        except optuna.TrialPruned:
+            trial.set_user_attr("outcome", "pruned")
+            self.tracker.finish_run(run_id, "pruned", logger=logger)
+            raise
+        except BaseException as err:  # KeyboardInterrupt too: never leave the run RUNNING
+            trial.set_user_attr("outcome", "failed")
+            trial.set_user_attr("failure", f"{type(err).__name__}: {err}"[:2000])
+            self.tracker.finish_run(run_id, "failed", logger=logger)
+            raise
+
+        if run.outcome != "complete":
+            autopsy = run.autopsy
+            step = autopsy.step if autopsy else int(run.metrics[-1]["step"]) if run.metrics else 0
+            cause = autopsy.cause if autopsy else "unknown"
+            trial.set_user_attr("outcome", run.outcome)
+            trial.set_user_attr("cause", cause)
+            trial.set_user_attr("nan_step", step)
+            trial.set_user_attr("first_nonfinite", autopsy.first_nonfinite if autopsy else "val/quality")
+            if autopsy is not None:
+                trial.set_user_attr("autopsy", autopsy.to_dict())
+            # NaN at that step, then pruned: the sampler learns the region is bad (DESIGN.md).
+            trial.report(float("nan"), step)
+            self.tracker.finish_run(run_id, run.outcome, cause, autopsy, logger=logger)
+            raise optuna.TrialPruned(f"{run.outcome} at step {step}: {cause}")
+
+        trial.set_user_attr("outcome", "complete")
+        trial.set_user_attr("spikiness", run.spikiness)
+        self.tracker.finish_run(run_id, "complete", metrics={"final/quality": run.quality}, logger=logger)
+        return run.quality

@@ -1,0 +1,216 @@
+"""Everything MLflow: experiments, runs, batched step metrics, artifacts, the registry.
+
+Layout (DESIGN.md): one experiment per study; a parent run for the study; a nested run
+per trial (params, per-step metrics, ``outcome``/``cause`` tags, the autopsy as JSON);
+nested replay runs from the safest-configuration step; the final model run, whose
+model is registered with the alias ``safest``.
+
+Step metrics arrive in chunks from the trainer's callback hook and go out as one
+``log_batch`` call per chunk, asynchronously: never one blocking call per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from stylepipe.train.callbacks import Callback
+from stylepipe.train.guards import Autopsy
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+ROLE_TAG = "stylepipe.role"  # study | trial | replay | final
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or database cannot be used."""
+
+
+def _flat_params(params: dict[str, Any]) -> list[Param]:
+    return [Param(key, "off" if value is None else str(value)) for key, value in sorted(params.items())]
+
+
+class RunLogger(Callback):
+    """A trainer callback that sends each metric chunk to one MLflow run as a single batch."""
+
+    def __init__(self, client: MlflowClient, run_id: str, prefix: str = ""):
+        self.client = client
+        self.run_id = run_id
+        self.prefix = prefix
+        self._pending: list[Any] = []
+
+    def on_metrics(self, rows: list[dict[str, float]]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(self.prefix + key, float(value), now, int(row["step"]))
+            for row in rows
+            for key, value in row.items()
+            if key != "step"
+        ]
+        for start in range(0, len(metrics), MAX_BATCH):
+            operation = self.client.log_batch(
+                self.run_id, metrics=metrics[start : start + MAX_BATCH], synchronous=False
+            )
+            if operation is not None:
+                self._pending.append(operation)
+
+    def flush(self) -> None:
+        for operation in self._pending:
+            operation.wait()
+        self._pending.clear()
+
+
+class Tracker:
+    """One study's MLflow bookkeeping."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+        self.uri = uri
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+        except Exception as err:
+            raise TrackingError(f"cannot reach the MLflow tracking store {redact_url(uri)}: {err}") from err
+        if found is None:
+            location = artifact_root.resolve().as_uri() if artifact_root else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = found.experiment_id
+        self.experiment = experiment
+
+    # ------------------------------------------------------------ runs
+    def study_run(self, study_name: str, tags: dict[str, str] | None = None) -> str:
+        """The study's parent run: reused when the study resumes."""
+        existing = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = 'study' and tags.`stylepipe.study` = '{study_name}'",
+            max_results=1,
+        )
+        if existing:
+            run_id = existing[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"study {study_name}",
+            tags={ROLE_TAG: "study", "stylepipe.study": study_name, **(tags or {})},
+        )
+        return run.info.run_id
+
+    def child_run(self, parent_id: str, name: str, role: str, params: dict[str, Any], tags: dict) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={"mlflow.parentRunId": parent_id, ROLE_TAG: role, **{k: str(v) for k, v in tags.items()}},
+        )
+        self.client.log_batch(run.info.run_id, params=_flat_params(params))
+        return run.info.run_id
+
+    def finish_run(
+        self,
+        run_id: str,
+        outcome: str,
+        cause: str | None = None,
+        autopsy: Autopsy | None = None,
+        metrics: dict[str, float] | None = None,
+        logger: RunLogger | None = None,
+    ) -> None:
+        """Tags, summary metrics and the autopsy, then the run's final status."""
+        if logger is not None:
+            logger.flush()
+        tags = [RunTag("outcome", outcome)]
+        if cause:
+            tags.append(RunTag("cause", cause))
+        values = [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in (metrics or {}).items()]
+        values = [m for m in values if math.isfinite(m.value)]
+        self.client.log_batch(run_id, metrics=values, tags=tags)
+        if autopsy is not None:
+            self.client.log_dict(run_id, autopsy.to_dict(), "autopsy.json")
+        status = "FAILED" if outcome == "failed" else "FINISHED"
+        self.client.set_terminated(run_id, status=status)
+
+    def end_study(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    # ------------------------------------------------------------ study artifacts
+    def log_study_summary(
+        self, run_id: str, trials, stability_map: Path | None, causes_markdown: str, safest: dict | None
+    ) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            trials.to_csv(folder / "trials.csv", index=False)
+            trials.to_parquet(folder / "trials.parquet", index=False)
+            (folder / "nan_causes.md").write_text(causes_markdown)
+            for path in folder.iterdir():
+                self.client.log_artifact(run_id, str(path))
+        if stability_map is not None:
+            self.client.log_artifact(run_id, str(stability_map))
+        if safest is None:
+            self.client.set_tag(run_id, "safest", "none: no candidate survived the stress replays")
+            return
+        # Tags, not params: a resumed study may find a different safest configuration.
+        tags = [RunTag(f"safest.{k}", "off" if v is None else str(v)) for k, v in safest["params"].items()]
+        tags += [
+            RunTag("safest.trial", str(safest["trial"])),
+            RunTag("safest.quality", str(safest["quality"])),
+        ]
+        self.client.log_batch(run_id, tags=tags)
+        self.client.log_dict(run_id, safest, "safest.json")
+
+    # ------------------------------------------------------------ the final model
+    def log_final_model(
+        self, run_id: str, model, safest: dict, registered_name: str, sample_images: Iterable[Path] = ()
+    ) -> dict[str, Any]:
+        """Log the model with signature and input example, register it, alias it ``safest``."""
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+
+        for path in sample_images:
+            self.client.log_artifact(run_id, str(path), artifact_path="samples")
+        example = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+        model = model.cpu().eval()
+        with torch.no_grad():
+            output = model(torch.from_numpy(example)).numpy()
+        signature = infer_signature(example, output)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=signature,
+                input_example=example,
+                registered_model_name=registered_name,
+                pip_requirements=["torch", "torchvision", "stylepipe"],
+            )
+        version = str(info.registered_model_version)
+        self.client.set_registered_model_alias(registered_name, "safest", version)
+        self.client.set_model_version_tag(registered_name, version, "quality", str(safest["quality"]))
+        self.client.set_model_version_tag(registered_name, version, "safe", "true")
+        self.client.set_terminated(run_id, status="FINISHED")
+        return {"run_id": run_id, "model_uri": f"models:/{registered_name}@safest", "version": version}
+
+
+def redact_url(uri: str) -> str:
+    """A URL without its password, for error messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True)
