@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 
-.PHONY: run test lint bench install clean
+RUN_DIR ?= runs/demo
+
+.PHONY: run test lint bench install clean dashboards
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +32,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# optuna-dashboard on :8080 and the MLflow UI on :5000, loopback only; Ctrl-C stops both.
+dashboards: $(STAMP)
+	@echo "optuna-dashboard: http://127.0.0.1:8080   MLflow UI: http://127.0.0.1:5000"
+	$(VENV)/bin/optuna-dashboard sqlite:///$(RUN_DIR)/optuna.db --host 127.0.0.1 --port 8080 & \
+	trap 'kill $$!' EXIT INT TERM; \
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(RUN_DIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf runs .pytest_cache

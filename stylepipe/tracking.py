@@ -192,6 +192,8 @@ class Tracker:
                 input_example=example,
                 registered_model_name=registered_name,
                 pip_requirements=["torch", "torchvision", "stylepipe"],
+                # a pickled nn.Module takes any image size; an exported program fixes the shape
+                serialization_format="pickle",
             )
         version = str(info.registered_model_version)
         self.client.set_registered_model_alias(registered_name, "safest", version)

@@ -1,0 +1,233 @@
+"""The search stage on tiny CPU settings: NaN pruning, resume, MLflow records, the dashboard."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from stylepipe.cli import main
+from stylepipe.config import PrepareConfig, load_config
+from stylepipe.data.prepare import prepare
+from stylepipe.data.sources import export_skimage
+from stylepipe.nets import TransformerNet
+from stylepipe.search.objective import evaluate_quality, load_study_data
+from stylepipe.search.study import run_search
+from stylepipe.train.guards import CAUSES
+from tests.conftest import DEMO
+
+TINY_SEARCH = [
+    "data.image_size=32",
+    "train.steps=8",
+    "train.batch_size=2",
+    "train.warmup_steps=0",
+    "train.check_every=4",
+    "train.device=cpu",
+    "search.eval_every=4",
+    "search.pruner_warmup_steps=4",
+    "search.pruner_startup_trials=3",
+    "search.top_k=2",
+    "search.replay_seeds=1",
+    "search.max_val_images=4",
+    "tracking.final_steps=4",
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    source = export_skimage(root / "source")
+    settings = PrepareConfig(image_size=32, min_size=32, val_fraction=0.25, workers=1)
+    prepare(source, root / "prepared", settings, progress=False)
+    return root / "prepared"
+
+
+def search_config(run_dir: Path, prepared: Path, *extra: str):
+    overrides = [f"run_dir={run_dir}", f"data.content={prepared}", *TINY_SEARCH, *extra]
+    return load_config(DEMO, overrides)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, prepared):
+    run_dir = tmp_path_factory.mktemp("study")
+    # lr up to 1e3: Adam at lr >= 10 blows up on its second step, so some trials surely go NaN.
+    config = search_config(run_dir, prepared, "search.n_trials=6", "search.space.lr=[1e-3,1e3]",
+                           "tracking.registered_model=tiny-style")  # fmt: skip
+    result = run_search(config, progress=False)
+    return config, result
+
+
+def test_nan_trials_are_pruned_with_a_cause_and_a_nan_intermediate_value(searched):
+    config, result = searched
+    storage_study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    trials = storage_study.get_trials()
+    assert len(trials) == 6
+    halted = [t for t in trials if t.user_attrs.get("outcome") in ("nan", "diverged")]
+    assert halted, "the learning-rate range should have produced at least one NaN trial"
+    for t in halted:
+        assert t.state == optuna.trial.TrialState.PRUNED
+        assert t.user_attrs["cause"] in CAUSES
+        assert math.isnan(t.intermediate_values[t.user_attrs["nan_step"]])
+        assert t.user_attrs["first_nonfinite"]
+        assert t.user_attrs["autopsy"]["step"] == t.user_attrs["nan_step"]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(
+        t.user_attrs["outcome"] == "complete" and math.isfinite(t.value) for t in complete
+    )
+
+
+def test_safest_is_a_complete_trial_whose_replays_all_stayed_finite(searched):
+    config, result = searched
+    safest = json.loads((Path(config.run_dir) / "safest.json").read_text())
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    trial = study.trials[safest["trial"]]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert safest["quality"] == pytest.approx(trial.value)
+    assert len(safest["replays"]) == 2  # one more seed, one at lr x 2
+    assert all(r["outcome"] == "complete" and math.isfinite(r["quality"]) for r in safest["replays"])
+    assert any(r["lr_factor"] == 2.0 for r in safest["replays"])
+    assert safest["settings"]["train"]["lr"] == pytest.approx(safest["params"]["lr"])
+    assert study.user_attrs["safest"]["trial"] == safest["trial"]
+    assert (Path(config.run_dir) / "stability_map.png").stat().st_size > 10_000
+
+
+def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(searched):
+    config, result = searched
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.study_name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parent = [r for r in runs if r.data.tags.get("stylepipe.role") == "study"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    parent = parent[0]
+    trial_runs = [r for r in runs if r.data.tags.get("stylepipe.role") == "trial"]
+    assert len(trial_runs) == 6
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trial_runs)
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+    halted = [r for r in trial_runs if r.data.tags["outcome"] in ("nan", "diverged")]
+    assert halted and all(r.data.tags["cause"] in CAUSES for r in halted)
+    artifacts = [a.path for a in client.list_artifacts(halted[0].info.run_id)]
+    assert "autopsy.json" in artifacts
+    complete = next(r for r in trial_runs if r.data.tags["outcome"] == "complete")
+    history = client.get_metric_history(complete.info.run_id, "loss/total")
+    assert [m.step for m in history] == list(range(1, 9))
+    for name in ("grad_norm/total", "grad_norm/encoder_in", "clip/fraction", "lr", "val/quality"):
+        assert client.get_metric_history(complete.info.run_id, name), name
+    assert complete.data.params["lr"]
+
+    summary = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "trials.parquet", "nan_causes.md", "stability_map.png", "safest.json"} <= summary
+    assert float(parent.data.tags["safest.lr"]) == pytest.approx(result.safest["params"]["lr"])
+
+    version = client.get_model_version_by_alias("tiny-style", "safest")
+    assert str(version.version) == result.model["version"]
+    final = client.get_run(version.run_id)
+    assert any(a.path == "samples" for a in client.list_artifacts(final.info.run_id))
+    mlflow.set_tracking_uri(config.tracking_uri)
+    model = mlflow.pytorch.load_model("models:/tiny-style@safest")
+    image = torch.rand(1, 3, 40, 48)
+    with torch.no_grad():
+        styled = model(image)
+    assert styled.shape == image.shape and torch.isfinite(styled).all()
+
+
+def test_quality_does_not_depend_on_the_trials_loss_weights(tmp_path, prepared):
+    light = load_study_data(
+        search_config(tmp_path, prepared, "loss.content_weight=0.01", "loss.style_weight=1")
+    )
+    heavy = load_study_data(
+        search_config(tmp_path, prepared, "loss.content_weight=50", "loss.style_weight=1e9")
+    )
+    torch.manual_seed(0)
+    model = TransformerNet()
+    assert evaluate_quality(model, light) == pytest.approx(evaluate_quality(model, heavy), rel=1e-6)
+    torch.manual_seed(1)
+    other = TransformerNet()
+    assert evaluate_quality(other, light) != pytest.approx(evaluate_quality(model, light), rel=1e-6)
+
+
+def test_an_interrupted_study_resumes_without_duplicate_trial_numbers(tmp_path, prepared, monkeypatch):
+    from stylepipe.search import objective
+
+    extra = ("search.n_trials=3", "search.top_k=1", "search.replay_seeds=0", "search.lr_margin=1",
+             "tracking.train_final_model=false", "search.space.lr=[1e-3,1e-2]")  # fmt: skip
+    config = search_config(tmp_path, prepared, *extra)
+    original = objective.QualityReporter.on_check
+
+    def interrupt_second_trial(self, trainer, step):
+        if self.trial is not None and self.trial.number == 1:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of trial 1's training
+        return original(self, trainer, step)
+
+    monkeypatch.setattr(objective.QualityReporter, "on_check", interrupt_second_trial)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, progress=False)
+    monkeypatch.setattr(objective.QualityReporter, "on_check", original)
+    run_search(config, progress=False)
+
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    numbers = [t.number for t in study.trials]
+    assert numbers == sorted(set(numbers)) == [0, 1, 2]
+    assert study.trials[1].state == optuna.trial.TrialState.FAIL
+    assert study.trials[1].user_attrs["outcome"] == "failed"
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(config.study_name).experiment_id])
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert sum(r.data.tags.get("stylepipe.role") == "study" for r in runs) == 1  # the same parent run
+
+
+def test_search_command_says_plainly_when_nothing_is_safe(tmp_path, prepared, capsys):
+    args = ["search", "--quiet", "--config", str(DEMO)]
+    overrides = [f"run_dir={tmp_path}", f"data.content={prepared}", *TINY_SEARCH, "search.n_trials=2",
+                 "search.space.lr=[100,1000]", "search.space.allow_no_clip=true"]  # fmt: skip
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 4
+    assert "No safe configuration" in capsys.readouterr().err
+    assert json.loads((tmp_path / "safest.json").read_text())["safest"] is None
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not client.search_registered_models()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_optuna_dashboard_serves_the_pruned_trials_with_their_cause(searched):
+    config, _ = searched
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "optuna-dashboard"), config.storage_url, "--host", "127.0.0.1",
+               "--port", str(port)]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}/api/studies"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                studies = json.load(urllib.request.urlopen(base, timeout=5))["study_summaries"]
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        study_id = next(s["study_id"] for s in studies if s["study_name"] == config.study_name)
+        detail = json.load(urllib.request.urlopen(f"{base}/{study_id}?after=0", timeout=10))
+        pruned = [t for t in detail["trials"] if t["state"] == "Pruned"]
+        causes = [{a["key"]: a["value"] for a in t["user_attrs"]}.get("cause") for t in pruned]
+        assert any(cause in CAUSES for cause in causes)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
