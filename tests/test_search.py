@@ -165,12 +165,14 @@ def test_an_interrupted_study_resumes_without_duplicate_trial_numbers(tmp_path, 
     config = search_config(tmp_path, prepared, *extra)
     original = objective.QualityReporter.on_check
 
-    def interrupt_second_trial(self, trainer, step):
+    def break_trials(self, trainer, step):
+        if self.trial is not None and self.trial.number == 0:
+            raise OSError("disk full")  # not about numerics: the trial fails, the study goes on
         if self.trial is not None and self.trial.number == 1:
             raise KeyboardInterrupt  # Ctrl-C in the middle of trial 1's training
         return original(self, trainer, step)
 
-    monkeypatch.setattr(objective.QualityReporter, "on_check", interrupt_second_trial)
+    monkeypatch.setattr(objective.QualityReporter, "on_check", break_trials)
     with pytest.raises(KeyboardInterrupt):
         run_search(config, progress=False)
     monkeypatch.setattr(objective.QualityReporter, "on_check", original)
@@ -179,8 +181,10 @@ def test_an_interrupted_study_resumes_without_duplicate_trial_numbers(tmp_path, 
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
     numbers = [t.number for t in study.trials]
     assert numbers == sorted(set(numbers)) == [0, 1, 2]
-    assert study.trials[1].state == optuna.trial.TrialState.FAIL
+    assert [t.state for t in study.trials[:2]] == [optuna.trial.TrialState.FAIL] * 2
+    assert study.trials[0].user_attrs["failure"] == "OSError: disk full"
     assert study.trials[1].user_attrs["outcome"] == "failed"
+    assert study.trials[2].state == optuna.trial.TrialState.COMPLETE
     client = MlflowClient(tracking_uri=config.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(config.study_name).experiment_id])
     assert all(r.info.status != "RUNNING" for r in runs)

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from stylepipe import report
 from stylepipe.config import Config
-from stylepipe.search.objective import Objective, StudyData, load_study_data, run_candidate
+from stylepipe.search.objective import Objective, load_study_data, run_candidate
 from stylepipe.search.safest import confirm_safest
 from stylepipe.search.space import apply, trial_values
 from stylepipe.tracking import RunLogger, Tracker, redact_url
@@ -113,78 +113,105 @@ def warm_start(study: optuna.Study, params: dict[str, Any]) -> None:
     study.enqueue_trial(trial_values(params), skip_if_exists=True)
 
 
+class SearchSession:
+    """What every stage of one study shares, reopened from storage by each stage.
+
+    Used as a context manager: the study's MLflow parent run is RUNNING inside and is
+    ended FINISHED on the way out, or FAILED when the stage raised.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data = load_study_data(config)
+        self.tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.study_name,
+                               artifact_root=self.run_dir / "mlartifacts")  # fmt: skip
+        self.study = open_study(config)
+        self.parent = self.tracker.study_run(config.study_name, {"storage": redact_url(config.storage_url)})
+        self.study.set_user_attr("mlflow_parent_run_id", self.parent)
+
+    def __enter__(self) -> SearchSession:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.tracker.end_study(self.parent, status="FINISHED" if kind is None else "FAILED")
+
+
+def run_trials(session: SearchSession, progress: bool = True, warm_start_params: dict | None = None) -> int:
+    """Run trials until the study holds ``search.n_trials`` finished ones; returns how many ran."""
+    study, target = session.study, session.config.search.n_trials
+    if warm_start_params:
+        warm_start(study, warm_start_params)
+    remaining = target - finished_trials(study)
+    bar = StudyProgress(study, target, enabled=progress)
+    with bar.progress:
+        if remaining > 0:
+            study.optimize(
+                Objective(session.data, session.tracker, session.parent),
+                n_trials=remaining,
+                callbacks=[bar, optuna.study.MaxTrialsCallback(target, states=FINISHED)],
+                catch=(Exception,),
+            )
+    return max(remaining, 0)
+
+
+def confirm(session: SearchSession) -> dict | None:
+    """Replay the best trials under stress; write safest.json; None when nothing is safe."""
+    safest = confirm_safest(session.study, session.data, session.tracker, session.parent)
+    path = session.run_dir / "safest.json"
+    if safest is None:
+        _write_json(path, {"study": session.study.study_name, "safest": None,
+                           "why": "no candidate stayed finite under every stress replay"})  # fmt: skip
+    else:
+        _write_json(path, safest)
+    return safest
+
+
 def run_search(config: Config, progress: bool = True, warm_start_params: dict | None = None) -> SearchResult:
-    """Run (or resume) the study to ``search.n_trials`` finished trials, then confirm the safest."""
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data = load_study_data(config)
-    tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.study_name,
-                      artifact_root=run_dir / "mlartifacts")  # fmt: skip
-    parent = tracker.study_run(config.study_name, {"storage": redact_url(config.storage_url)})
-    status = "FAILED"
-    try:
-        study = open_study(config)
-        study.set_user_attr("mlflow_parent_run_id", parent)
-        if warm_start_params:
-            warm_start(study, warm_start_params)
-        target = config.search.n_trials
-        remaining = target - finished_trials(study)
-        bar = StudyProgress(study, target, enabled=progress)
-        with bar.progress:
-            if remaining > 0:
-                study.optimize(
-                    Objective(data, tracker, parent),
-                    n_trials=remaining,
-                    callbacks=[bar, optuna.study.MaxTrialsCallback(target, states=FINISHED)],
-                    catch=(Exception,),
-                )
-        safest = confirm_safest(study, data, tracker, parent)
-        result = summarise(study, config, tracker, parent, safest)
+    """Run (or resume) the study, confirm the safest, summarise, train and register the model."""
+    with SearchSession(config) as session:
+        run_trials(session, progress, warm_start_params)
+        safest = confirm(session)
+        model = None
         if safest is not None and config.tracking.train_final_model:
-            result.model = train_final_model(config, data, tracker, parent, safest)
-            _write_json(result.safest_path, {**safest, "model": result.model})
-        status = "FINISHED"
-        return result
-    finally:
-        tracker.end_study(parent, status=status)
+            model = train_final_model(session, safest)
+        return summarise(session, safest, model)
 
 
-def summarise(study, config: Config, tracker: Tracker, parent: str, safest: dict | None) -> SearchResult:
-    run_dir = Path(config.run_dir)
+def summarise(session: SearchSession, safest: dict | None, model: dict | None = None) -> SearchResult:
+    """The trials table, the stability map and the causes summary, on disk and in MLflow."""
+    config, study = session.config, session.study
     trials = trials_table(study, safest)
-    picture = report.stability_map(trials, run_dir / "stability_map.png",
+    picture = report.stability_map(trials, session.run_dir / "stability_map.png",
                                    safest_number=safest["trial"] if safest else None,
                                    title=f"Stability map: {config.study_name}")  # fmt: skip
-    causes = report.causes_markdown(trials)
-    trials.to_csv(run_dir / "trials.csv", index=False)
-    tracker.log_study_summary(parent, trials, picture, causes, safest)
-    safest_path = run_dir / "safest.json"
-    if safest is None:
-        _write_json(safest_path, {"study": study.study_name, "safest": None,
-                                  "why": "no candidate stayed finite under every stress replay"})  # fmt: skip
-    else:
-        _write_json(safest_path, safest)
-    return SearchResult(study, safest, safest_path, trials, picture, None)
+    trials.to_csv(session.run_dir / "trials.csv", index=False)
+    session.tracker.log_study_summary(session.parent, trials, picture, report.causes_markdown(trials), safest)
+    safest_path = session.run_dir / "safest.json"
+    if safest is not None and model is not None:
+        _write_json(safest_path, {**safest, "model": model})
+    return SearchResult(study, safest, safest_path, trials, picture, model)
 
 
-def train_final_model(config: Config, data: StudyData, tracker: Tracker, parent: str, safest: dict) -> dict:
+def train_final_model(session: SearchSession, safest: dict) -> dict:
     """Train the safest configuration, log and register it with alias ``safest``."""
     from torchvision.utils import save_image
 
     from stylepipe.stylize import stylize_tensor
 
+    config, data, tracker = session.config, session.data, session.tracker
     steps = config.tracking.final_steps or config.train.steps
     final_config = apply(config, safest["params"], **{"train.steps": steps})
-    run_id = tracker.child_run(
-        parent, "final model", "final", safest["params"], {"safest.trial": safest["trial"]}
-    )
+    run_id = tracker.child_run(session.parent, "final model", "final", safest["params"],
+                               {"safest.trial": safest["trial"]})  # fmt: skip
     logger = RunLogger(tracker.client, run_id)
     run = run_candidate(final_config, data, [logger], logger=logger)
     logger.flush()
     if run.outcome != "complete":
         tracker.finish_run(run_id, run.outcome, run.autopsy.cause if run.autopsy else None, run.autopsy)
         raise RuntimeError(f"the safest configuration went {run.outcome} in its final training run")
-    samples_dir = Path(config.run_dir) / "samples"
+    samples_dir = session.run_dir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     images = data.val_images[:4].to(data.device).float().div(255)
     styled = stylize_tensor(run.model.eval(), images)
