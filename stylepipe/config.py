@@ -154,6 +154,14 @@ class TrackingConfig(Section):
     final_steps: int | None = Field(None, ge=1)  # default: train.steps
 
 
+class ScheduleConfig(Section):
+    """The Prefect deployment that runs the pipeline on a schedule."""
+
+    deployment: str = "scheduled"
+    cron: str | None = "0 3 * * *"  # every night at 03:00; None: run only when asked
+    timezone: str = "UTC"
+
+
 class Config(Section):
     name: str = "stylepipe"
     run_dir: Path = Path("runs/default")
@@ -164,6 +172,7 @@ class Config(Section):
     guard: GuardConfig = GuardConfig()
     search: SearchConfig = SearchConfig()
     tracking: TrackingConfig = TrackingConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     @property
     def study_name(self) -> str:

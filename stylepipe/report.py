@@ -23,15 +23,6 @@ from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter  # noqa: E
 
 OUTCOMES = ("complete", "nan", "diverged", "pruned", "failed")
 FAILURE_OUTCOMES = ("nan", "diverged")
-CAUSES = (
-    "bad_input",
-    "precision_overflow",
-    "gradient_explosion",
-    "parameter_blowup",
-    "loss_imbalance",
-    "divergence",
-    "unknown",
-)
 
 COLORS = {
     "complete": "#2ca02c",
@@ -351,3 +342,32 @@ def stability_map(
     finally:
         plt.close(fig)
     return path
+
+
+def pipeline_markdown(
+    trials: pd.DataFrame, safest: dict | None, model: dict | None = None, promotion: dict | None = None
+) -> str:
+    """The run summary a person reads first: safest settings, margins, NaN causes, the model."""
+    lines = ["# stylepipe run", ""]
+    if safest is None:
+        lines += ["**No safe configuration**: every candidate went NaN or diverged under the stress",
+                  "replays. Nothing was registered; the champion stays.", ""]  # fmt: skip
+    else:
+        lines += [f"## Safest configuration: trial {safest['trial']}", "", "| setting | value |", "|---|---|"]
+        for key, value in safest["params"].items():
+            shown = "off" if value is None else (f"{value:.4g}" if isinstance(value, float) else value)
+            lines.append(f"| {key} | {shown} |")
+        lines += [
+            f"| quality | {safest['quality']:.4g} |",
+            "",
+            f"Passed: seeds {safest['seeds_passed']} and learning rate x{safest['lr_margin_passed']:g}; "
+            f"{safest['safe_candidates']} of {safest['candidates']} candidates were safe.",
+            "",
+        ]
+    if model:
+        lines += [f"Registered model: `{model['model_uri']}` (version {model['version']}).", ""]
+    if promotion:
+        verdict = "promoted to **champion**" if promotion["promoted"] else "not promoted"
+        lines += [f"Champion: {verdict}: {promotion['why']}.", ""]
+    lines.append(causes_markdown(trials))
+    return "\n".join(lines)

@@ -168,6 +168,22 @@ class Tracker:
         self.client.log_batch(run_id, tags=tags)
         self.client.log_dict(run_id, safest, "safest.json")
 
+    # ------------------------------------------------------------ the registry
+    def alias_version(self, name: str, alias: str) -> str | None:
+        """The version behind ``name@alias``, or None when the alias (or model) does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as err:
+            if _missing_alias(err):
+                return None
+            raise
+
+    def load_model(self, model_uri: str):
+        mlflow.set_tracking_uri(self.uri)
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
     # ------------------------------------------------------------ the final model
     def log_final_model(
         self, run_id: str, model, safest: dict, registered_name: str, sample_images: Iterable[Path] = ()
@@ -201,6 +217,10 @@ class Tracker:
         self.client.set_model_version_tag(registered_name, version, "safe", "true")
         self.client.set_terminated(run_id, status="FINISHED")
         return {"run_id": run_id, "model_uri": f"models:/{registered_name}@safest", "version": version}
+
+
+def _missing_alias(err: Exception) -> bool:
+    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower()
 
 
 def redact_url(uri: str) -> str:

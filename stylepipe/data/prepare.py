@@ -429,6 +429,18 @@ def render_report(frame: pd.DataFrame, meta: dict, processed: int, reused: int) 
     return "\n".join(lines)
 
 
+def source_fingerprint(source: str | Path) -> str:
+    """A cheap fingerprint of a folder's files (path, size, modification time), for caching."""
+    digest = hashlib.sha256()
+    for rel, path in scan(Path(source).resolve()):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        digest.update(f"{rel}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def load_manifest(out: str | Path) -> pd.DataFrame:
     path = Path(out) / "manifest.parquet"
     if not path.is_file():

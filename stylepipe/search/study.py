@@ -165,6 +165,8 @@ def confirm(session: SearchSession) -> dict | None:
                            "why": "no candidate stayed finite under every stress replay"})  # fmt: skip
     else:
         _write_json(path, safest)
+        # survives later studies that find nothing safe: the warm start of the next run
+        _write_json(session.run_dir / "last_safest.json", safest)
     return safest
 
 
