@@ -7,7 +7,7 @@ CONFIG ?= configs/demo.yaml
 
 RUN_DIR ?= runs/demo
 
-.PHONY: run test lint bench install clean dashboards
+.PHONY: run serve test lint bench install clean dashboards
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole pipeline once, as a Prefect flow on a temporary local server (offline).
 run: $(STAMP)
-	$(VENV)/bin/stylepipe prepare skimage runs/demo/prepared --config $(CONFIG)
-	$(VENV)/bin/stylepipe train --config $(CONFIG) --set data.content=runs/demo/prepared
+	$(VENV)/bin/stylepipe pipeline --config $(CONFIG)
+
+# The scheduled deployment, against the Prefect server at PREFECT_API_URL (see README).
+serve: $(STAMP)
+	@test -n "$$PREFECT_API_URL" || { echo "set PREFECT_API_URL (start a server: .venv/bin/prefect server start)"; exit 2; }
+	$(VENV)/bin/stylepipe serve --config $(CONFIG)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

@@ -95,6 +95,61 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prefect_home(config) -> None:
+    """Keep Prefect's home (its database, logs) inside the run folder, not the user's home."""
+    import os
+    from pathlib import Path
+
+    home = Path(config.run_dir).resolve() / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(home))
+    # no PREFECT_API_URL: a temporary local server for this run
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    config = _load(args)
+    _prefect_home(config)
+    from flows.pipeline import style_pipeline
+
+    result = style_pipeline(config_path=args.config, overrides=args.overrides, study_name=args.study)
+    _print_pipeline(config, result)
+    return 0 if result["safest"] else 4
+
+
+def _print_pipeline(config, result: dict) -> None:
+    from pathlib import Path
+
+    run_dir = Path(config.run_dir)
+    out.print("\n[bold]Where to look[/]")
+    out.print(f"  run folder:        {run_dir}")
+    out.print(f"  preparation:       {result['prepared'].get('report', result['prepared']['prepared'])}")
+    out.print(f"  Optuna storage:    {config.storage_url}  (study {result['study']})")
+    out.print(f"  MLflow tracking:   {config.tracking_uri}")
+    out.print(f"  stability map:     {result['stability_map']}")
+    out.print(f"  safest settings:   {result['safest_json']}")
+    if result["model"]:
+        out.print(
+            f"  registered model:  {result['model']['model_uri']} (version {result['model']['version']})"
+        )
+        out.print(f"  stylised samples:  {run_dir / 'samples'}")
+    if result["promotion"]:
+        out.print(f"  champion:          {result['promotion']['why']}")
+    else:
+        console.print("[bold red]  no safe configuration: nothing registered")
+    out.print("  dashboards:        make dashboards")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args)
+    _prefect_home(config)
+    from flows.deploy import serve
+
+    serve(args.config, args.overrides)
+    return 0
+
+
 def cmd_stylize(args: argparse.Namespace) -> int:
     from stylepipe.stylize import stylize_file
     from stylepipe.train.checkpoint import load_checkpoint
@@ -126,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--quiet", action="store_true", help="no progress bar")
     search.set_defaults(func=cmd_search)
 
+    pipeline = sub.add_parser("pipeline", help="the whole pipeline once, as a Prefect flow")
+    _add_config_args(pipeline)
+    pipeline.add_argument("--study", default=None, help="study name (default: <name>-<timestamp>)")
+    pipeline.set_defaults(func=cmd_pipeline)
+
+    serve = sub.add_parser("serve", help="serve the pipeline's scheduled Prefect deployment")
+    _add_config_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
     stylize = sub.add_parser("stylize", help="apply a trained model to an image")
     stylize.add_argument("--model", required=True, help="checkpoint (.safetensors or .pt)")
     stylize.add_argument("input")
@@ -142,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
+    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from stylepipe.config import ConfigError
     from stylepipe.data.prepare import PrepareError
     from stylepipe.data.sources import SourceError

@@ -201,6 +201,7 @@ def train_final_model(session: SearchSession, safest: dict) -> dict:
     from torchvision.utils import save_image
 
     from stylepipe.stylize import stylize_tensor
+    from stylepipe.train.checkpoint import save_checkpoint
 
     config, data, tracker = session.config, session.data, session.tracker
     steps = config.tracking.final_steps or config.train.steps
@@ -213,6 +214,7 @@ def train_final_model(session: SearchSession, safest: dict) -> dict:
     if run.outcome != "complete":
         tracker.finish_run(run_id, run.outcome, run.autopsy.cause if run.autopsy else None, run.autopsy)
         raise RuntimeError(f"the safest configuration went {run.outcome} in its final training run")
+    save_checkpoint(run.model, session.run_dir / "model.safetensors", {"safest": safest})
     samples_dir = session.run_dir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     images = data.val_images[:4].to(data.device).float().div(255)

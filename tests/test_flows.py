@@ -1,0 +1,129 @@
+"""The Prefect flow end to end on tiny settings, against Prefect's test harness."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Prefect reads its settings once, at import: point its home at a scratch folder first.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="stylepipe-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from mlflow import MlflowClient  # noqa: E402
+from prefect import get_client  # noqa: E402
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId  # noqa: E402
+from prefect.client.schemas.schedules import CronSchedule  # noqa: E402
+from prefect.deployments import run_deployment  # noqa: E402
+from prefect.flow_engine import run_flow  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.deploy import build_deployment  # noqa: E402
+from flows.pipeline import style_pipeline  # noqa: E402
+from stylepipe.config import load_config  # noqa: E402
+from tests.conftest import DEMO  # noqa: E402
+
+TINY = [
+    "data.image_size=32",
+    "prepare.image_size=32",
+    "prepare.workers=1",
+    "prepare.val_fraction=0.25",
+    "train.steps=8",
+    "train.batch_size=2",
+    "train.warmup_steps=0",
+    "train.check_every=4",
+    "train.device=cpu",
+    "search.n_trials=3",
+    "search.eval_every=4",
+    "search.space.lr=[1e-3,1e-2]",
+    "search.top_k=1",
+    "search.replay_seeds=0",
+    "search.max_val_images=4",
+    "tracking.final_steps=8",
+    "tracking.registered_model=flow-style",
+    "schedule.cron=15 4 * * 1",
+]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def first_run(harness, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pipeline")
+    overrides = [*TINY, f"run_dir={run_dir}"]
+    state = style_pipeline(str(DEMO), overrides, study_name="first", return_state=True)
+    return run_dir, overrides, state
+
+
+def _artifacts(flow_run_id):
+    async def read():
+        async with get_client() as client:
+            found = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+            return await client.read_artifacts(artifact_filter=found)
+
+    return {a.key: a for a in asyncio.run(read())}
+
+
+def test_the_flow_completes_registers_a_champion_and_leaves_artifacts(first_run):
+    run_dir, overrides, state = first_run
+    assert state.is_completed()
+    result = state.result()
+    assert result["safest"] is not None and result["model"]["version"] == "1"
+    assert result["promotion"]["promoted"] and result["promotion"]["why"] == "there was no champion yet"
+    assert Path(result["stability_map"]).is_file() and (run_dir / "prepared" / "report.md").is_file()
+    config = load_config(DEMO, overrides)
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    assert str(client.get_model_version_by_alias("flow-style", "champion").version) == "1"
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert "Safest configuration" in artifacts["stylepipe-summary"].data
+    assert artifacts["stylepipe-top-trials"].type == "table"
+    assert '"lr"' in artifacts["stylepipe-top-trials"].data
+
+
+def test_a_second_run_warm_starts_and_keeps_a_better_champion(first_run):
+    import optuna
+
+    run_dir, overrides, _ = first_run
+    previous = load_config(DEMO, overrides)
+    safest_before = (run_dir / "last_safest.json").read_text()
+    # A final model trained for one step cannot beat the 8-step champion on the same images.
+    result = style_pipeline(str(DEMO), [*overrides, "tracking.final_steps=1"], study_name="second")
+    study = optuna.load_study(study_name="second", storage=previous.storage_url)
+    enqueued = json.loads(safest_before)["params"]
+    assert study.trials[0].params["lr"] == pytest.approx(enqueued["lr"])  # the warm start
+    assert result["model"]["version"] == "2"
+    promotion = result["promotion"]
+    assert not promotion["promoted"] and promotion["champion_before"] == "1"
+    assert promotion["quality"] > promotion["champion_quality"]
+    client = MlflowClient(tracking_uri=previous.tracking_uri)
+    assert str(client.get_model_version_by_alias("flow-style", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("flow-style", "safest").version) == "2"
+
+
+def test_the_deployment_has_the_configured_cron_and_a_run_through_it_completes(harness, tmp_path):
+    overrides = [*TINY, f"run_dir={tmp_path}", "tracking.train_final_model=true"]
+    deployment_id = build_deployment(str(DEMO), overrides).apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment_by_name("style_pipeline/scheduled")
+
+    deployment = asyncio.run(read())
+    assert deployment.id == deployment_id
+    schedule = deployment.schedules[0].schedule
+    assert isinstance(schedule, CronSchedule) and schedule.cron == "15 4 * * 1"
+    flow_run = run_deployment("style_pipeline/scheduled", timeout=0)
+    assert flow_run.deployment_id == deployment_id
+    state = run_flow(style_pipeline, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+    assert state.is_completed()
+    assert (tmp_path / "safest.json").is_file()
