@@ -150,6 +150,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    import multiprocessing as mp
+
+    from stylepipe.search.study import run_worker
+
+    overrides = list(args.overrides)
+    if args.storage:
+        overrides.append(f"search.storage={args.storage}")
+    config = _load(argparse.Namespace(config=args.config, overrides=overrides))
+    processes = args.processes or config.search.workers_per_device
+    if processes == 1:
+        result = run_worker(config, progress=not args.quiet)
+        out.print(f"worker ran {result['trials_run']} trials; finished the study: {result['finished_study']}")
+        return 0
+    # several trials at once on one GPU: separate processes, each its own CUDA context
+    context = mp.get_context("spawn")
+    workers = [context.Process(target=run_worker, args=(config,)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    failed = [w.exitcode for w in workers if w.exitcode]
+    out.print(f"{processes} worker processes done; exit codes {[w.exitcode for w in workers]}")
+    return 1 if failed else 0
+
+
 def cmd_stylize(args: argparse.Namespace) -> int:
     from stylepipe.stylize import stylize_file
     from stylepipe.train.checkpoint import load_checkpoint
@@ -189,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the pipeline's scheduled Prefect deployment")
     _add_config_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="join a study as one worker (many can share PostgreSQL)")
+    _add_config_args(worker)
+    worker.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user@host/db")
+    worker.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="worker processes on this machine (default: search.workers_per_device)",
+    )
+    worker.add_argument("--quiet", action="store_true", help="no progress bar")
+    worker.set_defaults(func=cmd_worker)
 
     stylize = sub.add_parser("stylize", help="apply a trained model to an image")
     stylize.add_argument("--model", required=True, help="checkpoint (.safetensors or .pt)")

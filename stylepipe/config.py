@@ -141,6 +141,11 @@ class SearchConfig(Section):
     reference_style_weight: float = Field(1e5, gt=0)
     pruner_startup_trials: int = Field(4, ge=0)
     pruner_warmup_steps: int = Field(20, ge=0)
+    # Heartbeats (RDB storage): a worker silent this long has its trial failed and retried.
+    heartbeat_interval: int = Field(15, ge=1)  # seconds between a running trial's heartbeats
+    grace_period: int = Field(60, ge=2)  # seconds without a heartbeat before a trial is stale
+    max_retry: int = Field(2, ge=0)  # times a stale trial is re-run by another worker
+    workers_per_device: int = Field(1, ge=1)  # trials at once on one GPU (small batches)
     top_k: int = Field(3, ge=1)  # candidates replayed under stress
     replay_seeds: int = Field(2, ge=0)  # more seeds per candidate
     lr_margin: float = Field(2.0, ge=1.0)  # and once with lr x margin

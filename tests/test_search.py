@@ -180,11 +180,12 @@ def test_an_interrupted_study_resumes_without_duplicate_trial_numbers(tmp_path, 
 
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
     numbers = [t.number for t in study.trials]
-    assert numbers == sorted(set(numbers)) == [0, 1, 2]
+    assert numbers == list(range(5))  # no duplicates, no gaps
     assert [t.state for t in study.trials[:2]] == [optuna.trial.TrialState.FAIL] * 2
     assert study.trials[0].user_attrs["failure"] == "OSError: disk full"
     assert study.trials[1].user_attrs["outcome"] == "failed"
-    assert study.trials[2].state == optuna.trial.TrialState.COMPLETE
+    # failed trials do not count: the study goes on to 3 complete (or pruned) ones
+    assert [t.state for t in study.trials[2:]] == [optuna.trial.TrialState.COMPLETE] * 3
     client = MlflowClient(tracking_uri=config.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(config.study_name).experiment_id])
     assert all(r.info.status != "RUNNING" for r in runs)

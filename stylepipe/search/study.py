@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,13 @@ from stylepipe.config import Config
 from stylepipe.search.objective import Objective, load_study_data, run_candidate
 from stylepipe.search.safest import confirm_safest
 from stylepipe.search.space import apply, trial_values
+from stylepipe.search.storage import SingleWorkerGuard, StudyLock, open_storage
 from stylepipe.tracking import RunLogger, Tracker, redact_url
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+# What counts towards search.n_trials: a failed trial (a crash, a killed worker) does not.
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 @dataclass
@@ -41,7 +45,7 @@ def open_study(config: Config) -> optuna.Study:
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     return optuna.create_study(
         study_name=config.study_name,
-        storage=config.storage_url,
+        storage=open_storage(config),
         sampler=optuna.samplers.TPESampler(seed=search.seed),
         pruner=optuna.pruners.MedianPruner(
             n_startup_trials=search.pruner_startup_trials, n_warmup_steps=search.pruner_warmup_steps
@@ -117,57 +121,126 @@ class SearchSession:
     """What every stage of one study shares, reopened from storage by each stage.
 
     Used as a context manager: the study's MLflow parent run is RUNNING inside and is
-    ended FINISHED on the way out, or FAILED when the stage raised.
+    ended FINISHED on the way out, or FAILED when the stage raised. A worker among many
+    (``owns_parent=False``) leaves the parent run to whoever finishes the study.
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, owns_parent: bool = True):
         self.config = config
+        self.owns_parent = owns_parent
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data = load_study_data(config)
-        self.tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.study_name,
-                               artifact_root=self.run_dir / "mlartifacts")  # fmt: skip
-        self.study = open_study(config)
-        self.parent = self.tracker.study_run(config.study_name, {"storage": redact_url(config.storage_url)})
+        with StudyLock(config, "setup"):  # one experiment, one study, one parent run
+            self.tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.study_name,
+                                   artifact_root=self.run_dir / "mlartifacts")  # fmt: skip
+            self.study = open_study(config)
+            self.parent = self.tracker.study_run(
+                config.study_name, {"storage": redact_url(config.storage_url)}
+            )
         self.study.set_user_attr("mlflow_parent_run_id", self.parent)
 
     def __enter__(self) -> SearchSession:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        self.tracker.end_study(self.parent, status="FINISHED" if kind is None else "FAILED")
+        if self.owns_parent:
+            self.tracker.end_study(self.parent, status="FINISHED" if kind is None else "FAILED")
+
+
+class _ReleaseThenRun:
+    """Objective wrapper: the trial exists once it runs, so the start gate can open."""
+
+    def __init__(self, objective: Objective, gate: StudyLock):
+        self.objective = objective
+        self.gate = gate
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.gate.release()
+        return self.objective(trial)
 
 
 def run_trials(session: SearchSession, progress: bool = True, warm_start_params: dict | None = None) -> int:
-    """Run trials until the study holds ``search.n_trials`` finished ones; returns how many ran."""
-    study, target = session.study, session.config.search.n_trials
+    """Run trials until the study holds ``search.n_trials`` complete or pruned ones.
+
+    Safe for many workers on one PostgreSQL study: counting and starting a trial happen
+    under one advisory lock, so the study ends with exactly n_trials finished trials;
+    a worker whose peers still run the last trials waits, failing any whose heartbeats
+    stopped (their retries are queued and picked up here). Returns the trials run here.
+    """
+    config, study = session.config, session.study
+    target = config.search.n_trials
     if warm_start_params:
         warm_start(study, warm_start_params)
-    remaining = target - finished_trials(study)
+    gate = StudyLock(config, "ask")
+    objective = _ReleaseThenRun(Objective(session.data, session.tracker, session.parent), gate)
     bar = StudyProgress(study, target, enabled=progress)
-    with bar.progress:
-        if remaining > 0:
-            study.optimize(
-                Objective(session.data, session.tracker, session.parent),
-                n_trials=remaining,
-                callbacks=[bar, optuna.study.MaxTrialsCallback(target, states=FINISHED)],
-                catch=(Exception,),
-            )
-    return max(remaining, 0)
+    ran = 0
+    with SingleWorkerGuard(config.storage_url), bar.progress:
+        while True:
+            gate.acquire()
+            try:
+                optuna.storages.fail_stale_trials(study)
+                done = len(study.get_trials(deepcopy=False, states=COUNTED))
+                running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+                if done >= target:
+                    break
+                if done + running >= target:  # the last trials are running elsewhere
+                    gate.release()
+                    time.sleep(min(5, config.search.heartbeat_interval))
+                    continue
+                study.optimize(objective, n_trials=1, callbacks=[bar], catch=(Exception,))
+                ran += 1
+            finally:
+                gate.release()
+    return ran
 
 
 def confirm(session: SearchSession) -> dict | None:
-    """Replay the best trials under stress; write safest.json; None when nothing is safe."""
-    safest = confirm_safest(session.study, session.data, session.tracker, session.parent)
+    """Replay the best trials under stress; write safest.json; None when nothing is safe.
+
+    Runs once per study state: when the study already holds a verdict for its current
+    trials (another worker, an earlier run), that verdict is reused.
+    """
+    study = session.study
+    done = len(study.get_trials(deepcopy=False, states=COUNTED))
+    attrs = study.user_attrs
+    if attrs.get("safest_for_trials") == done and "safest" in attrs:
+        safest = attrs["safest"]
+    else:
+        safest = confirm_safest(study, session.data, session.tracker, session.parent)
+        study.set_user_attr("safest_for_trials", done)
     path = session.run_dir / "safest.json"
     if safest is None:
-        _write_json(path, {"study": session.study.study_name, "safest": None,
+        _write_json(path, {"study": study.study_name, "safest": None,
                            "why": "no candidate stayed finite under every stress replay"})  # fmt: skip
     else:
         _write_json(path, safest)
         # survives later studies that find nothing safe: the warm start of the next run
         _write_json(session.run_dir / "last_safest.json", safest)
     return safest
+
+
+def run_worker(config: Config, progress: bool = False) -> dict[str, Any]:
+    """One worker of a (possibly shared) study: run trials, then, once per study, finish it.
+
+    The worker that takes the ``finish`` lock first confirms the safest configuration,
+    trains and registers the final model and ends the MLflow parent run; the others find
+    the study finished and leave.
+    """
+    session = SearchSession(config, owns_parent=False)
+    ran = run_trials(session, progress)
+    with StudyLock(config, "finish"):
+        if session.study.user_attrs.get("finished_by_worker"):
+            return {"trials_run": ran, "finished_study": False}
+        with SearchSession(config) as owner:
+            safest = confirm(owner)
+            model = None
+            if safest is not None and config.tracking.train_final_model:
+                model = train_final_model(owner, safest)
+            summarise(owner, safest, model)
+            owner.study.set_user_attr("finished_by_worker", True)
+        return {"trials_run": ran, "finished_study": True, "safest": safest, "model": model}
 
 
 def run_search(config: Config, progress: bool = True, warm_start_params: dict | None = None) -> SearchResult:

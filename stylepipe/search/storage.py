@@ -1,0 +1,142 @@
+"""Optuna storage for one or many workers: heartbeats, stale-trial retries, locks.
+
+* RDB storage (SQLite file, or PostgreSQL for many workers) with heartbeats: a trial
+  whose worker died is failed by the next worker that looks, its MLflow run is ended as
+  KILLED, and the trial is re-queued (``RetryHeartbeatStaleTrialCallback``).
+* ``StudyLock``: a PostgreSQL advisory lock (released by the server if its holder dies),
+  so that counting trials and starting one is atomic across workers, and the
+  safest-configuration step runs once per study.
+* SQLite serves one worker: a second one is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+from stylepipe.config import Config
+from stylepipe.tracking import redact_url
+
+
+class StorageError(RuntimeError):
+    """The study storage cannot be used; the message names the URL without its password."""
+
+
+def _reason(err: Exception) -> str:
+    cause = getattr(err, "orig", None) or err
+    return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+
+
+class EndKilledRunThenRetry:
+    """Heartbeat-stale callback: end the dead worker's MLflow run as KILLED, then re-queue."""
+
+    def __init__(self, tracking_uri: str, max_retry: int):
+        self.tracking_uri = tracking_uri
+        with warnings.catch_warnings():  # experimental in name only: stable since optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            client.set_tag(run_id, "outcome", "failed")
+            client.set_tag(run_id, "failure", "worker stopped sending heartbeats (killed or lost)")
+            client.set_terminated(run_id, status="KILLED")
+        self.retry(study, trial)
+
+
+def open_storage(config: Config) -> RDBStorage:
+    url = config.storage_url
+    search = config.search
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                heartbeat_interval=search.heartbeat_interval,
+                grace_period=search.grace_period,
+                heartbeat_stale_trial_callback=EndKilledRunThenRetry(config.tracking_uri, search.max_retry),
+                engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None,
+            )
+    except Exception as err:  # unknown dialect, unreachable server, bad credentials, ...
+        raise StorageError(f"cannot open the Optuna storage {redact_url(url)}: {_reason(err)}") from None
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+class SingleWorkerGuard:
+    """Holds an exclusive file lock beside a SQLite database while a worker runs trials."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._file: Any = None
+
+    def __enter__(self) -> SingleWorkerGuard:
+        if not is_sqlite(self.url) or ":memory:" in self.url:
+            return self
+        db = Path(self.url.split("///", 1)[1])
+        self._file = open(db.with_name(db.name + ".worker.lock"), "w")  # noqa: SIM115
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise StorageError(
+                f"another worker is already running trials on {self.url}. SQLite serves one worker; "
+                "for several, put the study in PostgreSQL (search.storage=postgresql://...)."
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+
+class StudyLock:
+    """A named lock shared by every worker of a study (no-op on SQLite: one worker)."""
+
+    def __init__(self, config: Config, name: str):
+        self.url = config.storage_url
+        digest = hashlib.sha256(f"stylepipe:{config.study_name}:{name}".encode()).digest()
+        self.key = int.from_bytes(digest[:8], "big", signed=True)
+        self._engine: Any = None
+        self._connection: Any = None
+
+    def acquire(self) -> None:
+        if is_sqlite(self.url):
+            return
+        import sqlalchemy
+
+        if self._engine is None:
+            self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+        self._connection = self._engine.connect()
+        self._connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
+
+    def release(self) -> None:
+        if self._connection is None:
+            return
+        import sqlalchemy
+
+        try:
+            self._connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+        finally:
+            self._connection.close()
+            self._connection = None
+
+    def __enter__(self) -> StudyLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

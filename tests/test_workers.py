@@ -1,0 +1,211 @@
+"""Many workers on one study in the real PostgreSQL; crashes survived; clear storage errors.
+
+The PostgreSQL tests read the server's URL from STYLEPIPE_TEST_POSTGRES_URL (set by
+.ci/run). Unset: they are skipped, saying so. Set but unreachable: they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from stylepipe.config import load_config
+from stylepipe.search.storage import SingleWorkerGuard, StorageError, open_storage
+from tests.conftest import DEMO
+from tests.test_search import prepared  # noqa: F401  (module fixture: a tiny prepared shard)
+
+POSTGRES = os.environ.get("STYLEPIPE_TEST_POSTGRES_URL")
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES, reason="STYLEPIPE_TEST_POSTGRES_URL is not set (.ci/run sets it to the local PostgreSQL)"
+)
+WORKER = [str(Path(sys.executable).parent / "stylepipe"), "worker", "--quiet", "--config", str(DEMO)]
+TINY = [
+    "data.image_size=32",
+    "train.batch_size=2",
+    "train.warmup_steps=0",
+    "train.device=cpu",
+    "search.space.lr=[1e-3,1e-2]",
+    "search.eval_every=4",
+    "search.top_k=1",
+    "search.replay_seeds=0",
+    "search.max_val_images=4",
+    "tracking.train_final_model=false",
+]
+
+
+def _admin():
+    import sqlalchemy
+
+    return sqlalchemy.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+
+
+@pytest.fixture
+def databases():
+    """Two fresh databases (Optuna's and MLflow's tables would collide in one); dropped after."""
+    import sqlalchemy
+
+    engine = _admin()
+    names = [f"stylepipe_{kind}_{uuid.uuid4().hex[:10]}" for kind in ("optuna", "mlflow")]
+    with engine.connect() as connection:  # an unreachable server fails here, loudly
+        for name in names:
+            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    base = POSTGRES.rsplit("/", 1)[0]
+    yield [f"{base}/{name}" for name in names]
+    with engine.connect() as connection:
+        for name in names:
+            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+def worker_args(
+    run_dir: Path, prepared_dir: Path, optuna_url: str, mlflow_url: str, *extra: str
+) -> list[str]:
+    overrides = [
+        f"run_dir={run_dir}",
+        f"data.content={prepared_dir}",
+        f"tracking.uri={mlflow_url}",
+        *TINY,
+        *extra,
+    ]
+    args = [*WORKER, "--storage", optuna_url]
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
+def config_for(run_dir, prepared_dir, optuna_url, mlflow_url, *extra):
+    overrides = [f"run_dir={run_dir}", f"data.content={prepared_dir}", f"tracking.uri={mlflow_url}",
+                 f"search.storage={optuna_url}", *TINY, *extra]  # fmt: skip
+    return load_config(DEMO, overrides)
+
+
+def mlflow_trial_runs(config):
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.study_name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return runs, [r for r in runs if r.data.tags.get("stylepipe.role") == "trial"]
+
+
+@needs_postgres
+def test_three_workers_complete_exactly_n_trials_with_one_mlflow_run_each(tmp_path, prepared, databases):  # noqa: F811
+    optuna_url, mlflow_url = databases
+    extra = ("search.n_trials=6", "train.steps=8", "train.check_every=4")
+    args = worker_args(tmp_path, prepared, optuna_url, mlflow_url, *extra)
+    workers = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)
+    ]
+    outputs = [w.communicate(timeout=420)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], outputs
+
+    config = config_for(tmp_path, prepared, optuna_url, mlflow_url, *extra)
+    study = optuna.load_study(study_name=config.study_name, storage=optuna_url)
+    counted = [
+        t
+        for t in study.trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    assert len(counted) == 6
+    numbers = [t.number for t in study.trials]
+    assert numbers == list(range(len(numbers)))
+    assert sum("finished the study: True" in out for out in outputs) == 1, outputs  # safest step ran once
+
+    runs, trial_runs = mlflow_trial_runs(config)
+    by_trial = sorted(int(r.data.tags["trial"]) for r in trial_runs)
+    assert by_trial == numbers  # exactly one MLflow run per trial
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert sum(r.data.tags.get("stylepipe.role") == "study" for r in runs) == 1
+
+
+@needs_postgres
+def test_a_killed_worker_s_trial_is_failed_retried_and_its_run_not_left_running(
+    tmp_path,
+    prepared,  # noqa: F811
+    databases,
+):
+    optuna_url, mlflow_url = databases
+    extra = ("search.n_trials=3", "train.steps=60", "train.check_every=5", "search.eval_every=20",
+             "search.heartbeat_interval=1", "search.grace_period=4", "search.pruner_startup_trials=10")  # fmt: skip
+    config = config_for(tmp_path, prepared, optuna_url, mlflow_url, *extra)
+    args = worker_args(tmp_path, prepared, optuna_url, mlflow_url, *extra)
+    victim = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    running = []
+    while not running:
+        assert time.monotonic() < deadline, "the first worker never started a trial"
+        assert victim.poll() is None, "the first worker exited before it could be killed"
+        time.sleep(1)
+        try:
+            study = optuna.load_study(study_name=config.study_name, storage=optuna_url)
+        except KeyError:
+            continue
+        running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                   if "mlflow_run_id" in t.user_attrs]  # fmt: skip
+    time.sleep(2)  # well inside training
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    killed = running[0]
+
+    survivor = subprocess.run(args, capture_output=True, text=True, timeout=420)
+    assert survivor.returncode == 0, survivor.stdout + survivor.stderr
+
+    study = optuna.load_study(study_name=config.study_name, storage=optuna_url)
+    stale = study.trials[killed.number]
+    assert stale.state == optuna.trial.TrialState.FAIL
+    retried = [t for t in study.trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+               == killed.number]  # fmt: skip
+    assert retried and retried[0].params == killed.params and retried[0].state.is_finished()
+    counted = [
+        t
+        for t in study.trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    assert len(counted) == 3
+
+    client = MlflowClient(tracking_uri=mlflow_url)
+    dead_run = client.get_run(killed.user_attrs["mlflow_run_id"])
+    assert dead_run.info.status == "KILLED"
+    runs, _ = mlflow_trial_runs(config)
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+@needs_postgres
+def test_wrong_credentials_name_the_url_without_its_password(tmp_path):
+    base = POSTGRES.split("://", 1)[1].split("@", 1)[1]
+    url = f"postgresql://nosuchuser:s3cret-pw@{base}"
+    config = load_config(DEMO, [f"run_dir={tmp_path}", f"search.storage={url}"])
+    with pytest.raises(StorageError) as err:
+        open_storage(config)
+    message = str(err.value)
+    assert "s3cret-pw" not in message and "nosuchuser:***@" in message
+    assert "nosuchuser" in message
+
+
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("postgresq://user:hunter2@127.0.0.1/db", "postgresq"),  # a typo in the scheme
+        ("postgresql://user:hunter2@127.0.0.1:1/db", "127.0.0.1:1"),  # nothing listens there
+    ],
+)
+def test_bad_or_unreachable_storage_is_a_clear_error_without_the_password(tmp_path, url, fragment):
+    config = load_config(DEMO, [f"run_dir={tmp_path}", f"search.storage={url}"])
+    with pytest.raises(StorageError) as err:
+        open_storage(config)
+    assert fragment in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_a_second_worker_on_sqlite_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with SingleWorkerGuard(url), pytest.raises(StorageError, match="SQLite serves one worker"):
+        SingleWorkerGuard(url).__enter__()
+    with SingleWorkerGuard(url):  # released: the next worker may go
+        pass
