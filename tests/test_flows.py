@@ -111,18 +111,19 @@ def test_a_second_run_warm_starts_and_keeps_a_better_champion(first_run):
 
 
 def test_the_deployment_has_the_configured_cron_and_a_run_through_it_completes(harness, tmp_path):
-    overrides = [*TINY, f"run_dir={tmp_path}", "tracking.train_final_model=true"]
+    overrides = [*TINY, f"run_dir={tmp_path}", "search.n_trials=2"]
+    name = f"style_pipeline/{load_config(DEMO, overrides).schedule.deployment}"
     deployment_id = build_deployment(str(DEMO), overrides).apply()
 
     async def read():
         async with get_client() as client:
-            return await client.read_deployment_by_name("style_pipeline/scheduled")
+            return await client.read_deployment_by_name(name)
 
     deployment = asyncio.run(read())
     assert deployment.id == deployment_id
     schedule = deployment.schedules[0].schedule
     assert isinstance(schedule, CronSchedule) and schedule.cron == "15 4 * * 1"
-    flow_run = run_deployment("style_pipeline/scheduled", timeout=0)
+    flow_run = run_deployment(name, timeout=0)
     assert flow_run.deployment_id == deployment_id
     state = run_flow(style_pipeline, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
     assert state.is_completed()

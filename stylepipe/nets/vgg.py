@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import VGG16_Weights, vgg16
+from torchvision.models import VGG16_Weights
+from torchvision.models.vgg import cfgs, make_layers
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,9 @@ def _imagenet_help(cached: Path, why: str) -> str:
 
 def load_vgg16_features(weights: str, seed: int = 0) -> nn.Sequential:
     """VGG16 ``features`` up to relu4_3 with the requested weights, frozen, in eval mode."""
-    features = vgg16(weights=None).features[: LAYER_INDEX["relu4_3"] + 1]
+    # torchvision's VGG16 feature layers alone: building the whole model would also
+    # allocate (and initialise) its 120M-parameter classifier, for nothing.
+    features = make_layers(cfgs["D"])[: LAYER_INDEX["relu4_3"] + 1]
     if weights == "random":
         log.warning(
             "LOSS NETWORK HAS RANDOM WEIGHTS (seed %d): fine for testing the pipeline, "

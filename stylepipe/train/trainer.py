@@ -141,7 +141,9 @@ class Trainer:
         if images.dtype == torch.uint8:
             images = images.float().div(255)
         images = images.contiguous(memory_format=self.memory_format)
-        input_finite = torch.isfinite(images).all()
+        guarded = self.guard_config.enabled  # off: skip the extra finiteness reductions
+        one = torch.ones((), device=self.device)
+        input_finite = torch.isfinite(images).all() if guarded else one
 
         with self._autocast():
             output, total, content, style, style_by_layer, tv = self.forward_loss(images)
@@ -167,10 +169,13 @@ class Trainer:
         self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
         self.scaler.update()
         self.scheduler.step()
-        param_norm = torch.stack(torch._foreach_norm([p.detach() for p in self.params])).norm()
+        param_norm = (
+            torch.stack(torch._foreach_norm([p.detach() for p in self.params])).norm() if guarded else one
+        )
+        output_finite = torch.isfinite(output).all() if guarded else one
 
         values = [content, style, *style_by_layer.unbind(), tv, total, grad_norm, *group_norms]
-        values += [clipped, param_norm, input_finite, torch.isfinite(output).all()]
+        values += [clipped, param_norm, input_finite, output_finite]
         return torch.stack([v.detach().float() for v in values])
 
     # ----------------------------------------------------------------- the loop

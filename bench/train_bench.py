@@ -1,0 +1,196 @@
+"""Training throughput, side by side in one run (issue 7).
+
+(a) a naive reference loop written like the common example (pytorch/examples
+    fast_neural_style): fp32, batch 4, ImageFolder + PIL decode with num_workers=0,
+    ``.item()`` on the losses every step;
+(b) the stylepipe trainer with its guards on; (c) the same with guards off;
+plus the trainer's achieved TFLOP/s (torch.utils.flop_counter) and the overhead of
+tracking (a trial logging to MLflow and reporting to Optuna against one that does not).
+GPU: 256 px, bf16, batch 16. CPU: 64 px, fp32, batch 4.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from bench.prepare_bench import make_corpus
+from stylepipe.config import PrepareConfig, load_config
+from stylepipe.data.prepare import prepare
+from stylepipe.data.shard import load_split
+from stylepipe.data.sources import RandomBatches
+from stylepipe.nets.transformer import TransformerNet
+from stylepipe.train import Trainer
+from stylepipe.train.recipe import build_criterion
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def naive_loop(folder: Path, config, device: torch.device, steps: int) -> float:
+    """Images/s of the common example's loop (its structure; our networks)."""
+    size = config.data.image_size
+    transform = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
+                            v2.ToDtype(torch.float32, scale=True)])  # fmt: skip
+    loader = DataLoader(
+        ImageFolder(str(folder), transform=transform), batch_size=4, shuffle=True, num_workers=0
+    )
+    criterion = build_criterion(config, device)
+    model = TransformerNet().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    done = images = 0
+    started = None
+    while done < steps + 2:
+        for x, _ in loader:
+            if done == 2:  # two warm-up steps
+                _sync(device)
+                started, images = time.perf_counter(), 0
+            x = x.to(device)
+            optimizer.zero_grad()
+            y = model(x)
+            terms = criterion(y, x)
+            content = config.loss.content_weight * terms.content
+            style = config.loss.style_weight * terms.style
+            (content + style).backward()
+            optimizer.step()
+            _ = content.item(), style.item()  # the per-step host sync of the example
+            done += 1
+            images += len(x)
+            if done >= steps + 2:
+                break
+    _sync(device)
+    return images / (time.perf_counter() - started)
+
+
+def trainer_speed(config, images: torch.Tensor, device: torch.device, steps: int, guards: bool) -> float:
+    config = config.with_overrides({"guard.enabled": guards, "train.steps": 3})
+    criterion = build_criterion(config, device)
+    batches = RandomBatches(images, config.train.batch_size)
+    trainer = Trainer(config, criterion, batches, device=device)
+    trainer.fit()  # warm-up: cudnn autotune, allocator
+    trainer.steps = steps
+    _sync(device)
+    started = time.perf_counter()
+    trainer.fit()
+    _sync(device)
+    return steps * config.train.batch_size / (time.perf_counter() - started)
+
+
+def flops_per_image(config, device: torch.device) -> float:
+    criterion = build_criterion(config, device)
+    model = TransformerNet().to(device)
+    x = torch.rand(config.train.batch_size, 3, config.data.image_size, config.data.image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        terms = criterion(model(x), x)
+        (terms.content + terms.style).backward()
+    return counter.get_total_flops() / len(x)
+
+
+def tracking_overhead(config, prepared: Path, steps: int) -> dict[str, float]:
+    """Seconds for one trial with MLflow + Optuna against the same training without them."""
+    import optuna
+
+    from stylepipe.search.objective import load_study_data, run_candidate
+    from stylepipe.search.study import SearchSession
+    from stylepipe.tracking import RunLogger
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config.with_overrides({"run_dir": tmp, "data.content": str(prepared), "train.steps": steps,
+                                     "search.eval_every": steps})  # fmt: skip
+        data = load_study_data(cfg)
+        run_candidate(cfg, data)  # warm-up
+        started = time.perf_counter()
+        run_candidate(cfg, data)
+        bare = time.perf_counter() - started
+        session = SearchSession(cfg)
+        trial = session.study.ask()
+        run_id = session.tracker.child_run(session.parent, "bench", "trial", {}, {})
+        logger = RunLogger(session.tracker.client, run_id)
+        started = time.perf_counter()
+        run_candidate(cfg, data, [logger], trial, logger)
+        session.tracker.finish_run(run_id, "complete", logger=logger)
+        tracked = time.perf_counter() - started
+        session.study.tell(trial, state=optuna.trial.TrialState.COMPLETE, values=1.0)
+    return {"trial_s_without_tracking": bare, "trial_s_with_tracking": tracked,
+            "tracking_overhead": tracked / bare - 1}  # fmt: skip
+
+
+def run(out: Path | None = None) -> dict:
+    logging.disable(logging.WARNING)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    size, batch, precision = (256, 16, "bf16") if cuda else (64, 4, "fp32")
+    steps, naive_steps = (60, 40) if cuda else (12, 8)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    config = load_config(ROOT / "configs" / "demo.yaml", [
+        f"data.image_size={size}", f"train.batch_size={batch}", f"train.precision={precision}",
+        "train.warmup_steps=0", "train.check_every=50", "train.device=" + device.type,
+    ])  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        source, prepared = Path(tmp) / "source", Path(tmp) / "prepared"
+        make_corpus(source, 96 if cuda else 32)
+        prepare(source, prepared, PrepareConfig(image_size=size, near_duplicate_distance=0,
+                                                outlier_min_images=10**9, val_fraction=0.1), progress=False)  # fmt: skip
+        images = load_split(prepared, "all", device=device)
+        naive = naive_loop(source, config.with_overrides({"train.precision": "fp32"}), device, naive_steps)
+        guarded = trainer_speed(config, images, device, steps, guards=True)
+        unguarded = trainer_speed(config, images, device, steps, guards=False)
+        flops = flops_per_image(config, device)
+        try:
+            tracking = tracking_overhead(config, prepared, steps)
+        except ImportError as err:  # a bare GPU machine may lack MLflow/Optuna
+            tracking = {"tracking_skipped": f"{err}"}
+    result = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "image_size": size, "batch": batch, "precision": precision,
+        "naive_images_per_s": naive,
+        "trainer_guards_on_images_per_s": guarded,
+        "trainer_guards_off_images_per_s": unguarded,
+        "speedup_vs_naive": guarded / naive,
+        "guard_overhead": unguarded / guarded - 1,
+        "gflop_per_image": flops / 1e9,
+        "achieved_tflops": guarded * flops / 1e12,
+        **tracking,
+    }  # fmt: skip
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_bench.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(out: Path | None = None) -> None:
+    r = run(out)
+    print(f"training: {r['device']}, {r['image_size']} px, batch {r['batch']}, {r['precision']}")
+    print(f"  {'(a) naive loop (fp32, batch 4, ImageFolder)':46s} {r['naive_images_per_s']:9.1f} images/s")
+    print(f"  {'(b) stylepipe trainer, guards on':46s} {r['trainer_guards_on_images_per_s']:9.1f} images/s")
+    print(f"  {'(c) stylepipe trainer, guards off':46s} {r['trainer_guards_off_images_per_s']:9.1f} images/s")
+    print(f"  {'b / a':46s} {r['speedup_vs_naive']:9.2f}x")
+    print(f"  {'c / b (guard overhead)':46s} {r['guard_overhead'] * 100:8.1f} %")
+    print(f"  {'FLOP per image':46s} {r['gflop_per_image']:9.1f} GFLOP")
+    print(f"  {'achieved (guards on)':46s} {r['achieved_tflops']:9.2f} TFLOP/s")
+    if "tracking_skipped" in r:
+        print(f"  tracking overhead: skipped ({r['tracking_skipped']})")
+    else:
+        print(f"  {'trial without / with tracking':46s} {r['trial_s_without_tracking']:6.2f} s / "
+              f"{r['trial_s_with_tracking']:.2f} s ({r['tracking_overhead'] * 100:+.1f} %)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else None)
