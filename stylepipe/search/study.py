@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +181,9 @@ def run_trials(session: SearchSession, progress: bool = True, warm_start_params:
         while True:
             gate.acquire()
             try:
-                optuna.storages.fail_stale_trials(study)
+                with warnings.catch_warnings():  # experimental in name only: stable since optuna 2.9
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
                 done = len(study.get_trials(deepcopy=False, states=COUNTED))
                 running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
                 if done >= target:
