@@ -150,6 +150,11 @@ def run(out: Path | None = None) -> dict:
         guarded = trainer_speed(config, images, device, steps, guards=True)
         unguarded = trainer_speed(config, images, device, steps, guards=False)
         flops = flops_per_image(config, device)
+        compiled = None
+        if cuda:  # torch.compile of the forward + losses, guards on (compile time excluded)
+            compiled = trainer_speed(
+                config.with_overrides({"train.compile": True}), images, device, steps, True
+            )
         try:
             tracking = tracking_overhead(config, prepared, steps)
         except ImportError as err:  # a bare GPU machine may lack MLflow/Optuna
@@ -163,6 +168,7 @@ def run(out: Path | None = None) -> dict:
         "trainer_guards_off_images_per_s": unguarded,
         "speedup_vs_naive": guarded / naive,
         "guard_overhead": unguarded / guarded - 1,
+        "trainer_compiled_images_per_s": compiled,
         "gflop_per_image": flops / 1e9,
         "achieved_tflops": guarded * flops / 1e12,
         **tracking,
@@ -179,6 +185,10 @@ def main(out: Path | None = None) -> None:
     print(f"  {'(a) naive loop (fp32, batch 4, ImageFolder)':46s} {r['naive_images_per_s']:9.1f} images/s")
     print(f"  {'(b) stylepipe trainer, guards on':46s} {r['trainer_guards_on_images_per_s']:9.1f} images/s")
     print(f"  {'(c) stylepipe trainer, guards off':46s} {r['trainer_guards_off_images_per_s']:9.1f} images/s")
+    if r["trainer_compiled_images_per_s"]:
+        print(
+            f"  {'(d) trainer, guards on, torch.compile':46s} {r['trainer_compiled_images_per_s']:9.1f} images/s"
+        )
     print(f"  {'b / a':46s} {r['speedup_vs_naive']:9.2f}x")
     print(f"  {'c / b (guard overhead)':46s} {r['guard_overhead'] * 100:8.1f} %")
     print(f"  {'FLOP per image':46s} {r['gflop_per_image']:9.1f} GFLOP")
