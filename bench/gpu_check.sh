@@ -16,3 +16,37 @@ export PYTHONUNBUFFERED=1 STYLEPIPE_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1 || true
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())" | tee "$out/versions.txt"
 timeout 270 python3 -m bench.train_bench "$out" 2>&1 | tee "$out/train_bench.txt"
+
+# A 4-trial GPU study end to end (needs optuna and mlflow: carry them as wheels).
+if python3 -c "import optuna, mlflow" 2>/dev/null; then
+  study="$out/study"
+  python3 - "$study" <<'PY' 2>&1 | tee "$out/gpu_study.txt"
+import json, sys, time
+from pathlib import Path
+from bench.prepare_bench import make_corpus
+from stylepipe.config import PrepareConfig, load_config
+from stylepipe.data.prepare import prepare
+from stylepipe.search.study import run_search
+
+root = Path(sys.argv[1])
+make_corpus(root / "source", 96)
+prepare(root / "source", root / "prepared", PrepareConfig(image_size=256, near_duplicate_distance=0,
+        outlier_min_images=10**9, val_fraction=0.1), progress=False)
+config = load_config("configs/demo.yaml", [f"run_dir={root / 'run'}", f"data.content={root / 'prepared'}",
+    "data.image_size=256", "train.batch_size=16", "train.precision=bf16", "train.steps=150",
+    "train.check_every=25", "search.n_trials=4", "search.eval_every=50", "search.pruner_warmup_steps=50",
+    "search.top_k=2", "search.replay_seeds=1", "search.max_val_images=16", "tracking.final_steps=150",
+    "search.space.lr=[1e-4,3.0]"])
+started = time.perf_counter()
+result = run_search(config, progress=False)
+summary = {"seconds": time.perf_counter() - started,
+           "outcomes": result.trials["outcome"].value_counts().to_dict(),
+           "causes": result.trials["cause"].dropna().value_counts().to_dict(),
+           "safest": result.safest and {k: result.safest[k] for k in ("trial", "quality", "params")},
+           "model": result.model and result.model["model_uri"]}
+Path(sys.argv[1], "..", "gpu_study.json").resolve().write_text(json.dumps(summary, indent=2, default=str))
+print(json.dumps(summary, indent=2, default=str))
+PY
+else
+  echo '{"skipped": "optuna/mlflow not installed"}' > "$out/gpu_study.json"
+fi

@@ -12,6 +12,7 @@ The trainer knows nothing of MLflow, Optuna or Prefect: it takes callbacks.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -37,6 +38,25 @@ from stylepipe.train.guards import (
 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def forward_loss(
+    model: TransformerNet, criterion: PerceptualLoss, images: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Stylise a batch and compute its losses: (output, total, content, style, style per layer, tv)."""
+    output = model(images)
+    terms = criterion(output, images)
+    style = terms.style
+    total = weights[0] * terms.content + weights[1] * style + weights[2] * terms.tv
+    return output, total, terms.content, style, torch.stack(list(terms.style_by_layer.values())), terms.tv
+
+
+@functools.cache
+def compiled_forward_loss():
+    """One compiled ``forward_loss`` per process. Modules are inputs to it (their parameters
+    are not baked in), so every trial of a study with the same shapes reuses the graph
+    instead of compiling again."""
+    return torch.compile(forward_loss)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -103,7 +123,9 @@ class Trainer:
         )
         self.autocast_dtype = AUTOCAST_DTYPES[tc.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
-        self.forward_loss = torch.compile(self._forward_loss) if tc.compile else self._forward_loss
+        # Weights as a tensor, not floats: a compiled graph is then reused by every trial.
+        self.loss_weights = torch.tensor(self.weights, dtype=torch.float32, device=self.device)
+        self.forward_loss = self._compiled_forward_loss if tc.compile else self._forward_loss
 
         layers = criterion.style_layers
         self.columns = (
@@ -123,12 +145,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- one step
     def _forward_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        output = self.model(images)
-        terms = self.criterion(output, images)
-        wc, ws, wt = self.weights
-        style = terms.style
-        total = wc * terms.content + ws * style + wt * terms.tv
-        return output, total, terms.content, style, torch.stack(list(terms.style_by_layer.values())), terms.tv
+        return forward_loss(self.model, self.criterion, images, self.loss_weights)
+
+    def _compiled_forward_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return compiled_forward_loss()(self.model, self.criterion, images, self.loss_weights)
 
     def _autocast(self):
         if self.autocast_dtype is None:
