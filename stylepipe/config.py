@@ -156,6 +156,7 @@ class TrackingConfig(Section):
     experiment: str | None = None  # default: the study name
     registered_model: str = "stylepipe-style"
     train_final_model: bool = True
+    log_every: int = Field(1, ge=1)  # per-step metric rows sent to MLflow: one in this many
     final_steps: int | None = Field(None, ge=1)  # default: train.steps
 
 

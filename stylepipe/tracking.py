@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,33 +44,66 @@ def _flat_params(params: dict[str, Any]) -> list[Param]:
 
 
 class RunLogger(Callback):
-    """A trainer callback that sends each metric chunk to one MLflow run as a single batch."""
+    """A trainer callback that sends metric chunks to one MLflow run from a background thread.
 
-    def __init__(self, client: MlflowClient, run_id: str, prefix: str = ""):
+    Training never waits for the tracking store: each chunk goes into a queue, and one
+    writer thread turns it into ``log_batch`` calls while the next steps run. ``flush``
+    waits for what is still queued. ``every`` keeps one row in that many (rows with a
+    non-finite value are always kept: they are what a person looks for).
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, prefix: str = "", every: int = 1):
         self.client = client
         self.run_id = run_id
         self.prefix = prefix
-        self._pending: list[Any] = []
+        self.every = every
+        self._queue: queue.Queue[list[Metric] | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self.errors: list[str] = []
+
+    def _keep(self, row: dict[str, float]) -> bool:
+        if self.every == 1 or "loss/total" not in row:  # evaluations are always kept
+            return True
+        step = int(row["step"])
+        return step % self.every == 0 or step == 1 or any(not math.isfinite(v) for v in row.values())
 
     def on_metrics(self, rows: list[dict[str, float]]) -> None:
         now = int(time.time() * 1000)
         metrics = [
             Metric(self.prefix + key, float(value), now, int(row["step"]))
             for row in rows
+            if self._keep(row)
             for key, value in row.items()
             if key != "step"
         ]
+        if not metrics:
+            return
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write, name=f"mlflow-{self.run_id[:8]}", daemon=True)
+            self._writer.start()
         for start in range(0, len(metrics), MAX_BATCH):
-            operation = self.client.log_batch(
-                self.run_id, metrics=metrics[start : start + MAX_BATCH], synchronous=False
-            )
-            if operation is not None:
-                self._pending.append(operation)
+            self._queue.put(metrics[start : start + MAX_BATCH])
+
+    def _write(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            try:
+                if chunk is None:
+                    return
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as err:  # a tracking hiccup must not kill training; it is reported
+                self.errors.append(f"{type(err).__name__}: {err}")
+                log.warning("MLflow metrics for run %s not written: %s", self.run_id, err)
+            finally:
+                self._queue.task_done()
 
     def flush(self) -> None:
-        for operation in self._pending:
-            operation.wait()
-        self._pending.clear()
+        """Wait until everything queued is written; the writer thread then ends."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._queue.join()
+            self._writer.join()
+            self._writer = None
 
 
 class Tracker:

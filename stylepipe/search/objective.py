@@ -175,7 +175,7 @@ class Objective:
             {"trial": trial.number, "stylepipe.study": base.study_name},
         )  # fmt: skip
         trial.set_user_attr("mlflow_run_id", run_id)
-        logger = RunLogger(self.tracker.client, run_id)
+        logger = RunLogger(self.tracker.client, run_id, every=base.tracking.log_every)
         try:
             run = run_candidate(config, self.data, [logger], trial, logger)
         except optuna.TrialPruned:

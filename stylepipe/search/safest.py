@@ -51,7 +51,7 @@ def confirm_safest(
                 name = f"replay trial {trial.number} seed {stress['seed']} lr x{stress['lr_factor']:g}"
                 run_id = tracker.child_run(parent_run_id, name, "replay", {**params, **stress},
                                            {"trial": trial.number})  # fmt: skip
-                logger = RunLogger(tracker.client, run_id)
+                logger = RunLogger(tracker.client, run_id, every=config.tracking.log_every)
             run = run_candidate(replay_config, data, [logger] if logger else [])
             if tracker is not None:
                 metrics = {"final/quality": run.quality} if run.quality is not None else {}

@@ -284,7 +284,7 @@ def train_final_model(session: SearchSession, safest: dict) -> dict:
     final_config = apply(config, safest["params"], **{"train.steps": steps})
     run_id = tracker.child_run(session.parent, "final model", "final", safest["params"],
                                {"safest.trial": safest["trial"]})  # fmt: skip
-    logger = RunLogger(tracker.client, run_id)
+    logger = RunLogger(tracker.client, run_id, every=config.tracking.log_every)
     run = run_candidate(final_config, data, [logger], logger=logger)
     logger.flush()
     if run.outcome != "complete":
