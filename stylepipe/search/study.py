@@ -56,10 +56,6 @@ def open_study(config: Config) -> optuna.Study:
     )
 
 
-def finished_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
-
-
 def trials_table(study: optuna.Study, safest: dict | None = None) -> pd.DataFrame:
     """One row per trial: state, outcome, cause, quality and the flat parameters."""
     verdicts = {v["trial"]: v["safe"] for v in study.user_attrs.get("safety") or []}
@@ -106,7 +102,8 @@ class StudyProgress:
         complete = [t.value for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         best = f"best {min(complete):.4g}" if complete else "no complete trial yet"
         stopped = ", ".join(f"{c} {n}" for c, n in causes.most_common()) or "none"
-        self.progress.update(self.task, completed=min(len(trials), self.total),
+        counted = sum(t.state in COUNTED for t in trials)
+        self.progress.update(self.task, completed=min(counted, self.total),
                              status=f"stopped: {stopped} | {best}")  # fmt: skip
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
