@@ -160,6 +160,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         overrides.append(f"search.storage={args.storage}")
     config = _load(argparse.Namespace(config=args.config, overrides=overrides))
     processes = args.processes or config.search.workers_per_device
+    if processes > 1 and config.storage_url.startswith("sqlite"):
+        from stylepipe.search.storage import StorageError
+
+        raise StorageError(
+            f"{processes} worker processes cannot share {config.storage_url}: SQLite serves one worker. "
+            "Put the study in PostgreSQL (--storage postgresql://...) or use --processes 1."
+        )
     if processes == 1:
         result = run_worker(config, progress=not args.quiet)
         out.print(f"worker ran {result['trials_run']} trials; finished the study: {result['finished_study']}")
@@ -251,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stylepipe.data.sources import SourceError
     from stylepipe.nets.vgg import WeightsUnavailable
     from stylepipe.search.objective import SearchError
+    from stylepipe.search.storage import StorageError
     from stylepipe.tracking import TrackingError
     from stylepipe.train.checkpoint import CheckpointError
 
@@ -263,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointError,
         PrepareError,
         SearchError,
+        StorageError,
         TrackingError,
     ) as err:
         console.print(f"[bold red]error:[/] {err}")

@@ -209,3 +209,23 @@ def test_a_second_worker_on_sqlite_is_refused(tmp_path):
         SingleWorkerGuard(url).__enter__()
     with SingleWorkerGuard(url):  # released: the next worker may go
         pass
+
+
+def test_several_worker_processes_on_sqlite_are_refused_before_any_work(tmp_path, capsys):
+    from stylepipe.cli import main
+
+    code = main(["worker", "--config", str(DEMO), "--processes", "3", "--set", f"run_dir={tmp_path}"])
+    assert code == 2
+    assert "SQLite serves one worker" in capsys.readouterr().err
+    assert not (tmp_path / "optuna.db").exists()
+
+
+def test_worker_command_reports_an_unreachable_storage_without_a_traceback(tmp_path, prepared, capsys):  # noqa: F811
+    from stylepipe.cli import main
+
+    url = "postgresql://user:hunter2@127.0.0.1:1/db"
+    code = main(["worker", "--config", str(DEMO), "--storage", url, "--set", f"run_dir={tmp_path}",
+                 "--set", f"data.content={prepared}", "--set", "data.image_size=32"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "127.0.0.1:1" in err and "hunter2" not in err

@@ -118,9 +118,14 @@ class StudyLock:
             return
         import sqlalchemy
 
-        if self._engine is None:
-            self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
-        self._connection = self._engine.connect()
+        try:
+            if self._engine is None:
+                self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+            self._connection = self._engine.connect()
+        except Exception as err:  # unknown dialect, unreachable server, bad credentials, ...
+            raise StorageError(
+                f"cannot open the Optuna storage {redact_url(self.url)}: {_reason(err)}"
+            ) from None
         self._connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
 
     def release(self) -> None:
