@@ -11,7 +11,6 @@ Step metrics arrive in chunks from the trainer's callback hook and go out as one
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import queue
@@ -267,7 +266,3 @@ def redact_url(uri: str) -> str:
         netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
         return urlunsplit(parts._replace(netloc=netloc))
     return uri
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, default=str, sort_keys=True)

@@ -6,7 +6,6 @@ into a tensor (on the GPU when asked and it fits). Training never decodes JPEGs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,6 @@ from stylepipe.data.prepare import PrepareError, load_manifest
 def is_prepared(folder: str | Path) -> bool:
     folder = Path(folder)
     return (folder / "manifest.parquet").is_file() and (folder / "shard.npy").is_file()
-
-
-def shard_info(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "shard.json").read_text())
 
 
 def load_split(
