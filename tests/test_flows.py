@@ -74,6 +74,17 @@ def _artifacts(flow_run_id):
     return {a.key: a for a in asyncio.run(read())}
 
 
+def _task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            found = TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id]))
+            return await client.read_task_runs(task_run_filter=found)
+
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in asyncio.run(read())}
+
+
 def test_the_flow_completes_registers_a_champion_and_leaves_artifacts(first_run):
     run_dir, overrides, state = first_run
     assert state.is_completed()
@@ -97,7 +108,12 @@ def test_a_second_run_warm_starts_and_keeps_a_better_champion(first_run):
     previous = load_config(DEMO, overrides)
     safest_before = (run_dir / "last_safest.json").read_text()
     # A final model trained for one step cannot beat the 8-step champion on the same images.
-    result = style_pipeline(str(DEMO), [*overrides, "tracking.final_steps=1"], study_name="second")
+    state = style_pipeline(
+        str(DEMO), [*overrides, "tracking.final_steps=1"], study_name="second", return_state=True
+    )
+    result = state.result()
+    # the images did not change: prepare is a cache hit, not a second decode
+    assert _task_states(state.state_details.flow_run_id)["prepare"] == "Cached"
     study = optuna.load_study(study_name="second", storage=previous.storage_url)
     enqueued = json.loads(safest_before)["params"]
     assert study.trials[0].params["lr"] == pytest.approx(enqueued["lr"])  # the warm start
