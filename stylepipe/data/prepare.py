@@ -20,6 +20,7 @@ import json
 import os
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,20 +288,18 @@ def _run_jobs(
     if not jobs:
         return 0
     workers = settings.workers or os.cpu_count() or 1
-    with Progress(disable=not progress, transient=False) as bar:
+    with ExitStack() as stack:
+        bar = stack.enter_context(Progress(disable=not progress, transient=False))
         task = bar.add_task("preparing images", total=len(jobs))
         if workers == 1:
-            results = (_analyse(job) for _, job in jobs)
-            for (index, _), result in zip(jobs, results, strict=True):
-                rows[index].update(result)
-                bar.advance(task)
+            results = map(_analyse, (job for _, job in jobs))
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                # map keeps only a bounded window of results; bytes are sent per file.
-                results = pool.map(_analyse, [job for _, job in jobs], chunksize=4)
-                for (index, _), result in zip(jobs, results, strict=True):
-                    rows[index].update(result)
-                    bar.advance(task)
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            # workers get paths and read the files themselves; results arrive in order
+            results = pool.map(_analyse, [job for _, job in jobs], chunksize=4)
+        for (index, _), result in zip(jobs, results, strict=True):
+            rows[index].update(result)
+            bar.advance(task)
     return len(jobs)
 
 
