@@ -192,12 +192,12 @@ class Config(Section):
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{Path(self.run_dir).resolve() / 'mlflow.db'}"
 
-    def with_overrides(self, overrides: dict[str, Any]) -> Config:
-        """A copy with dotted-key overrides applied and validated."""
+    def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> Config:
+        """A copy with dotted-key overrides applied and validated; errors name ``source``."""
         raw = self.model_dump(mode="json")
         for key, value in overrides.items():
             _set_dotted(raw, key, value)
-        return _validate(raw, source="overrides")
+        return _validate(raw, source=source)
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -263,7 +263,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         for text in overrides:
             key, value = parse_override(text)
-            raw_now = config.model_dump(mode="json")
-            _set_dotted(raw_now, key, value)
-            config = _validate(raw_now, f"override --set {text}")
+            config = config.with_overrides({key: value}, source=f"override --set {text}")
     return config

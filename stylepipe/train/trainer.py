@@ -125,7 +125,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
         # Weights as a tensor, not floats: a compiled graph is then reused by every trial.
         self.loss_weights = torch.tensor(self.weights, dtype=torch.float32, device=self.device)
-        self.forward_loss = self._compiled_forward_loss if tc.compile else self._forward_loss
+        self.forward_loss = compiled_forward_loss() if tc.compile else forward_loss
 
         layers = criterion.style_layers
         self.columns = (
@@ -144,12 +144,6 @@ class Trainer:
         self.history: list[dict[str, float]] = []
 
     # ----------------------------------------------------------------- one step
-    def _forward_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return forward_loss(self.model, self.criterion, images, self.loss_weights)
-
-    def _compiled_forward_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return compiled_forward_loss()(self.model, self.criterion, images, self.loss_weights)
-
     def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
@@ -166,7 +160,9 @@ class Trainer:
         input_finite = torch.isfinite(images).all() if guarded else one
 
         with self._autocast():
-            output, total, content, style, style_by_layer, tv = self.forward_loss(images)
+            output, total, content, style, style_by_layer, tv = self.forward_loss(
+                self.model, self.criterion, images, self.loss_weights
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
