@@ -68,15 +68,16 @@ def evaluate_quality(model: TransformerNet, data: StudyData) -> float:
     search = data.config.search
     was_training = model.training
     model.eval()
-    content = style = 0.0
+    weighted = torch.zeros((), device=data.device)  # summed on the device: one sync at the end
     for batch in torch.split(data.val_images, search.val_batch_size):
         images = batch.to(data.device).float().div(255)
         terms = data.criterion(model(images), images)
-        content += float(terms.content) * len(batch)
-        style += float(terms.style) * len(batch)
+        per_image = (
+            search.reference_content_weight * terms.content + search.reference_style_weight * terms.style
+        )
+        weighted += per_image * len(batch)
     model.train(was_training)
-    n = len(data.val_images)
-    return search.reference_content_weight * content / n + search.reference_style_weight * style / n
+    return float(weighted) / len(data.val_images)
 
 
 class QualityReporter(Callback):
