@@ -25,6 +25,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from stylepipe.sqlite import use_write_ahead_log
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
 
@@ -110,6 +111,7 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
         self.uri = uri
+        use_write_ahead_log(uri)
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
         try:

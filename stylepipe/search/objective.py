@@ -102,7 +102,9 @@ class QualityReporter(Callback):
             self.logger.on_metrics([{"step": step, "val/quality": quality}])
         if self.trial is not None:
             self.trial.report(quality, step)
-            if math.isfinite(quality) and self.trial.should_prune():
+            # At the last step there is no compute left to save: the trial completes.
+            final = step == trainer.steps
+            if not final and math.isfinite(quality) and self.trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}: quality {quality:.4g} behind the median")
 
     @property

@@ -21,6 +21,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from stylepipe.config import Config
+from stylepipe.sqlite import use_write_ahead_log
 from stylepipe.tracking import redact_url
 
 
@@ -57,6 +58,7 @@ class EndKilledRunThenRetry:
 def open_storage(config: Config) -> RDBStorage:
     url = config.storage_url
     search = config.search
+    use_write_ahead_log(url)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -1,0 +1,96 @@
+"""Tracking's own promises: which step rows reach MLflow, and how the SQLite stores are opened."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+
+import optuna
+import sqlalchemy
+from mlflow import MlflowClient
+
+from stylepipe.search.objective import QualityReporter
+from stylepipe.search.storage import open_storage
+from stylepipe.tracking import RunLogger, Tracker
+
+
+def journal_mode(path) -> str:
+    with sqlite3.connect(path) as db:
+        return db.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+def test_thinned_step_metrics_keep_step_one_every_nth_and_every_non_finite_row(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("thin")).info.run_id
+    logger = RunLogger(client, run_id, every=10)
+    rows = [{"step": s, "loss/total": 1.0 / s, "grad_norm/total": 2.0} for s in range(1, 26)]
+    rows[12]["loss/total"] = math.nan  # step 13
+    logger.on_metrics(rows[:14])
+    logger.on_metrics(rows[14:])
+    logger.on_metrics([{"step": 7, "val/quality": 0.5}])  # evaluations are never thinned
+    logger.flush()
+
+    assert logger.errors == []
+    steps = [m.step for m in client.get_metric_history(run_id, "loss/total")]
+    assert sorted(steps) == [1, 10, 13, 20]
+    assert math.isnan(next(m.value for m in client.get_metric_history(run_id, "loss/total") if m.step == 13))
+    assert [m.step for m in client.get_metric_history(run_id, "val/quality")] == [7]
+
+
+def test_every_row_is_kept_when_log_every_is_one(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("all")).info.run_id
+    logger = RunLogger(client, run_id, every=1)
+    logger.on_metrics([{"step": s, "loss/total": float(s)} for s in range(1, 8)])
+    logger.flush()
+    assert [m.step for m in client.get_metric_history(run_id, "loss/total")] == list(range(1, 8))
+
+
+def test_project_sqlite_stores_use_a_write_ahead_log_and_others_are_left_alone(tmp_path, tiny):
+    config = tiny(f"search.storage=sqlite:///{tmp_path / 'study.db'}",
+                  f"tracking.uri=sqlite:///{tmp_path / 'runs.db'}")  # fmt: skip
+    storage = open_storage(config)
+    optuna.create_study(storage=storage, study_name="wal")
+    tracker = Tracker(config.tracking_uri, "wal")
+    tracker.client.create_run(tracker.experiment_id)
+    # Someone else's SQLite database in the same process keeps SQLite's default journal.
+    other = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    with other.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+
+    assert journal_mode(tmp_path / "study.db") == "wal"
+    assert journal_mode(tmp_path / "runs.db") == "wal"
+    assert journal_mode(tmp_path / "other.db") == "delete"
+    # and both stores still read back what was written
+    assert optuna.load_study(study_name="wal", storage=config.storage_url).study_name == "wal"
+    assert len(tracker.client.search_runs([tracker.experiment_id])) == 1
+
+
+class _Trainer:
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.model = None
+
+
+def test_a_trial_behind_the_median_is_pruned_midway_but_not_at_its_last_step(monkeypatch):
+    import stylepipe.search.objective as objective
+
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=0))
+    for _ in range(3):  # finished trials that reached quality 0.1 at steps 4 and 8
+        study.add_trial(optuna.trial.create_trial(value=0.1, intermediate_values={4: 0.1, 8: 0.1}))
+    monkeypatch.setattr(objective, "evaluate_quality", lambda model, data: 0.9)  # far behind them
+
+    midway = QualityReporter(data=None, eval_every=4, trial=study.ask())
+    try:
+        midway.on_check(_Trainer(steps=8), 4)
+    except optuna.TrialPruned:
+        pruned_midway = True
+    else:
+        pruned_midway = False
+    assert pruned_midway
+
+    last = study.ask()
+    reporter = QualityReporter(data=None, eval_every=8, trial=last)
+    reporter.on_check(_Trainer(steps=8), 8)  # no compute left to save: no prune
+    assert reporter.final == 0.9
+    assert study.get_trials()[-1].intermediate_values == {8: 0.9}
