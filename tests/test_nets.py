@@ -121,3 +121,21 @@ def test_fp16_gram_overflows_where_fp32_gram_does_not():
     assert torch.isfinite(safe).all()
     # 16,384 positions x 2^2, divided by C H W = 65,536
     assert safe[0, 0, 0].item() == pytest.approx(1.0)
+
+
+def test_loss_network_computes_only_up_to_the_deepest_requested_layer():
+    features = load_vgg16_features("random", seed=0)
+    net = LossNetwork(features, ["relu2_2", "relu4_3"])
+    images = torch.rand(2, 3, 32, 32)
+    ran: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, m in enumerate(net.features)]
+    full = net(images)
+    depth_all = max(ran)
+    ran.clear()
+    partial = net(images, ["relu2_2"])
+    for hook in hooks:
+        hook.remove()
+    assert list(partial) == ["relu2_2"] and torch.equal(partial["relu2_2"], full["relu2_2"])
+    assert max(ran) == 8 < depth_all == 22  # relu2_2 is module 8, relu4_3 module 22
+    with pytest.raises(ValueError, match="relu3_3"):
+        net(images, ["relu3_3"])

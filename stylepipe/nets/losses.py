@@ -73,8 +73,8 @@ class PerceptualLoss(nn.Module):
 
     def forward(self, output: torch.Tensor, content: torch.Tensor) -> LossTerms:
         out_feats = self.net(output)
-        with torch.no_grad():
-            content_feats = self.net(content)
+        with torch.no_grad():  # the content target needs only the content layers
+            content_feats = self.net(content, self.content_layers)
         content_loss = torch.stack(
             [F.mse_loss(out_feats[n].float(), content_feats[n].float()) for n in self.content_layers]
         ).sum()

@@ -139,11 +139,22 @@ class LossNetwork(nn.Module):
     def train(self, mode: bool = True) -> LossNetwork:  # always frozen, always eval
         return super().train(False)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, layers: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Activations at ``layers`` (default: all of this network's); stops at the deepest one."""
+        if layers is None:
+            wanted = self._wanted
+        else:
+            unknown = sorted(set(layers) - set(self.layers))
+            if unknown:
+                raise ValueError(f"layers {unknown} are not computed by this loss network ({self.layers})")
+            wanted = {LAYER_INDEX[name]: name for name in layers}
+        last = max(wanted)
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         out: dict[str, torch.Tensor] = {}
         for index, module in enumerate(self.features):
             x = module(x)
-            if index in self._wanted:
-                out[self._wanted[index]] = x
+            if index in wanted:
+                out[wanted[index]] = x
+            if index == last:
+                break
         return out
