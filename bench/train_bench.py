@@ -166,6 +166,8 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
 
 
 def run(out: Path | None = None) -> dict:
+    """Every measurement, cheapest first; the JSON is rewritten after each one, so a run cut
+    short by a time limit still leaves what it measured."""
     logging.disable(logging.WARNING)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -177,6 +179,15 @@ def run(out: Path | None = None) -> dict:
         f"data.image_size={size}", f"train.batch_size={batch}", f"train.precision={precision}",
         "train.warmup_steps=0", "train.check_every=50", "train.device=" + device.type,
     ])  # fmt: skip
+    result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                    "image_size": size, "batch": batch, "precision": precision}  # fmt: skip
+
+    def record(**values) -> None:
+        result.update(values)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "train_bench.json").write_text(json.dumps(result, indent=2))
+
     with tempfile.TemporaryDirectory() as tmp:
         source, prepared = Path(tmp) / "source", Path(tmp) / "prepared"
         make_corpus(source, 96 if cuda else 32)
@@ -187,56 +198,57 @@ def run(out: Path | None = None) -> dict:
         guarded = trainer_speed(config, images, device, steps, guards=True)
         unguarded = trainer_speed(config, images, device, steps, guards=False)
         flops = flops_per_image(config, device)
-        compiled, warm = None, {}
-        if cuda:  # torch.compile of the forward + losses, guards on (compile time excluded)
-            compile_config = config.with_overrides({"train.compile": True})
-            compiled = trainer_speed(compile_config, images, device, steps, True, warm)
-            # a second trial (new network, new weights) reuses the compiled graph
-            trainer_speed(
-                compile_config.with_overrides({"loss.style_weight": 3e5}), images, device, 3, True, warm
-            )
+        record(naive_images_per_s=naive, trainer_guards_on_images_per_s=guarded,
+               trainer_guards_off_images_per_s=unguarded, speedup_vs_naive=guarded / naive,
+               guard_overhead=unguarded / guarded - 1, gflop_per_image=flops / 1e9,
+               achieved_tflops=guarded * flops / 1e12)  # fmt: skip
+        if cuda:  # the Gram's fp32 products without TF32 tensor cores, for comparison
+            record(trainer_guards_on_no_tf32_images_per_s=trainer_speed(
+                config.with_overrides({"train.tf32": False}), images, device, steps, guards=True))  # fmt: skip
         try:
-            tracking = tracking_overhead(config, prepared, steps)
+            record(**tracking_overhead(config, prepared, steps, repeats=2 if cuda else 3))
         except ImportError as err:  # a bare GPU machine may lack MLflow/Optuna
-            tracking = {"tracking_skipped": f"{err}"}
-    result = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "torch": torch.__version__,
-        "image_size": size, "batch": batch, "precision": precision,
-        "naive_images_per_s": naive,
-        "trainer_guards_on_images_per_s": guarded,
-        "trainer_guards_off_images_per_s": unguarded,
-        "speedup_vs_naive": guarded / naive,
-        "guard_overhead": unguarded / guarded - 1,
-        "trainer_compiled_images_per_s": compiled,
-        "compiled_first_3_steps_s": warm.get("seconds"),  # first trial (compiles), second trial
-        "gflop_per_image": flops / 1e9,
-        "achieved_tflops": guarded * flops / 1e12,
-        **tracking,
-    }  # fmt: skip
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_bench.json").write_text(json.dumps(result, indent=2))
+            record(tracking_skipped=f"{err}")
+        if cuda:
+            # torch.compile of the forward + losses, guards on, compile time excluded; then a
+            # second trial (new network, new weights), which reuses the compiled graph.
+            for mode in ("default", "reduce-overhead"):
+                compiled = config.with_overrides({"train.compile": True, "train.compile_mode": mode})
+                warm: dict = {}
+                speed = trainer_speed(compiled, images, device, steps, True, warm)
+                trainer_speed(
+                    compiled.with_overrides({"loss.style_weight": 3e5}), images, device, 3, True, warm
+                )
+                record(**{f"trainer_compiled_{mode}_images_per_s": speed,
+                          f"compiled_{mode}_first_3_steps_s": warm["seconds"]})  # fmt: skip
     return result
 
 
 def main(out: Path | None = None) -> None:
     r = run(out)
     print(f"training: {r['device']}, {r['image_size']} px, batch {r['batch']}, {r['precision']}")
-    print(f"  {'(a) naive loop (fp32, batch 4, ImageFolder)':46s} {r['naive_images_per_s']:9.1f} images/s")
-    print(f"  {'(b) stylepipe trainer, guards on':46s} {r['trainer_guards_on_images_per_s']:9.1f} images/s")
-    print(f"  {'(c) stylepipe trainer, guards off':46s} {r['trainer_guards_off_images_per_s']:9.1f} images/s")
-    if r["trainer_compiled_images_per_s"]:
-        print(
-            f"  {'(d) trainer, guards on, torch.compile':46s} {r['trainer_compiled_images_per_s']:9.1f} images/s"
-        )
+
+    def line(label: str, key: str, unit: str = "images/s") -> None:
+        if key in r:
+            print(f"  {label:46s} {r[key]:9.1f} {unit}")
+
+    line("(a) naive loop (fp32, batch 4, ImageFolder)", "naive_images_per_s")
+    line("(b) stylepipe trainer, guards on", "trainer_guards_on_images_per_s")
+    line("(c) stylepipe trainer, guards off", "trainer_guards_off_images_per_s")
+    line("    (b) with the Gram in fp32 without TF32", "trainer_guards_on_no_tf32_images_per_s")
+    line("(d) (b) + torch.compile", "trainer_compiled_default_images_per_s")
+    line("(e) (b) + torch.compile with CUDA graphs", "trainer_compiled_reduce-overhead_images_per_s")
+    for mode in ("default", "reduce-overhead"):
+        if f"compiled_{mode}_first_3_steps_s" in r:
+            first, second = r[f"compiled_{mode}_first_3_steps_s"]
+            print(f"  {f'first 3 steps, trial 1 / 2, compile {mode}':46s} {first:8.2f} s / {second:.3f} s")
     print(f"  {'b / a':46s} {r['speedup_vs_naive']:9.2f}x")
     print(f"  {'c / b (guard overhead)':46s} {r['guard_overhead'] * 100:8.1f} %")
-    print(f"  {'FLOP per image':46s} {r['gflop_per_image']:9.1f} GFLOP")
+    line("FLOP per image", "gflop_per_image", "GFLOP")
     print(f"  {'achieved (guards on)':46s} {r['achieved_tflops']:9.2f} TFLOP/s")
     if "tracking_skipped" in r:
         print(f"  tracking overhead: skipped ({r['tracking_skipped']})")
-    else:
+    elif "tracking_overhead" in r:
         bare, every = r["trial_s_without_tracking"], r["tracking_log_every"]
         print(f"  {'trial without / with tracking':46s} {bare:6.2f} s / "
               f"{r[f'trial_s_with_tracking_every_{every}']:.2f} s ({r['tracking_overhead'] * 100:+.1f} %), "

@@ -88,8 +88,17 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     clip_norm: float | None = Field(None, gt=0)  # None: no clipping
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # torch.compile of the forward pass and the losses (their backward follows), compiled once
+    # per process and reused by every trial with the same shapes. "reduce-overhead" and
+    # "max-autotune" also replay the compiled step as CUDA graphs (one launch, not hundreds).
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "default"
+    )
     channels_last: bool = True  # applied on CUDA only
+    # CUDA: fp32 matrix products (the Gram matrices) on TF32 tensor cores. TF32 keeps fp32's
+    # exponent range, so the Gram cannot overflow as an fp16 one does. Process-wide setting.
+    tf32: bool = True
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     # Finiteness is decided on the device every step but read by the host only
     # every check_every steps; the first bad step is still exact.

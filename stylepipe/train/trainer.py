@@ -51,12 +51,15 @@ def forward_loss(
     return output, total, terms.content, style, torch.stack(list(terms.style_by_layer.values())), terms.tv
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 @functools.cache
-def compiled_forward_loss():
-    """One compiled ``forward_loss`` per process. Modules are inputs to it (their parameters
-    are not baked in), so every trial of a study with the same shapes reuses the graph
-    instead of compiling again."""
-    return torch.compile(forward_loss)
+def compiled_forward_loss(mode: str = "default"):
+    """One compiled ``forward_loss`` per process and mode. Modules are inputs to it (their
+    parameters are not baked in), so every trial of a study with the same shapes reuses the
+    graph instead of compiling again."""
+    return torch.compile(forward_loss, mode=mode)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -125,7 +128,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
         # Weights as a tensor, not floats: a compiled graph is then reused by every trial.
         self.loss_weights = torch.tensor(self.weights, dtype=torch.float32, device=self.device)
-        self.forward_loss = compiled_forward_loss() if tc.compile else forward_loss
+        self.forward_loss = compiled_forward_loss(tc.compile_mode) if tc.compile else forward_loss
+        # CUDA graphs reuse their output buffers: each step must say that a new one begins.
+        self.cuda_graphs = cuda and tc.compile and tc.compile_mode in CUDA_GRAPH_MODES
+        if cuda:
+            torch.set_float32_matmul_precision("high" if tc.tf32 else "highest")
 
         layers = criterion.style_layers
         self.columns = (
@@ -151,6 +158,8 @@ class Trainer:
 
     def train_step(self, batch: torch.Tensor) -> torch.Tensor:
         """One optimisation step; returns the metric row, still on the device."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         images = batch.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:
             images = images.float().div(255)
