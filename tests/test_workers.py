@@ -132,8 +132,11 @@ def test_a_killed_worker_s_trial_is_failed_retried_and_its_run_not_left_running(
     databases,
 ):
     optuna_url, mlflow_url = databases
-    extra = ("search.n_trials=2", "train.steps=40", "train.check_every=5", "search.eval_every=20",
-             "search.heartbeat_interval=1", "search.grace_period=3", "search.pruner_startup_trials=10")  # fmt: skip
+    # A small learning rate: the victim's trial must still be training when it is killed, not
+    # halted by the divergence guard a dozen steps in (lr 1e-2 at batch 2 can do that).
+    extra = ("search.n_trials=2", "train.steps=60", "train.check_every=5", "search.eval_every=20",
+             "search.space.lr=[1e-4,3e-4]", "search.heartbeat_interval=1", "search.grace_period=3",
+             "search.pruner_startup_trials=10")  # fmt: skip
     config = config_for(tmp_path, prepared, optuna_url, mlflow_url, *extra)
     args = worker_args(tmp_path, prepared, optuna_url, mlflow_url, *extra)
     victim = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -149,7 +152,7 @@ def test_a_killed_worker_s_trial_is_failed_retried_and_its_run_not_left_running(
             continue
         running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
                    if "mlflow_run_id" in t.user_attrs]  # fmt: skip
-    time.sleep(1)  # inside training (40 steps take several seconds)
+    time.sleep(1)  # inside training (60 steps take several seconds)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     killed = running[0]
@@ -159,7 +162,7 @@ def test_a_killed_worker_s_trial_is_failed_retried_and_its_run_not_left_running(
 
     study = optuna.load_study(study_name=config.study_name, storage=optuna_url)
     stale = study.trials[killed.number]
-    assert stale.state == optuna.trial.TrialState.FAIL
+    assert stale.state == optuna.trial.TrialState.FAIL, (stale.state, stale.user_attrs)
     retried = [t for t in study.trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
                == killed.number]  # fmt: skip
     assert retried and retried[0].params == killed.params and retried[0].state.is_finished()
@@ -229,3 +232,25 @@ def test_worker_command_reports_an_unreachable_storage_without_a_traceback(tmp_p
     assert code == 2
     err = capsys.readouterr().err
     assert "127.0.0.1:1" in err and "hunter2" not in err
+
+
+@needs_postgres
+def test_worker_processes_on_one_machine_share_the_study(tmp_path, prepared, databases):  # noqa: F811
+    """``--processes 2``: two trials at a time on one device, exactly n trials in the study."""
+    optuna_url, mlflow_url = databases
+    extra = ("search.n_trials=6", "train.steps=8", "train.check_every=4")
+    args = worker_args(tmp_path, prepared, optuna_url, mlflow_url, *extra) + ["--processes", "2"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 worker processes done; exit codes [0, 0]" in done.stdout
+
+    config = config_for(tmp_path, prepared, optuna_url, mlflow_url, *extra)
+    study = optuna.load_study(study_name=config.study_name, storage=optuna_url)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert len([t for t in study.trials if t.state in states]) == 6
+    assert [t.number for t in study.trials] == list(range(len(study.trials)))
+    runs, trial_runs = mlflow_trial_runs(config)
+    assert sorted(int(r.data.tags["trial"]) for r in trial_runs) == [t.number for t in study.trials]
+    workers = {r.data.tags["stylepipe.worker"] for r in trial_runs}
+    assert len(workers) == 2, workers  # both processes ran trials
+    assert all(r.info.status != "RUNNING" for r in runs)

@@ -8,6 +8,8 @@ trial, so a trial cannot look better by shrinking its own loss weights. Lower is
 from __future__ import annotations
 
 import math
+import os
+import socket
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -161,6 +163,11 @@ def run_candidate(
     return CandidateRun("complete", quality, None, result.metrics, result.model)
 
 
+def worker_id() -> str:
+    """Which machine and process ran a trial (several workers may share one study)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 class Objective:
     """Optuna's objective: one MLflow run per trial, NaN trials pruned with their autopsy."""
 
@@ -175,7 +182,7 @@ class Objective:
         config = apply(base, params)
         run_id = self.tracker.child_run(
             self.parent_run_id, f"trial {trial.number}", "trial", params,
-            {"trial": trial.number, "stylepipe.study": base.study_name},
+            {"trial": trial.number, "stylepipe.study": base.study_name, "stylepipe.worker": worker_id()},
         )  # fmt: skip
         trial.set_user_attr("mlflow_run_id", run_id)
         logger = RunLogger(self.tracker.client, run_id, every=base.tracking.log_every)
