@@ -95,6 +95,26 @@ def trainer_speed(config, images: torch.Tensor, device: torch.device, steps: int
     return steps * config.train.batch_size / (time.perf_counter() - started)
 
 
+def kernel_profile(config, images: torch.Tensor, device: torch.device, path: Path, steps: int = 5) -> None:
+    """Where a warm step's time goes: torch.profiler's table of the busiest operators and
+    kernels over ``steps`` steps, written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = config.with_overrides({"train.steps": 3})
+    trainer = Trainer(config, build_criterion(config, device), RandomBatches(images, config.train.batch_size),
+                      device=device)  # fmt: skip
+    trainer.fit()  # warm-up (a compiled graph comes from the process's cache)
+    trainer.steps = steps
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        trainer.fit()
+        _sync(device)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+    path.write_text(f"{steps} steps, {config.data.image_size} px, batch {config.train.batch_size}, "
+                    f"{config.train.precision}, compile={config.train.compile}\n{table}")  # fmt: skip
+
+
 def flops_per_image(config, device: torch.device) -> float:
     criterion = build_criterion(config, device)
     model = TransformerNet().to(device)
@@ -202,6 +222,8 @@ def run(out: Path | None = None) -> dict:
                trainer_guards_off_images_per_s=unguarded, speedup_vs_naive=guarded / naive,
                guard_overhead=unguarded / guarded - 1, gflop_per_image=flops / 1e9,
                achieved_tflops=guarded * flops / 1e12)  # fmt: skip
+        if out is not None and not cuda:
+            kernel_profile(config, images, device, out / "profile_eager.txt", steps=2)
         if cuda:  # the Gram's fp32 products without TF32 tensor cores, for comparison
             record(trainer_guards_on_no_tf32_images_per_s=trainer_speed(
                 config.with_overrides({"train.tf32": False}), images, device, steps, guards=True))  # fmt: skip
@@ -221,6 +243,8 @@ def run(out: Path | None = None) -> dict:
                 )
                 record(**{f"trainer_compiled_{mode}_images_per_s": speed,
                           f"compiled_{mode}_first_3_steps_s": warm["seconds"]})  # fmt: skip
+                if mode == "default" and out is not None:  # what is left after fusion
+                    kernel_profile(compiled, images, device, out / "profile_compiled.txt")
     return result
 
 
