@@ -97,7 +97,9 @@ class TrainConfig(Section):
     )
     channels_last: bool = True  # applied on CUDA only
     # CUDA: fp32 matrix products (the Gram matrices) on TF32 tensor cores. TF32 keeps fp32's
-    # exponent range, so the Gram cannot overflow as an fp16 one does. Process-wide setting.
+    # exponent range, so the Gram cannot overflow as an fp16 one does; under bf16 or fp16
+    # autocast its inputs carry at most 10 mantissa bits, which TF32 holds exactly (only the
+    # fp32 accumulation order differs). Process-wide, as torch.set_float32_matmul_precision.
     tf32: bool = True
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     # Finiteness is decided on the device every step but read by the host only
