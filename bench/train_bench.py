@@ -95,6 +95,30 @@ def trainer_speed(config, images: torch.Tensor, device: torch.device, steps: int
     return steps * config.train.batch_size / (time.perf_counter() - started)
 
 
+def interleaved_speeds(configs: dict, images: torch.Tensor, device: torch.device, steps: int,
+                       rounds: int = 3) -> dict[str, float]:  # fmt: skip
+    """Images/s of several trainer settings, measured in alternating rounds, best round each:
+    drift of the machine (clocks, other load) then hits every setting alike."""
+    trainers = {}
+    for name, config in configs.items():
+        config = config.with_overrides({"train.steps": 3})
+        trainer = Trainer(config, build_criterion(config, device), RandomBatches(images, config.train.batch_size),
+                          device=device)  # fmt: skip
+        trainer.fit()  # warm-up: cudnn autotune, allocator
+        trainer.steps = steps
+        trainers[name] = trainer
+    best = dict.fromkeys(trainers, 0.0)
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            _sync(device)
+            started = time.perf_counter()
+            trainer.fit()
+            _sync(device)
+            speed = steps * trainer.train_config.batch_size / (time.perf_counter() - started)
+            best[name] = max(best[name], speed)
+    return best
+
+
 def kernel_profile(config, images: torch.Tensor, device: torch.device, path: Path, steps: int = 5) -> None:
     """Where a warm step's time goes: torch.profiler's table of the busiest operators and
     kernels over ``steps`` steps, written to ``path``."""
@@ -215,20 +239,22 @@ def run(out: Path | None = None) -> dict:
                                                 outlier_min_images=10**9, val_fraction=0.1), progress=False)  # fmt: skip
         images = load_split(prepared, "all", device=device)
         naive = naive_loop(source, config.with_overrides({"train.precision": "fp32"}), device, naive_steps)
-        guarded = trainer_speed(config, images, device, steps, guards=True)
-        unguarded = trainer_speed(config, images, device, steps, guards=False)
+        variants = {"guards_on": config, "guards_off": config.with_overrides({"guard.enabled": False})}
+        if cuda:  # the Gram's fp32 products without TF32 tensor cores, for comparison
+            variants["guards_on_no_tf32"] = config.with_overrides({"train.tf32": False})
+        speeds = interleaved_speeds(variants, images, device, steps)
+        guarded, unguarded = speeds["guards_on"], speeds["guards_off"]
         flops = flops_per_image(config, device)
         record(naive_images_per_s=naive, trainer_guards_on_images_per_s=guarded,
                trainer_guards_off_images_per_s=unguarded, speedup_vs_naive=guarded / naive,
                guard_overhead=unguarded / guarded - 1, gflop_per_image=flops / 1e9,
                achieved_tflops=guarded * flops / 1e12)  # fmt: skip
+        if cuda:
+            record(trainer_guards_on_no_tf32_images_per_s=speeds["guards_on_no_tf32"])
         if out is not None and not cuda:
             kernel_profile(config, images, device, out / "profile_eager.txt", steps=2)
-        if cuda:  # the Gram's fp32 products without TF32 tensor cores, for comparison
-            record(trainer_guards_on_no_tf32_images_per_s=trainer_speed(
-                config.with_overrides({"train.tf32": False}), images, device, steps, guards=True))  # fmt: skip
         try:
-            record(**tracking_overhead(config, prepared, steps, repeats=2 if cuda else 3))
+            record(**tracking_overhead(config, prepared, steps, repeats=2 if cuda else 5))
         except ImportError as err:  # a bare GPU machine may lack MLflow/Optuna
             record(tracking_skipped=f"{err}")
         if cuda:

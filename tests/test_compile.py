@@ -1,4 +1,5 @@
-"""The compiled trainer: same numbers and guards as eager, one graph for every trial of a study.
+"""The fast path: the compiled trainer (same numbers and guards as eager, one graph for every
+trial of a study) and the TF32 setting.
 
 Inductor needs over a minute to compile these networks on two CPU cores, so the tests swap
 in the ``aot_eager`` backend: the same Dynamo capture, guards and AOTAutograd backward, run
@@ -66,3 +67,25 @@ def test_guards_catch_a_blow_up_inside_the_compiled_step_at_the_same_step(tiny, 
         run(config.with_overrides({"train.compile": False}), images)
     assert compiled.value.autopsy.step == eager.value.autopsy.step == 2
     assert compiled.value.autopsy.cause == eager.value.autopsy.cause == "parameter_blowup"
+
+
+def test_the_tf32_setting_holds_while_training_and_is_put_back_even_after_a_halt(tiny):
+    from stylepipe.train import Callback
+
+    seen = []
+
+    class Spy(Callback):
+        def on_check(self, trainer, step):
+            seen.append(torch.get_float32_matmul_precision())
+
+    config = tiny("train.lr=10", "train.clip_norm=null", "train.steps=3")
+    trainer = Trainer(
+        config, build_criterion(config), RandomBatches(torch.rand(8, 3, 32, 32), 2), callbacks=[Spy()]
+    )
+    assert trainer.matmul_precision is None  # CPU: TF32 is a CUDA matter, left alone
+    trainer.matmul_precision = "high"  # what train.tf32=true sets on a CUDA device
+    before = torch.get_float32_matmul_precision()
+    with pytest.raises(TrainingHalted):
+        trainer.fit()
+    assert seen and set(seen) == {"high"}
+    assert torch.get_float32_matmul_precision() == before == "highest"

@@ -180,12 +180,13 @@ class Objective:
         base = self.data.config
         params = suggest(trial, base.search.space)
         config = apply(base, params)
-        run_id = self.tracker.child_run(
+        logger = self.tracker.child_run(
             self.parent_run_id, f"trial {trial.number}", "trial", params,
             {"trial": trial.number, "stylepipe.study": base.study_name, "stylepipe.worker": worker_id()},
+            log_every=base.tracking.log_every,
         )  # fmt: skip
+        run_id = logger.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
-        logger = RunLogger(self.tracker.client, run_id, every=base.tracking.log_every)
         try:
             run = run_candidate(config, self.data, [logger], trial, logger)
         except optuna.TrialPruned:

@@ -16,7 +16,7 @@ import optuna
 
 from stylepipe.search.objective import StudyData, run_candidate
 from stylepipe.search.space import apply, params_from_trial
-from stylepipe.tracking import RunLogger, Tracker
+from stylepipe.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ def confirm_safest(
             logger = run_id = None
             if tracker is not None:
                 name = f"replay trial {trial.number} seed {stress['seed']} lr x{stress['lr_factor']:g}"
-                run_id = tracker.child_run(parent_run_id, name, "replay", {**params, **stress},
-                                           {"trial": trial.number})  # fmt: skip
-                logger = RunLogger(tracker.client, run_id, every=config.tracking.log_every)
+                logger = tracker.child_run(parent_run_id, name, "replay", {**params, **stress},
+                                           {"trial": trial.number}, config.tracking.log_every)  # fmt: skip
+                run_id = logger.run_id
             run = run_candidate(replay_config, data, [logger] if logger else [])
             if tracker is not None:
                 metrics = {"final/quality": run.quality} if run.quality is not None else {}

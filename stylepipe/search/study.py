@@ -22,7 +22,7 @@ from stylepipe.search.objective import Objective, load_study_data, run_candidate
 from stylepipe.search.safest import confirm_safest
 from stylepipe.search.space import apply, trial_values
 from stylepipe.search.storage import SingleWorkerGuard, StudyLock, open_storage
-from stylepipe.tracking import RunLogger, Tracker, redact_url
+from stylepipe.tracking import Tracker, redact_url
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
@@ -279,9 +279,9 @@ def train_final_model(session: SearchSession, safest: dict) -> dict:
     config, data, tracker = session.config, session.data, session.tracker
     steps = config.tracking.final_steps or config.train.steps
     final_config = apply(config, safest["params"], **{"train.steps": steps})
-    run_id = tracker.child_run(session.parent, "final model", "final", safest["params"],
-                               {"safest.trial": safest["trial"]})  # fmt: skip
-    logger = RunLogger(tracker.client, run_id, every=config.tracking.log_every)
+    logger = tracker.child_run(session.parent, "final model", "final", safest["params"],
+                               {"safest.trial": safest["trial"]}, config.tracking.log_every)  # fmt: skip
+    run_id = logger.run_id
     run = run_candidate(final_config, data, [logger], logger=logger)
     logger.flush()
     if run.outcome != "complete":

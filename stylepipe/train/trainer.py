@@ -131,8 +131,8 @@ class Trainer:
         self.forward_loss = compiled_forward_loss(tc.compile_mode) if tc.compile else forward_loss
         # CUDA graphs reuse their output buffers: each step must say that a new one begins.
         self.cuda_graphs = cuda and tc.compile and tc.compile_mode in CUDA_GRAPH_MODES
-        if cuda:
-            torch.set_float32_matmul_precision("high" if tc.tf32 else "highest")
+        # Applied while fit() runs (it is a process-wide setting), then put back.
+        self.matmul_precision = ("high" if tc.tf32 else "highest") if cuda else None
 
         layers = criterion.style_layers
         self.columns = (
@@ -205,6 +205,15 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
+        previous = torch.get_float32_matmul_precision()
+        if self.matmul_precision is not None:
+            torch.set_float32_matmul_precision(self.matmul_precision)
+        try:
+            return self._fit()
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+    def _fit(self) -> TrainResult:
         for cb in self.callbacks:
             cb.on_train_start(self)
         self._initial_param_norm = float(
