@@ -2,7 +2,12 @@
 # bench/gpu_check.sh OUTDIR
 # On a fresh GPU machine (torch and torchvision present, nothing else guaranteed), run the
 # training benchmark and write JSON and text to OUTDIR. Python packages it lacks (pydantic,
-# optuna, mlflow) can travel as wheels in .whl/ at the repository root. Under 5 minutes.
+# optuna, mlflow) can travel as wheels in .whl/ at the repository root. Under 5 minutes:
+# the benchmark gets 230 s (it measures the costly compiled variants last and rewrites its
+# JSON after each measurement), the 4-trial study about 45 s.
+# Wheels for a cp312 GPU machine, fetched on a machine with the package index:
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     -d .whl pydantic pyyaml safetensors optuna mlflow
 set -euo pipefail
 out=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -15,7 +20,7 @@ fi
 export PYTHONUNBUFFERED=1 STYLEPIPE_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1 || true
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())" | tee "$out/versions.txt"
-timeout 250 python3 -m bench.train_bench "$out" 2>&1 | tee "$out/train_bench.txt" || echo "train_bench ended early (status $?); train_bench.json holds what it measured"
+timeout 230 python3 -m bench.train_bench "$out" 2>&1 | tee "$out/train_bench.txt" || echo "train_bench ended early (status $?); train_bench.json holds what it measured"
 
 # A 4-trial GPU study end to end (needs optuna and mlflow: carry them as wheels).
 if python3 -c "import optuna, mlflow" 2>/dev/null; then
