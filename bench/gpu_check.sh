@@ -5,9 +5,11 @@
 # optuna, mlflow) can travel as wheels in .whl/ at the repository root. Under 5 minutes:
 # the benchmark gets 230 s (it measures the costly compiled variants last and rewrites its
 # JSON after each measurement), the 4-trial study about 45 s.
-# Wheels for a cp312 GPU machine, fetched on a machine with the package index:
-#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#     -d .whl pydantic pyyaml safetensors optuna mlflow
+# Wheels (installed with --no-deps) for what `python3 -c "import stylepipe.search.study"`
+# finds missing there, fetched where the package index is reachable:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 -d .whl PACKAGE==VERSION ...
+# (on 2026-11-27: pydantic, optuna, mlflow and 43 of their dependencies, about 35 MB).
 set -euo pipefail
 out=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$out"
