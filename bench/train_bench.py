@@ -301,7 +301,8 @@ def main(out: Path | None = None) -> None:
     elif "tracking_overhead" in r:
         bare, every = r["trial_s_without_tracking"], r["tracking_log_every"]
         print(f"  {'trial without / with tracking':46s} {bare:6.2f} s / "
-              f"{r[f'trial_s_with_tracking_every_{every}']:.2f} s ({r['tracking_overhead'] * 100:+.1f} %), "
+              f"{r[f'trial_s_with_tracking_every_{every}']:.2f} s ({r['tracking_overhead'] * 100:+.1f} %, "
+              f"{(r[f'trial_s_with_tracking_every_{every}'] - bare) * 1000:+.0f} ms a trial), "
               f"metrics every {every} steps")  # fmt: skip
         print(
             f"  {'  the same, metrics every step':46s} {bare:6.2f} s / "
