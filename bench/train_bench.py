@@ -254,7 +254,7 @@ def run(out: Path | None = None) -> dict:
         if out is not None and not cuda:
             kernel_profile(config, images, device, out / "profile_eager.txt", steps=2)
         try:
-            record(**tracking_overhead(config, prepared, steps, repeats=2 if cuda else 5))
+            record(**tracking_overhead(config, prepared, steps, repeats=2 if cuda else 8))
         except ImportError as err:  # a bare GPU machine may lack MLflow/Optuna
             record(tracking_skipped=f"{err}")
         if cuda:
