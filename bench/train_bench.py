@@ -257,6 +257,8 @@ def run(out: Path | None = None) -> dict:
             record(**tracking_overhead(config, prepared, steps, repeats=2 if cuda else 8))
         except ImportError as err:  # a bare GPU machine may lack MLflow/Optuna
             record(tracking_skipped=f"{err}")
+        except Exception as err:  # say what went wrong, and go on to the compiled variants
+            record(tracking_skipped=f"failed: {type(err).__name__}: {err}")
         if cuda:
             # torch.compile of the forward + losses, guards on, compile time excluded; then a
             # second trial (new network, new weights), which reuses the compiled graph.

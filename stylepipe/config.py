@@ -90,16 +90,19 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # torch.compile of the forward pass and the losses (their backward follows), compiled once
     # per process and reused by every trial with the same shapes. "reduce-overhead" and
-    # "max-autotune" also replay the compiled step as CUDA graphs (one launch, not hundreds).
+    # "max-autotune" also replay that compiled forward and backward as CUDA graphs (a few
+    # launches, not hundreds; the optimiser step stays outside), recorded afresh per trial.
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
         "default"
     )
     channels_last: bool = True  # applied on CUDA only
-    # CUDA: fp32 matrix products (the Gram matrices) on TF32 tensor cores. TF32 keeps fp32's
-    # exponent range, so the Gram cannot overflow as an fp16 one does; under bf16 or fp16
-    # autocast its inputs carry at most 10 mantissa bits, which TF32 holds exactly (only the
-    # fp32 accumulation order differs). Process-wide, as torch.set_float32_matmul_precision.
+    # CUDA: fp32 matrix products (the Gram matrices, forward and backward) on TF32 tensor
+    # cores while training and its evaluations run. TF32 keeps fp32's exponent range, so the
+    # Gram cannot overflow as an fp16 one does. Under bf16/fp16 autocast the forward Gram's
+    # inputs carry at most 10 mantissa bits, which TF32 holds exactly; the backward's fp32
+    # gradients and precision=fp32 runs are rounded to TF32, as cuDNN already does for fp32
+    # convolutions by default. Champion promotion re-scores both models at full fp32.
     tf32: bool = True
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     # Finiteness is decided on the device every step but read by the host only
@@ -167,8 +170,9 @@ class TrackingConfig(Section):
     experiment: str | None = None  # default: the study name
     registered_model: str = "stylepipe-style"
     train_final_model: bool = True
-    # Per-step metric rows sent to MLflow: one in this many (plus step 1 and any row with a
-    # non-finite value). Every row costs the tracking store ~60 us of Python per metric.
+    # Per-step metric rows sent to MLflow: one in this many (plus step 1, the last step, the
+    # step a guard halted at and any row with a non-finite value). Every row costs the
+    # tracking store ~60 us of Python per metric.
     log_every: int = Field(10, ge=1)
     final_steps: int | None = Field(None, ge=1)  # default: train.steps
 

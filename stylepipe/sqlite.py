@@ -8,25 +8,36 @@ database stays consistent after a crash of the process (a power cut may lose the
 commits). WAL also lets optuna-dashboard and ``mlflow ui`` read while a study writes.
 
 Only files registered here are changed: the hook is SQLAlchemy's documented ``connect``
-event on every engine, filtered by the database's path.
+event on every engine, filtered by the database's path; register a file before its first
+connection. WAL needs shared memory: keep these files on a local disk, not a network one.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+from urllib.parse import parse_qs, urlsplit
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
 _FILES: set[str] = set()
 
 
 def sqlite_path(url: str) -> str | None:
-    """The database file behind a ``sqlite:///`` URL (None for other URLs and in-memory ones)."""
-    if not url.startswith("sqlite:///") or ":memory:" in url:
+    """The database file behind a SQLite URL, as SQLAlchemy reads it (None for other URLs
+    and in-memory databases)."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
         return None
-    return os.path.realpath(url.removeprefix("sqlite:///").split("?", 1)[0])
+    if database.startswith("file:"):  # sqlite:///file:/path?uri=true, a SQLite URI filename
+        uri = urlsplit(database)
+        modes = parse_qs(uri.query).get("mode", []) + [str(parsed.query.get("mode", ""))]
+        if not uri.path or "memory" in modes:
+            return None
+        database = uri.path
+    return os.path.realpath(database)
 
 
 def use_write_ahead_log(url: str) -> None:
@@ -47,7 +58,9 @@ def _on_connect(dbapi_connection, connection_record) -> None:
     if not main or os.path.realpath(main) not in _FILES:
         return
     try:
-        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        mode = dbapi_connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     except sqlite3.OperationalError:  # another process holds it in rollback mode: keep that
         return
-    dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+    # SQLite may keep the old mode without an error; NORMAL is only safe in WAL mode.
+    if str(mode).lower() == "wal":
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")

@@ -61,19 +61,23 @@ class RunLogger(Callback):
         self._queue: queue.Queue[dict[str, list] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self.errors: list[str] = []
+        self._errors_reported = False
 
-    def _keep(self, row: dict[str, float]) -> bool:
-        if self.every == 1 or "loss/total" not in row:  # evaluations are always kept
+    def _keep(self, row: dict[str, float], last_of_chunk: bool) -> bool:
+        # Evaluations are always kept, and so is each chunk's last row: the trainer sends a
+        # chunk per check, so that is the run's last step or the step a guard halted at.
+        if self.every == 1 or last_of_chunk or "loss/total" not in row:
             return True
         step = int(row["step"])
         return step % self.every == 0 or step == 1 or any(not math.isfinite(v) for v in row.values())
 
     def on_metrics(self, rows: list[dict[str, float]]) -> None:
         now = int(time.time() * 1000)
+        last = len(rows) - 1
         metrics = [
             Metric(self.prefix + key, float(value), now, int(row["step"]))
-            for row in rows
-            if self._keep(row)
+            for index, row in enumerate(rows)
+            if self._keep(row, index == last)
             for key, value in row.items()
             if key != "step"
         ]
@@ -105,12 +109,21 @@ class RunLogger(Callback):
                 self._queue.task_done()
 
     def flush(self) -> None:
-        """Wait until everything queued is written; the writer thread then ends."""
+        """Wait until everything queued is written; the writer thread then ends. Writes that
+        failed are said on the run itself (tag ``stylepipe.tracking_errors``) and in the log."""
         if self._writer is not None:
             self._queue.put(None)
             self._queue.join()
             self._writer.join()
             self._writer = None
+        if self.errors and not self._errors_reported:
+            self._errors_reported = True
+            summary = f"{len(self.errors)} writes lost; first: {self.errors[0]}"[:5000]
+            log.error("MLflow run %s is incomplete: %s", self.run_id, summary)
+            try:
+                self.client.set_tag(self.run_id, "stylepipe.tracking_errors", summary)
+            except Exception as err:  # the store is still down: the log line above must do
+                log.error("could not tag MLflow run %s as incomplete: %s", self.run_id, err)
 
 
 class Tracker:

@@ -89,3 +89,15 @@ def test_the_tf32_setting_holds_while_training_and_is_put_back_even_after_a_halt
         trainer.fit()
     assert seen and set(seen) == {"high"}
     assert torch.get_float32_matmul_precision() == before == "highest"
+
+
+def test_each_step_tells_cuda_graphs_that_a_new_step_begins(tiny, monkeypatch):
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    config = tiny("train.steps=5")
+    trainer = Trainer(config, build_criterion(config), RandomBatches(torch.rand(8, 3, 32, 32), 2))
+    trainer.fit()
+    assert marks == []  # eager (and CPU): no CUDA graphs to tell
+    trainer.cuda_graphs = True  # what train.compile_mode=reduce-overhead sets on a CUDA device
+    trainer.fit()
+    assert len(marks) == 5

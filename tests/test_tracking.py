@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 
 from stylepipe.search.objective import QualityReporter
 from stylepipe.search.storage import open_storage
+from stylepipe.sqlite import sqlite_path
 from stylepipe.tracking import RunLogger, Tracker
 
 
@@ -32,9 +33,25 @@ def test_thinned_step_metrics_keep_step_one_every_nth_and_every_non_finite_row(t
 
     assert logger.errors == []
     steps = [m.step for m in client.get_metric_history(run_id, "loss/total")]
-    assert sorted(steps) == [1, 10, 13, 20]
+    # 14 and 25 end their chunks: the trainer sends a chunk per check, so a chunk's last row
+    # is the run's last step or the step a guard halted at
+    assert sorted(steps) == [1, 10, 13, 14, 20, 25]
     assert math.isnan(next(m.value for m in client.get_metric_history(run_id, "loss/total") if m.step == 13))
     assert [m.step for m in client.get_metric_history(run_id, "val/quality")] == [7]
+
+
+def test_a_lost_write_is_said_on_the_run_and_in_the_log(tmp_path, caplog):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("lost")).info.run_id
+    logger = RunLogger(client, run_id)
+    logger.log_params({"lr": 0.1})
+    logger.log_params({"lr": 0.2})  # MLflow refuses to change a logged parameter
+    logger.flush()
+    assert len(logger.errors) == 1
+    tag = client.get_run(run_id).data.tags["stylepipe.tracking_errors"]
+    assert tag.startswith("1 writes lost")
+    assert "incomplete" in caplog.text
+    assert client.get_run(run_id).data.params == {"lr": "0.1"}
 
 
 def test_every_row_is_kept_when_log_every_is_one(tmp_path):
@@ -61,9 +78,25 @@ def test_project_sqlite_stores_use_a_write_ahead_log_and_others_are_left_alone(t
     assert journal_mode(tmp_path / "study.db") == "wal"
     assert journal_mode(tmp_path / "runs.db") == "wal"
     assert journal_mode(tmp_path / "other.db") == "delete"
+    normal, full = 1, 2  # PRAGMA synchronous values; it is a per-connection setting
+    with storage.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == normal
+    with other.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == full
     # and both stores still read back what was written
     assert optuna.load_study(study_name="wal", storage=config.storage_url).study_name == "wal"
     assert len(tracker.client.search_runs([tracker.experiment_id])) == 1
+
+
+def test_sqlite_urls_are_read_as_sqlalchemy_reads_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sqlite_path("sqlite:///runs/optuna.db") == str(tmp_path / "runs" / "optuna.db")
+    assert sqlite_path("sqlite+pysqlite:////abs/x.db") == "/abs/x.db"
+    assert sqlite_path("sqlite:///a%20b/x.db") == str(tmp_path / "a b" / "x.db")
+    assert sqlite_path("sqlite:///file:/abs/u.db?uri=true") == "/abs/u.db"
+    for elsewhere in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:m?mode=memory&uri=true",
+                      "postgresql://postgres@127.0.0.1/test"):  # fmt: skip
+        assert sqlite_path(elsewhere) is None, elsewhere
 
 
 class _Trainer:

@@ -238,7 +238,8 @@ def test_worker_command_reports_an_unreachable_storage_without_a_traceback(tmp_p
 def test_worker_processes_on_one_machine_share_the_study(tmp_path, prepared, databases):  # noqa: F811
     """``--processes 2``: two trials at a time on one device, exactly n trials in the study."""
     optuna_url, mlflow_url = databases
-    extra = ("search.n_trials=6", "train.steps=8", "train.check_every=4")
+    # trials long enough (~1 s) that the first process to start cannot take them all
+    extra = ("search.n_trials=6", "train.steps=16", "train.check_every=4")
     args = worker_args(tmp_path, prepared, optuna_url, mlflow_url, *extra) + ["--processes", "2"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -248,7 +249,6 @@ def test_worker_processes_on_one_machine_share_the_study(tmp_path, prepared, dat
     study = optuna.load_study(study_name=config.study_name, storage=optuna_url)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     assert len([t for t in study.trials if t.state in states]) == 6
-    assert [t.number for t in study.trials] == list(range(len(study.trials)))
     runs, trial_runs = mlflow_trial_runs(config)
     assert sorted(int(r.data.tags["trial"]) for r in trial_runs) == [t.number for t in study.trials]
     workers = {r.data.tags["stylepipe.worker"] for r in trial_runs}

@@ -62,6 +62,21 @@ def compiled_forward_loss(mode: str = "default"):
     return torch.compile(forward_loss, mode=mode)
 
 
+def free_recorded_cuda_graphs() -> None:
+    """Drop the CUDA graphs recorded for an earlier trial; the compiled code stays.
+
+    A graph is recorded against its parameters' addresses, and each trial has a new
+    network, so each trial records its own graphs. Without this the old ones would pile up
+    (their memory, and torch's limit on re-recordings per function). Private torch API,
+    used only when present.
+    """
+    from torch._inductor import cudagraph_trees
+
+    reset = getattr(cudagraph_trees, "reset_cudagraph_trees", None)
+    if reset is not None:
+        reset()
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,6 +146,8 @@ class Trainer:
         self.forward_loss = compiled_forward_loss(tc.compile_mode) if tc.compile else forward_loss
         # CUDA graphs reuse their output buffers: each step must say that a new one begins.
         self.cuda_graphs = cuda and tc.compile and tc.compile_mode in CUDA_GRAPH_MODES
+        if self.cuda_graphs:
+            free_recorded_cuda_graphs()
         # Applied while fit() runs (it is a process-wide setting), then put back.
         self.matmul_precision = ("high" if tc.tf32 else "highest") if cuda else None
 
