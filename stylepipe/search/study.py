@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
@@ -158,6 +160,25 @@ class _ReleaseThenRun:
         return self.objective(trial)
 
 
+def freeze_heap() -> None:
+    """Take what is loaded so far (torch, MLflow, Optuna, the study's data) out of the
+    garbage collector's view. Otherwise each full collection walks those millions of
+    long-lived objects, about 0.4 s on a 2-core CPU, in the middle of some trial, while the
+    GPU waits for its next kernels."""
+    gc.collect()
+    gc.freeze()
+
+
+@contextlib.contextmanager
+def _unfrozen_after():
+    """Hand the frozen objects back to the collector when the trials end (a caller that
+    drops the session may leave reference cycles among them)."""
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def run_trials(session: SearchSession, progress: bool = True, warm_start_params: dict | None = None) -> int:
     """Run trials until the study holds ``search.n_trials`` complete or pruned ones.
 
@@ -174,7 +195,8 @@ def run_trials(session: SearchSession, progress: bool = True, warm_start_params:
     objective = _ReleaseThenRun(Objective(session.data, session.tracker, session.parent), gate)
     bar = StudyProgress(study, target, enabled=progress)
     ran = 0
-    with SingleWorkerGuard(config.storage_url), bar.progress:
+    freeze_heap()
+    with SingleWorkerGuard(config.storage_url), bar.progress, _unfrozen_after():
         while True:
             gate.acquire()
             try:
