@@ -11,7 +11,6 @@ GPU: 256 px, bf16, batch 16. CPU: 64 px, fp32, batch 4.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import tempfile
@@ -159,7 +158,7 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
     from stylepipe.config import TrackingConfig
     from stylepipe.search.objective import Objective, load_study_data, run_candidate
     from stylepipe.search.space import trial_values
-    from stylepipe.search.study import SearchSession, freeze_heap
+    from stylepipe.search.study import SearchSession, frozen_heap
 
     base = config.with_overrides({"data.content": str(prepared), "train.steps": steps,
                                   "search.eval_every": steps, "search.pruner_startup_trials": 10**6})  # fmt: skip
@@ -190,15 +189,15 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
             sessions.append(session)
         for fn in variants.values():  # warm-up
             fn()
-        freeze_heap()  # as run_trials does before its trials
-        # Interleaved, best of ``repeats``: the least disturbed run of each, under the same drift.
+        # Interleaved, best of ``repeats``: the least disturbed run of each, under the same drift;
+        # with the loaded heap frozen, as run_trials has it.
         times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(repeats):
-            for name, fn in variants.items():
-                started = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - started)
-        gc.unfreeze()
+        with frozen_heap():
+            for _ in range(repeats):
+                for name, fn in variants.items():
+                    started = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - started)
         for session in sessions:
             session.tracker.end_study(session.parent)
     result: dict[str, float] = {name: min(seconds) for name, seconds in times.items()}

@@ -160,19 +160,15 @@ class _ReleaseThenRun:
         return self.objective(trial)
 
 
-def freeze_heap() -> None:
-    """Take what is loaded so far (torch, MLflow, Optuna, the study's data) out of the
+@contextlib.contextmanager
+def frozen_heap():
+    """Inside: what is loaded so far (torch, MLflow, Optuna, the study's data) is out of the
     garbage collector's view. Otherwise each full collection walks those millions of
     long-lived objects, about 0.4 s on a 2-core CPU, in the middle of some trial, while the
-    GPU waits for its next kernels."""
+    GPU waits for its next kernels. On the way out they are handed back (a caller that
+    drops the session may leave reference cycles among them)."""
     gc.collect()
     gc.freeze()
-
-
-@contextlib.contextmanager
-def _unfrozen_after():
-    """Hand the frozen objects back to the collector when the trials end (a caller that
-    drops the session may leave reference cycles among them)."""
     try:
         yield
     finally:
@@ -195,8 +191,7 @@ def run_trials(session: SearchSession, progress: bool = True, warm_start_params:
     objective = _ReleaseThenRun(Objective(session.data, session.tracker, session.parent), gate)
     bar = StudyProgress(study, target, enabled=progress)
     ran = 0
-    freeze_heap()
-    with SingleWorkerGuard(config.storage_url), bar.progress, _unfrozen_after():
+    with SingleWorkerGuard(config.storage_url), bar.progress, frozen_heap():
         while True:
             gate.acquire()
             try:
