@@ -75,46 +75,42 @@ def naive_loop(folder: Path, config, device: torch.device, steps: int) -> float:
     return images / (time.perf_counter() - started)
 
 
-def trainer_speed(config, images: torch.Tensor, device: torch.device, steps: int, guards: bool,
-                  warmup: dict | None = None) -> float:  # fmt: skip
-    config = config.with_overrides({"guard.enabled": guards, "train.steps": 3})
-    criterion = build_criterion(config, device)
+def warm_trainer(config, images: torch.Tensor, device: torch.device) -> tuple[Trainer, float]:
+    """A trainer after 3 warm-up steps (cudnn autotune, allocator, compilation), and their seconds."""
+    config = config.with_overrides({"train.steps": 3})
     batches = RandomBatches(images, config.train.batch_size)
-    trainer = Trainer(config, criterion, batches, device=device)
-    _sync(device)
-    started = time.perf_counter()
-    trainer.fit()  # warm-up: cudnn autotune, allocator, compilation
-    _sync(device)
-    if warmup is not None:
-        warmup.setdefault("seconds", []).append(time.perf_counter() - started)
+    trainer = Trainer(config, build_criterion(config, device), batches, device=device)
+    return trainer, timed_fit(trainer, 3, device)
+
+
+def timed_fit(trainer: Trainer, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` more steps, the device synchronised on both sides."""
     trainer.steps = steps
     _sync(device)
     started = time.perf_counter()
     trainer.fit()
     _sync(device)
-    return steps * config.train.batch_size / (time.perf_counter() - started)
+    return time.perf_counter() - started
+
+
+def trainer_speed(config, images: torch.Tensor, device: torch.device, steps: int,
+                  warmup: dict | None = None) -> float:  # fmt: skip
+    """Images/s over ``steps`` steps; the warm-up's seconds go to ``warmup["seconds"]``."""
+    trainer, warm_seconds = warm_trainer(config, images, device)
+    if warmup is not None:
+        warmup.setdefault("seconds", []).append(warm_seconds)
+    return steps * config.train.batch_size / timed_fit(trainer, steps, device)
 
 
 def interleaved_speeds(configs: dict, images: torch.Tensor, device: torch.device, steps: int,
                        rounds: int = 3) -> dict[str, float]:  # fmt: skip
     """Images/s of several trainer settings, measured in alternating rounds, best round each:
     drift of the machine (clocks, other load) then hits every setting alike."""
-    trainers = {}
-    for name, config in configs.items():
-        config = config.with_overrides({"train.steps": 3})
-        trainer = Trainer(config, build_criterion(config, device), RandomBatches(images, config.train.batch_size),
-                          device=device)  # fmt: skip
-        trainer.fit()  # warm-up: cudnn autotune, allocator
-        trainer.steps = steps
-        trainers[name] = trainer
+    trainers = {name: warm_trainer(config, images, device)[0] for name, config in configs.items()}
     best = dict.fromkeys(trainers, 0.0)
     for _ in range(rounds):
         for name, trainer in trainers.items():
-            _sync(device)
-            started = time.perf_counter()
-            trainer.fit()
-            _sync(device)
-            speed = steps * trainer.train_config.batch_size / (time.perf_counter() - started)
+            speed = steps * trainer.train_config.batch_size / timed_fit(trainer, steps, device)
             best[name] = max(best[name], speed)
     return best
 
@@ -124,15 +120,10 @@ def kernel_profile(config, images: torch.Tensor, device: torch.device, path: Pat
     kernels over ``steps`` steps, written to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
-    config = config.with_overrides({"train.steps": 3})
-    trainer = Trainer(config, build_criterion(config, device), RandomBatches(images, config.train.batch_size),
-                      device=device)  # fmt: skip
-    trainer.fit()  # warm-up (a compiled graph comes from the process's cache)
-    trainer.steps = steps
+    trainer, _ = warm_trainer(config, images, device)  # a compiled graph comes from the process's cache
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        trainer.fit()
-        _sync(device)
+        timed_fit(trainer, steps, device)
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
     path.write_text(f"{steps} steps, {config.data.image_size} px, batch {config.train.batch_size}, "
@@ -267,10 +258,8 @@ def run(out: Path | None = None) -> dict:
             for mode in ("default", "reduce-overhead"):
                 compiled = config.with_overrides({"train.compile": True, "train.compile_mode": mode})
                 warm: dict = {}
-                speed = trainer_speed(compiled, images, device, steps, True, warm)
-                trainer_speed(
-                    compiled.with_overrides({"loss.style_weight": 3e5}), images, device, 3, True, warm
-                )
+                speed = trainer_speed(compiled, images, device, steps, warm)
+                trainer_speed(compiled.with_overrides({"loss.style_weight": 3e5}), images, device, 3, warm)
                 record(**{f"trainer_compiled_{mode}_images_per_s": speed,
                           f"compiled_{mode}_first_3_steps_s": warm["seconds"]})  # fmt: skip
                 if mode == "default" and out is not None:  # what is left after fusion
