@@ -51,7 +51,7 @@ def use_write_ahead_log(url: str) -> None:
 
 
 def _on_connect(dbapi_connection, connection_record) -> None:
-    if not isinstance(dbapi_connection, sqlite3.Connection) or not _FILES:
+    if not isinstance(dbapi_connection, sqlite3.Connection):
         return
     databases = dbapi_connection.execute("PRAGMA database_list").fetchall()
     main = next((file for _, name, file in databases if name == "main"), "")
