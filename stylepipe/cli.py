@@ -253,27 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from stylepipe.config import ConfigError
-    from stylepipe.data.prepare import PrepareError
-    from stylepipe.data.sources import SourceError
-    from stylepipe.nets.vgg import WeightsUnavailable
-    from stylepipe.search.objective import SearchError
-    from stylepipe.search.storage import StorageError
-    from stylepipe.tracking import TrackingError
-    from stylepipe.train.checkpoint import CheckpointError
+    from stylepipe.errors import StylepipeError
 
     try:
         return args.func(args)
-    except (
-        ConfigError,
-        SourceError,
-        WeightsUnavailable,
-        CheckpointError,
-        PrepareError,
-        SearchError,
-        StorageError,
-        TrackingError,
-    ) as err:
+    except StylepipeError as err:
         console.print(f"[bold red]error:[/] {err}")
         return 2
 

@@ -12,10 +12,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from stylepipe.errors import StylepipeError
+
+# The VGG16 ReLU outputs the losses can use, shallow to deep (nets/vgg.py knows where they are).
 LAYER_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
 
 
-class ConfigError(ValueError):
+class ConfigError(StylepipeError):
     """A settings file or override that cannot be used, with the reason."""
 
 

@@ -11,15 +11,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
 OUTCOMES = ("complete", "nan", "diverged", "pruned", "failed")
 FAILURE_OUTCOMES = ("nan", "diverged")
@@ -33,6 +27,7 @@ COLORS = {
 }
 MARKERS = {"complete": "o", "nan": "X", "diverged": "D", "pruned": "s", "failed": "P"}
 OTHER_COLOR, OTHER_MARKER = "#8c6bb1", "v"
+SAFEST_COLOR = "#1f3a93"
 
 CAUSE_ABBREV = {
     "bad_input": "in",
@@ -151,8 +146,93 @@ def top_trials(trials: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     return best[columns].reset_index(drop=True)
 
 
-def _fmt_tick(v: float) -> str:
-    return f"{v:g}"
+def stability_figure(
+    trials: pd.DataFrame,
+    safest_number: int | None = None,
+    title: str = "Stability map",
+    annotate_causes: bool = True,
+) -> Figure:
+    """Learning rate (x, log) against gradient-clip norm (y, log), one marker per trial, coloured by outcome.
+
+    Trials with clipping off (``clip_norm`` NaN) sit in a thin "clip off" band above, sharing x. The
+    trial numbered ``safest_number`` gets a star; NaN/diverged trials get a cause tag when there are
+    few of them (``annotate_causes``).
+    """
+    trials = trials if trials is not None else pd.DataFrame()
+    outcomes = _outcomes(trials)
+    df = pd.DataFrame(
+        {"number": trials.get("number"), "outcome": outcomes, "cause": _causes(trials, outcomes)}
+    )
+    df["lr"], df["clip"] = (
+        pd.to_numeric(trials.get(c, np.nan), errors="coerce") for c in ("lr", "clip_norm")
+    )
+    # Trials without a learning rate are not drawn; a clip norm of NaN, None or 0 means clipping off.
+    df = df[df["lr"] > 0].assign(on=lambda d: d["clip"] > 0, y=lambda d: d["clip"].where(d["on"], 0.0))
+
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    fig.suptitle(f"{title}  ({len(trials)} trial{'' if len(trials) == 1 else 's'})")
+    has_main, has_band = df["on"].any() or df.empty, not df["on"].all()
+    grid = fig.add_gridspec(2, 1, height_ratios=(1, 7)) if has_main and has_band else fig.add_gridspec(1, 1)
+    ax = band = None
+    if has_main:
+        ax = fig.add_subplot(grid[-1], xscale="log", yscale="log", ymargin=0.1, ylabel="gradient-clip norm")
+    if has_band:
+        band = fig.add_subplot(grid[0], sharex=ax, xscale="log", facecolor="#f0f0f0", ylim=(-1, 1))
+        band.set_yticks([0], ["clip off"])
+        band.tick_params(labelbottom=ax is None)
+    axes = [a for a in (ax, band) if a is not None]
+    for a in axes:
+        a.grid(True, color="#dddddd", linewidth=0.6)
+    axes[0].set_xlabel("learning rate")
+    if df.empty:
+        ax.set_xlim(1e-4, 1e1)
+        ax.text(0.5, 0.5, "no trials", transform=ax.transAxes, ha="center", va="center", color="#666666")
+        return fig
+
+    # Each outcome labelled once (on the first axes it appears in), counted over both axes.
+    for outcome in sorted(df["outcome"].unique(), key=lambda o: (_order(o), o)):
+        rows = df["outcome"] == outcome
+        label = f"{outcome} ({rows.sum()})"
+        for a in axes:
+            sel = df[rows & (df["on"] == (a is ax))]
+            if len(sel):
+                a.scatter(sel["lr"], sel["y"], s=55, alpha=0.9, c=COLORS.get(outcome, OTHER_COLOR),
+                          marker=MARKERS.get(outcome, OTHER_MARKER), edgecolors="white", linewidths=0.6,
+                          zorder=3, label=label)  # fmt: skip
+                label = None
+
+    failures = df[df["outcome"].isin(FAILURE_OUTCOMES)].sort_values("lr")
+    if annotate_causes and 0 < len(failures) <= 25:
+        for i, t in enumerate(failures.itertuples()):  # tags alternate below/above: neighbours stay apart
+            (ax if t.on else band).annotate(
+                CAUSE_ABBREV.get(t.cause, t.cause[:5]), (t.lr, t.y), xytext=(5, -9 if i % 2 == 0 else 4),
+                textcoords="offset points", fontsize=7, color=COLORS[t.outcome], zorder=4,
+            )  # fmt: skip
+        key = ", ".join(f"{a} = {c}" for c, a in CAUSE_ABBREV.items() if c in set(failures["cause"]))
+        fig.text(0.01, 0.005, f"cause: {key}", fontsize=7, color="#444444", va="bottom")
+        fig.get_layout_engine().set(rect=(0, 0.03, 1, 0.97))  # room for that line
+
+    for t in df[df["number"] == safest_number].head(1).itertuples():
+        a = ax if t.on else band
+        a.scatter([t.lr], [t.y], marker="*", s=650, facecolors="none", edgecolors=SAFEST_COLOR,
+                  linewidths=1.8, zorder=5, label=f"safest (#{safest_number})")  # fmt: skip
+        a.annotate("safest", (t.lr, t.y), xytext=(12, 12), textcoords="offset points", fontsize=10,
+                   fontweight="bold", color=SAFEST_COLOR, zorder=2,
+                   bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.7})  # fmt: skip
+
+    # At least about one decade of learning rate, with 10% margins.
+    lo, hi = df["lr"].min(), df["lr"].max()
+    mid, half = math.sqrt(lo * hi), max(0.6 * math.log10(hi / lo), 0.5)
+    axes[0].set_xlim(mid / 10**half, mid * 10**half)
+    # One legend over the top axes (fig.legend's "outside" spot would cover the title), from
+    # the labels: outcomes in their usual order, the safest star last.
+    handles = sorted((h for a in axes for h in a.collections if not h.get_label().startswith("_")),
+                     key=lambda h: (h.zorder, _order(h.get_label().split(" (")[0])))  # fmt: skip
+    shown = axes[-1].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                            ncols=6, frameon=False, fontsize=8, handletextpad=0.3, columnspacing=1.0)  # fmt: skip
+    for handle in shown.legend_handles:
+        handle.set_sizes([min(handle.get_sizes()[0], 150)])  # the star at legend size
+    return fig
 
 
 def stability_map(
@@ -162,185 +242,10 @@ def stability_map(
     title: str = "Stability map",
     annotate_causes: bool = True,
 ) -> Path:
-    """Save a PNG of learning rate (x, log) against gradient-clip norm (y, log), one marker per trial.
-
-    Markers are coloured by outcome; trials with clipping off (``clip_norm`` NaN) sit on a shaded
-    band at the top labelled "off". The trial whose ``number`` equals ``safest_number`` gets a
-    star outline and a "safest" label. NaN/diverged trials get a short cause tag when there are
-    few of them (``annotate_causes``). Returns the path written.
-    """
+    """Save :func:`stability_figure` as a PNG (about 840x600 px) and return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    df = trials.copy() if trials is not None else pd.DataFrame()
-    n_rows = len(df)
-    df["_outcome"] = _outcomes(df) if n_rows else pd.Series(dtype=object)
-    df["_cause"] = _causes(df, df["_outcome"]) if n_rows else pd.Series(dtype=object)
-    lr = pd.to_numeric(df["lr"], errors="coerce") if "lr" in df.columns else pd.Series(np.nan, index=df.index)
-    clip = (
-        pd.to_numeric(df["clip_norm"], errors="coerce")
-        if "clip_norm" in df.columns
-        else pd.Series(np.nan, index=df.index)
-    )
-    df["_lr"], df["_clip"] = lr, clip
-    df = df[np.isfinite(df["_lr"]) & (df["_lr"] > 0)]
-    clip_on = np.isfinite(df["_clip"]) & (df["_clip"] > 0)
-
-    # y layout in log10 units: the clipped trials below a separator, the clip-off band above it.
-    if clip_on.any():
-        lo, hi = math.log10(df.loc[clip_on, "_clip"].min()), math.log10(df.loc[clip_on, "_clip"].max())
-    else:
-        lo = hi = 0.0
-    span = max(hi - lo, 1.0)
-    bottom, sep, off, top = lo - max(0.12 * span, 0.2), hi + 0.12 * span, hi + 0.24 * span, hi + 0.36 * span
-    if not clip_on.any():  # only the band: it fills the axes
-        bottom = sep
-    df["_y"] = np.where(clip_on, df["_clip"], 10**off)
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    try:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_ylim(10**bottom, 10**top)
-        ax.axhspan(10**sep, 10**top, color="#f0f0f0", zorder=0)
-        if clip_on.any():
-            ax.axhline(10**sep, color="#666666", linestyle="--", linewidth=1, zorder=1)
-
-        # y ticks: decades (or the data range) below the separator, plus "off" in the band.
-        ticks = [
-            t for t in LogLocator(base=10).tick_values(10**bottom, 10**sep) if 10**bottom <= t <= 10**sep
-        ]
-        if clip_on.any() and len(ticks) < 2:
-            ticks = sorted({*ticks, 10**lo, 10**hi})
-        if not clip_on.any():
-            ticks = []
-        minor = (
-            [
-                t
-                for t in LogLocator(base=10, subs=tuple(range(2, 10))).tick_values(10**bottom, 10**sep)
-                if 10**bottom <= t <= 10**sep
-            ]
-            if clip_on.any()
-            else []
-        )
-        ax.yaxis.set_major_locator(FixedLocator([*ticks, 10**off]))
-        ax.set_yticklabels([*(_fmt_tick(t) for t in ticks), "clip off"])
-        ax.yaxis.set_minor_locator(FixedLocator(minor))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-
-        present = sorted(df["_outcome"].unique(), key=lambda o: (_order(o), o))
-        handles = []
-        for outcome in present:
-            sel = df[df["_outcome"] == outcome]
-            color, marker = COLORS.get(outcome, OTHER_COLOR), MARKERS.get(outcome, OTHER_MARKER)
-            ax.scatter(
-                sel["_lr"],
-                sel["_y"],
-                c=color,
-                marker=marker,
-                s=55,
-                alpha=0.9,
-                edgecolors="white",
-                linewidths=0.6,
-                zorder=3,
-            )
-            handles.append(
-                Line2D(
-                    [],
-                    [],
-                    color=color,
-                    marker=marker,
-                    linestyle="",
-                    markersize=8,
-                    markeredgecolor="white",
-                    label=f"{outcome} ({len(sel)})",
-                )
-            )
-
-        failures = df[df["_outcome"].isin(FAILURE_OUTCOMES)]
-        if annotate_causes and 0 < len(failures) <= 25:
-            for i, (_, row) in enumerate(failures.sort_values("_lr").iterrows()):
-                tag = CAUSE_ABBREV.get(row["_cause"], str(row["_cause"])[:5])
-                ax.annotate(
-                    tag,
-                    (row["_lr"], row["_y"]),
-                    xytext=(5, -9 if i % 2 == 0 else 4),  # alternate below/above: neighbours stay apart
-                    textcoords="offset points",
-                    fontsize=7,
-                    color=COLORS.get(row["_outcome"], OTHER_COLOR),
-                    zorder=4,
-                )
-
-        if safest_number is not None and "number" in df.columns:
-            best = df[df["number"] == safest_number]
-            if len(best):
-                x, y = best["_lr"].iloc[0], best["_y"].iloc[0]
-                ax.scatter(
-                    [x],
-                    [y],
-                    marker="*",
-                    s=650,
-                    facecolors="none",
-                    edgecolors="#1f3a93",
-                    linewidths=1.8,
-                    zorder=5,
-                )
-                ax.annotate(
-                    "safest",
-                    (x, y),
-                    xytext=(12, 12),
-                    textcoords="offset points",
-                    fontsize=10,
-                    fontweight="bold",
-                    color="#1f3a93",
-                    zorder=2,
-                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.7},
-                )
-                handles.append(
-                    Line2D(
-                        [],
-                        [],
-                        marker="*",
-                        linestyle="",
-                        markersize=14,
-                        markerfacecolor="none",
-                        markeredgecolor="#1f3a93",
-                        label=f"safest (#{safest_number})",
-                    )
-                )
-
-        if len(df) == 0:
-            ax.set_xlim(1e-4, 1e1)
-            ax.text(0.5, 0.5, "no trials", transform=ax.transAxes, ha="center", va="center", color="#666666")
-        else:
-            xmin, xmax = df["_lr"].min(), df["_lr"].max()
-            span_x = math.log10(xmax / xmin)
-            pad = 0.08 * max(span_x, 1.0) + max(0.0, 1.0 - span_x) / 2  # at least ~1 decade shown
-            ax.set_xlim(xmin / 10**pad, xmax * 10**pad)
-
-        used = [c for c in CAUSE_ABBREV if c in set(failures["_cause"])] if annotate_causes else []
-        if used and len(failures) <= 25:
-            key = ", ".join(f"{CAUSE_ABBREV[c]} = {c}" for c in used)
-            fig.text(0.01, 0.01, f"cause: {key}", fontsize=7, color="#444444")
-
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("gradient-clip norm")
-        ax.grid(True, which="major", color="#dddddd", linewidth=0.6, zorder=0)
-        ax.set_title(f"{title}  ({n_rows} trial{'' if n_rows == 1 else 's'})", pad=26)
-        if handles:
-            ax.legend(
-                handles=handles,
-                loc="lower center",
-                bbox_to_anchor=(0.5, 1.0),
-                ncol=min(len(handles), 6),
-                frameon=False,
-                fontsize=8,
-                handletextpad=0.3,
-                columnspacing=1.0,
-            )
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
+    stability_figure(trials, safest_number, title, annotate_causes).savefig(path, dpi=120)
     return path
 
 

@@ -25,7 +25,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from stylepipe.sqlite import use_write_ahead_log
+from stylepipe.errors import StylepipeError
+from stylepipe.stores import redact_url, use_write_ahead_log
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
 
@@ -35,7 +36,7 @@ MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 ROLE_TAG = "stylepipe.role"  # study | trial | replay | final
 
 
-class TrackingError(RuntimeError):
+class TrackingError(StylepipeError):
     """The tracking server or database cannot be used."""
 
 
@@ -282,14 +283,3 @@ class Tracker:
 
 def _missing_alias(err: Exception) -> bool:
     return "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower()
-
-
-def redact_url(uri: str) -> str:
-    """A URL without its password, for error messages."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri

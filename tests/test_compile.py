@@ -75,7 +75,7 @@ def test_the_tf32_setting_holds_while_training_and_is_put_back_even_after_a_halt
     seen = []
 
     class Spy(Callback):
-        def on_check(self, trainer, step):
+        def on_check(self, state):
             seen.append(torch.get_float32_matmul_precision())
 
     config = tiny("train.lr=10", "train.clip_norm=null", "train.steps=3")

@@ -7,9 +7,18 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgb
 from PIL import Image
 
-from stylepipe.report import causes_markdown, causes_summary, stability_map, top_trials
+from stylepipe.report import (
+    COLORS,
+    OUTCOMES,
+    causes_markdown,
+    causes_summary,
+    stability_figure,
+    stability_map,
+    top_trials,
+)
 
 NAN = math.nan
 
@@ -127,3 +136,147 @@ def test_stability_map_writes_png(tmp_path, case):
     out = stability_map(df, tmp_path / "sub" / "map.png", safest_number=safest, title=case)
     assert out == tmp_path / "sub" / "map.png"
     _assert_png(out)
+
+
+def _panels(fig):
+    """The (main, band) axes of a stability figure, None where absent; the band is the one labelled "clip off"."""
+    band = [a for a in fig.axes if [t.get_text() for t in a.get_yticklabels()] == ["clip off"]]
+    main = [a for a in fig.axes if a.get_ylabel() == "gradient-clip norm"]
+    assert len(band) <= 1 and len(main) <= 1 and len(band) + len(main) == len(fig.axes)
+    return (main or [None])[0], (band or [None])[0]
+
+
+def _points(ax, outcome: str) -> list[tuple[float, float]]:
+    """The (x, y) of every marker drawn on ``ax`` in the colour of ``outcome``."""
+    if ax is None:
+        return []
+    rgb = to_rgb(COLORS[outcome])
+    drawn = [c for c in ax.collections if len(c.get_facecolors()) and tuple(c.get_facecolors()[0][:3]) == rgb]
+    return sorted((float(x), float(y)) for c in drawn for x, y in np.asarray(c.get_offsets()))
+
+
+def _star(fig):
+    """(axes, offsets) of the collection labelled "safest ...", or None."""
+    stars = [(a, c) for a in fig.axes for c in a.collections if c.get_label().startswith("safest")]
+    assert len(stars) <= 1
+    return (stars[0][0], [tuple(p) for p in np.asarray(stars[0][1].get_offsets())]) if stars else None
+
+
+def _tags(ax) -> dict[tuple[float, float], str]:
+    return {tuple(t.xy): t.get_text() for t in ax.texts if t.get_text() != "safest"}
+
+
+def _cause_key(fig) -> list[str]:
+    return [t.get_text() for t in fig.texts if t.get_text() != fig.get_suptitle()]
+
+
+def _legend(fig) -> list[str]:
+    legends = [a.get_legend() for a in fig.axes if a.get_legend() is not None] + fig.legends
+    assert len(legends) == 1
+    return [t.get_text() for t in legends[0].get_texts()]
+
+
+def test_stability_figure_points_per_outcome_in_main_and_band():
+    df = _trials()
+    main, band = _panels(stability_figure(df, safest_number=3))
+    assert main is not None and band is not None
+    assert band.get_shared_x_axes().joined(band, main)
+    assert band.get_position().y0 > main.get_position().y1  # the band on top
+    assert band.get_position().height < main.get_position().height / 4  # and thin
+    assert main.get_xscale() == band.get_xscale() == main.get_yscale() == "log"
+    for outcome in OUTCOMES:
+        sel = df[df["outcome"] == outcome]
+        clipped, off = sel[sel["clip_norm"].notna()], sel[sel["clip_norm"].isna()]
+        assert _points(main, outcome) == sorted(zip(clipped["lr"], clipped["clip_norm"], strict=True))
+        assert [x for x, _ in _points(band, outcome)] == sorted(off["lr"])
+    assert sum(len(_points(a, o)) for a in (main, band) for o in OUTCOMES) == 10
+    assert len(_points(main, "complete")) == 3 and len(_points(band, "complete")) == 1
+    assert len(_points(main, "nan")) == 2 and len(_points(band, "nan")) == 1
+
+
+def test_stability_figure_legend_title_and_x_range():
+    fig = stability_figure(_trials(), safest_number=3, title="demo")
+    assert _legend(fig) == [
+        "complete (4)",
+        "nan (3)",
+        "diverged (1)",
+        "pruned (1)",
+        "failed (1)",
+        "safest (#3)",
+    ]
+    assert fig.get_suptitle() == "demo  (10 trials)"
+    main, _ = _panels(fig)
+    lo, hi = main.get_xlim()
+    assert lo < 1e-4 and hi > 5.0  # every learning rate inside
+    assert _legend(stability_figure(_trials(), safest_number=None))[-1] == "failed (1)"
+    single = stability_figure(_trials().iloc[[0]], safest_number=0)
+    assert _legend(single) == ["complete (1)", "safest (#0)"] and single.get_suptitle().endswith("(1 trial)")
+    lo, hi = single.axes[0].get_xlim()
+    assert lo < 1e-3 < hi and hi / lo >= 9.9  # about a decade around a single learning rate
+
+
+def test_stability_figure_star_on_safest():
+    fig = stability_figure(_trials(), safest_number=3)
+    main, band = _panels(fig)
+    assert _star(fig) == (main, [(1e-2, 0.5)])
+    assert "safest" in [t.get_text() for t in main.texts]
+    off = stability_figure(_trials(), safest_number=5)  # clipping off: the star sits in the band
+    assert _star(off) == (_panels(off)[1], [(5.0, 0.0)])
+    assert "safest" in [t.get_text() for t in _panels(off)[1].texts]
+
+
+def test_stability_figure_no_star():
+    for safest in (None, 99):
+        fig = stability_figure(_trials(), safest_number=safest)
+        assert _star(fig) is None
+        assert not any(t.get_text() == "safest" for a in fig.axes for t in a.texts)
+        assert not any(label.startswith("safest") for label in _legend(fig))
+
+
+def test_stability_figure_cause_tags():
+    fig = stability_figure(_trials(), safest_number=3)
+    main, band = _panels(fig)
+    assert _tags(main) == {(2.0, 5.0): "fp", (3.0, 50.0): "grad", (0.8, 1.0): "div"}
+    assert _tags(band) == {(5.0, 0.0): "fp"}
+    assert _cause_key(fig) == ["cause: fp = precision_overflow, grad = gradient_explosion, div = divergence"]
+    quiet = stability_figure(_trials(), safest_number=3, annotate_causes=False)
+    assert all(_tags(a) == {} for a in quiet.axes) and _cause_key(quiet) == []
+    many = pd.DataFrame(
+        {
+            "number": range(26),
+            "outcome": "nan",
+            "cause": "bad_input",
+            "lr": np.logspace(-4, 0, 26),
+            "clip_norm": 1.0,
+        }
+    )
+    crowded = stability_figure(many)
+    assert _tags(crowded.axes[0]) == {} and _cause_key(crowded) == []  # too many to tag
+    assert len(_points(crowded.axes[0], "nan")) == 26
+    few = stability_figure(many.iloc[:25])
+    assert set(_tags(few.axes[0]).values()) == {"in"}
+    assert _cause_key(few) == ["cause: in = bad_input"]
+
+
+def test_stability_figure_edge_cases():
+    df = _trials()
+    main, band = _panels(stability_figure(df.assign(clip_norm=NAN), safest_number=3))
+    assert main is None and band is not None  # a band-only figure
+    assert len(_points(band, "complete")) == 4 and len(_points(band, "nan")) == 3
+    assert band.get_xlabel() == "learning rate"
+
+    main, band = _panels(stability_figure(df[df["clip_norm"].notna()], safest_number=3))
+    assert band is None and len(_points(main, "complete")) == 3
+
+    minimal = df[["number", "outcome", "value", "lr", "clip_norm"]].copy()
+    minimal.loc[0, "clip_norm"] = None
+    fig = stability_figure(minimal, safest_number=0)
+    main, band = _panels(fig)
+    assert _points(band, "complete") == [(1e-3, 0.0), (2e-3, 0.0)]
+    assert _star(fig) == (band, [(1e-3, 0.0)])
+    assert _tags(main) == {(2.0, 5.0): "?", (3.0, 50.0): "?", (0.8, 1.0): "?"}  # no cause column
+
+    empty = stability_figure(df.iloc[:0])
+    assert len(empty.axes) == 1 and [t.get_text() for t in empty.axes[0].texts] == ["no trials"]
+    assert all(len(c.get_offsets()) == 0 for c in empty.axes[0].collections)
+    assert empty.get_suptitle() == "Stability map  (0 trials)"

@@ -165,12 +165,12 @@ def test_an_interrupted_study_resumes_without_duplicate_trial_numbers(tmp_path, 
     config = search_config(tmp_path, prepared, *extra)
     original = objective.QualityReporter.on_check
 
-    def break_trials(self, trainer, step):
+    def break_trials(self, state):
         if self.trial is not None and self.trial.number == 0:
             raise OSError("disk full")  # not about numerics: the trial fails, the study goes on
         if self.trial is not None and self.trial.number == 1:
             raise KeyboardInterrupt  # Ctrl-C in the middle of trial 1's training
-        return original(self, trainer, step)
+        return original(self, state)
 
     monkeypatch.setattr(objective.QualityReporter, "on_check", break_trials)
     with pytest.raises(KeyboardInterrupt):

@@ -11,8 +11,9 @@ from mlflow import MlflowClient
 
 from stylepipe.search.objective import QualityReporter
 from stylepipe.search.storage import open_storage
-from stylepipe.sqlite import sqlite_path
+from stylepipe.stores import sqlite_path
 from stylepipe.tracking import RunLogger, Tracker
+from stylepipe.train import TrainState
 
 
 def journal_mode(path) -> str:
@@ -99,12 +100,6 @@ def test_sqlite_urls_are_read_as_sqlalchemy_reads_them(tmp_path, monkeypatch):
         assert sqlite_path(elsewhere) is None, elsewhere
 
 
-class _Trainer:
-    def __init__(self, steps: int):
-        self.steps = steps
-        self.model = None
-
-
 def test_a_trial_behind_the_median_is_pruned_midway_but_not_at_its_last_step(monkeypatch):
     import stylepipe.search.objective as objective
 
@@ -115,7 +110,7 @@ def test_a_trial_behind_the_median_is_pruned_midway_but_not_at_its_last_step(mon
 
     midway = QualityReporter(data=None, eval_every=4, trial=study.ask())
     try:
-        midway.on_check(_Trainer(steps=8), 4)
+        midway.on_check(TrainState(model=None, step=4, steps=8))
     except optuna.TrialPruned:
         pruned_midway = True
     else:
@@ -124,6 +119,6 @@ def test_a_trial_behind_the_median_is_pruned_midway_but_not_at_its_last_step(mon
 
     last = study.ask()
     reporter = QualityReporter(data=None, eval_every=8, trial=last)
-    reporter.on_check(_Trainer(steps=8), 8)  # no compute left to save: no prune
+    reporter.on_check(TrainState(model=None, step=8, steps=8))  # no compute left to save: no prune
     assert reporter.final == 0.9
     assert study.get_trials()[-1].intermediate_values == {8: 0.9}

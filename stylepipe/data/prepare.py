@@ -31,8 +31,10 @@ from rich.progress import Progress
 
 from stylepipe.config import PrepareConfig
 from stylepipe.data.decode import decode
-from stylepipe.data.stats import STAT_COLUMNS, image_checks, image_statistics, normalise
-from stylepipe.nets.vgg import IMAGENET_MEAN, IMAGENET_STD
+from stylepipe.data.sources import resize_crop
+from stylepipe.data.stats import STAT_COLUMNS, image_checks, image_statistics
+from stylepipe.errors import StylepipeError
+from stylepipe.files import atomic_path, write_json, write_text
 
 PrepareSettings = PrepareConfig  # the settings this stage takes (the config's `prepare` section)
 
@@ -46,7 +48,7 @@ _CACHE_KEYS = ("image_size", "max_pixels", "background", "dark_level", "bright_l
 _CACHE_VERSION = 1
 
 
-class PrepareError(ValueError):
+class PrepareError(StylepipeError):
     """The source or output folder cannot be used."""
 
 
@@ -127,12 +129,11 @@ def _analyse(job: tuple[str, str, dict, str]) -> dict[str, Any]:
     }
     if decoded.rgb is not None:
         height, width = decoded.rgb.shape[:2]
-        chw = normalise(decoded.rgb, settings.image_size)
+        chw = resize_crop(decoded.rgb, settings.image_size).numpy()
         row.update(image_statistics(chw, settings))
         row["oriented_size"] = (width, height)
-        tmp = cache_file + ".tmp.npy"
-        np.save(tmp, chw)
-        os.replace(tmp, cache_file)
+        with atomic_path(cache_file) as tmp:
+            np.save(tmp, chw)
     return row
 
 
@@ -332,9 +333,8 @@ def _save_cached_rows(cache: Path, rows: list[dict]) -> None:
             records[row["sha256"]] = {k: row.get(k) for k in keep}
     frame = pd.DataFrame(list(records.values()), columns=keep)
     frame["oriented_size"] = [list(v) if v is not None else None for v in frame["oriented_size"]]
-    tmp = cache / "rows.parquet.tmp"
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, cache / "rows.parquet")
+    with atomic_path(cache / "rows.parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 def _finish_frame(rows: list[dict], settings: PrepareConfig) -> pd.DataFrame:
@@ -363,17 +363,17 @@ def _finish_frame(rows: list[dict], settings: PrepareConfig) -> pd.DataFrame:
 def _write_outputs(frame, out: Path, cache: Path, settings, processed: int, reused: int) -> PrepareResult:
     size = settings.image_size
     kept = frame[frame["status"] == "kept"]
-    shard_path, tmp = out / "shard.npy", out / "shard.npy.tmp"
-    shard = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(kept), 3, size, size))
-    for row_index, sha in zip(kept["shard_row"], kept["sha256"], strict=True):
-        shard[row_index] = np.load(cache / f"{sha}.npy")
-    shard.flush()
-    del shard
-    os.replace(tmp, shard_path)
+    shard_path = out / "shard.npy"
+    with atomic_path(shard_path) as tmp:
+        shard = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(kept), 3, size, size))
+        for row_index, sha in zip(kept["shard_row"], kept["sha256"], strict=True):
+            shard[row_index] = np.load(cache / f"{sha}.npy")
+        shard.flush()
+        del shard
 
     manifest_path = out / "manifest.parquet"
-    frame.to_parquet(out / "manifest.parquet.tmp", index=False)
-    os.replace(out / "manifest.parquet.tmp", manifest_path)
+    with atomic_path(manifest_path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
     meta = {
         "image_size": size,
@@ -381,14 +381,11 @@ def _write_outputs(frame, out: Path, cache: Path, settings, processed: int, reus
         "train": int((kept["split"] == "train").sum()),
         "val": int((kept["split"] == "val").sum()),
         "quarantined": int((frame["status"] == "quarantined").sum()),
-        "loss_network_mean": list(IMAGENET_MEAN),
-        "loss_network_std": list(IMAGENET_STD),
         "dataset_mean_rgb": [float(kept[f"mean_{c}"].mean() / 255) if len(kept) else None for c in "rgb"],
         "settings": settings.model_dump(mode="json"),
     }
-    (out / "shard.json").write_text(json.dumps(meta, indent=2))
-    report_path = out / "report.md"
-    report_path.write_text(render_report(frame, meta, processed, reused))
+    write_json(out / "shard.json", meta)
+    report_path = write_text(out / "report.md", render_report(frame, meta, processed, reused))
     return PrepareResult(frame, manifest_path, shard_path, report_path, processed, reused)
 
 

@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from stylepipe.errors import StylepipeError
+from stylepipe.files import atomic_path
 
 # scikit-image's bundled colour photos (each ships inside the package: no download).
 SKIMAGE_COLOUR = (
@@ -24,7 +27,7 @@ SKIMAGE_COLOUR = (
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-class SourceError(ValueError):
+class SourceError(StylepipeError):
     """An image source that cannot be read, with the reason."""
 
 
@@ -64,9 +67,8 @@ def export_skimage(folder: str | Path, names: tuple[str, ...] = SKIMAGE_DEMO) ->
                 low, high = float(array.min()), float(array.max())
                 array = np.rint(255 * (array - low) / max(high - low, 1e-12)).astype(np.uint8)
             image = Image.fromarray(array)
-        tmp = target.with_suffix(".tmp.png")
-        image.save(tmp)
-        tmp.replace(target)
+        with atomic_path(target) as tmp:
+            image.save(tmp)
     return folder
 
 
@@ -110,14 +112,17 @@ def load_image(spec: str) -> Image.Image:
     return open_rgb(path)
 
 
-def resize_crop(image: Image.Image, size: int) -> torch.Tensor:
-    """Shorter side to ``size`` (antialiased), centre crop; uint8 tensor 3 x size x size."""
-    transform = v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize(size, antialias=True),
-        v2.CenterCrop(size),
-    ])  # fmt: skip
-    return transform(image.convert("RGB"))
+def resize_crop(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
+    """Shorter side to ``size`` (antialiased), centre crop: uint8 tensor 3 x size x size.
+
+    Takes a PIL image or an H x W x 3 uint8 array (copied: decoded arrays are read-only).
+    """
+    if isinstance(image, Image.Image):
+        chw = TF.pil_to_tensor(image.convert("RGB"))
+    else:
+        chw = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+    chw = TF.resize(chw, [size], antialias=True)
+    return TF.center_crop(chw, [size, size]).contiguous()
 
 
 def load_content_images(spec: str, size: int) -> torch.Tensor:

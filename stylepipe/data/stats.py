@@ -17,13 +17,6 @@ STAT_COLUMNS = (
 )  # fmt: skip
 
 
-def normalise(rgb: np.ndarray, size: int) -> np.ndarray:
-    """H x W x 3 uint8 -> 3 x size x size uint8: shorter side to size (antialiased), centre crop."""
-    tensor = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-    tensor = TF.resize(tensor, [size], antialias=True)
-    return TF.center_crop(tensor, [size, size]).contiguous().numpy()
-
-
 def luminance(chw: np.ndarray) -> np.ndarray:
     r, g, b = chw.astype(np.float64)
     return 0.299 * r + 0.587 * g + 0.114 * b

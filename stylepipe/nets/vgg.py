@@ -18,15 +18,19 @@ from torch import nn
 from torchvision.models import VGG16_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
+from stylepipe.config import LAYER_NAMES
+from stylepipe.errors import StylepipeError
+from stylepipe.files import read_state_dict
+
 log = logging.getLogger(__name__)
 
 # Index of each ReLU output inside torchvision's ``vgg16().features``.
-LAYER_INDEX = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}
+LAYER_INDEX = dict(zip(LAYER_NAMES, (3, 8, 15, 22), strict=True))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(StylepipeError):
     """The requested loss-network weights cannot be loaded; the message says what to do."""
 
 
@@ -55,16 +59,9 @@ def _load_local(path: Path) -> dict[str, torch.Tensor]:
             "to 'imagenet' (torchvision's cache) or to 'random' (pipeline tests only)."
         )
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file, pickle with code in it, ...
+        state = read_state_dict(path)
+    except Exception as err:  # corrupt file, pickle with code in it, not a state_dict, ...
         raise WeightsUnavailable(f"cannot read VGG16 weights from {path}: {err}") from err
-    if not isinstance(state, dict):
-        raise WeightsUnavailable(f"{path} holds a {type(state).__name__}, not a state_dict")
     return _features_state_dict(state, str(path))
 
 

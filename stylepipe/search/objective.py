@@ -20,16 +20,17 @@ import torch
 from stylepipe.config import Config
 from stylepipe.data.shard import is_prepared, load_split
 from stylepipe.data.sources import RandomBatches
+from stylepipe.errors import StylepipeError
 from stylepipe.nets.losses import PerceptualLoss
 from stylepipe.nets.transformer import TransformerNet
 from stylepipe.search.space import apply, suggest
 from stylepipe.tracking import RunLogger, Tracker
-from stylepipe.train import Callback, Trainer, TrainingHalted, resolve_device
+from stylepipe.train import Callback, Trainer, TrainingHalted, TrainState, resolve_device
 from stylepipe.train.guards import Autopsy
 from stylepipe.train.recipe import build_criterion
 
 
-class SearchError(RuntimeError):
+class SearchError(StylepipeError):
     """The search cannot start or finish; the message says why."""
 
 
@@ -94,18 +95,19 @@ class QualityReporter(Callback):
         self.last_step = 0
         self.history: list[tuple[int, float]] = []
 
-    def on_check(self, trainer: Trainer, step: int) -> None:
-        if step - self.last_step < self.eval_every and step != trainer.steps:
+    def on_check(self, state: TrainState) -> None:
+        step = state.step
+        if step - self.last_step < self.eval_every and step != state.steps:
             return
         self.last_step = step
-        quality = evaluate_quality(trainer.model, self.data)
+        quality = evaluate_quality(state.model, self.data)
         self.history.append((step, quality))
         if self.logger is not None:
             self.logger.on_metrics([{"step": step, "val/quality": quality}])
         if self.trial is not None:
             self.trial.report(quality, step)
             # At the last step there is no compute left to save: the trial completes.
-            final = step == trainer.steps
+            final = step == state.steps
             if not final and math.isfinite(quality) and self.trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}: quality {quality:.4g} behind the median")
 

@@ -21,11 +21,11 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from stylepipe.config import Config
-from stylepipe.sqlite import use_write_ahead_log
-from stylepipe.tracking import redact_url
+from stylepipe.errors import StylepipeError
+from stylepipe.stores import is_sqlite, redact_url, sqlite_path, use_write_ahead_log
 
 
-class StorageError(RuntimeError):
+class StorageError(StylepipeError):
     """The study storage cannot be used; the message names the URL without its password."""
 
 
@@ -73,10 +73,6 @@ def open_storage(config: Config) -> RDBStorage:
         raise StorageError(f"cannot open the Optuna storage {redact_url(url)}: {_reason(err)}") from None
 
 
-def is_sqlite(url: str) -> bool:
-    return url.startswith("sqlite")
-
-
 class SingleWorkerGuard:
     """Holds an exclusive file lock beside a SQLite database while a worker runs trials."""
 
@@ -85,9 +81,10 @@ class SingleWorkerGuard:
         self._file: Any = None
 
     def __enter__(self) -> SingleWorkerGuard:
-        if not is_sqlite(self.url) or ":memory:" in self.url:
+        path = sqlite_path(self.url)
+        if path is None:
             return self
-        db = Path(self.url.split("///", 1)[1])
+        db = Path(path)
         self._file = open(db.with_name(db.name + ".worker.lock"), "w")  # noqa: SIM115
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)

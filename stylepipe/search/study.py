@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
-import os
 import time
 import warnings
 from collections import Counter
@@ -20,11 +18,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from stylepipe import report
 from stylepipe.config import Config
+from stylepipe.files import write_json
 from stylepipe.search.objective import Objective, load_study_data, run_candidate
 from stylepipe.search.safest import confirm_safest
 from stylepipe.search.space import apply, trial_values
 from stylepipe.search.storage import SingleWorkerGuard, StudyLock, open_storage
-from stylepipe.tracking import Tracker, redact_url
+from stylepipe.stores import redact_url
+from stylepipe.tracking import Tracker
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
@@ -229,12 +229,12 @@ def confirm(session: SearchSession) -> dict | None:
         study.set_user_attr("safest_for_trials", done)
     path = session.run_dir / "safest.json"
     if safest is None:
-        _write_json(path, {"study": study.study_name, "safest": None,
+        write_json(path, {"study": study.study_name, "safest": None,
                            "why": "no candidate stayed finite under every stress replay"})  # fmt: skip
     else:
-        _write_json(path, safest)
+        write_json(path, safest)
         # survives later studies that find nothing safe: the warm start of the next run
-        _write_json(session.run_dir / "last_safest.json", safest)
+        write_json(session.run_dir / "last_safest.json", safest)
     return safest
 
 
@@ -282,7 +282,7 @@ def summarise(session: SearchSession, safest: dict | None, model: dict | None = 
     session.tracker.log_study_summary(session.parent, trials, picture, report.causes_markdown(trials), safest)
     safest_path = session.run_dir / "safest.json"
     if safest is not None and model is not None:
-        _write_json(safest_path, {**safest, "model": model})
+        write_json(safest_path, {**safest, "model": model})
     return SearchResult(study, safest, safest_path, trials, picture, model)
 
 
@@ -317,9 +317,3 @@ def train_final_model(session: SearchSession, safest: dict) -> dict:
     model = tracker.log_final_model(run_id, run.model, {**safest, "quality": run.quality},
                                     config.tracking.registered_model, samples)  # fmt: skip
     return {**model, "quality": run.quality, "samples": [str(p) for p in samples]}
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    os.replace(tmp, path)

@@ -1,6 +1,6 @@
 """Training: the loop, its guards and autopsy, callbacks, checkpoints."""
 
-from stylepipe.train.callbacks import Callback, CSVMetricsWriter, ProgressBar
+from stylepipe.train.callbacks import Callback, CSVMetricsWriter, ProgressBar, TrainState
 from stylepipe.train.guards import CAUSES, Autopsy, TrainingHalted, classify_cause
 from stylepipe.train.trainer import Trainer, TrainResult, resolve_device
 
@@ -11,6 +11,7 @@ __all__ = [
     "Callback",
     "ProgressBar",
     "TrainResult",
+    "TrainState",
     "Trainer",
     "TrainingHalted",
     "classify_cause",

@@ -9,30 +9,39 @@ pruner does); the exception propagates to whoever called ``Trainer.fit``.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 
-if TYPE_CHECKING:
-    from stylepipe.train.guards import Autopsy
-    from stylepipe.train.trainer import Trainer, TrainResult
+from stylepipe.train.guards import Autopsy
+
+
+@dataclass
+class TrainState:
+    """What a callback sees of a run: the model being trained, the last step done, the total."""
+
+    model: nn.Module
+    step: int
+    steps: int
 
 
 class Callback:
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, state: TrainState) -> None:
         """Before the first step."""
 
     def on_metrics(self, rows: list[dict[str, float]]) -> None:
         """A chunk of per-step metric rows (each has a ``step`` key), oldest first."""
 
-    def on_check(self, trainer: Trainer, step: int) -> None:
+    def on_check(self, state: TrainState) -> None:
         """After each finiteness check that passed; may evaluate, and may raise to stop."""
 
     def on_halt(self, autopsy: Autopsy) -> None:
         """A guard stopped training; ``TrainingHalted`` is raised right after."""
 
-    def on_train_end(self, result: TrainResult) -> None:
+    def on_train_end(self, state: TrainState) -> None:
         """Training finished every step."""
 
 
@@ -63,7 +72,7 @@ class CSVMetricsWriter(Callback):
     def on_halt(self, autopsy: Autopsy) -> None:
         self.close()
 
-    def on_train_end(self, result: TrainResult) -> None:
+    def on_train_end(self, state: TrainState) -> None:
         self.close()
 
 
@@ -81,9 +90,9 @@ class ProgressBar(Callback):
         self.description = description
         self.task: Any = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, state: TrainState) -> None:
         self.progress.start()
-        self.task = self.progress.add_task(self.description, total=trainer.steps, status="")
+        self.task = self.progress.add_task(self.description, total=state.steps, status="")
 
     def on_metrics(self, rows: list[dict[str, float]]) -> None:
         last = rows[-1]
@@ -93,5 +102,5 @@ class ProgressBar(Callback):
     def on_halt(self, autopsy: Autopsy) -> None:
         self.progress.stop()
 
-    def on_train_end(self, result: TrainResult) -> None:
+    def on_train_end(self, state: TrainState) -> None:
         self.progress.stop()

@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from stylepipe.errors import StylepipeError
+from stylepipe.files import atomic_path, read_state_dict
 from stylepipe.nets.transformer import TransformerNet
 
 
-class CheckpointError(ValueError):
+class CheckpointError(StylepipeError):
     """A checkpoint that cannot be read as a stylepipe transformer."""
 
 
 def save_checkpoint(model: TransformerNet, path: str | Path, metadata: dict | None = None) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"stylepipe": json.dumps(metadata or {}, default=str)})
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"stylepipe": json.dumps(metadata or {}, default=str)})
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TransformerNet:
@@ -33,10 +31,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Tra
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state_dict(path)
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
     model = TransformerNet()

@@ -10,7 +10,9 @@ input batch -> output image -> content loss -> style loss per layer -> TV loss -
 gradients per parameter group -> parameters after the optimiser step. The first
 of those that is non-finite is where the trouble started.
 
-``classify_cause`` is the single rule that maps evidence to a cause. It is
+``RunGuard`` reads those rows in step order, keeps the running statistics (divergence
+monitor, consecutive fp16 skips) and, at the first bad step, gathers the evidence into an
+``Autopsy``. ``classify_cause`` is the single rule that maps evidence to a cause. It is
 documented rule by rule below and tested on reproductions in tests/test_guards.py.
 """
 
@@ -21,7 +23,10 @@ import math
 import statistics
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stylepipe.config import GuardConfig
 
 CAUSES = (
     "bad_input",
@@ -198,3 +203,113 @@ class DivergenceMonitor:
         if math.isfinite(grad_norm):
             self.grad_norms.append(grad_norm)
         return verdict
+
+
+def flow_order(style_layers: list[str], group_names: list[str]) -> list[tuple[str, str]]:
+    """Where a step can first go non-finite, in data-flow order: (location, metric column)."""
+    return (
+        [("input", "finite/input"), ("output", "finite/output"), ("loss/content", "loss/content")]
+        + [(f"loss/style/{n}", f"loss/style/{n}") for n in style_layers]
+        + [("loss/tv", "loss/tv"), ("loss/total", "loss/total")]
+        + [(f"grad/{g}", f"grad_norm/{g}") for g in group_names]
+        + [("params", "param_norm")]
+    )
+
+
+class RunGuard:
+    """The guards of one training run: reads each step's metric row, in step order, and says
+    when training must stop; then gathers the evidence of that step into an ``Autopsy``.
+
+    A row holds the step's losses, gradient norms per group (before clipping), the parameter
+    norm after the update, 1/0 flags for a finite input batch and output image, and ``lr``.
+    """
+
+    def __init__(
+        self,
+        config: GuardConfig,
+        precision: str,
+        clip_norm: float | None,
+        weights: tuple[float, float, float],
+        style_layers: list[str],
+        group_names: list[str],
+    ):
+        self.config = config
+        self.precision = precision
+        self.clip_norm = clip_norm
+        self.weights = weights
+        self.order = flow_order(style_layers, group_names)
+        self.start(initial_param_norm=0.0)
+
+    def start(self, initial_param_norm: float) -> None:
+        """Fresh running statistics for a run whose parameters start at this norm."""
+        self.initial_param_norm = initial_param_norm
+        self.monitor = DivergenceMonitor(self.config.divergence_factor, self.config.divergence_warmup,
+                                         self.config.grad_spike_factor, self.config.grad_spike_window)  # fmt: skip
+        self.fp16_skips = 0
+
+    def first_nonfinite(self, row: dict[str, float]) -> str | None:
+        for location, column in self.order:
+            value = row[column]
+            if value == 0.0 if column.startswith("finite/") else not math.isfinite(value):
+                return location
+        return None
+
+    def check(self, row: dict[str, float]) -> tuple[str | None, str | None]:
+        """``(trigger, first_nonfinite)`` for one step; the trigger is None when training goes on."""
+        where = self.first_nonfinite(row)
+        if not self.config.enabled:
+            return None, where
+        if where is not None and self.precision == "fp16" and where.startswith("grad/"):
+            # GradScaler found inf gradients and skipped the update: expected in fp16,
+            # unless it keeps happening.
+            self.fp16_skips += 1
+            return ("fp16_skips" if self.fp16_skips > self.config.max_fp16_skips else None), where
+        self.fp16_skips = 0
+        if where is not None:
+            return "nonfinite", where
+        return self.monitor.observe(int(row["step"]), row["loss/total"], row["grad_norm/total"]), None
+
+    def autopsy(self, history: list[dict[str, float]], where: str | None, trigger: str) -> Autopsy:
+        """The autopsy of the last row of ``history`` (the bad step), from the rows before it."""
+        bad = history[-1]
+        finite_rows = [r for r in history[:-1] if self.first_nonfinite(r) is None]
+        last = finite_rows[-1] if finite_rows else None
+        wc, ws, wt = self.weights
+        # Loss balance as the weights set it: the first step's terms (later ones may be a symptom).
+        first = history[0]
+        ratio = None
+        if all(math.isfinite(first[k]) for k in ("loss/content", "loss/style")):
+            weighted = [w * first[k] for w, k in ((wc, "loss/content"), (ws, "loss/style")) if w > 0]
+            weighted = [v for v in weighted if v > 0]
+            if len(weighted) == 2:
+                ratio = max(weighted) / min(weighted)
+        growth = None
+        start = self.initial_param_norm
+        if last is not None and start > 0:
+            growth = last["param_norm"] / start
+        if math.isfinite(bad["param_norm"]) and start > 0:
+            growth = max(growth or 0.0, bad["param_norm"] / start)
+        outcome = "diverged" if trigger in ("loss_rise", "grad_spike") else "nan"
+        cause, reason = classify_cause(
+            Evidence(outcome, where, trigger, self.precision, ratio, growth), self.config.imbalance_ratio
+        )
+        losses = {k: last[k] for k in ("loss/content", "loss/style", "loss/tv", "loss/total")} if last else {}
+        return Autopsy(
+            outcome=outcome,
+            step=int(bad["step"]),
+            first_nonfinite=where,
+            cause=cause,
+            reason=reason,
+            trigger=trigger,
+            last_finite_losses=losses,
+            grad_norm_tail=[r["grad_norm/total"] for r in history[-20:]],
+            lr=bad["lr"],
+            clip_norm=self.clip_norm,
+            precision=self.precision,
+            evidence={
+                "weighted_loss_ratio": ratio,
+                "param_norm_growth": growth,
+                "weights": {"content": wc, "style": ws, "tv": wt},
+                "bad_step": {k: v for k, v in bad.items() if not k.startswith("finite/")},
+            },
+        )

@@ -1,4 +1,5 @@
-"""Faster commits for the SQLite files stylepipe writes (the default Optuna and MLflow stores).
+"""The stores' URLs: shown without their password, SQLite files found as SQLAlchemy finds them,
+and faster commits for the SQLite files stylepipe writes (the default Optuna and MLflow stores).
 
 A trial commits to its stores a few dozen times (ask, user attributes, reports, the MLflow
 run, tell). In SQLite's default rollback-journal mode each commit waits for the disk
@@ -24,9 +25,24 @@ from sqlalchemy.engine import Engine, make_url
 _FILES: set[str] = set()
 
 
+def redact_url(url: str) -> str:
+    """The URL with its password masked as ``***``, for messages, logs and tags."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: hide all of the user part, if any
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}" if sep and "@" in rest else url
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
 def sqlite_path(url: str) -> str | None:
     """The database file behind a SQLite URL, as SQLAlchemy reads it (None for other URLs
     and in-memory databases)."""
+    if not is_sqlite(url):
+        return None
     parsed = make_url(url)
     database = parsed.database
     if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":

@@ -1,0 +1,55 @@
+"""Writing files so that a crash never leaves half of one, and reading tensors without pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends
+    without an error, removed when it raises. The suffix is kept, for writers that pick the
+    format from it (PIL) or append one when it is missing (numpy)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    return write_text(path, json.dumps(value, indent=2, default=str))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, or of a torch file read with ``weights_only=True``
+    (no code in the file runs). Raises ``OSError``/``ValueError``/``RuntimeError`` as the readers
+    do; callers say which kind of file they wanted."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not a state_dict")
+    return state
