@@ -21,12 +21,12 @@ install: $(STAMP)
 
 # The whole pipeline once, as a Prefect flow on a temporary local server (offline).
 run: $(STAMP)
-	$(VENV)/bin/stylepipe pipeline --config $(CONFIG)
+	$(VENV)/bin/stylepipe-flow run --config $(CONFIG)
 
 # The scheduled deployment, against the Prefect server at PREFECT_API_URL (see README).
 serve: $(STAMP)
 	@test -n "$$PREFECT_API_URL" || { echo "set PREFECT_API_URL (start a server: .venv/bin/prefect server start)"; exit 2; }
-	$(VENV)/bin/stylepipe serve --config $(CONFIG)
+	$(VENV)/bin/stylepipe-flow serve --config $(CONFIG)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

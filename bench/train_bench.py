@@ -149,7 +149,8 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
     from stylepipe.config import TrackingConfig
     from stylepipe.search.objective import Objective, load_study_data, run_candidate
     from stylepipe.search.space import trial_values
-    from stylepipe.search.study import SearchSession, frozen_heap
+    from stylepipe.search.study import frozen_heap
+    from stylepipe.stages import StudySession
 
     base = config.with_overrides({"data.content": str(prepared), "train.steps": steps,
                                   "search.eval_every": steps, "search.pruner_startup_trials": 10**6})  # fmt: skip
@@ -166,7 +167,7 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
         }
         sessions = []
         for every in every_values:
-            session = SearchSession(base.with_overrides({"run_dir": f"{tmp}/every{every}",
+            session = StudySession(base.with_overrides({"run_dir": f"{tmp}/every{every}",
                                                          "tracking.log_every": every}))  # fmt: skip
             objective = Objective(session.data, session.tracker, session.parent)
 

@@ -1,5 +1,5 @@
-"""The ``style_pipeline`` flow: prepare -> search -> confirm safest -> train final ->
-register -> promote -> report. Thin: every task is one call into the library.
+"""The ``style_pipeline`` flow: prepare -> search -> confirm safest -> train final -> register ->
+promote -> report. Thin: every task is one call to a stage in ``stylepipe.stages``.
 
 Retries only where the work is I/O (reading images, the registry); never for training,
 where a NaN is an answer, not a glitch. ``prepare`` is cached by its input's content.
@@ -7,8 +7,6 @@ where a NaN is an answer, not a glitch. ``prepare`` is cached by its input's con
 
 from __future__ import annotations
 
-import hashlib
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,12 +14,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
 
-from stylepipe import report
+from stylepipe import stages
 from stylepipe.config import Config, load_config
-from stylepipe.data.prepare import source_fingerprint
-from stylepipe.pipeline import prepare_stage, previous_safest, source_dir
-from stylepipe.search.promotion import promote_if_better
-from stylepipe.search.study import SearchSession, confirm, run_trials, summarise, train_final_model
 
 
 def _settings(config_json: str) -> Config:
@@ -30,52 +24,47 @@ def _settings(config_json: str) -> Config:
 
 def _prepare_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Same source content (paths, sizes, times) and same settings: same prepared shard."""
-    config = _settings(parameters["config_json"])
-    settings = json.dumps(config.prepare.model_dump(mode="json"), sort_keys=True)
-    digest = hashlib.sha256(f"{source_fingerprint(source_dir(config))}|{settings}|{config.run_dir}".encode())
-    return f"stylepipe-prepare-{digest.hexdigest()}"
+    return f"stylepipe-prepare-{stages.prepare_fingerprint(_settings(parameters['config_json']))}"
 
 
 @task(name="prepare", retries=2, retry_delay_seconds=5, cache_key_fn=_prepare_cache_key)
 def prepare_task(config_json: str) -> dict[str, Any]:
-    return prepare_stage(_settings(config_json))
+    return stages.prepare(_settings(config_json))
 
 
 @task(name="search")
 def search_task(config_json: str, warm_start: dict | None) -> dict[str, Any]:
-    with SearchSession(_settings(config_json)) as session:
-        ran = run_trials(session, progress=False, warm_start_params=warm_start)
-        return {"trials_run": ran, "study": session.study.study_name}
+    return stages.search(_settings(config_json), warm_start)
 
 
 @task(name="confirm safest")
 def confirm_task(config_json: str) -> dict | None:
-    with SearchSession(_settings(config_json)) as session:
-        return confirm(session)
+    return stages.confirm(_settings(config_json))
 
 
-@task(name="train final and register")
+@task(name="train final")
 def train_final_task(config_json: str, safest: dict) -> dict[str, Any]:
-    with SearchSession(_settings(config_json)) as session:
-        return train_final_model(session, safest)
+    return stages.train_final(_settings(config_json), safest)
+
+
+@task(name="register", retries=2, retry_delay_seconds=5)
+def register_task(config_json: str, final: dict) -> dict[str, Any]:
+    return stages.register(_settings(config_json), final)
 
 
 @task(name="promote", retries=2, retry_delay_seconds=5)
 def promote_task(config_json: str, version: str) -> dict[str, Any]:
-    return promote_if_better(_settings(config_json), version)
+    return stages.promote(_settings(config_json), version)
 
 
 @task(name="report")
 def report_task(config_json: str, safest: dict | None, model: dict | None, promotion: dict | None) -> dict:
-    with SearchSession(_settings(config_json)) as session:
-        result = summarise(session, safest, model)
-    trials = result.trials
-    summary = report.pipeline_markdown(trials, safest, model, promotion)
-    create_markdown_artifact(summary, key="stylepipe-summary", description="stylepipe run summary")
-    top = report.top_trials(trials, k=10)
-    create_table_artifact(json.loads(top.to_json(orient="records")), key="stylepipe-top-trials",
+    reported = stages.report(_settings(config_json), safest, model, promotion)
+    create_markdown_artifact(reported["summary_markdown"], key="stylepipe-summary",
+                             description="stylepipe run summary")  # fmt: skip
+    create_table_artifact(reported["top_trials"], key="stylepipe-top-trials",
                           description="the best complete trials")  # fmt: skip
-    return {"stability_map": str(result.stability_map), "safest_json": str(result.safest_path)}
+    return {"stability_map": reported["stability_map"], "safest_json": reported["safest_json"]}
 
 
 @flow(name="style_pipeline", log_prints=True)
@@ -91,7 +80,7 @@ def style_pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] 
     config = config.with_overrides({"data.content": prepared["prepared"]})
     config_json = config.model_dump_json()
 
-    warm = previous_safest(config)
+    warm = stages.previous_safest(config)
     if warm:
         logger.info("warm start: enqueuing the previous safest configuration %s", warm)
     search = search_task(config_json, warm)
@@ -100,7 +89,7 @@ def style_pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] 
     if safest is None:
         logger.warning("no safe configuration: nothing is registered and the champion stays")
     else:
-        model = train_final_task(config_json, safest)
+        model = register_task(config_json, train_final_task(config_json, safest))
         promotion = promote_task(config_json, model["version"])
         logger.info("promotion: %s", promotion["why"])
     paths = report_task(config_json, safest, model, promotion)

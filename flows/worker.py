@@ -5,44 +5,35 @@ as you want workers; they share the study through the PostgreSQL storage URL:
 
     prefect work-pool create stylepipe-gpu --type process
     prefect worker start --pool stylepipe-gpu          # on each GPU machine
-    python -m flows.worker deploy --config configs/coco256.yaml --pool stylepipe-gpu
+    stylepipe-flow deploy-worker --config configs/coco256.yaml --pool stylepipe-gpu
     prefect deployment run search_worker/coco256 --param storage=postgresql://...
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
+from stylepipe import stages
 from stylepipe.config import load_config
-from stylepipe.search.study import run_worker
 
 
 @flow(name="search_worker")
 def search_worker(config_path: str, storage: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Join the study in ``storage`` as one worker; the last one to finish confirms the safest."""
     config = load_config(config_path, [*(overrides or []), f"search.storage={storage}"])
-    result = run_worker(config)
+    result = stages.run_worker(config)
     return {k: v for k, v in result.items() if k in ("trials_run", "finished_study")}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="deploy search_worker to a Prefect work pool")
-    parser.add_argument("command", choices=["deploy"])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--pool", required=True, help="work pool name")
-    args = parser.parse_args()
-    config = load_config(args.config)
+def deploy(config_path: str, pool: str) -> None:
+    """Register ``search_worker/<config name>`` on the Prefect server, for the work pool ``pool``."""
+    config = load_config(config_path)
     root = Path(__file__).resolve().parents[1]
     search_worker.from_source(source=str(root), entrypoint="flows/worker.py:search_worker").deploy(
         name=config.name,
-        work_pool_name=args.pool,
-        parameters={"config_path": str(Path(args.config).resolve())},
+        work_pool_name=pool,
+        parameters={"config_path": str(Path(config_path).resolve())},
     )
-
-
-if __name__ == "__main__":
-    main()

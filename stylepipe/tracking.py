@@ -1,6 +1,6 @@
-"""Everything MLflow: experiments, runs, batched step metrics, artifacts, the registry.
+"""MLflow runs: experiments, runs, batched step metrics, artifacts (the registry: registry.py).
 
-Layout (DESIGN.md): one experiment per study; a parent run for the study; a nested run
+Layout (docs/design.md): one experiment per study; a parent run for the study; a nested run
 per trial (params, per-step metrics, ``outcome``/``cause`` tags, the autopsy as JSON);
 nested replay runs from the safest-configuration step; the final model run, whose
 model is registered with the alias ``safest``.
@@ -205,6 +205,10 @@ class Tracker:
     def end_study(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def log_artifacts(self, run_id: str, paths: Iterable[Path], folder: str | None = None) -> None:
+        for path in paths:
+            self.client.log_artifact(run_id, str(path), artifact_path=folder)
+
     # ------------------------------------------------------------ study artifacts
     def log_study_summary(
         self, run_id: str, trials, stability_map: Path | None, causes_markdown: str, safest: dict | None
@@ -230,56 +234,10 @@ class Tracker:
         self.client.log_batch(run_id, tags=tags)
         self.client.log_dict(run_id, safest, "safest.json")
 
-    # ------------------------------------------------------------ the registry
-    def alias_version(self, name: str, alias: str) -> str | None:
-        """The version behind ``name@alias``, or None when the alias (or model) does not exist."""
-        from mlflow.exceptions import MlflowException
 
-        try:
-            return str(self.client.get_model_version_by_alias(name, alias).version)
-        except MlflowException as err:
-            if _missing_alias(err):
-                return None
-            raise
-
-    def load_model(self, model_uri: str):
-        mlflow.set_tracking_uri(self.uri)
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
-
-    # ------------------------------------------------------------ the final model
-    def log_final_model(
-        self, run_id: str, model, safest: dict, registered_name: str, sample_images: Iterable[Path] = ()
-    ) -> dict[str, Any]:
-        """Log the model with signature and input example, register it, alias it ``safest``."""
-        import numpy as np
-        import torch
-        from mlflow.models import infer_signature
-
-        for path in sample_images:
-            self.client.log_artifact(run_id, str(path), artifact_path="samples")
-        example = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
-        model = model.cpu().eval()
-        with torch.no_grad():
-            output = model(torch.from_numpy(example)).numpy()
-        signature = infer_signature(example, output)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=signature,
-                input_example=example,
-                registered_model_name=registered_name,
-                pip_requirements=["torch", "torchvision", "stylepipe"],
-                # a pickled nn.Module takes any image size; an exported program fixes the shape
-                serialization_format="pickle",
-            )
-        version = str(info.registered_model_version)
-        self.client.set_registered_model_alias(registered_name, "safest", version)
-        self.client.set_model_version_tag(registered_name, version, "quality", str(safest["quality"]))
-        self.client.set_model_version_tag(registered_name, version, "safe", "true")
-        self.client.set_terminated(run_id, status="FINISHED")
-        return {"run_id": run_id, "model_uri": f"models:/{registered_name}@safest", "version": version}
-
-
-def _missing_alias(err: Exception) -> bool:
-    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower()
+def end_killed_run(tracking_uri: str, run_id: str, why: str) -> None:
+    """End the run of a worker that died (no heartbeat) as KILLED, saying why."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.set_tag(run_id, "outcome", "failed")
+    client.set_tag(run_id, "failure", why)
+    client.set_terminated(run_id, status="KILLED")

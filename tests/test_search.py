@@ -23,7 +23,7 @@ from stylepipe.data.prepare import prepare
 from stylepipe.data.sources import export_skimage
 from stylepipe.nets import TransformerNet
 from stylepipe.search.objective import evaluate_quality, load_study_data
-from stylepipe.search.study import run_search
+from stylepipe.stages import run_search
 from stylepipe.train.guards import CAUSES
 from tests.conftest import DEMO
 
@@ -128,10 +128,10 @@ def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(sear
 
     summary = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "trials.parquet", "nan_causes.md", "stability_map.png", "safest.json"} <= summary
-    assert float(parent.data.tags["safest.lr"]) == pytest.approx(result.safest["params"]["lr"])
+    assert float(parent.data.tags["safest.lr"]) == pytest.approx(result["safest"]["params"]["lr"])
 
     version = client.get_model_version_by_alias("tiny-style", "safest")
-    assert str(version.version) == result.model["version"]
+    assert str(version.version) == result["model"]["version"]
     final = client.get_run(version.run_id)
     assert any(a.path == "samples" for a in client.list_artifacts(final.info.run_id))
     mlflow.set_tracking_uri(config.tracking_uri)

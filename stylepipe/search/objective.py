@@ -45,13 +45,19 @@ class StudyData:
     device: torch.device
 
 
-def load_study_data(config: Config) -> StudyData:
-    folder = config.data.content
+def check_prepared(folder: str) -> None:
+    """Refuse, before any study or run exists, a content source that is not a prepared folder."""
     if not is_prepared(folder):
         raise SearchError(
             f"data.content={folder!r} is not a prepared folder; run `stylepipe prepare SOURCE OUT` "
             "and set data.content to OUT (the search needs its validation split)"
         )
+
+
+def load_study_data(config: Config) -> StudyData:
+    """The shard's splits (on the GPU when training runs there) and the loss network."""
+    folder = config.data.content
+    check_prepared(folder)
     device = resolve_device(config.train.device)
     train = load_split(folder, "train")
     val = load_split(folder, "val")[: config.search.max_val_images]

@@ -23,6 +23,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from stylepipe.config import Config
 from stylepipe.errors import StylepipeError
 from stylepipe.stores import is_sqlite, redact_url, sqlite_path, use_write_ahead_log
+from stylepipe.tracking import end_killed_run
 
 
 class StorageError(StylepipeError):
@@ -46,12 +47,7 @@ class EndKilledRunThenRetry:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
-            from mlflow import MlflowClient
-
-            client = MlflowClient(tracking_uri=self.tracking_uri)
-            client.set_tag(run_id, "outcome", "failed")
-            client.set_tag(run_id, "failure", "worker stopped sending heartbeats (killed or lost)")
-            client.set_terminated(run_id, status="KILLED")
+            end_killed_run(self.tracking_uri, run_id, "worker stopped sending heartbeats (killed or lost)")
         self.retry(study, trial)
 
 

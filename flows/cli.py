@@ -1,0 +1,104 @@
+"""The ``stylepipe-flow`` command: the pipeline as Prefect flows (thin; the work is in stages).
+
+stylepipe-flow run --config configs/demo.yaml        the whole pipeline once (make run)
+stylepipe-flow serve --config configs/coco256.yaml   its scheduled deployment (make serve)
+stylepipe-flow deploy-worker --config ... --pool P   the search_worker flow, for a work pool
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from stylepipe.cli import add_config_args, console, load_settings, out
+from stylepipe.cli import run as run_command
+
+
+def prefect_home(args: argparse.Namespace) -> None:
+    """Keep Prefect's home (its database, logs) inside the run folder, not the user's home.
+
+    Prefect reads its settings when first imported: this runs before any flow module is.
+    """
+    home = Path(load_settings(args).run_dir).resolve() / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(home))
+    # no PREFECT_API_URL: a temporary local server for this run
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_settings(args)
+    prefect_home(args)
+    from flows.pipeline import style_pipeline
+
+    result = style_pipeline(config_path=args.config, overrides=args.overrides, study_name=args.study)
+    run_dir = Path(config.run_dir)
+    out.print("\n[bold]Where to look[/]")
+    out.print(f"  run folder:        {run_dir}")
+    out.print(f"  preparation:       {result['prepared'].get('report', result['prepared']['prepared'])}")
+    out.print(f"  Optuna storage:    {config.storage_url}  (study {result['study']})")
+    out.print(f"  MLflow tracking:   {config.tracking_uri}")
+    out.print(f"  stability map:     {result['stability_map']}")
+    out.print(f"  safest settings:   {result['safest_json']}")
+    if result["model"]:
+        model = result["model"]
+        out.print(f"  registered model:  {model['model_uri']} (version {model['version']})")
+        out.print(f"  stylised samples:  {run_dir / 'samples'}")
+    if result["promotion"]:
+        out.print(f"  champion:          {result['promotion']['why']}")
+    else:
+        console.print("[bold red]  no safe configuration: nothing registered")
+    out.print("  dashboards:        make dashboards")
+    return 0 if result["safest"] else 4
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    load_settings(args)  # a bad config is refused before Prefect starts
+    prefect_home(args)
+    from flows.deploy import serve
+
+    serve(args.config, args.overrides)
+    return 0
+
+
+def cmd_deploy_worker(args: argparse.Namespace) -> int:
+    load_settings(args)
+    from flows.worker import deploy
+
+    deploy(args.config, args.pool)
+    out.print(f"deployed search_worker for work pool {args.pool}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stylepipe-flow", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the whole pipeline once, as a Prefect flow")
+    add_config_args(run)
+    run.add_argument("--study", default=None, help="study name (default: <name>-<timestamp>)")
+    run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="serve the pipeline's scheduled deployment (needs PREFECT_API_URL)")
+    add_config_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    deploy = sub.add_parser("deploy-worker", help="deploy the search_worker flow to a work pool")
+    add_config_args(deploy)
+    deploy.add_argument("--pool", required=True, help="work pool name")
+    deploy.set_defaults(func=cmd_deploy_worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""The pipeline's stages, each a plain function of validated settings that returns JSON-friendly
+values:
+
+    prepare -> search -> confirm -> train_final -> register -> promote -> report
+
+A stage reopens what it needs from disk and the stores (the shard, the Optuna study, the
+MLflow runs), so an orchestrator can run, retry or cache each on its own, and it loads only
+that: the report stage never builds the loss network. ``run_search`` and ``run_worker`` chain
+the stages for the ``search`` and ``worker`` commands, sharing one ``StudySession``.
+The commands (cli.py) and the Prefect flows (flows/) call only what is here.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import multiprocessing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from stylepipe.config import Config
+from stylepipe.files import write_json
+from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
+from stylepipe.search.objective import (
+    Objective,
+    StudyData,
+    check_prepared,
+    evaluate_quality,
+    load_study_data,
+    run_candidate,
+)
+from stylepipe.search.safest import confirm_safest
+from stylepipe.search.space import apply
+from stylepipe.search.storage import StorageError, StudyLock
+from stylepipe.search.study import COUNTED, open_study, run_trials, trials_table
+from stylepipe.stores import is_sqlite, redact_url
+from stylepipe.tracking import Tracker
+
+# ------------------------------------------------------------------ prepare
+
+
+def prepared_dir(config: Config) -> Path:
+    return Path(config.run_dir) / "prepared"
+
+
+def source_dir(config: Config, source: str | None = None, out: Path | None = None) -> Path:
+    """The folder to prepare: ``source`` or data.content; ``skimage`` means scikit-image's
+    bundled images, written out beside the output folder (default <run_dir>/prepared)."""
+    from stylepipe.data.sources import export_skimage
+
+    source = source or config.data.content
+    if source == "skimage":
+        return export_skimage((out or prepared_dir(config)).parent / "skimage-images")
+    return Path(source)
+
+
+def prepare_fingerprint(config: Config) -> str:
+    """Changes when the files to prepare or the preparation settings change (a cache key)."""
+    from stylepipe.data.prepare import source_fingerprint
+
+    settings = json.dumps(config.prepare.model_dump(mode="json"), sort_keys=True)
+    text = f"{source_fingerprint(source_dir(config))}|{settings}|{config.run_dir}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def prepare(
+    config: Config, source: str | None = None, out: str | None = None, progress: bool = False
+) -> dict:
+    """Prepare ``source`` (default data.content) into ``out`` (default <run_dir>/prepared); only
+    files not seen before are decoded. A data.content that is already prepared is used as is."""
+    from stylepipe.data.prepare import prepare as prepare_folder
+    from stylepipe.data.shard import is_prepared
+
+    if source is None and is_prepared(config.data.content):
+        return {"prepared": config.data.content, "skipped": "data.content is already prepared"}
+    target = Path(out) if out else prepared_dir(config)
+    result = prepare_folder(source_dir(config, source, target), target, config.prepare, progress=progress)
+    return {
+        "prepared": str(target),
+        "files": len(result.manifest),
+        "kept": result.kept,
+        "quarantined": result.quarantined,
+        "decoded": result.processed,
+        "reused": result.reused,
+        "manifest": str(result.manifest_path),
+        "shard": str(result.shard_path),
+        "report": str(result.report_path),
+    }
+
+
+# ------------------------------------------------------------------ training by hand
+
+
+def train(config: Config, progress: bool = True) -> dict:
+    """Train one configuration with its guards: ``model.safetensors`` and ``metrics.csv`` in
+    run_dir. A guard's halt raises ``TrainingHalted`` with the autopsy's path as ``.output``."""
+    from stylepipe.train import ProgressBar
+    from stylepipe.train.recipe import train_from_config
+
+    output = train_from_config(config, [ProgressBar(f"train {config.name}")] if progress else [])
+    return {
+        "steps": output.result.steps,
+        "seconds": output.result.seconds,
+        "final_loss": output.result.final["loss/total"],
+        "checkpoint": str(output.checkpoint),
+        "metrics_csv": str(output.metrics_csv),
+    }
+
+
+def stylize(model_path: str, source: str, target: str, max_size: int | None = None) -> str:
+    """Apply a trained model (a stylepipe checkpoint) to one image file."""
+    from stylepipe.stylize import stylize_file
+    from stylepipe.train.checkpoint import load_checkpoint
+
+    return str(stylize_file(load_checkpoint(model_path), source, target, max_size=max_size))
+
+
+# ------------------------------------------------------------------ the study's stages
+
+
+class StudySession:
+    """What the stages of one study share: the Optuna study, the MLflow tracker and the study's
+    parent run, and, loaded on first use only, the shard and the loss network (``data``).
+
+    As a context manager the parent run is RUNNING inside and ended FINISHED on the way out,
+    or FAILED when the stage raised. A worker among many (``owns_parent=False``) leaves the
+    parent run to whoever finishes the study.
+    """
+
+    def __init__(self, config: Config, owns_parent: bool = True):
+        self.config = config
+        self.owns_parent = owns_parent
+        self.run_dir = Path(config.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with StudyLock(config, "setup"):  # one experiment, one study, one parent run
+            self.tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.study_name,
+                                   artifact_root=self.run_dir / "mlartifacts")  # fmt: skip
+            self.study = open_study(config)
+            self.parent = self.tracker.study_run(
+                config.study_name, {"storage": redact_url(config.storage_url)}
+            )
+        self.study.set_user_attr("mlflow_parent_run_id", self.parent)
+
+    @functools.cached_property
+    def data(self) -> StudyData:
+        return load_study_data(self.config)
+
+    def __enter__(self) -> StudySession:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.owns_parent:
+            self.tracker.end_study(self.parent, status="FINISHED" if kind is None else "FAILED")
+
+
+@contextmanager
+def _session(config: Config, session: StudySession | None) -> Iterator[StudySession]:
+    """The caller's session, or one of this stage's own."""
+    if session is not None:
+        yield session
+        return
+    with StudySession(config) as own:
+        yield own
+
+
+def previous_safest(config: Config) -> dict[str, Any] | None:
+    """The safest parameters an earlier run in this run folder found, for a warm start."""
+    path = Path(config.run_dir) / "last_safest.json"
+    return json.loads(path.read_text()).get("params") if path.is_file() else None
+
+
+def search(
+    config: Config,
+    warm_start: dict | None = None,
+    progress: bool = False,
+    session: StudySession | None = None,
+) -> dict:
+    """Run (or resume) the study's trials until it holds ``search.n_trials`` finished ones."""
+    check_prepared(config.data.content)  # before any study or run exists
+    with _session(config, session) as s:
+        objective = Objective(s.data, s.tracker, s.parent)
+        ran = run_trials(config, s.study, objective, progress, warm_start)
+        return {"study": config.study_name, "trials_run": ran}
+
+
+def confirm(config: Config, session: StudySession | None = None) -> dict | None:
+    """Replay the best trials under stress; write ``safest.json``; None when nothing is safe.
+
+    Runs once per study state: a verdict the study already holds for its current trials
+    (from another worker, or an earlier run) is reused.
+    """
+    with _session(config, session) as s:
+        study = s.study
+        done = len(study.get_trials(deepcopy=False, states=COUNTED))
+        attrs = study.user_attrs
+        if attrs.get("safest_for_trials") == done and "safest" in attrs:
+            safest = attrs["safest"]
+        else:
+            safest = confirm_safest(study, s.data, s.tracker, s.parent)
+            study.set_user_attr("safest_for_trials", done)
+        if safest is None:
+            write_json(s.run_dir / "safest.json", {"study": study.study_name, "safest": None,
+                       "why": "no candidate stayed finite under every stress replay"})  # fmt: skip
+        else:
+            write_json(s.run_dir / "safest.json", safest)
+            # survives later studies that find nothing safe: the warm start of the next run
+            write_json(s.run_dir / "last_safest.json", safest)
+        return safest
+
+
+def train_final(config: Config, safest: dict, session: StudySession | None = None) -> dict:
+    """Train the safest configuration for ``tracking.final_steps``: ``model.safetensors`` and
+    stylised samples in run_dir, and a finished MLflow run with its metrics and samples."""
+    from stylepipe.train.checkpoint import save_checkpoint
+
+    with _session(config, session) as s:
+        steps = config.tracking.final_steps or config.train.steps
+        final_config = apply(config, safest["params"], **{"train.steps": steps})
+        logger = s.tracker.child_run(s.parent, "final model", "final", safest["params"],
+                                     {"safest.trial": safest["trial"]}, config.tracking.log_every)  # fmt: skip
+        run = run_candidate(final_config, s.data, [logger], logger=logger)
+        if run.outcome != "complete":
+            cause = run.autopsy.cause if run.autopsy else None
+            s.tracker.finish_run(logger.run_id, run.outcome, cause, run.autopsy, logger=logger)
+            raise RuntimeError(f"the safest configuration went {run.outcome} in its final training run")
+        checkpoint = save_checkpoint(run.model, s.run_dir / "model.safetensors", {"safest": safest})
+        samples = write_samples(run.model, s.data, s.run_dir / "samples")
+        s.tracker.log_artifacts(logger.run_id, samples, "samples")
+        s.tracker.finish_run(logger.run_id, "complete", metrics={"final/quality": run.quality}, logger=logger)
+        return {"run_id": logger.run_id, "checkpoint": str(checkpoint), "quality": run.quality,
+                "samples": [str(p) for p in samples]}  # fmt: skip
+
+
+def write_samples(model, data: StudyData, folder: Path, count: int = 4) -> list[Path]:
+    """Validation images beside the model's output for them, one PNG each."""
+    from torchvision.utils import save_image
+
+    from stylepipe.stylize import stylize_tensor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = data.val_images[:count].to(data.device).float().div(255)
+    styled = stylize_tensor(model.eval(), images)
+    paths = []
+    for i, (source, output) in enumerate(zip(images, styled, strict=True)):
+        paths.append(folder / f"sample_{i}.png")
+        save_image([source.cpu(), output.cpu()], paths[-1], nrow=2, padding=2)
+    return paths
+
+
+def register(config: Config, final: dict) -> dict:
+    """Log the final model to its run and register it: a new version, tagged safe with its
+    quality, aliased ``safest``."""
+    from stylepipe.registry import Registry
+    from stylepipe.train.checkpoint import load_checkpoint
+
+    registry = Registry(config.tracking_uri, config.tracking.registered_model)
+    record = registry.register(final["run_id"], load_checkpoint(final["checkpoint"]), final["quality"])
+    return {**record, "quality": final["quality"], "samples": final["samples"]}
+
+
+def promote(config: Config, version: str) -> dict:
+    """Give ``version`` the alias ``champion`` when it is safe and beats the current champion.
+
+    Both models are scored now, on this run's validation split, with the study's reference
+    weights: a champion measured long ago on other images is not a fair comparison.
+    """
+    from stylepipe.registry import Registry
+
+    registry = Registry(config.tracking_uri, config.tracking.registered_model)
+    if not registry.is_safe(version):
+        return {"promoted": False, "version": version, "why": f"version {version} is not marked safe"}
+    champion = registry.alias_version("champion")
+    if champion is None:
+        registry.set_alias("champion", version)
+        return {"promoted": True, "version": version, "why": "there was no champion yet"}
+    if champion == version:
+        return {"promoted": False, "version": version, "why": "it already is the champion"}
+    data = load_study_data(config)
+    new_quality = evaluate_quality(registry.load(version).to(data.device), data)
+    old_quality = evaluate_quality(registry.load(champion).to(data.device), data)
+    decision = {"version": version, "champion_before": champion, "quality": new_quality,
+                "champion_quality": old_quality, "val_images": len(data.val_images)}  # fmt: skip
+    if new_quality < old_quality:
+        registry.set_alias("champion", version)
+        why = f"quality {new_quality:.4g} beats the champion's {old_quality:.4g} on the same validation split"
+        return {**decision, "promoted": True, "why": why}
+    why = (f"quality {new_quality:.4g} does not beat champion version {champion} "
+           f"({old_quality:.4g}) on the same validation split; the champion stays")  # fmt: skip
+    return {**decision, "promoted": False, "why": why}
+
+
+def report(
+    config: Config,
+    safest: dict | None,
+    model: dict | None = None,
+    promotion: dict | None = None,
+    session: StudySession | None = None,
+) -> dict:
+    """The trials table, the stability map and the causes summary, in run_dir and on the
+    study's MLflow run; the summary a person reads first, and the best trials."""
+    with _session(config, session) as s:
+        trials = trials_table(s.study, safest)
+        picture = stability_map(trials, s.run_dir / "stability_map.png",
+                                safest_number=safest["trial"] if safest else None,
+                                title=f"Stability map: {config.study_name}")  # fmt: skip
+        trials.to_csv(s.run_dir / "trials.csv", index=False)
+        s.tracker.log_study_summary(s.parent, trials, picture, causes_markdown(trials), safest)
+        safest_path = s.run_dir / "safest.json"
+        if safest is not None and model is not None:
+            write_json(safest_path, {**safest, "model": model})
+        return {
+            "stability_map": str(picture),
+            "safest_json": str(safest_path),
+            "trials_csv": str(s.run_dir / "trials.csv"),
+            "outcomes": {str(k): int(v) for k, v in trials["outcome"].value_counts().items()},
+            "summary_markdown": pipeline_markdown(trials, safest, model, promotion),
+            "top_trials": json.loads(top_trials(trials, k=10).to_json(orient="records")),
+        }
+
+
+# ------------------------------------------------------------------ the stages chained
+
+
+def _finish(config: Config, session: StudySession) -> dict:
+    """Confirm the safest configuration, train and register its model, report."""
+    safest = confirm(config, session)
+    model = None
+    if safest is not None and config.tracking.train_final_model:
+        model = register(config, train_final(config, safest, session))
+    return {"study": config.study_name, "safest": safest, "model": model,
+            **report(config, safest, model, session=session)}  # fmt: skip
+
+
+def run_search(config: Config, progress: bool = True, warm_start: dict | None = None) -> dict:
+    """The ``search`` command: run (or resume) the study, then confirm, train, register, report."""
+    check_prepared(config.data.content)
+    with StudySession(config) as session:
+        search(config, warm_start, progress, session)
+        return _finish(config, session)
+
+
+def run_worker(config: Config, progress: bool = False) -> dict:
+    """One worker of a (possibly shared) study: run trials, then, once per study, finish it.
+
+    The worker that takes the ``finish`` lock first confirms the safest configuration,
+    trains and registers the final model, reports and ends the MLflow parent run; the others
+    find the study finished and leave.
+    """
+    check_prepared(config.data.content)
+    session = StudySession(config, owns_parent=False)
+    ran = search(config, progress=progress, session=session)["trials_run"]
+    with StudyLock(config, "finish"):
+        if session.study.user_attrs.get("finished_by_worker"):
+            return {"trials_run": ran, "finished_study": False}
+        session.owns_parent = True
+        with session:
+            finished = _finish(config, session)
+            session.study.set_user_attr("finished_by_worker", True)
+        return {"trials_run": ran, "finished_study": True, **finished}
+
+
+def run_worker_processes(config: Config, processes: int) -> list[int]:
+    """``processes`` workers on this machine, each its own process (and CUDA context), sharing
+    one PostgreSQL study: several trials at once on one GPU. Returns their exit codes."""
+    if processes > 1 and is_sqlite(config.storage_url):
+        raise StorageError(
+            f"{processes} worker processes cannot share {config.storage_url}: SQLite serves one worker. "
+            "Put the study in PostgreSQL (--storage postgresql://...) or use --processes 1."
+        )
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=run_worker, args=(config,)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return [worker.exitcode for worker in workers]
