@@ -11,6 +11,7 @@ GPU: 256 px, bf16, batch 16. CPU: 64 px, fp32, batch 4.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import tempfile
@@ -29,6 +30,7 @@ from stylepipe.data.prepare import prepare
 from stylepipe.data.shard import load_split
 from stylepipe.data.sources import RandomBatches
 from stylepipe.nets.transformer import TransformerNet
+from stylepipe.tracking import RunLogger
 from stylepipe.train import Trainer
 from stylepipe.train.recipe import build_criterion
 
@@ -75,11 +77,33 @@ def naive_loop(folder: Path, config, device: torch.device, steps: int) -> float:
     return images / (time.perf_counter() - started)
 
 
-def warm_trainer(config, images: torch.Tensor, device: torch.device) -> tuple[Trainer, float]:
+class PrivateForeachTrainer(Trainer):
+    """The trainer with its earlier gradient norms and clipping: one private ``torch._foreach_norm``
+    over every gradient, sliced into groups, and ``torch._foreach_mul_`` to clip. Kept to show
+    what the public ``get_total_norm``/``clip_grads_with_norm_`` cost against it."""
+
+    def clip_gradients(self):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        per_param = torch._foreach_norm(grads)
+        group_norms, start = [], 0
+        for group in self.group_params:
+            group_norms.append(torch.stack(per_param[start : start + len(group)]).norm())
+            start += len(group)
+        grad_norm = torch.stack(group_norms).norm()
+        clipped = torch.zeros((), device=self.device)
+        if self.train_config.clip_norm is not None:
+            max_norm = self.train_config.clip_norm
+            torch._foreach_mul_(grads, (max_norm / (grad_norm + 1e-6)).clamp(max=1.0))
+            clipped = (grad_norm > max_norm).float()
+        return group_norms, grad_norm, clipped
+
+
+def warm_trainer(config, images: torch.Tensor, device: torch.device,
+                 trainer_cls: type[Trainer] = Trainer) -> tuple[Trainer, float]:  # fmt: skip
     """A trainer after 3 warm-up steps (cudnn autotune, allocator, compilation), and their seconds."""
     config = config.with_overrides({"train.steps": 3})
     batches = RandomBatches(images, config.train.batch_size)
-    trainer = Trainer(config, build_criterion(config, device), batches, device=device)
+    trainer = trainer_cls(config, build_criterion(config, device), batches, device=device)
     return trainer, timed_fit(trainer, 3, device)
 
 
@@ -104,9 +128,13 @@ def trainer_speed(config, images: torch.Tensor, device: torch.device, steps: int
 
 def interleaved_speeds(configs: dict, images: torch.Tensor, device: torch.device, steps: int,
                        rounds: int = 3) -> dict[str, float]:  # fmt: skip
-    """Images/s of several trainer settings, measured in alternating rounds, best round each:
-    drift of the machine (clocks, other load) then hits every setting alike."""
-    trainers = {name: warm_trainer(config, images, device)[0] for name, config in configs.items()}
+    """Images/s of several trainer settings (a config, or a config and a Trainer class), measured
+    in alternating rounds, best round each: drift of the machine (clocks, other load) then hits
+    every setting alike."""
+    settings = {name: s if isinstance(s, tuple) else (s, Trainer) for name, s in configs.items()}
+    trainers = {
+        name: warm_trainer(config, images, device, cls)[0] for name, (config, cls) in settings.items()
+    }
     best = dict.fromkeys(trainers, 0.0)
     for _ in range(rounds):
         for name, trainer in trainers.items():
@@ -140,10 +168,32 @@ def flops_per_image(config, device: torch.device) -> float:
     return counter.get_total_flops() / len(x)
 
 
+class MlflowAsyncRunLogger(RunLogger):
+    """``RunLogger`` with MLflow's own asynchronous logging, ``log_batch(synchronous=False)``, in
+    place of its writer thread; ``flush`` waits for MLflow's operations."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._operations: list = []
+
+    def _send(self, **batch: list) -> None:
+        self._operations.append(self.client.log_batch(self.run_id, synchronous=False, **batch))
+
+    def flush(self) -> None:
+        for operation in self._operations:
+            try:
+                operation.wait()
+            except Exception as err:
+                self.errors.append(f"{type(err).__name__}: {err}")
+        self._operations.clear()
+        super().flush()
+
+
 def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> dict[str, float]:
     """A trial as a study runs it (Optuna ask/tell and reports, an MLflow run with its params,
     per-step metrics, tags) against the same training alone, with per-step metrics sent every
-    step and every ``tracking.log_every`` steps (the default)."""
+    step and every ``tracking.log_every`` steps (the default), by the tracker's writer thread
+    and by MLflow's own asynchronous logging."""
     import optuna
 
     from stylepipe.config import TrackingConfig
@@ -166,9 +216,11 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
             "trial_s_without_tracking_or_guards": lambda: run_candidate(unguarded, data),
         }
         sessions = []
-        for every in every_values:
-            session = StudySession(base.with_overrides({"run_dir": f"{tmp}/every{every}",
-                                                         "tracking.log_every": every}))  # fmt: skip
+        writers = {"tracking": RunLogger, "mlflow_async": MlflowAsyncRunLogger}
+        for (writer, logger_cls), every in itertools.product(writers.items(), every_values):
+            session = StudySession(base.with_overrides({"run_dir": f"{tmp}/{writer}{every}",
+                                                        "tracking.log_every": every}))  # fmt: skip
+            session.tracker.run_logger = logger_cls
             objective = Objective(session.data, session.tracker, session.parent)
 
             def one_trial(session=session, objective=objective) -> None:
@@ -177,7 +229,7 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
                 if session.study.trials[-1].state != optuna.trial.TrialState.COMPLETE:
                     raise RuntimeError(f"the benchmark trial did not complete: {session.study.trials[-1]}")
 
-            variants[f"trial_s_with_tracking_every_{every}"] = one_trial
+            variants[f"trial_s_with_{writer}_every_{every}"] = one_trial
             sessions.append(session)
         for fn in variants.values():  # warm-up
             fn()
@@ -200,6 +252,12 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
         result["trial_s_with_tracking_every_1"] / result["trial_s_without_tracking"] - 1
     )
     result["guards_and_tracking_overhead"] = default / result["trial_s_without_tracking_or_guards"] - 1
+    for every in every_values:  # the writer thread's cost against MLflow's asynchronous logging's
+        thread, mlflow_async = (
+            result[f"trial_s_with_tracking_every_{every}"],
+            result[f"trial_s_with_mlflow_async_every_{every}"],
+        )
+        result[f"writer_thread_vs_mlflow_async_every_{every}"] = thread / mlflow_async - 1
     return result
 
 
@@ -233,7 +291,8 @@ def run(out: Path | None = None) -> dict:
                                                 outlier_min_images=10**9, val_fraction=0.1), progress=False)  # fmt: skip
         images = load_split(prepared, "all", device=device)
         naive = naive_loop(source, config.with_overrides({"train.precision": "fp32"}), device, naive_steps)
-        variants = {"guards_on": config, "guards_off": config.with_overrides({"guard.enabled": False})}
+        variants = {"guards_on": config, "guards_off": config.with_overrides({"guard.enabled": False}),
+                    "guards_on_private_foreach": (config, PrivateForeachTrainer)}  # fmt: skip
         if cuda:  # the Gram's fp32 products without TF32 tensor cores, for comparison
             variants["guards_on_no_tf32"] = config.with_overrides({"train.tf32": False})
         speeds = interleaved_speeds(variants, images, device, steps)
@@ -241,6 +300,8 @@ def run(out: Path | None = None) -> dict:
         flops = flops_per_image(config, device)
         record(naive_images_per_s=naive, trainer_guards_on_images_per_s=guarded,
                trainer_guards_off_images_per_s=unguarded, speedup_vs_naive=guarded / naive,
+               trainer_private_foreach_images_per_s=speeds["guards_on_private_foreach"],
+               public_norm_api_cost=speeds["guards_on_private_foreach"] / guarded - 1,
                guard_overhead=unguarded / guarded - 1, gflop_per_image=flops / 1e9,
                achieved_tflops=guarded * flops / 1e12)  # fmt: skip
         if cuda:
@@ -279,6 +340,7 @@ def main(out: Path | None = None) -> None:
     line("(a) naive loop (fp32, batch 4, ImageFolder)", "naive_images_per_s")
     line("(b) stylepipe trainer, guards on", "trainer_guards_on_images_per_s")
     line("(c) stylepipe trainer, guards off", "trainer_guards_off_images_per_s")
+    line("    (b) with private torch._foreach norms", "trainer_private_foreach_images_per_s")
     line("    (b) with the Gram in fp32 without TF32", "trainer_guards_on_no_tf32_images_per_s")
     line("(d) (b) + torch.compile", "trainer_compiled_default_images_per_s")
     line("(e) (b) + torch.compile with CUDA graphs", "trainer_compiled_reduce-overhead_images_per_s")
@@ -288,6 +350,7 @@ def main(out: Path | None = None) -> None:
             print(f"  {f'first 3 steps, trial 1 / 2, compile {mode}':46s} {first:8.2f} s / {second:.3f} s")
     print(f"  {'b / a':46s} {r['speedup_vs_naive']:9.2f}x")
     print(f"  {'c / b (guard overhead)':46s} {r['guard_overhead'] * 100:8.1f} %")
+    print(f"  {'public norm APIs vs private foreach (cost)':46s} {r['public_norm_api_cost'] * 100:8.1f} %")
     line("FLOP per image", "gflop_per_image", "GFLOP")
     print(f"  {'achieved (guards on)':46s} {r['achieved_tflops']:9.2f} TFLOP/s")
     if "tracking_skipped" in r:
@@ -302,6 +365,10 @@ def main(out: Path | None = None) -> None:
             f"  {'  the same, metrics every step':46s} {bare:6.2f} s / "
             f"{r['trial_s_with_tracking_every_1']:.2f} s ({r['tracking_overhead_every_step'] * 100:+.1f} %)"
         )
+        for step_every in (every, 1):
+            print(f"  {f'  metrics every {step_every}: MLflow async logging':46s} {bare:6.2f} s / "
+                  f"{r[f'trial_s_with_mlflow_async_every_{step_every}']:.2f} s; writer thread "
+                  f"{r[f'writer_thread_vs_mlflow_async_every_{step_every}'] * 100:+.1f} % against it")  # fmt: skip
         print(f"  {'trial without guards or tracking / with both':46s} "
               f"{r['trial_s_without_tracking_or_guards']:6.2f} s / {r[f'trial_s_with_tracking_every_{every}']:.2f} s "
               f"({r['guards_and_tracking_overhead'] * 100:+.1f} %)")  # fmt: skip

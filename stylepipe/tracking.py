@@ -130,6 +130,8 @@ class RunLogger(Callback):
 class Tracker:
     """One study's MLflow bookkeeping."""
 
+    run_logger: type[RunLogger] = RunLogger  # what child_run hands out (the benchmark swaps it)
+
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
         self.uri = uri
         use_write_ahead_log(uri)
@@ -175,7 +177,7 @@ class Tracker:
             run_name=name,
             tags={"mlflow.parentRunId": parent_id, ROLE_TAG: role, **{k: str(v) for k, v in tags.items()}},
         )
-        logger = RunLogger(self.client, run.info.run_id, every=log_every)
+        logger = self.run_logger(self.client, run.info.run_id, every=log_every)
         logger.log_params(params)
         return logger
 

@@ -1,4 +1,5 @@
-"""Defensive decoding: any file in, an RGB uint8 image (or a named reason) out.
+"""Defensive decoding: any file in, an RGB uint8 image (or a named reason) out; and the one
+resize-and-crop every training image goes through.
 
 Nothing here touches the original file beyond reading its bytes. Every conversion
 that changes how pixels are interpreted leaves a named *note*; every way a file
@@ -12,7 +13,9 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
 
 # Modes that carry an alpha channel (or palette transparency) to composite away.
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -132,3 +135,16 @@ def _orientation(img: Image.Image) -> int | None:
         return img.getexif().get(0x0112)
     except Exception:  # malformed EXIF must not sink an otherwise good image
         return None
+
+
+def resize_crop(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
+    """Shorter side to ``size`` (antialiased), centre crop: uint8 tensor 3 x size x size.
+
+    Takes a PIL image or an H x W x 3 uint8 array (copied: decoded arrays are read-only).
+    """
+    if isinstance(image, Image.Image):
+        chw = TF.pil_to_tensor(image.convert("RGB"))
+    else:
+        chw = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+    chw = TF.resize(chw, [size], antialias=True)
+    return TF.center_crop(chw, [size, size]).contiguous()

@@ -30,8 +30,7 @@ import pandas as pd
 from rich.progress import Progress
 
 from stylepipe.config import PrepareConfig
-from stylepipe.data.decode import decode
-from stylepipe.data.sources import resize_crop
+from stylepipe.data.decode import decode, resize_crop
 from stylepipe.data.stats import STAT_COLUMNS, image_checks, image_statistics
 from stylepipe.errors import StylepipeError
 from stylepipe.files import atomic_path, write_json, write_text

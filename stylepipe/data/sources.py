@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms.v2 import functional as TF
 
+from stylepipe.data.decode import resize_crop
 from stylepipe.errors import StylepipeError
 from stylepipe.files import atomic_path
 
@@ -110,19 +110,6 @@ def load_image(spec: str) -> Image.Image:
     if not path.is_file():
         raise SourceError(f"style/content image not found: {spec}")
     return open_rgb(path)
-
-
-def resize_crop(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
-    """Shorter side to ``size`` (antialiased), centre crop: uint8 tensor 3 x size x size.
-
-    Takes a PIL image or an H x W x 3 uint8 array (copied: decoded arrays are read-only).
-    """
-    if isinstance(image, Image.Image):
-        chw = TF.pil_to_tensor(image.convert("RGB"))
-    else:
-        chw = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-    chw = TF.resize(chw, [size], antialias=True)
-    return TF.center_crop(chw, [size, size]).contiguous()
 
 
 def load_content_images(spec: str, size: int) -> torch.Tensor:

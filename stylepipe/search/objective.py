@@ -1,6 +1,6 @@
 """One trial: train a candidate configuration, report validation quality, explain NaN.
 
-Quality (DESIGN.md) is measured on the held-out validation split with the study's fixed
+Quality (docs/design.md) is measured on the held-out validation split with the study's fixed
 reference weights, from the content and style losses computed the same way for every
 trial, so a trial cannot look better by shrinking its own loss weights. Lower is better.
 """
@@ -217,7 +217,7 @@ class Objective:
             trial.set_user_attr("first_nonfinite", autopsy.first_nonfinite if autopsy else "val/quality")
             if autopsy is not None:
                 trial.set_user_attr("autopsy", autopsy.to_dict())
-            # NaN at that step, then pruned: the sampler learns the region is bad (DESIGN.md).
+            # NaN at that step, then pruned: the sampler learns the region is bad (docs/design.md).
             trial.report(float("nan"), step)
             self.tracker.finish_run(run_id, run.outcome, cause, autopsy, logger=logger)
             raise optuna.TrialPruned(f"{run.outcome} at step {step}: {cause}")

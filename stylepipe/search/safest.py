@@ -1,4 +1,4 @@
-"""The safest configuration: the top-K trials replayed under stress (DESIGN.md, 'Safest').
+"""The safest configuration: the top-K trials replayed under stress (docs/design.md, 'Safest configuration').
 
 Each candidate is replayed with ``replay_seeds`` more seeds and once with its learning
 rate multiplied by ``lr_margin``. It is *safe* when every replay stays finite and does

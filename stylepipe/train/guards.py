@@ -1,6 +1,6 @@
 """Guards that stop a training run the moment it goes bad, and the autopsy they leave.
 
-Outcomes (DESIGN.md): ``complete``, ``nan`` (a non-finite value appeared),
+Outcomes (docs/design.md): ``complete``, ``nan`` (a non-finite value appeared),
 ``diverged`` (finite but blew up), ``pruned``, ``failed``. The guard produces the
 two numeric ones; the search adds the others.
 
@@ -119,7 +119,7 @@ def classify_cause(ev: Evidence, imbalance_ratio: float) -> tuple[str, str]:
 
 @dataclass
 class Autopsy:
-    """The record a halted run leaves behind (DESIGN.md, 'Autopsy')."""
+    """The record a halted run leaves behind (docs/design.md, 'Autopsy')."""
 
     outcome: str
     step: int

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from stylepipe.config import Config
-from stylepipe.data.sources import RandomBatches, load_content_images, load_image, resize_crop
+from stylepipe.data.decode import resize_crop
+from stylepipe.data.sources import RandomBatches, load_content_images, load_image
 from stylepipe.nets.losses import PerceptualLoss
 from stylepipe.nets.vgg import LossNetwork, load_vgg16_features
 from stylepipe.train.callbacks import Callback, CSVMetricsWriter

@@ -205,15 +205,7 @@ class Trainer:
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
 
-        # Gradient norms per parameter group, then global, before clipping; all on the device.
-        group_norms = [get_total_norm([p.grad for p in group if p.grad is not None], foreach=True)
-                       for group in self.group_params]  # fmt: skip
-        grad_norm = get_total_norm(group_norms, foreach=True)
-        clipped = torch.zeros((), device=self.device)
-        if self.train_config.clip_norm is not None:
-            clip_grads_with_norm_(self.params, self.train_config.clip_norm, grad_norm, foreach=True)
-            clipped = (grad_norm > self.train_config.clip_norm).float()
-
+        group_norms, grad_norm, clipped = self.clip_gradients()
         self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
         self.scaler.update()
         self.scheduler.step()
@@ -223,6 +215,18 @@ class Trainer:
         values = [content, style, *style_by_layer.unbind(), tv, total, grad_norm, *group_norms]
         values += [clipped, param_norm, input_finite, output_finite]
         return torch.stack([v.detach().float() for v in values])
+
+    def clip_gradients(self) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Gradient norms per parameter group and in total, before clipping, then clipping to
+        ``train.clip_norm``: (group norms, total norm, 1.0 if clipped else 0.0), on the device."""
+        group_norms = [get_total_norm([p.grad for p in group if p.grad is not None], foreach=True)
+                       for group in self.group_params]  # fmt: skip
+        grad_norm = get_total_norm(group_norms, foreach=True)
+        clipped = torch.zeros((), device=self.device)
+        if self.train_config.clip_norm is not None:
+            clip_grads_with_norm_(self.params, self.train_config.clip_norm, grad_norm, foreach=True)
+            clipped = (grad_norm > self.train_config.clip_norm).float()
+        return group_norms, grad_norm, clipped
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:

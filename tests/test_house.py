@@ -1,0 +1,143 @@
+"""The shape of the code: imports point down the layers, and no module imports itself back.
+
+    flows, stylepipe.cli                      the commands and the Prefect flows
+    stylepipe.stages                          the pipeline's stages
+    search, train, tracking, registry, data,  the parts the stages wire together
+    report, stylize
+    nets                                      the networks and losses
+    config, errors, files, stores             settings and small helpers
+
+Every import counts, including those inside functions and under TYPE_CHECKING.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = [
+    ("flows", "stylepipe.cli"),
+    ("stylepipe.stages",),
+    (
+        "stylepipe.search",
+        "stylepipe.train",
+        "stylepipe.tracking",
+        "stylepipe.registry",
+        "stylepipe.data",
+        "stylepipe.report",
+        "stylepipe.stylize",
+    ),  # fmt: skip
+    ("stylepipe.nets",),
+    ("stylepipe.config", "stylepipe.errors", "stylepipe.files", "stylepipe.stores"),
+]
+LAYER_OF = {unit: len(LAYERS) - depth for depth, units in enumerate(LAYERS) for unit in units}
+
+
+def module_names() -> dict[str, Path]:
+    found = {}
+    for package in ("stylepipe", "flows"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
+    return found
+
+
+MODULES = module_names()
+
+
+def imports_of(path: Path) -> set[str]:
+    """The project's modules that this file imports (``from a import b`` names module a.b when
+    it is one)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                names.add(full if full in MODULES else node.module)
+    return {name for name in names if name in MODULES}
+
+
+GRAPH = {name: imports_of(path) for name, path in MODULES.items()}
+
+
+def unit_of(module: str) -> str:
+    """The layered unit a module belongs to: the longest listed prefix."""
+    for depth in range(module.count(".") + 1, 0, -1):
+        prefix = ".".join(module.split(".")[:depth])
+        if prefix in LAYER_OF:
+            return prefix
+    raise AssertionError(f"{module} is in no layer of tests/test_house.py: place it")
+
+
+def test_every_module_has_a_layer():
+    for module in MODULES:
+        if module not in ("stylepipe", "flows", "flows.__main__"):
+            unit_of(module)
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m not in ("stylepipe", "flows")])
+def test_imports_point_down_or_across_never_up(module):
+    upward = [
+        target
+        for target in sorted(GRAPH[module])
+        if target not in ("stylepipe", "flows") and LAYER_OF[unit_of(target)] > LAYER_OF[unit_of(module)]
+    ]
+    assert not upward, f"{module} imports {upward} from a layer above it"
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one member (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle_between_modules_or_between_units():
+    assert _cycles(GRAPH) == []
+    units: dict[str, set[str]] = {}
+    for module, targets in GRAPH.items():
+        if module in ("stylepipe", "flows", "flows.__main__"):
+            continue
+        source = unit_of(module)
+        units.setdefault(source, set()).update(
+            unit_of(t) for t in targets if t not in ("stylepipe", "flows") and unit_of(t) != source
+        )
+    assert _cycles(units) == []
+
+
+def test_the_checks_see_a_cycle_and_an_upward_import():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert "stylepipe.stages" in GRAPH["stylepipe.cli"]  # lazy imports inside functions are seen
+    assert LAYER_OF[unit_of("stylepipe.search.objective")] < LAYER_OF[unit_of("stylepipe.stages")]
