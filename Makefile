@@ -7,7 +7,7 @@ CONFIG ?= configs/demo.yaml
 
 RUN_DIR ?= runs/demo
 
-.PHONY: run serve test lint bench install clean dashboards
+.PHONY: run serve test test-fast lint bench install clean dashboards
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
+
+# The inner loop: everything but the end-to-end tests marked slow (make test runs those too).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check stylepipe flows tests bench

@@ -30,6 +30,7 @@ from stylepipe.data.prepare import prepare
 from stylepipe.data.shard import load_split
 from stylepipe.data.sources import RandomBatches
 from stylepipe.nets.transformer import TransformerNet
+from stylepipe.search.study import frozen_heap
 from stylepipe.tracking import RunLogger
 from stylepipe.train import Trainer
 from stylepipe.train.recipe import build_criterion
@@ -96,6 +97,27 @@ class PrivateForeachTrainer(Trainer):
             torch._foreach_mul_(grads, (max_norm / (grad_norm + 1e-6)).clamp(max=1.0))
             clipped = (grad_norm > max_norm).float()
         return group_norms, grad_norm, clipped
+
+
+def clip_gradients_seconds(config, images: torch.Tensor, device: torch.device, calls: int = 50,
+                           rounds: int = 20) -> dict[str, float]:  # fmt: skip
+    """Seconds of one ``clip_gradients`` call (norms per group and in total, then clipping), the
+    public APIs against the private foreach code, on the same gradients, interleaved, best round."""
+    config = config.with_overrides({"train.clip_norm": 1.0})
+    best = {}
+    trainers = {}
+    for name, cls in (("public", Trainer), ("private_foreach", PrivateForeachTrainer)):
+        trainers[name] = warm_trainer(config, images, device, cls)[0]
+        best[name] = float("inf")
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            _sync(device)
+            started = time.perf_counter()
+            for _ in range(calls):
+                trainer.clip_gradients()
+            _sync(device)
+            best[name] = min(best[name], (time.perf_counter() - started) / calls)
+    return best
 
 
 def warm_trainer(config, images: torch.Tensor, device: torch.device,
@@ -189,6 +211,22 @@ class MlflowAsyncRunLogger(RunLogger):
         super().flush()
 
 
+def interleaved_best(variants: dict, repeats: int) -> dict[str, float]:
+    """Seconds of each callable: one warm-up each, then ``repeats`` interleaved rounds, best of
+    them (the least disturbed run, under the same drift), with the loaded heap frozen, as
+    run_trials has it."""
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with frozen_heap():
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                started = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - started)
+    return {name: min(seconds) for name, seconds in times.items()}
+
+
 def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> dict[str, float]:
     """A trial as a study runs it (Optuna ask/tell and reports, an MLflow run with its params,
     per-step metrics, tags) against the same training alone, with per-step metrics sent every
@@ -199,7 +237,6 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
     from stylepipe.config import TrackingConfig
     from stylepipe.search.objective import Objective, load_study_data, run_candidate
     from stylepipe.search.space import trial_values
-    from stylepipe.search.study import frozen_heap
     from stylepipe.stages import StudySession
 
     base = config.with_overrides({"data.content": str(prepared), "train.steps": steps,
@@ -231,20 +268,15 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
 
             variants[f"trial_s_with_{writer}_every_{every}"] = one_trial
             sessions.append(session)
-        for fn in variants.values():  # warm-up
-            fn()
-        # Interleaved, best of ``repeats``: the least disturbed run of each, under the same drift;
-        # with the loaded heap frozen, as run_trials has it.
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        with frozen_heap():
-            for _ in range(repeats):
-                for name, fn in variants.items():
-                    started = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - started)
+        # The writer thread against MLflow's async logging, side by side, after the rest: MLflow's
+        # logging threads, once started, stay for the life of the process.
+        async_names = [name for name in variants if "mlflow_async" in name]
+        compared = {f"{name}_beside_async": variants[name] for name in variants if "with_tracking" in name}
+        compared.update({name: variants.pop(name) for name in async_names})
+        result = interleaved_best(variants, repeats)
+        result.update(interleaved_best(compared, max(3, repeats // 2)))
         for session in sessions:
             session.tracker.end_study(session.parent)
-    result: dict[str, float] = {name: min(seconds) for name, seconds in times.items()}
     default = result[f"trial_s_with_tracking_every_{TrackingConfig().log_every}"]
     result["tracking_log_every"] = TrackingConfig().log_every
     result["tracking_overhead"] = default / result["trial_s_without_tracking"] - 1
@@ -253,10 +285,8 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
     )
     result["guards_and_tracking_overhead"] = default / result["trial_s_without_tracking_or_guards"] - 1
     for every in every_values:  # the writer thread's cost against MLflow's asynchronous logging's
-        thread, mlflow_async = (
-            result[f"trial_s_with_tracking_every_{every}"],
-            result[f"trial_s_with_mlflow_async_every_{every}"],
-        )
+        thread = result[f"trial_s_with_tracking_every_{every}_beside_async"]
+        mlflow_async = result[f"trial_s_with_mlflow_async_every_{every}"]
         result[f"writer_thread_vs_mlflow_async_every_{every}"] = thread / mlflow_async - 1
     return result
 
@@ -295,13 +325,16 @@ def run(out: Path | None = None) -> dict:
                     "guards_on_private_foreach": (config, PrivateForeachTrainer)}  # fmt: skip
         if cuda:  # the Gram's fp32 products without TF32 tensor cores, for comparison
             variants["guards_on_no_tf32"] = config.with_overrides({"train.tf32": False})
-        speeds = interleaved_speeds(variants, images, device, steps)
+        speeds = interleaved_speeds(variants, images, device, steps, rounds=3 if cuda else 5)
         guarded, unguarded = speeds["guards_on"], speeds["guards_off"]
         flops = flops_per_image(config, device)
+        clip_calls = clip_gradients_seconds(config, images, device)
         record(naive_images_per_s=naive, trainer_guards_on_images_per_s=guarded,
                trainer_guards_off_images_per_s=unguarded, speedup_vs_naive=guarded / naive,
                trainer_private_foreach_images_per_s=speeds["guards_on_private_foreach"],
                public_norm_api_cost=speeds["guards_on_private_foreach"] / guarded - 1,
+               clip_gradients_public_ms=clip_calls["public"] * 1e3,
+               clip_gradients_private_foreach_ms=clip_calls["private_foreach"] * 1e3,
                guard_overhead=unguarded / guarded - 1, gflop_per_image=flops / 1e9,
                achieved_tflops=guarded * flops / 1e12)  # fmt: skip
         if cuda:
@@ -351,6 +384,8 @@ def main(out: Path | None = None) -> None:
     print(f"  {'b / a':46s} {r['speedup_vs_naive']:9.2f}x")
     print(f"  {'c / b (guard overhead)':46s} {r['guard_overhead'] * 100:8.1f} %")
     print(f"  {'public norm APIs vs private foreach (cost)':46s} {r['public_norm_api_cost'] * 100:8.1f} %")
+    print(f"  {'  one clip_gradients call, public / private':46s} {r['clip_gradients_public_ms']:8.3f} ms / "
+          f"{r['clip_gradients_private_foreach_ms']:.3f} ms")  # fmt: skip
     line("FLOP per image", "gflop_per_image", "GFLOP")
     print(f"  {'achieved (guards on)':46s} {r['achieved_tflops']:9.2f} TFLOP/s")
     if "tracking_skipped" in r:
@@ -366,9 +401,10 @@ def main(out: Path | None = None) -> None:
             f"{r['trial_s_with_tracking_every_1']:.2f} s ({r['tracking_overhead_every_step'] * 100:+.1f} %)"
         )
         for step_every in (every, 1):
-            print(f"  {f'  metrics every {step_every}: MLflow async logging':46s} {bare:6.2f} s / "
-                  f"{r[f'trial_s_with_mlflow_async_every_{step_every}']:.2f} s; writer thread "
-                  f"{r[f'writer_thread_vs_mlflow_async_every_{step_every}'] * 100:+.1f} % against it")  # fmt: skip
+            thread = r[f"trial_s_with_tracking_every_{step_every}_beside_async"]
+            print(f"  {f'  metrics every {step_every}: writer thread / MLflow async':46s} {thread:6.2f} s / "
+                  f"{r[f'trial_s_with_mlflow_async_every_{step_every}']:.2f} s "
+                  f"({r[f'writer_thread_vs_mlflow_async_every_{step_every}'] * 100:+.1f} %)")  # fmt: skip
         print(f"  {'trial without guards or tracking / with both':46s} "
               f"{r['trial_s_without_tracking_or_guards']:6.2f} s / {r[f'trial_s_with_tracking_every_{every}']:.2f} s "
               f"({r['guards_and_tracking_overhead'] * 100:+.1f} %)")  # fmt: skip

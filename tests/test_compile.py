@@ -41,6 +41,7 @@ def run(config, images):
     return Trainer(config, criterion, RandomBatches(images, config.train.batch_size, seed=0)).fit()
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_later_trials_reuse_the_graph(tiny, aot_eager):
     config = tiny("train.steps=4", "train.compile=true", "train.compile_mode=reduce-overhead")
     images = torch.rand(8, 3, 32, 32)
@@ -58,6 +59,7 @@ def test_compiled_training_matches_eager_and_later_trials_reuse_the_graph(tiny, 
     assert aot_eager == ["reduce-overhead"]  # compiled once per process
 
 
+@pytest.mark.slow
 def test_guards_catch_a_blow_up_inside_the_compiled_step_at_the_same_step(tiny, aot_eager):
     config = tiny("train.lr=10", "train.clip_norm=null", "train.compile=true")
     images = torch.rand(8, 3, 32, 32)

@@ -29,6 +29,8 @@ from flows.pipeline import style_pipeline  # noqa: E402
 from stylepipe.config import load_config  # noqa: E402
 from tests.conftest import DEMO  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Prefect's test server and whole pipeline runs
+
 TINY = [
     "data.image_size=32",
     "prepare.image_size=32",

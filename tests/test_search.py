@@ -68,6 +68,7 @@ def searched(tmp_path_factory, prepared):
     return config, result
 
 
+@pytest.mark.slow
 def test_nan_trials_are_pruned_with_a_cause_and_a_nan_intermediate_value(searched):
     config, result = searched
     storage_study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
@@ -87,6 +88,7 @@ def test_nan_trials_are_pruned_with_a_cause_and_a_nan_intermediate_value(searche
     )
 
 
+@pytest.mark.slow
 def test_safest_is_a_complete_trial_whose_replays_all_stayed_finite(searched):
     config, result = searched
     safest = json.loads((Path(config.run_dir) / "safest.json").read_text())
@@ -102,6 +104,7 @@ def test_safest_is_a_complete_trial_whose_replays_all_stayed_finite(searched):
     assert (Path(config.run_dir) / "stability_map.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(searched):
     config, result = searched
     client = MlflowClient(tracking_uri=config.tracking_uri)
@@ -142,6 +145,23 @@ def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(sear
     assert styled.shape == image.shape and torch.isfinite(styled).all()
 
 
+@pytest.mark.slow
+def test_the_report_stage_reads_the_study_without_loading_images_or_the_loss_network(searched, monkeypatch):
+    from stylepipe import stages
+
+    config, result = searched
+    (Path(config.run_dir) / "stability_map.png").unlink()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report stage loaded the shard and built the loss network")
+
+    monkeypatch.setattr(stages, "load_study_data", refuse)
+    reported = stages.report(config, result["safest"], result["model"])
+    assert Path(reported["stability_map"]).is_file()
+    assert sum(reported["outcomes"].values()) == 6
+    assert f"trial {result['safest']['trial']}" in reported["summary_markdown"]
+
+
 def test_quality_does_not_depend_on_the_trials_loss_weights(tmp_path, prepared):
     light = load_study_data(
         search_config(tmp_path, prepared, "loss.content_weight=0.01", "loss.style_weight=1")
@@ -157,6 +177,7 @@ def test_quality_does_not_depend_on_the_trials_loss_weights(tmp_path, prepared):
     assert evaluate_quality(other, light) != pytest.approx(evaluate_quality(model, light), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_an_interrupted_study_resumes_without_duplicate_trial_numbers(tmp_path, prepared, monkeypatch):
     from stylepipe.search import objective
 
@@ -192,6 +213,7 @@ def test_an_interrupted_study_resumes_without_duplicate_trial_numbers(tmp_path, 
     assert sum(r.data.tags.get("stylepipe.role") == "study" for r in runs) == 1  # the same parent run
 
 
+@pytest.mark.slow
 def test_search_command_says_plainly_when_nothing_is_safe(tmp_path, prepared, capsys):
     args = ["search", "--quiet", "--config", str(DEMO)]
     overrides = [f"run_dir={tmp_path}", f"data.content={prepared}", *TINY_SEARCH, "search.n_trials=2",
@@ -211,6 +233,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_optuna_dashboard_serves_the_pruned_trials_with_their_cause(searched):
     config, _ = searched
     port = _free_port()

@@ -95,13 +95,17 @@ def mlflow_trial_runs(config):
     return runs, [r for r in runs if r.data.tags.get("stylepipe.role") == "trial"]
 
 
+@pytest.mark.slow
 @needs_postgres
 def test_three_workers_complete_exactly_n_trials_with_one_mlflow_run_each(tmp_path, prepared, databases):  # noqa: F811
     optuna_url, mlflow_url = databases
     extra = ("search.n_trials=5", "train.steps=8", "train.check_every=4")
     args = worker_args(tmp_path, prepared, optuna_url, mlflow_url, *extra)
+    # three processes on this machine's cores: one torch thread each, or they spin against each other
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     workers = [
-        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(3)
     ]
     outputs = [w.communicate(timeout=420)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0, 0], outputs
@@ -125,6 +129,7 @@ def test_three_workers_complete_exactly_n_trials_with_one_mlflow_run_each(tmp_pa
     assert sum(r.data.tags.get("stylepipe.role") == "study" for r in runs) == 1
 
 
+@pytest.mark.slow
 @needs_postgres
 def test_a_killed_worker_s_trial_is_failed_retried_and_its_run_not_left_running(
     tmp_path,
@@ -180,6 +185,7 @@ def test_a_killed_worker_s_trial_is_failed_retried_and_its_run_not_left_running(
     assert all(r.info.status != "RUNNING" for r in runs)
 
 
+@pytest.mark.slow
 @needs_postgres
 def test_wrong_credentials_name_the_url_without_its_password(tmp_path):
     base = POSTGRES.split("://", 1)[1].split("@", 1)[1]
@@ -234,6 +240,7 @@ def test_worker_command_reports_an_unreachable_storage_without_a_traceback(tmp_p
     assert "127.0.0.1:1" in err and "hunter2" not in err
 
 
+@pytest.mark.slow
 @needs_postgres
 def test_worker_processes_on_one_machine_share_the_study(tmp_path, prepared, databases):  # noqa: F811
     """``--processes 2``: two trials at a time on one device, exactly n trials in the study."""

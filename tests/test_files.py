@@ -1,0 +1,62 @@
+"""Small promises everything else leans on: whole files or none, tensors without pickle,
+passwords never shown."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stylepipe.files import atomic_path, read_state_dict, write_json
+from stylepipe.stores import redact_url
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    target = tmp_path / "safest.json"
+    write_json(target, {"trial": 1})
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text('{"tri')  # half written, then the writer dies
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == '{\n  "trial": 1\n}'
+    assert [p.name for p in tmp_path.iterdir()] == ["safest.json"]
+
+
+def test_the_temporary_file_keeps_the_suffix_writers_choose_formats_by(tmp_path):
+    import numpy as np
+
+    with atomic_path(tmp_path / "cache" / "pixels.npy") as tmp:
+        assert tmp.suffix == ".npy" and tmp.parent.is_dir()
+        np.save(tmp, np.arange(3))  # numpy appends .npy to any other name
+    assert np.load(tmp_path / "cache" / "pixels.npy").tolist() == [0, 1, 2]
+
+
+def test_state_dicts_are_read_without_running_code(tmp_path):
+    weights = {"w": torch.ones(2)}
+    torch.save(weights, tmp_path / "ok.pt")
+    assert torch.equal(read_state_dict(tmp_path / "ok.pt")["w"], weights["w"])
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"w": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="weights_only|Unsupported|global"):
+        read_state_dict(tmp_path / "evil.pt")
+    torch.save(torch.ones(2), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match="not a state_dict"):
+        read_state_dict(tmp_path / "tensor.pt")
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql://user:S3cret@db:5432/optuna", "postgresql://user:***@db:5432/optuna"),
+        ("postgresql+psycopg://user:p%40ss@db/optuna", "postgresql+psycopg://user:***@db/optuna"),
+        ("http://user:S3cret@mlflow.example:5000", "http://user:***@mlflow.example:5000"),
+        ("postgresql://user@db/optuna", "postgresql://user@db/optuna"),
+        ("sqlite:////runs/optuna.db", "sqlite:////runs/optuna.db"),
+        ("not a url with S3cret@db", "not a url with S3cret@db"),  # no scheme: nothing to mask
+        ("postgresql://user:S3cret@db:port/x", "postgresql://***@db:port/x"),  # unparseable: all user info goes
+    ],
+)
+def test_urls_are_shown_without_their_password(url, shown):
+    assert redact_url(url) == shown
