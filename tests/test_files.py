@@ -55,7 +55,10 @@ def test_state_dicts_are_read_without_running_code(tmp_path):
         ("postgresql://user@db/optuna", "postgresql://user@db/optuna"),
         ("sqlite:////runs/optuna.db", "sqlite:////runs/optuna.db"),
         ("not a url with S3cret@db", "not a url with S3cret@db"),  # no scheme: nothing to mask
-        ("postgresql://user:S3cret@db:port/x", "postgresql://***@db:port/x"),  # unparseable: all user info goes
+        (
+            "postgresql://user:S3cret@db:port/x",
+            "postgresql://***@db:port/x",
+        ),  # unparseable: all user info goes
     ],
 )
 def test_urls_are_shown_without_their_password(url, shown):
