@@ -15,6 +15,8 @@ from pathlib import Path
 
 from stylepipe.cli import add_config_args, console, load_settings, out
 from stylepipe.cli import run as run_command
+from stylepipe.config import SECRET_ENV, parse_override
+from stylepipe.stores import redact_url
 
 
 def prefect_home(args: argparse.Namespace) -> None:
@@ -30,18 +32,32 @@ def prefect_home(args: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def secrets_to_environment(args: argparse.Namespace) -> list[str]:
+    """Prefect keeps a flow run's parameters. A store URL's password goes into this process's
+    environment (which the flow's tasks and a served deployment's runs inherit, and where the
+    settings find it again), and the overrides given to Prefect carry it masked."""
+    for key, url in load_settings(args).secret_urls().items():
+        os.environ[SECRET_ENV[key]] = url
+    masked = []
+    for text in args.overrides:
+        key, value = parse_override(text)
+        masked.append(f"{key}={redact_url(str(value))}" if key in SECRET_ENV and value else text)
+    return masked
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_settings(args)
     prefect_home(args)
+    overrides = secrets_to_environment(args)
     from flows.pipeline import style_pipeline
 
-    result = style_pipeline(config_path=args.config, overrides=args.overrides, study_name=args.study)
+    result = style_pipeline(config_path=args.config, overrides=overrides, study_name=args.study)
     run_dir = Path(config.run_dir)
     out.print("\n[bold]Where to look[/]")
     out.print(f"  run folder:        {run_dir}")
     out.print(f"  preparation:       {result['prepared'].get('report', result['prepared']['prepared'])}")
-    out.print(f"  Optuna storage:    {config.storage_url}  (study {result['study']})")
-    out.print(f"  MLflow tracking:   {config.tracking_uri}")
+    out.print(f"  Optuna storage:    {redact_url(config.storage_url)}  (study {result['study']})")
+    out.print(f"  MLflow tracking:   {redact_url(config.tracking_uri)}")
     out.print(f"  stability map:     {result['stability_map']}")
     out.print(f"  safest settings:   {result['safest_json']}")
     if result["model"]:
@@ -59,9 +75,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     load_settings(args)  # a bad config is refused before Prefect starts
     prefect_home(args)
+    overrides = secrets_to_environment(args)
     from flows.deploy import serve
 
-    serve(args.config, args.overrides)
+    serve(args.config, overrides)
     return 0
 
 

@@ -6,13 +6,24 @@ file named instead of being silently ignored.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SerializationInfo,
+    ValidationError,
+    field_validator,
+)
 
 from stylepipe.errors import StylepipeError
+from stylepipe.stores import is_masked, redact_url
 
 # The VGG16 ReLU outputs the losses can use, shallow to deep (nets/vgg.py knows where they are).
 LAYER_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
@@ -20,6 +31,41 @@ LAYER_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
 
 class ConfigError(StylepipeError):
     """A settings file or override that cannot be used, with the reason."""
+
+
+# Where a store URL's password may come from instead of the settings (the settings, as
+# written to any file, parameter or log, show it masked).
+SECRET_ENV = {"search.storage": "STYLEPIPE_SEARCH_STORAGE", "tracking.uri": "STYLEPIPE_TRACKING_URI"}
+
+
+def _show_masked(url: str, info: SerializationInfo) -> str:
+    """Every dump of the settings masks a store URL's password, unless asked in memory to keep it."""
+    return url if (info.context or {}).get("reveal_secrets") else redact_url(url)
+
+
+def _unmask_from_environment(key: str):
+    def unmask(url: str) -> str:
+        """A URL whose password was masked by a dump gets it back from the environment."""
+        if "://" not in url:
+            raise ValueError("expected a URL such as postgresql://user@host/db or http://host:5000")
+        if not is_masked(url):
+            return url
+        full = os.environ.get(SECRET_ENV[key], "")
+        if full and redact_url(full) == url:
+            return full
+        raise ValueError(
+            f"the password in {url} is masked (***); give the full URL by the environment "
+            f"({SECRET_ENV[key]}), or leave the password out of the URL and give it as PostgreSQL "
+            "and MLflow read it (PGPASSWORD or ~/.pgpass; MLFLOW_TRACKING_PASSWORD)"
+        )
+
+    return unmask
+
+
+def StoreUrl(key: str):  # noqa: N802  (a type)
+    """A database or server URL that may carry a password: masked in every serialisation."""
+    return Annotated[str, AfterValidator(_unmask_from_environment(key)),
+                     PlainSerializer(_show_masked, when_used="always")]  # fmt: skip
 
 
 class Section(BaseModel):
@@ -146,7 +192,8 @@ class SearchSpace(Section):
 
 class SearchConfig(Section):
     study_name: str | None = None  # default: the config's name
-    storage: str | None = None  # default: sqlite:///<run_dir>/optuna.db ; a PostgreSQL URL works too
+    # default: $STYLEPIPE_SEARCH_STORAGE, else sqlite:///<run_dir>/optuna.db; a PostgreSQL URL works too
+    storage: StoreUrl("search.storage") | None = None
     n_trials: int = Field(12, ge=1)  # total finished trials the study should hold
     seed: int = 0
     space: SearchSpace = SearchSpace()
@@ -169,7 +216,9 @@ class SearchConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str | None = None  # default: sqlite:///<run_dir>/mlflow.db
+    uri: StoreUrl("tracking.uri") | None = (
+        None  # default: $STYLEPIPE_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
+    )
     experiment: str | None = None  # default: the study name
     registered_model: str = "stylepipe-style"
     train_final_model: bool = True
@@ -206,15 +255,24 @@ class Config(Section):
 
     @property
     def storage_url(self) -> str:
-        return self.search.storage or f"sqlite:///{Path(self.run_dir).resolve() / 'optuna.db'}"
+        """The Optuna storage, password included: never print it (``stores.redact_url``)."""
+        return (self.search.storage or os.environ.get(SECRET_ENV["search.storage"])
+                or f"sqlite:///{Path(self.run_dir).resolve() / 'optuna.db'}")  # fmt: skip
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{Path(self.run_dir).resolve() / 'mlflow.db'}"
+        """The MLflow tracking store, password included: never print it (``stores.redact_url``)."""
+        return (self.tracking.uri or os.environ.get(SECRET_ENV["tracking.uri"])
+                or f"sqlite:///{Path(self.run_dir).resolve() / 'mlflow.db'}")  # fmt: skip
+
+    def secret_urls(self) -> dict[str, str]:
+        """The store URLs set in these settings that carry a password, by their dotted key."""
+        found = {"search.storage": self.search.storage, "tracking.uri": self.tracking.uri}
+        return {key: url for key, url in found.items() if url and redact_url(url) != url}
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> Config:
         """A copy with dotted-key overrides applied and validated; errors name ``source``."""
-        raw = self.model_dump(mode="json")
+        raw = self.model_dump(mode="json", context={"reveal_secrets": True})
         for key, value in overrides.items():
             _set_dotted(raw, key, value)
         return _validate(raw, source=source)
@@ -231,15 +289,24 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
+def shown_override(text: str) -> str:
+    """An override as messages show it: a store URL's password masked, and a value that is
+    not a URL at all (a mistyped one) not shown."""
+    key, sep, value = text.partition("=")
+    if key.strip() not in SECRET_ENV:
+        return text
+    return f"{key}{sep}{redact_url(value) if '://' in value else '(not shown)'}"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``section.key=value``; the value is read as YAML (numbers, null, lists)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {text!r}: expected the form section.key=value")
+        raise ConfigError(f"override {shown_override(text)!r}: expected the form section.key=value")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+        raise ConfigError(f"override {shown_override(text)!r}: value is not valid YAML") from None
     return key.strip(), parsed
 
 
@@ -248,7 +315,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for item in err.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         given = item.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        secret = key in SECRET_ENV  # a store URL may carry a password: never echoed
+        shown = "" if isinstance(given, dict) or secret else f" (got {given!r})"
         lines.append(f"  {key}: {item['msg']}{shown}")
     return f"invalid settings in {source}:\n" + "\n".join(lines)
 
@@ -283,5 +351,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         for text in overrides:
             key, value = parse_override(text)
-            config = config.with_overrides({key: value}, source=f"override --set {text}")
+            config = config.with_overrides({key: value}, source=f"override --set {shown_override(text)}")
     return config

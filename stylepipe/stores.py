@@ -16,8 +16,9 @@ connection. WAL needs shared memory: keep these files on a local disk, not a net
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
@@ -25,13 +26,56 @@ from sqlalchemy.engine import Engine, make_url
 _FILES: set[str] = set()
 
 
+def _userinfo(url: str) -> tuple[str, str, str, str] | None:
+    """``(scheme://, user, password, @host...)`` of a URL whose user part holds a password.
+
+    A password may hold any character, ``@ / # ?`` included, so the user part is taken to
+    end at the *last* ``@`` (URL parsers, SQLAlchemy's too, stop at the first and would show
+    the rest of such a password as the host).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return None
+    userinfo, _, host = rest.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    return (f"{scheme}://", user, password, f"@{host}") if colon and password else None
+
+
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:password|passwd|pwd)=)([^&#]*)")
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password masked as ``***``, for messages, logs and tags."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can parse: hide all of the user part, if any
-        scheme, sep, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}" if sep and "@" in rest else url
+    """The URL with its password masked as ``***`` (in the user part and in a ``password=``
+    query parameter), for messages, logs, tags and files."""
+    parts = _userinfo(url)
+    if parts is not None:
+        url = f"{parts[0]}{parts[1]}:***{parts[3]}"
+    return _QUERY_PASSWORD.sub(r"\1***", url)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords a URL carries, as written and percent-decoded."""
+    found = [m.group(2) for m in _QUERY_PASSWORD.finditer(url) if m.group(2)]
+    parts = _userinfo(url)
+    if parts is not None:
+        found.append(parts[2])
+    return sorted(
+        {form for secret in found for form in (secret, unquote(secret)) if form}, key=len, reverse=True
+    )
+
+
+def scrub(text: str, *urls: str | None) -> str:
+    """``text`` (an error message, say) with every password of these URLs replaced by ``***``."""
+    for url in urls:
+        for secret in url_secrets(url or ""):
+            text = text.replace(secret, "***")
+    return text
+
+
+def is_masked(url: str) -> bool:
+    """Whether the URL's password was masked by ``redact_url`` (it cannot be used as it is)."""
+    parts = _userinfo(url)
+    return parts is not None and parts[2] == "***"
 
 
 def is_sqlite(url: str) -> bool:

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from stylepipe.errors import StylepipeError
-from stylepipe.stores import redact_url, use_write_ahead_log
+from stylepipe.stores import redact_url, scrub, use_write_ahead_log
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
 
@@ -104,8 +104,9 @@ class RunLogger(Callback):
                     return
                 self.client.log_batch(self.run_id, **batch)
             except Exception as err:  # a tracking hiccup must not kill training; it is reported
-                self.errors.append(f"{type(err).__name__}: {err}")
-                log.warning("MLflow %s for run %s not written: %s", " and ".join(batch), self.run_id, err)
+                message = scrub(f"{type(err).__name__}: {err}", self.client.tracking_uri)
+                self.errors.append(message)
+                log.warning("MLflow %s for run %s not written: %s", " and ".join(batch), self.run_id, message)
             finally:
                 self._queue.task_done()
 
@@ -139,8 +140,10 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
-        except Exception as err:
-            raise TrackingError(f"cannot reach the MLflow tracking store {redact_url(uri)}: {err}") from err
+        except Exception as err:  # MLflow's own text may quote the URL, password and all
+            raise TrackingError(
+                f"cannot reach the MLflow tracking store {redact_url(uri)}: {scrub(str(err), uri)}"
+            ) from None
         if found is None:
             location = artifact_root.resolve().as_uri() if artifact_root else None
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stylepipe.files import atomic_path, read_state_dict, write_json
-from stylepipe.stores import redact_url
+from stylepipe.stores import redact_url, scrub
 
 
 def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path):
@@ -52,14 +52,25 @@ def test_state_dicts_are_read_without_running_code(tmp_path):
         ("postgresql://user:S3cret@db:5432/optuna", "postgresql://user:***@db:5432/optuna"),
         ("postgresql+psycopg://user:p%40ss@db/optuna", "postgresql+psycopg://user:***@db/optuna"),
         ("http://user:S3cret@mlflow.example:5000", "http://user:***@mlflow.example:5000"),
+        ("https://user:S3cret@mlflow.example/api", "https://user:***@mlflow.example/api"),
         ("postgresql://user@db/optuna", "postgresql://user@db/optuna"),
+        (
+            "postgresql://db/optuna?user=u&password=S3cret&sslmode=require",
+            "postgresql://db/optuna?user=u&password=***&sslmode=require",
+        ),  # fmt: skip
         ("sqlite:////runs/optuna.db", "sqlite:////runs/optuna.db"),
         ("not a url with S3cret@db", "not a url with S3cret@db"),  # no scheme: nothing to mask
-        (
-            "postgresql://user:S3cret@db:port/x",
-            "postgresql://***@db:port/x",
-        ),  # unparseable: all user info goes
     ],
 )
 def test_urls_are_shown_without_their_password(url, shown):
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize("odd", ["#", "/", "?", "@", ":", "%", " ", "'"])
+@pytest.mark.parametrize("port", ["5432", "99999", "port"])
+def test_a_password_with_any_character_is_masked_and_scrubbed(odd, port):
+    password = f"S3c{odd}ret"
+    url = f"postgresql://user:{password}@db:{port}/optuna"
+    assert redact_url(url) == f"postgresql://user:***@db:{port}/optuna"
+    message = f"connection to {url} failed for password {password!r}"
+    assert password not in scrub(message, url)

@@ -24,6 +24,7 @@ from stylepipe.errors import StylepipeError
 from stylepipe.nets.losses import PerceptualLoss
 from stylepipe.nets.transformer import TransformerNet
 from stylepipe.search.space import apply, suggest
+from stylepipe.stores import scrub
 from stylepipe.tracking import RunLogger, Tracker
 from stylepipe.train import Callback, Trainer, TrainingHalted, TrainState, resolve_device
 from stylepipe.train.guards import Autopsy
@@ -203,7 +204,8 @@ class Objective:
             raise
         except BaseException as err:  # KeyboardInterrupt too: never leave the run RUNNING
             trial.set_user_attr("outcome", "failed")
-            trial.set_user_attr("failure", f"{type(err).__name__}: {err}"[:2000])
+            failure = scrub(f"{type(err).__name__}: {err}", base.storage_url, base.tracking_uri)
+            trial.set_user_attr("failure", failure[:2000])
             self.tracker.finish_run(run_id, "failed", logger=logger)
             raise
 

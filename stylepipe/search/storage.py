@@ -22,7 +22,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from stylepipe.config import Config
 from stylepipe.errors import StylepipeError
-from stylepipe.stores import is_sqlite, redact_url, sqlite_path, use_write_ahead_log
+from stylepipe.stores import is_sqlite, redact_url, scrub, sqlite_path, use_write_ahead_log
 from stylepipe.tracking import end_killed_run
 
 
@@ -30,9 +30,11 @@ class StorageError(StylepipeError):
     """The study storage cannot be used; the message names the URL without its password."""
 
 
-def _reason(err: Exception) -> str:
+def _reason(err: Exception, url: str) -> str:
+    """The driver's first line, without the URL's password (drivers may quote the URL)."""
     cause = getattr(err, "orig", None) or err
-    return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    text = str(cause).strip()
+    return scrub(text.splitlines()[0], url) if text else type(cause).__name__
 
 
 class EndKilledRunThenRetry:
@@ -66,7 +68,7 @@ def open_storage(config: Config) -> RDBStorage:
                 engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None,
             )
     except Exception as err:  # unknown dialect, unreachable server, bad credentials, ...
-        raise StorageError(f"cannot open the Optuna storage {redact_url(url)}: {_reason(err)}") from None
+        raise StorageError(f"cannot open the Optuna storage {redact_url(url)}: {_reason(err, url)}") from None
 
 
 class SingleWorkerGuard:
@@ -119,7 +121,7 @@ class StudyLock:
             self._connection = self._engine.connect()
         except Exception as err:  # unknown dialect, unreachable server, bad credentials, ...
             raise StorageError(
-                f"cannot open the Optuna storage {redact_url(self.url)}: {_reason(err)}"
+                f"cannot open the Optuna storage {redact_url(self.url)}: {_reason(err, self.url)}"
             ) from None
         self._connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
 
