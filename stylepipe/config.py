@@ -305,7 +305,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {shown_override(text)!r}: expected the form section.key=value")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as err:
+    except yaml.YAMLError:
         raise ConfigError(f"override {shown_override(text)!r}: value is not valid YAML") from None
     return key.strip(), parsed
 

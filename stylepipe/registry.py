@@ -2,16 +2,67 @@
 
 Aliases: ``safest`` (the latest model trained with a safe configuration) and ``champion``
 (moved only by promotion, when a safe model beats the current champion; see stages.promote).
+
+A version holds the transformer's weights as safetensors (plain tensors, no code) and a
+small ``mlflow.pyfunc`` model that rebuilds ``TransformerNet`` from them, so that
+``mlflow.pyfunc.load_model("models:/<name>@champion")`` stylises. Nothing is pickled. The
+weights' SHA-256 is a tag of the version: stylepipe loads a version only when the file in
+the artifact store still has it, and never runs anything from the store.
 """
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
+import warnings
+from pathlib import Path
+
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel
 
+from stylepipe.errors import StylepipeError
 from stylepipe.nets.transformer import TransformerNet
-from stylepipe.stores import use_write_ahead_log
+from stylepipe.stores import redact_url, use_write_ahead_log
+
+WEIGHTS = "model.safetensors"
+# The model's code as MLflow stores it ("models from code", not a pickled object): two lines
+# that hand MLflow the class below, from the installed stylepipe.
+MODEL_CODE = '''"""stylepipe's style transformer for mlflow.pyfunc, rebuilt from its safetensors weights."""
+import mlflow
+
+from stylepipe.registry import StylizeModel
+
+mlflow.models.set_model(StylizeModel())
+'''
+
+
+class RegistryError(StylepipeError):
+    """A registered version cannot be used (missing, or its files changed since registration)."""
+
+
+class StylizeModel(PythonModel):
+    """``predict``: float32 images N x 3 x H x W in [0, 1] -> stylised images, same shape."""
+
+    def load_context(self, context) -> None:
+        from stylepipe.train.checkpoint import load_checkpoint
+
+        self.model = load_checkpoint(context.artifacts["weights"])
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        from stylepipe.stylize import stylize_tensor
+
+        images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        return stylize_tensor(self.model, images).numpy()
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class Registry:
@@ -23,32 +74,33 @@ class Registry:
         self.name = name
         self.client = MlflowClient(tracking_uri=uri)
 
-    def register(self, run_id: str, model: TransformerNet, quality: float) -> dict:
-        """Log the model (with signature and input example) to the run, register it as a new
-        version tagged safe with its quality, and alias it ``safest``."""
-        import numpy as np
-        import torch
-        from mlflow.models import infer_signature
+    def register(self, run_id: str, checkpoint: str | Path, quality: float) -> dict:
+        """Log the weights and the pyfunc model to the run, register them as a new version
+        tagged safe, with its quality and the weights' SHA-256, and alias it ``safest``."""
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
 
+        images = Schema([TensorSpec(np.dtype("float32"), (-1, 3, -1, -1))])  # any size
         example = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
-        model = model.cpu().eval()
-        with torch.no_grad():
-            output = model(torch.from_numpy(example)).numpy()
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=run_id):  # reopens the finished run, and ends it again
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=infer_signature(example, output),
-                input_example=example,
-                registered_model_name=self.name,
-                pip_requirements=["torch", "torchvision", "stylepipe"],
-                # a pickled nn.Module takes any image size; an exported program fixes the shape
-                serialization_format="pickle",
-            )
+        with tempfile.TemporaryDirectory() as tmp:
+            code = Path(tmp) / "stylepipe_model.py"
+            code.write_text(MODEL_CODE)
+            with mlflow.start_run(run_id=run_id), warnings.catch_warnings():  # reopens the finished run
+                warnings.filterwarnings("ignore", message=".*type hints.*")  # the signature is explicit
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(code),
+                    artifacts={"weights": str(checkpoint)},
+                    signature=ModelSignature(inputs=images, outputs=images),
+                    input_example=example,
+                    registered_model_name=self.name,
+                    pip_requirements=["torch", "torchvision", "safetensors", "stylepipe"],
+                )
         version = str(info.registered_model_version)
-        self.client.set_model_version_tag(self.name, version, "quality", str(quality))
-        self.client.set_model_version_tag(self.name, version, "safe", "true")
+        tags = {"quality": str(quality), "safe": "true", "weights_sha256": _sha256(Path(checkpoint))}
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, version, key, value)
         self.set_alias("safest", version)
         return {"run_id": run_id, "model_uri": f"models:/{self.name}@safest", "version": version}
 
@@ -68,5 +120,32 @@ class Registry:
         return self.client.get_model_version(self.name, version).tags.get("safe") == "true"
 
     def load(self, version: str) -> TransformerNet:
-        mlflow.set_tracking_uri(self.uri)
-        return mlflow.pytorch.load_model(f"models:/{self.name}/{version}", map_location="cpu")
+        """The version's transformer, from its safetensors weights only (nothing in the artifact
+        store runs), after checking they are the bytes that were registered."""
+        from stylepipe.train.checkpoint import CheckpointError, load_checkpoint
+
+        where = f"version {version} of {self.name} ({redact_url(self.uri)})"
+        expected = self.client.get_model_version(self.name, version).tags.get("weights_sha256")
+        if not expected:
+            raise RegistryError(
+                f"{where} has no weights_sha256 tag: it was not registered by this stylepipe "
+                "(older versions were pickled), and is not loaded"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.set_tracking_uri(self.uri)
+            folder = Path(mlflow.artifacts.download_artifacts(f"models:/{self.name}/{version}", dst_path=tmp))
+            weights = folder / "artifacts" / WEIGHTS
+            if not weights.is_file():
+                raise RegistryError(
+                    f"{where}: its weights file artifacts/{WEIGHTS} is missing from the store"
+                )
+            found = _sha256(weights)
+            if found != expected:
+                raise RegistryError(
+                    f"{where}: its weights changed since registration (SHA-256 {found[:12]}..., registered "
+                    f"{expected[:12]}...); refusing to load it. Re-register it, or restore the artifact store."
+                )
+            try:
+                return load_checkpoint(weights)
+            except CheckpointError as err:
+                raise RegistryError(f"{where}: {err}") from None

@@ -252,13 +252,13 @@ def write_samples(model, data: StudyData, folder: Path, count: int = 4) -> list[
 
 
 def register(config: Config, final: dict) -> dict:
-    """Log the final model to its run and register it: a new version, tagged safe with its
-    quality, aliased ``safest``."""
+    """Log the final model (safetensors weights, a pyfunc model rebuilding the network from
+    them) to its run and register it: a new version, tagged safe with its quality and the
+    weights' SHA-256, aliased ``safest``."""
     from stylepipe.registry import Registry
-    from stylepipe.train.checkpoint import load_checkpoint
 
     registry = Registry(config.tracking_uri, config.tracking.registered_model)
-    record = registry.register(final["run_id"], load_checkpoint(final["checkpoint"]), final["quality"])
+    record = registry.register(final["run_id"], final["checkpoint"], final["quality"])
     return {**record, "quality": final["quality"], "samples": final["samples"]}
 
 

@@ -95,3 +95,14 @@ def test_stylize_writes_an_image_of_the_input_size(tmp_path, capsys):
     with Image.open(target) as styled:
         assert styled.size == (50, 37) and styled.mode == "RGB"
     assert main(["stylize", "--model", str(tmp_path / "absent.safetensors"), str(source), str(target)]) == 2
+
+
+def test_a_style_image_names_only_a_bundled_scikit_image_picture(tmp_path, capsys, monkeypatch):
+    import skimage.data
+
+    called = []
+    monkeypatch.setattr(skimage.data, "download_all", lambda *a, **k: called.append(a), raising=False)
+    assert main(train_args(tmp_path, "data.style_image=skimage:download_all")) == 2
+    err = capsys.readouterr().err
+    assert "skimage:download_all is not one of scikit-image's bundled images" in err and "astronaut" in err
+    assert called == []  # the function was never run

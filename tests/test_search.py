@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -24,6 +25,8 @@ from stylepipe.data.sources import export_skimage
 from stylepipe.nets import TransformerNet
 from stylepipe.search.objective import evaluate_quality, load_study_data
 from stylepipe.stages import run_search
+from stylepipe.stylize import stylize_tensor
+from stylepipe.train.checkpoint import load_checkpoint
 from stylepipe.train.guards import CAUSES
 from tests.conftest import DEMO
 
@@ -138,11 +141,44 @@ def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(sear
     final = client.get_run(version.run_id)
     assert any(a.path == "samples" for a in client.list_artifacts(final.info.run_id))
     mlflow.set_tracking_uri(config.tracking_uri)
-    model = mlflow.pytorch.load_model("models:/tiny-style@safest")
+    model = mlflow.pyfunc.load_model("models:/tiny-style@safest")  # what a user of the registry does
     image = torch.rand(1, 3, 40, 48)
-    with torch.no_grad():
-        styled = model(image)
-    assert styled.shape == image.shape and torch.isfinite(styled).all()
+    styled = model.predict(image.numpy())
+    assert styled.shape == image.shape and np.isfinite(styled).all()
+    expected = stylize_tensor(load_checkpoint(Path(config.run_dir) / "model.safetensors"), image)
+    assert np.allclose(styled, expected.numpy(), atol=1e-6)
+    stored = [p.name for p in (Path(config.run_dir) / "mlartifacts").rglob("*") if p.is_file()]
+    assert "model.safetensors" in stored
+    assert not [name for name in stored if name.endswith((".pkl", ".pth", ".pt", ".pickle"))]  # no pickle
+
+
+@pytest.mark.slow
+def test_a_tampered_registered_model_is_refused_and_its_payload_never_runs(searched, tmp_path):
+    from stylepipe.registry import Registry, RegistryError
+
+    config, result = searched
+    registry = Registry(config.tracking_uri, "tiny-style")
+    version = result["model"]["version"]
+    assert isinstance(registry.load(version), TransformerNet)
+    [weights] = [p for p in (Path(config.run_dir) / "mlartifacts").rglob("model.safetensors")
+                 if p.parent.name == "artifacts"]  # fmt: skip
+    original = weights.read_bytes()
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    try:
+        torch.save({"encoder_in.1.weight": Payload()}, weights)  # a pickle with code, in the store
+        with pytest.raises(RegistryError, match="changed since registration"):
+            registry.load(version)
+        with pytest.raises(Exception):  # noqa: B017  (MLflow's wrapper of safetensors' error)
+            mlflow.pyfunc.load_model(f"models:/tiny-style/{version}")
+        assert not marker.exists()
+    finally:
+        weights.write_bytes(original)
+    assert isinstance(registry.load(version), TransformerNet)
 
 
 @pytest.mark.slow

@@ -31,22 +31,24 @@ class SourceError(StylepipeError):
     """An image source that cannot be read, with the reason."""
 
 
-def skimage_image(name: str) -> Image.Image:
-    import skimage.data
-
-    loader = getattr(skimage.data, name, None)
-    if loader is None or not callable(loader):
-        raise SourceError(f"scikit-image has no bundled image called {name!r}")
-    array = np.asarray(loader())
-    return Image.fromarray(array)
-
-
-# What the demo prepares: colour photos plus the grayscale, RGBA and binary images.
+# scikit-image's bundled images that ``skimage:NAME`` may name (and that the demo prepares):
+# the colour photos plus grayscale, RGBA and binary ones. Only these: ``skimage.data`` also
+# holds functions that download data sets or do other things.
 SKIMAGE_DEMO = (
     *SKIMAGE_COLOUR, "camera", "brick", "grass", "gravel", "moon", "page", "text", "coins",
     "horse", "logo", "cell", "clock", "checkerboard", "binary_blobs", "microaneurysms",
     "shepp_logan_phantom", "cat",
 )  # fmt: skip
+
+
+def skimage_image(name: str) -> Image.Image:
+    import skimage.data
+
+    if name not in SKIMAGE_DEMO:
+        raise SourceError(
+            f"skimage:{name} is not one of scikit-image's bundled images: {', '.join(SKIMAGE_DEMO)}"
+        )
+    return Image.fromarray(np.asarray(getattr(skimage.data, name)()))
 
 
 def export_skimage(folder: str | Path, names: tuple[str, ...] = SKIMAGE_DEMO) -> Path:
