@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_traceback_for_ctrl_c(record: logging.LogRecord) -> bool:
+    """Optuna logs a trial stopped by Ctrl-C with its traceback; the one line below says enough."""
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        record.exc_info = record.exc_text = None
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
@@ -164,6 +171,11 @@ def run(args: argparse.Namespace) -> int:
     )
     for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import optuna
+
+    optuna.logging.enable_default_handler()  # the one handler that writes all of optuna's records
+    for handler in logging.getLogger("optuna").handlers:
+        handler.addFilter(_no_traceback_for_ctrl_c)
     from stylepipe.errors import StylepipeError
 
     try:
@@ -171,6 +183,10 @@ def run(args: argparse.Namespace) -> int:
     except StylepipeError as err:
         console.print(f"[bold red]error:[/] {err}")
         return 2
+    except KeyboardInterrupt:
+        console.print("[bold yellow]interrupted:[/] the running trial and its runs are marked as stopped; "
+                      "the same command resumes")  # fmt: skip
+        return 130
 
 
 if __name__ == "__main__":

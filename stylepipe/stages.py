@@ -30,12 +30,13 @@ from stylepipe.search.objective import (
     StudyData,
     check_prepared,
     evaluate_quality,
+    failure_text,
     load_study_data,
     run_candidate,
 )
 from stylepipe.search.safest import confirm_safest
 from stylepipe.search.space import apply
-from stylepipe.search.storage import StorageError, StudyLock
+from stylepipe.search.storage import SingleWorkerGuard, StorageError, StudyLock
 from stylepipe.search.study import COUNTED, open_study, run_trials, trials_table
 from stylepipe.stores import is_sqlite, redact_url
 from stylepipe.tracking import Tracker
@@ -154,16 +155,18 @@ class StudySession:
 
     def __exit__(self, kind, error, traceback) -> None:
         if self.owns_parent:
-            self.tracker.end_study(self.parent, status="FINISHED" if kind is None else "FAILED")
+            failure = None if error is None else failure_text(error)
+            self.tracker.end_study(self.parent, "FINISHED" if kind is None else "FAILED", failure)
 
 
 @contextmanager
 def _session(config: Config, session: StudySession | None) -> Iterator[StudySession]:
-    """The caller's session, or one of this stage's own."""
+    """The caller's session, or one of this stage's own (on SQLite, after taking the database's
+    one-process lock: a second process is refused before it touches the study)."""
     if session is not None:
         yield session
         return
-    with StudySession(config) as own:
+    with SingleWorkerGuard(config.storage_url), StudySession(config) as own:
         yield own
 
 
@@ -222,7 +225,11 @@ def train_final(config: Config, safest: dict, session: StudySession | None = Non
         final_config = apply(config, safest["params"], **{"train.steps": steps})
         logger = s.tracker.child_run(s.parent, "final model", "final", safest["params"],
                                      {"safest.trial": safest["trial"]}, config.tracking.log_every)  # fmt: skip
-        run = run_candidate(final_config, s.data, [logger], logger=logger)
+        try:
+            run = run_candidate(final_config, s.data, [logger], logger=logger)
+        except BaseException as err:  # Ctrl-C too: the run says why it stopped
+            s.tracker.finish_run(logger.run_id, "failed", logger=logger, failure=failure_text(err))
+            raise
         if run.outcome != "complete":
             cause = run.autopsy.cause if run.autopsy else None
             s.tracker.finish_run(logger.run_id, run.outcome, cause, run.autopsy, logger=logger)
@@ -325,22 +332,45 @@ def report(
 # ------------------------------------------------------------------ the stages chained
 
 
+def _finished(session: StudySession) -> dict | None:
+    """What finishing the study recorded (safest, model), if it was done for its current trials."""
+    record = session.study.user_attrs.get("finished")
+    done = len(session.study.get_trials(deepcopy=False, states=COUNTED))
+    return record if record and record.get("for_trials") == done else None
+
+
 def _finish(config: Config, session: StudySession) -> dict:
-    """Confirm the safest configuration, train and register its model, report."""
+    """Confirm the safest configuration, train and register its model, report: once per study
+    state, whichever process gets here first (the caller holds the study's ``finish`` lock)."""
+    # Replay and final runs still RUNNING belong to a process that died: only the holder of
+    # the finish lock runs them.
+    session.tracker.end_orphaned_runs(session.parent, ("replay", "final"),
+                                      "its process stopped (killed or lost) before the run ended")  # fmt: skip
     safest = confirm(config, session)
     model = None
     if safest is not None and config.tracking.train_final_model:
         model = register(config, train_final(config, safest, session))
+    done = len(session.study.get_trials(deepcopy=False, states=COUNTED))
+    session.study.set_user_attr("finished", {"for_trials": done, "safest": safest, "model": model})
     return {"study": config.study_name, "safest": safest, "model": model,
             **report(config, safest, model, session=session)}  # fmt: skip
 
 
 def run_search(config: Config, progress: bool = True, warm_start: dict | None = None) -> dict:
-    """The ``search`` command: run (or resume) the study, then confirm, train, register, report."""
+    """The ``search`` command: run (or resume) the study, then confirm, train, register, report.
+
+    Another process on the same study (PostgreSQL) may run trials too; the study is finished
+    once: a process that finds it finished for its current trials reports that result.
+    """
     check_prepared(config.data.content)
-    with StudySession(config) as session:
+    with SingleWorkerGuard(config.storage_url), StudySession(config) as session:
         search(config, warm_start, progress, session)
-        return _finish(config, session)
+        with StudyLock(config, "finish"):
+            record = _finished(session)
+            if record is None:
+                return _finish(config, session)
+            return {"study": config.study_name, "safest": record["safest"], "model": record["model"],
+                    **report(config, record["safest"], record["model"], session=session)}  # fmt: skip
 
 
 def run_worker(config: Config, progress: bool = False) -> dict:
@@ -351,16 +381,15 @@ def run_worker(config: Config, progress: bool = False) -> dict:
     find the study finished and leave.
     """
     check_prepared(config.data.content)
-    session = StudySession(config, owns_parent=False)
-    ran = search(config, progress=progress, session=session)["trials_run"]
-    with StudyLock(config, "finish"):
-        if session.study.user_attrs.get("finished_by_worker"):
-            return {"trials_run": ran, "finished_study": False}
-        session.owns_parent = True
-        with session:
-            finished = _finish(config, session)
-            session.study.set_user_attr("finished_by_worker", True)
-        return {"trials_run": ran, "finished_study": True, **finished}
+    with SingleWorkerGuard(config.storage_url):
+        session = StudySession(config, owns_parent=False)
+        ran = search(config, progress=progress, session=session)["trials_run"]
+        with StudyLock(config, "finish"):
+            if _finished(session) is not None:
+                return {"trials_run": ran, "finished_study": False}
+            session.owns_parent = True
+            with session:
+                return {"trials_run": ran, "finished_study": True, **_finish(config, session)}
 
 
 def run_worker_processes(config: Config, processes: int) -> list[int]:

@@ -192,13 +192,17 @@ class Tracker:
         autopsy: Autopsy | None = None,
         metrics: dict[str, float] | None = None,
         logger: RunLogger | None = None,
+        failure: str | None = None,
     ) -> None:
-        """Tags, summary metrics and the autopsy, then the run's final status."""
+        """Tags, summary metrics and the autopsy, then the run's final status (FAILED, with the
+        ``failure`` tag saying why, when the outcome is ``failed``)."""
         if logger is not None:
             logger.flush()
         tags = [RunTag("outcome", outcome)]
         if cause:
             tags.append(RunTag("cause", cause))
+        if failure:
+            tags.append(RunTag("failure", scrub(failure, self.uri)[:5000]))
         values = [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in (metrics or {}).items()]
         values = [m for m in values if math.isfinite(m.value)]
         self.client.log_batch(run_id, metrics=values, tags=tags)
@@ -207,8 +211,24 @@ class Tracker:
         status = "FAILED" if outcome == "failed" else "FINISHED"
         self.client.set_terminated(run_id, status=status)
 
-    def end_study(self, run_id: str, status: str = "FINISHED") -> None:
+    def end_study(self, run_id: str, status: str = "FINISHED", failure: str | None = None) -> None:
+        if failure:
+            self.client.set_tag(run_id, "failure", scrub(failure, self.uri)[:5000])
         self.client.set_terminated(run_id, status=status)
+
+    def end_orphaned_runs(self, parent_id: str, roles: tuple[str, ...], why: str) -> list[str]:
+        """End as KILLED, saying why, the study's runs of these roles still RUNNING: their process
+        died (the caller knows no live process owns them). Returns their ids."""
+        running = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'",
+            max_results=10_000,
+        )
+        ended = [run.info.run_id for run in running if run.data.tags.get(ROLE_TAG) in roles]
+        for run_id in ended:
+            self.client.log_batch(run_id, tags=[RunTag("outcome", "failed"), RunTag("failure", why)])
+            self.client.set_terminated(run_id, status="KILLED")
+        return ended
 
     def log_artifacts(self, run_id: str, paths: Iterable[Path], folder: str | None = None) -> None:
         for path in paths:

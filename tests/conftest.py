@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,17 @@ def tiny_config(tmp_path, *overrides: str) -> Config:
 @pytest.fixture
 def tiny(tmp_path):
     return lambda *overrides: tiny_config(tmp_path, *overrides)
+
+
+@contextlib.contextmanager
+def another_process_holds_sqlite(url: str):
+    """Another process holds the SQLite database's one-process lock while the block runs."""
+    code = ("import sys, time\nfrom stylepipe.search.storage import SingleWorkerGuard\n"
+            "SingleWorkerGuard(sys.argv[1]).__enter__()\nprint('held', flush=True)\ntime.sleep(600)")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

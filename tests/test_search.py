@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from stylepipe.stages import run_search
 from stylepipe.stylize import stylize_tensor
 from stylepipe.train.checkpoint import load_checkpoint
 from stylepipe.train.guards import CAUSES
-from tests.conftest import DEMO
+from tests.conftest import DEMO, another_process_holds_sqlite
 
 TINY_SEARCH = [
     "data.image_size=32",
@@ -56,17 +57,28 @@ def prepared(tmp_path_factory) -> Path:
     return root / "prepared"
 
 
+def search_overrides(run_dir: Path, prepared: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"data.content={prepared}", *TINY_SEARCH, *extra]
+
+
 def search_config(run_dir: Path, prepared: Path, *extra: str):
-    overrides = [f"run_dir={run_dir}", f"data.content={prepared}", *TINY_SEARCH, *extra]
-    return load_config(DEMO, overrides)
+    return load_config(DEMO, search_overrides(run_dir, prepared, *extra))
+
+
+def search_command(overrides: list[str]) -> list[str]:
+    args = [str(Path(sys.executable).parent / "stylepipe"), "search", "--quiet", "--config", str(DEMO)]
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
+# lr up to 1e3: Adam at lr >= 10 blows up on its second step, so some trials surely go NaN.
+SEARCHED = ("search.n_trials=6", "search.space.lr=[1e-3,1e3]", "tracking.registered_model=tiny-style")
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, prepared):
-    run_dir = tmp_path_factory.mktemp("study")
-    # lr up to 1e3: Adam at lr >= 10 blows up on its second step, so some trials surely go NaN.
-    config = search_config(run_dir, prepared, "search.n_trials=6", "search.space.lr=[1e-3,1e3]",
-                           "tracking.registered_model=tiny-style")  # fmt: skip
+    config = search_config(tmp_path_factory.mktemp("study"), prepared, *SEARCHED)
     result = run_search(config, progress=False)
     return config, result
 
@@ -295,3 +307,113 @@ def test_optuna_dashboard_serves_the_pruned_trials_with_their_cause(searched):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_a_resumed_study_proposes_new_configurations(tmp_path):
+    from stylepipe.search.space import suggest
+    from stylepipe.search.study import open_study, run_trials
+
+    config = load_config(DEMO, [f"run_dir={tmp_path}", "search.n_trials=3"])
+
+    def objective(trial):
+        return suggest(trial, config.search.space)["lr"]
+
+    run_trials(config, open_study(config), objective, progress=False)  # then the process is gone
+    resumed = config.with_overrides({"search.n_trials": 6})
+    run_trials(resumed, open_study(resumed), objective, progress=False)  # the same command again
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    proposed = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(proposed) == 6 and len(set(proposed)) == 6
+    # and it is reproducible: the same study again proposes the same six
+    again = load_config(DEMO, [f"run_dir={tmp_path / 'again'}", "search.n_trials=3"])
+    run_trials(again, open_study(again), objective, progress=False)
+    run_trials(again.with_overrides({"search.n_trials": 6}), open_study(again), objective, progress=False)
+    repeat = optuna.load_study(study_name=again.study_name, storage=again.storage_url)
+    assert [tuple(sorted(t.params.items())) for t in repeat.trials] == proposed
+
+
+@pytest.mark.slow
+def test_a_second_search_on_a_busy_sqlite_study_is_refused_and_touches_nothing(searched, prepared, capsys):
+    config, result = searched
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.study_name).experiment_id
+
+    def state():
+        runs = {r.info.run_id: r.info.status for r in client.search_runs([experiment], max_results=1000)}
+        study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+        return runs, len(study.trials), len(client.search_model_versions("name='tiny-style'"))
+
+    before = state()
+    args = ["search", "--quiet", "--config", str(DEMO)]
+    for override in search_overrides(Path(config.run_dir), prepared, *SEARCHED, "search.n_trials=7"):
+        args += ["--set", override]
+    with another_process_holds_sqlite(config.storage_url):  # e.g. the first search, confirming
+        assert main(args) == 2
+    assert "another stylepipe process is working on" in capsys.readouterr().err
+    assert state() == before  # no trial, no run, no status change, no registration
+
+
+def _runs(config):
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.study_name)
+    return [] if experiment is None else client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def _wait_for_run(process, config, role: str, timeout: float = 240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the search ended before it could be stopped"
+        try:
+            running = [r for r in _runs(config) if r.info.status == "RUNNING"
+                       and r.data.tags.get("stylepipe.role") == role]  # fmt: skip
+        except Exception:  # the database is still being created
+            running = []
+        if running:
+            return running[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no {role} run started")
+
+
+LONG_REPLAYS = ("search.n_trials=2", "search.space.lr=[1e-4,3e-4]", "train.steps=40", "train.check_every=5",
+                "search.eval_every=20", "search.top_k=1", "search.replay_seeds=3", "search.lr_margin=1",
+                "tracking.train_final_model=false", "search.heartbeat_interval=1", "search.grace_period=3")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_runs_of_a_killed_search_are_ended_with_the_reason_when_it_resumes(tmp_path, prepared):
+    overrides = search_overrides(tmp_path, prepared, *LONG_REPLAYS)
+    config = load_config(DEMO, overrides)
+    victim = subprocess.Popen(search_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        replay = _wait_for_run(victim, config, "replay")
+        victim.send_signal(signal.SIGKILL)
+    finally:
+        victim.wait(timeout=30)
+    resumed = subprocess.run(search_command(overrides), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    runs = {r.info.run_id: r for r in _runs(config)}
+    assert [r.info.run_name for r in runs.values() if r.info.status == "RUNNING"] == []
+    killed = runs[replay.info.run_id]
+    assert killed.info.status == "KILLED"
+    assert "process stopped" in killed.data.tags["failure"] and killed.data.tags["outcome"] == "failed"
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_run_running(tmp_path, prepared):
+    overrides = search_overrides(tmp_path, prepared, *LONG_REPLAYS)
+    config = load_config(DEMO, overrides)
+    search = subprocess.Popen(
+        search_command(overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    trial = _wait_for_run(search, config, "trial")
+    time.sleep(0.5)  # inside its training
+    search.send_signal(signal.SIGINT)
+    out, err = search.communicate(timeout=120)
+    assert search.returncode == 130, out + err
+    assert "Traceback" not in out + err and "interrupted" in err
+    runs = {r.info.run_id: r for r in _runs(config)}
+    assert [r.info.run_name for r in runs.values() if r.info.status == "RUNNING"] == []
+    stopped = runs[trial.info.run_id]
+    assert stopped.info.status == "FAILED" and stopped.data.tags["failure"].startswith("interrupted")
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    assert study.trials[-1].state == optuna.trial.TrialState.FAIL

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from stylepipe.config import load_config
 from stylepipe.search.storage import SingleWorkerGuard, StorageError, open_storage
-from tests.conftest import DEMO
+from tests.conftest import DEMO, another_process_holds_sqlite
 from tests.test_search import prepared  # noqa: F401  (module fixture: a tiny prepared shard)
 
 POSTGRES = os.environ.get("STYLEPIPE_TEST_POSTGRES_URL")
@@ -212,12 +212,19 @@ def test_bad_or_unreachable_storage_is_a_clear_error_without_the_password(tmp_pa
     assert fragment in str(err.value) and "hunter2" not in str(err.value)
 
 
-def test_a_second_worker_on_sqlite_is_refused(tmp_path):
+def test_a_second_process_on_sqlite_is_refused_and_one_process_may_nest_the_lock(tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    with SingleWorkerGuard(url), pytest.raises(StorageError, match="SQLite serves one worker"):
+    with another_process_holds_sqlite(url), pytest.raises(StorageError, match="SQLite serves one worker"):
         SingleWorkerGuard(url).__enter__()
-    with SingleWorkerGuard(url):  # released: the next worker may go
-        pass
+    try_it = ("import sys\nfrom stylepipe.search.storage import SingleWorkerGuard, StorageError\ntry:\n"
+              "    SingleWorkerGuard(sys.argv[1]).__enter__()\nexcept StorageError:\n    print('refused')")  # fmt: skip
+    with SingleWorkerGuard(url):
+        with SingleWorkerGuard(url):  # stages nest it in one process
+            pass
+        still_held = subprocess.run([sys.executable, "-c", try_it, url], capture_output=True, text=True)
+        assert still_held.stdout.strip() == "refused"  # the inner exit did not release it
+    released = subprocess.run([sys.executable, "-c", try_it, url], capture_output=True, text=True)
+    assert released.stdout.strip() == "" and released.returncode == 0
 
 
 def test_several_worker_processes_on_sqlite_are_refused_before_any_work(tmp_path, capsys):
@@ -260,4 +267,35 @@ def test_worker_processes_on_one_machine_share_the_study(tmp_path, prepared, dat
     assert sorted(int(r.data.tags["trial"]) for r in trial_runs) == [t.number for t in study.trials]
     workers = {r.data.tags["stylepipe.worker"] for r in trial_runs}
     assert len(workers) == 2, workers  # both processes ran trials
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+@pytest.mark.slow
+@needs_postgres
+def test_two_searches_on_one_postgresql_study_finish_it_once(tmp_path, prepared, databases):  # noqa: F811
+    """Whatever the timing: one confirm, one final model, one registered version."""
+    optuna_url, mlflow_url = databases
+    extra = ("search.n_trials=3", "train.steps=8", "train.check_every=4", "tracking.train_final_model=true",
+             "tracking.final_steps=4", "tracking.registered_model=once-style")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    searches = []
+    for name in ("a", "b"):
+        overrides = [f"run_dir={tmp_path / name}", f"data.content={prepared}", f"tracking.uri={mlflow_url}",
+                     f"search.storage={optuna_url}", *TINY, *extra]  # fmt: skip
+        args = [str(Path(sys.executable).parent / "stylepipe"), "search", "--quiet", "--config", str(DEMO)]
+        for override in overrides:
+            args += ["--set", override]
+        searches.append(
+            subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        )
+    outputs = [s.communicate(timeout=420)[0] for s in searches]
+    assert [s.returncode for s in searches] == [0, 0], outputs
+    assert all("registered model: models:/once-style@safest (version 1)" in out for out in outputs), outputs
+
+    config = config_for(tmp_path / "a", prepared, optuna_url, mlflow_url, *extra)
+    client = MlflowClient(tracking_uri=mlflow_url)
+    assert [str(v.version) for v in client.search_model_versions("name='once-style'")] == ["1"]
+    runs, _ = mlflow_trial_runs(config)
+    roles = [r.data.tags.get("stylepipe.role") for r in runs]
+    assert roles.count("final") == 1 and roles.count("replay") == 1  # top_k 1, no more seeds: lr x2 once
     assert all(r.info.status != "RUNNING" for r in runs)

@@ -172,6 +172,13 @@ def run_candidate(
     return CandidateRun("complete", quality, None, result.metrics, result.model)
 
 
+def failure_text(err: BaseException) -> str:
+    """What stopped a run, in one line: ``OSError: disk full``, or ``interrupted`` for Ctrl-C."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C or SIGINT)"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
 def worker_id() -> str:
     """Which machine and process ran a trial (several workers may share one study)."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -204,9 +211,9 @@ class Objective:
             raise
         except BaseException as err:  # KeyboardInterrupt too: never leave the run RUNNING
             trial.set_user_attr("outcome", "failed")
-            failure = scrub(f"{type(err).__name__}: {err}", base.storage_url, base.tracking_uri)
+            failure = scrub(failure_text(err), base.storage_url, base.tracking_uri)
             trial.set_user_attr("failure", failure[:2000])
-            self.tracker.finish_run(run_id, "failed", logger=logger)
+            self.tracker.finish_run(run_id, "failed", logger=logger, failure=failure)
             raise
 
         if run.outcome != "complete":

@@ -14,7 +14,7 @@ from typing import Any
 
 import optuna
 
-from stylepipe.search.objective import StudyData, run_candidate
+from stylepipe.search.objective import StudyData, failure_text, run_candidate
 from stylepipe.search.space import apply, params_from_trial
 from stylepipe.tracking import Tracker
 
@@ -52,7 +52,12 @@ def confirm_safest(
                 logger = tracker.child_run(parent_run_id, name, "replay", {**params, **stress},
                                            {"trial": trial.number}, config.tracking.log_every)  # fmt: skip
                 run_id = logger.run_id
-            run = run_candidate(replay_config, data, [logger] if logger else [])
+            try:
+                run = run_candidate(replay_config, data, [logger] if logger else [])
+            except BaseException as err:  # Ctrl-C too: the replay's run says why it stopped
+                if tracker is not None:
+                    tracker.finish_run(run_id, "failed", logger=logger, failure=failure_text(err))
+                raise
             if tracker is not None:
                 metrics = {"final/quality": run.quality} if run.quality is not None else {}
                 cause = run.autopsy.cause if run.autopsy else None

@@ -72,32 +72,46 @@ def open_storage(config: Config) -> RDBStorage:
 
 
 class SingleWorkerGuard:
-    """Holds an exclusive file lock beside a SQLite database while a worker runs trials."""
+    """An exclusive file lock beside a SQLite database, held by the one process that works on
+    its studies, from before it touches a study to the end of the command: trials, confirm,
+    final model and registration. Another process is refused before it reads or writes
+    anything. Re-entrant within a process (stages nest)."""
+
+    _held: dict[str, list] = {}  # lock file -> [open file, depth], for this process
 
     def __init__(self, url: str):
         self.url = url
-        self._file: Any = None
+        path = sqlite_path(url)
+        self.lock_path = None if path is None else str(Path(path).with_name(Path(path).name + ".worker.lock"))
 
     def __enter__(self) -> SingleWorkerGuard:
-        path = sqlite_path(self.url)
-        if path is None:
+        if self.lock_path is None:
             return self
-        db = Path(path)
-        self._file = open(db.with_name(db.name + ".worker.lock"), "w")  # noqa: SIM115
+        if self.lock_path in self._held:
+            self._held[self.lock_path][1] += 1
+            return self
+        Path(self.lock_path).parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.lock_path, "w")  # noqa: SIM115  (held until __exit__)
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._file.close()
+            handle.close()
             raise StorageError(
-                f"another worker is already running trials on {self.url}. SQLite serves one worker; "
-                "for several, put the study in PostgreSQL (search.storage=postgresql://...)."
+                f"another stylepipe process is working on {redact_url(self.url)}. SQLite serves one "
+                "worker; for several, put the study in PostgreSQL (search.storage=postgresql://...)."
             ) from None
+        self._held[self.lock_path] = [handle, 1]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
+        if self.lock_path is None or self.lock_path not in self._held:
+            return
+        held = self._held[self.lock_path]
+        held[1] -= 1
+        if held[1] == 0:
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            held[0].close()
+            del self._held[self.lock_path]
 
 
 class StudyLock:

@@ -31,13 +31,23 @@ def open_study(config: Config) -> optuna.Study:
     return optuna.create_study(
         study_name=config.study_name,
         storage=open_storage(config),
-        sampler=optuna.samplers.TPESampler(seed=search.seed),
+        sampler=trial_sampler(config, 0),
         pruner=optuna.pruners.MedianPruner(
             n_startup_trials=search.pruner_startup_trials, n_warmup_steps=search.pruner_warmup_steps
         ),
         direction="minimize",
         load_if_exists=True,
     )
+
+
+def trial_sampler(config: Config, trials_so_far: int) -> optuna.samplers.BaseSampler:
+    """TPE seeded for the next trial: ``search.seed`` plus the number of trials the study holds.
+
+    A sampler seeded once per process proposes the same first configurations again on every
+    resume, and in every worker; seeded by the study's size it is reproducible and does not
+    repeat itself (TPE keeps no other state: it reads the trials from the storage).
+    """
+    return optuna.samplers.TPESampler(seed=config.search.seed + trials_so_far)
 
 
 def trials_table(study: optuna.Study, safest: dict | None = None) -> pd.DataFrame:
@@ -162,6 +172,7 @@ def run_trials(
                     gate.release()
                     time.sleep(min(5, config.search.heartbeat_interval))
                     continue
+                study.sampler = trial_sampler(config, len(study.get_trials(deepcopy=False)))
                 study.optimize(objective, n_trials=1, callbacks=[bar], catch=(Exception,))
                 ran += 1
             finally:
