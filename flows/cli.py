@@ -11,12 +11,16 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from stylepipe.cli import add_config_args, console, load_settings, out
 from stylepipe.cli import run as run_command
 from stylepipe.config import SECRET_ENV, parse_override
+from stylepipe.errors import StylepipeError
 from stylepipe.stores import redact_url
+
+STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
 
 def prefect_home(args: argparse.Namespace) -> None:
@@ -30,6 +34,28 @@ def prefect_home(args: argparse.Namespace) -> None:
     # no PREFECT_API_URL: a temporary local server for this run
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its temporary server 20 s to come up; on a busy 2-core machine that is
+    # a coin toss (seen: 20-21 s). Unless the user chose, give it the time a small machine needs.
+    os.environ.setdefault(STARTUP_TIMEOUT, "180")
+
+
+class PrefectServerError(StylepipeError):
+    """Prefect's temporary server did not come up."""
+
+
+@contextmanager
+def prefect_server_errors():
+    """A temporary Prefect server that does not start is one line saying what to do."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "ephemeral Prefect API server" not in str(err):
+            raise
+        raise PrefectServerError(
+            f"Prefect's temporary server did not start within {os.environ.get(STARTUP_TIMEOUT)} s. Give it "
+            f"longer ({STARTUP_TIMEOUT}=300), or start one (.venv/bin/prefect server start) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        ) from None
 
 
 def secrets_to_environment(args: argparse.Namespace) -> list[str]:
@@ -51,7 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = secrets_to_environment(args)
     from flows.pipeline import style_pipeline
 
-    result = style_pipeline(config_path=args.config, overrides=overrides, study_name=args.study)
+    with prefect_server_errors():
+        result = style_pipeline(config_path=args.config, overrides=overrides, study_name=args.study)
     run_dir = Path(config.run_dir)
     out.print("\n[bold]Where to look[/]")
     out.print(f"  run folder:        {run_dir}")

@@ -146,3 +146,18 @@ def test_the_deployment_has_the_configured_cron_and_a_run_through_it_completes(h
     state = run_flow(style_pipeline, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
     assert state.is_completed()
     assert (tmp_path / "safest.json").is_file()
+
+
+def test_a_temporary_server_that_does_not_start_is_one_line_and_a_non_zero_exit(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1", "STYLEPIPE_OFFLINE": "1"}
+    for inherited in ("PREFECT_API_URL", "PREFECT_HOME"):
+        env.pop(inherited, None)
+    command = [str(Path(sys.executable).parent / "stylepipe-flow"), "run", "--config", str(DEMO),
+               "--set", f"run_dir={tmp_path}"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "error: Prefect's temporary server did not start within 1 s" in done.stderr
