@@ -18,6 +18,7 @@ from stylepipe.cli import add_config_args, console, load_settings, out
 from stylepipe.cli import run as run_command
 from stylepipe.config import SECRET_ENV, parse_override
 from stylepipe.errors import StylepipeError
+from stylepipe.files import writable_folder
 from stylepipe.stores import redact_url
 
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -28,8 +29,7 @@ def prefect_home(args: argparse.Namespace) -> None:
 
     Prefect reads its settings when first imported: this runs before any flow module is.
     """
-    home = Path(load_settings(args).run_dir).resolve() / "prefect"
-    home.mkdir(parents=True, exist_ok=True)
+    home = writable_folder(Path(load_settings(args).run_dir).resolve() / "prefect", "Prefect home")
     os.environ.setdefault("PREFECT_HOME", str(home))
     # no PREFECT_API_URL: a temporary local server for this run
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")

@@ -16,10 +16,22 @@ from prefect.context import TaskRunContext
 
 from stylepipe import stages
 from stylepipe.config import Config, load_config
+from stylepipe.errors import StylepipeError
 
 
 def _settings(config_json: str) -> Config:
     return Config.model_validate_json(config_json)
+
+
+def _retry_unless_users_mistake(task, task_run, state) -> bool:
+    """Retry I/O hiccups, not a user's mistake (an empty folder fails the same way thrice)."""
+    try:
+        state.result()
+    except StylepipeError:
+        return False
+    except BaseException:
+        return True
+    return True
 
 
 def _prepare_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -27,7 +39,8 @@ def _prepare_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
     return f"stylepipe-prepare-{stages.prepare_fingerprint(_settings(parameters['config_json']))}"
 
 
-@task(name="prepare", retries=2, retry_delay_seconds=5, cache_key_fn=_prepare_cache_key)
+@task(name="prepare", retries=2, retry_delay_seconds=5, cache_key_fn=_prepare_cache_key,
+      retry_condition_fn=_retry_unless_users_mistake)  # fmt: skip
 def prepare_task(config_json: str) -> dict[str, Any]:
     return stages.prepare(_settings(config_json))
 
@@ -47,12 +60,12 @@ def train_final_task(config_json: str, safest: dict) -> dict[str, Any]:
     return stages.train_final(_settings(config_json), safest)
 
 
-@task(name="register", retries=2, retry_delay_seconds=5)
+@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_users_mistake)
 def register_task(config_json: str, final: dict) -> dict[str, Any]:
     return stages.register(_settings(config_json), final)
 
 
-@task(name="promote", retries=2, retry_delay_seconds=5)
+@task(name="promote", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_users_mistake)
 def promote_task(config_json: str, version: str) -> dict[str, Any]:
     return stages.promote(_settings(config_json), version)
 

@@ -10,9 +10,15 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.logging import RichHandler
 
+from stylepipe.errors import StylepipeError
+
 # Results (paths, summaries) go to stdout; logs, errors and autopsies to stderr.
 out = Console(soft_wrap=True)
 console = Console(stderr=True, soft_wrap=True)
+
+
+class UsageError(StylepipeError):
+    """A command-line argument that cannot be used."""
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +98,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.storage:
         overrides.append(f"search.storage={args.storage}")
     config = load_settings(argparse.Namespace(config=args.config, overrides=overrides))
-    processes = args.processes or config.search.workers_per_device
+    processes = args.processes if args.processes is not None else config.search.workers_per_device
+    if processes < 1:
+        raise UsageError(f"--processes {processes}: give 1 or more worker processes")
     if processes == 1:
         result = stages.run_worker(config, progress=not args.quiet)
         out.print(f"worker ran {result['trials_run']} trials; finished the study: {result['finished_study']}")
@@ -105,7 +113,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_stylize(args: argparse.Namespace) -> int:
     from stylepipe import stages
 
-    out.print(f"stylised image: {stages.stylize(args.model, args.input, args.output, args.max_size)}")
+    styled = stages.stylize(args.model, args.input, args.output, args.max_size, args.overwrite)
+    if styled["note"]:
+        console.print(f"note: {styled['note']}")
+    out.print(f"stylised image: {styled['output']}")
     return 0
 
 
@@ -146,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--model", required=True, help="checkpoint (.safetensors or .pt)")
     stylize.add_argument("input")
     stylize.add_argument("output")
-    stylize.add_argument("--max-size", type=int, default=None, help="shrink the long side first")
+    stylize.add_argument("--max-size", type=int, default=2048,
+                         help="shrink a longer side to this first (default 2048; 0: never)")  # fmt: skip
+    stylize.add_argument("--overwrite", action="store_true", help="allow the output to replace the input")
     stylize.set_defaults(func=cmd_stylize)
     return parser
 
@@ -176,8 +189,6 @@ def run(args: argparse.Namespace) -> int:
     optuna.logging.enable_default_handler()  # the one handler that writes all of optuna's records
     for handler in logging.getLogger("optuna").handlers:
         handler.addFilter(_no_traceback_for_ctrl_c)
-    from stylepipe.errors import StylepipeError
-
     try:
         return args.func(args)
     except StylepipeError as err:

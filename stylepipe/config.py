@@ -7,8 +7,9 @@ file named instead of being silently ignored.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
     PlainSerializer,
     SerializationInfo,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -32,6 +34,15 @@ LAYER_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
 class ConfigError(StylepipeError):
     """A settings file or override that cannot be used, with the reason."""
 
+
+def _plain_name(name: str | None) -> str | None:
+    """Names end up in MLflow filter strings, file names and Prefect deployments."""
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise ValueError("use letters, digits, '.', '_' and '-' (up to 100, a letter or digit first)")
+    return name
+
+
+PlainName = Annotated[str, AfterValidator(_plain_name)]
 
 # Where a store URL's password may come from instead of the settings (the settings, as
 # written to any file, parameter or log, show it masked).
@@ -68,8 +79,23 @@ def StoreUrl(key: str):  # noqa: N802  (a type)
                      PlainSerializer(_show_masked, when_used="always")]  # fmt: skip
 
 
+def _is_number(annotation: Any) -> bool:
+    """int, float, or either of them or None."""
+    members = set(get_args(annotation)) - {type(None)} if get_args(annotation) else {annotation}
+    return bool(members) and members <= {int, float}
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Infinity and NaN are never a setting (train.lr=.inf would train on NaN from step 1).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's ``true`` is not the number 1 (train.steps=true would train one step)."""
+        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, not true or false")
+        return value
 
 
 class DataConfig(Section):
@@ -153,11 +179,18 @@ class TrainConfig(Section):
     # gradients and precision=fp32 runs are rounded to TF32, as cuDNN already does for fp32
     # convolutions by default. Champion promotion re-scores both models at full fp32.
     tf32: bool = True
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     # Finiteness is decided on the device every step but read by the host only
     # every check_every steps; the first bad step is still exact.
     check_every: int = Field(10, ge=1)
     seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise ValueError("expected auto, cpu, mps, cuda or cuda:N")
+        return device
 
 
 class GuardConfig(Section):
@@ -191,7 +224,7 @@ class SearchSpace(Section):
 
 
 class SearchConfig(Section):
-    study_name: str | None = None  # default: the config's name
+    study_name: PlainName | None = None  # default: the config's name
     # default: $STYLEPIPE_SEARCH_STORAGE, else sqlite:///<run_dir>/optuna.db; a PostgreSQL URL works too
     storage: StoreUrl("search.storage") | None = None
     n_trials: int = Field(12, ge=1)  # total finished trials the study should hold
@@ -238,7 +271,7 @@ class ScheduleConfig(Section):
 
 
 class Config(Section):
-    name: str = "stylepipe"
+    name: PlainName = "stylepipe"
     run_dir: Path = Path("runs/default")
     data: DataConfig = DataConfig()
     prepare: PrepareConfig = PrepareConfig()
@@ -317,8 +350,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
         given = item.get("input")
         secret = key in SECRET_ENV  # a store URL may carry a password: never echoed
         shown = "" if isinstance(given, dict) or secret else f" (got {given!r})"
-        lines.append(f"  {key}: {item['msg']}{shown}")
-    return f"invalid settings in {source}:\n" + "\n".join(lines)
+        lines.append(f"{key}: {item['msg'].removeprefix('Value error, ')}{shown}")
+    if len(lines) == 1:
+        return f"invalid settings in {source}: {lines[0]}"
+    return f"invalid settings in {source}:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def _validate(raw: dict[str, Any], source: str) -> Config:

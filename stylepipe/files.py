@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def writable_folder(path: str | Path, what: str) -> Path:
+    """``path`` as a folder this process can write to (created when missing), or a
+    ``StylepipeError`` naming ``what`` and why (a file in the way, a read-only disk, ...)."""
+    from stylepipe.errors import StylepipeError
+
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(20, "it is a file, not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # permission bits do not stop root; a real write does
+            pass
+    except OSError as err:
+        raise StylepipeError(f"cannot write to the {what} {path}: {err.strerror or err}") from None
+    return path
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -40,16 +58,26 @@ def write_json(path: str | Path, value: Any) -> Path:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file, or of a torch file read with ``weights_only=True``
-    (no code in the file runs). Raises ``OSError``/``ValueError``/``RuntimeError`` as the readers
-    do; callers say which kind of file they wanted."""
+    (no code in the file runs). Raises ``ValueError`` (or ``OSError``) saying what is wrong in
+    one line; callers say which kind of file they wanted."""
     import torch
     from safetensors.torch import load_file
 
     path = Path(path)
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as err:
+            raise ValueError(f"not a safetensors file ({str(err).splitlines()[0]})") from None
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # garbage, a truncated file, or a pickle of more than tensors
+            if "Weights only load failed" in str(err):
+                raise ValueError(
+                    "it holds Python objects, not only tensors: not loaded (weights_only)"
+                ) from None
+            raise ValueError(f"not a file written by torch.save ({type(err).__name__})") from None
     if not isinstance(state, dict):
         raise ValueError(f"it holds a {type(state).__name__}, not a state_dict")
     return state

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from stylepipe.config import Config
-from stylepipe.files import write_json
+from stylepipe.files import writable_folder, write_json
 from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
 from stylepipe.search.objective import (
     Objective,
@@ -112,12 +112,15 @@ def train(config: Config, progress: bool = True) -> dict:
     }
 
 
-def stylize(model_path: str, source: str, target: str, max_size: int | None = None) -> str:
-    """Apply a trained model (a stylepipe checkpoint) to one image file."""
-    from stylepipe.stylize import stylize_file
+def stylize(model_path: str, source: str, target: str, max_size: int | None, overwrite: bool = False) -> dict:
+    """Apply a trained model (a stylepipe checkpoint) to one image file: the written path, and a
+    note when the image was shrunk to ``max_size``."""
+    from stylepipe.stylize import check_output, stylize_file
     from stylepipe.train.checkpoint import load_checkpoint
 
-    return str(stylize_file(load_checkpoint(model_path), source, target, max_size=max_size))
+    check_output(Path(source), Path(target), overwrite)  # before loading anything
+    written, note = stylize_file(load_checkpoint(model_path), source, target, max_size, overwrite)
+    return {"output": str(written), "note": note}
 
 
 # ------------------------------------------------------------------ the study's stages
@@ -135,8 +138,7 @@ class StudySession:
     def __init__(self, config: Config, owns_parent: bool = True):
         self.config = config
         self.owns_parent = owns_parent
-        self.run_dir = Path(config.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = writable_folder(config.run_dir, "run folder")
         with StudyLock(config, "setup"):  # one experiment, one study, one parent run
             self.tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.study_name,
                                    artifact_root=self.run_dir / "mlartifacts")  # fmt: skip

@@ -15,10 +15,11 @@ connection. WAL needs shared memory: keep these files on a local disk, not a net
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
@@ -98,6 +99,48 @@ def sqlite_path(url: str) -> str | None:
             return None
         database = uri.path
     return os.path.realpath(database)
+
+
+def probe(url: str) -> None:
+    """Fail fast, in one plain line (``ValueError``), when the database behind a store URL
+    cannot be used: a corrupted SQLite file, a folder that cannot hold one, an unknown
+    database or server. MLflow would otherwise retry for about 100 s before it says so."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    from stylepipe.errors import StylepipeError
+    from stylepipe.files import writable_folder
+
+    path = sqlite_path(url)
+    if path is not None:
+        if not os.path.exists(path):
+            try:
+                writable_folder(os.path.dirname(path), "folder of the SQLite file")
+            except StylepipeError as err:
+                raise ValueError(str(err)) from None
+            return
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)) as db:
+                db.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.DatabaseError as err:
+            raise ValueError(
+                f"the SQLite file {path} is corrupted ({err}): move it away to start afresh, "
+                "or restore it from a backup"
+            ) from None
+        return
+    if "://" not in url or url.startswith(("http://", "https://", "file:", "sqlite")):
+        return  # a server (MLflow's own client says what is wrong) or nothing we can open
+    try:
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as err:  # an unknown dialect, an unreachable server, a missing database
+        cause = getattr(err, "orig", None) or err
+        text = str(cause).strip()
+        raise ValueError(scrub(text.splitlines()[0], url) if text else type(cause).__name__) from None
 
 
 def use_write_ahead_log(url: str) -> None:

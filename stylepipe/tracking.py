@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from stylepipe.errors import StylepipeError
-from stylepipe.stores import redact_url, scrub, use_write_ahead_log
+from stylepipe.stores import probe, redact_url, scrub, use_write_ahead_log
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
 
@@ -135,21 +135,21 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
         self.uri = uri
-        use_write_ahead_log(uri)
-        mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=uri)
-        try:
-            found = self.client.get_experiment_by_name(experiment)
-        except Exception as err:  # MLflow's own text may quote the URL, password and all
-            raise TrackingError(
-                f"cannot reach the MLflow tracking store {redact_url(uri)}: {scrub(str(err), uri)}"
-            ) from None
-        if found is None:
-            location = artifact_root.resolve().as_uri() if artifact_root else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = found.experiment_id
         self.experiment = experiment
+        try:
+            probe(uri)
+            use_write_ahead_log(uri)
+            mlflow.set_tracking_uri(uri)
+            self.client = MlflowClient(tracking_uri=uri)
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                location = artifact_root.resolve().as_uri() if artifact_root else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            else:
+                self.experiment_id = found.experiment_id
+        except Exception as err:  # MLflow's own text may quote the URL, password and all
+            text = scrub(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__, uri)
+            raise TrackingError(f"cannot use the MLflow tracking store {redact_url(uri)}: {text}") from None
 
     # ------------------------------------------------------------ runs
     def study_run(self, study_name: str, tags: dict[str, str] | None = None) -> str:

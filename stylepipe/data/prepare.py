@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
@@ -33,7 +34,7 @@ from stylepipe.config import PrepareConfig
 from stylepipe.data.decode import decode, resize_crop
 from stylepipe.data.stats import STAT_COLUMNS, image_checks, image_statistics
 from stylepipe.errors import StylepipeError
-from stylepipe.files import atomic_path, write_json, write_text
+from stylepipe.files import atomic_path, writable_folder, write_json, write_text
 
 PrepareSettings = PrepareConfig  # the settings this stage takes (the config's `prepare` section)
 
@@ -84,8 +85,14 @@ def scan(source: Path) -> list[tuple[str, Path]]:
         names = files + [d for d in dirs if (base / d).is_symlink()]
         for name in sorted(names):
             path = base / name
-            found.append((path.relative_to(source).as_posix(), path))
+            found.append((shown_path(path.relative_to(source).as_posix()), path))
     return sorted(found)
+
+
+def shown_path(rel: str) -> str:
+    """A file name as the manifest and report hold it: names that are not UTF-8 (the bytes
+    came from another system) keep their odd bytes as ``\\xNN`` escapes."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _settings_fingerprint(settings: PrepareConfig) -> str:
@@ -229,9 +236,12 @@ def prepare(
     source, out = Path(source).resolve(), Path(out)
     if not source.is_dir():
         raise PrepareError(f"source folder not found: {source}")
-    out.mkdir(parents=True, exist_ok=True)
-    if out.resolve().is_relative_to(source):
+    if out.resolve().is_relative_to(source):  # refused before anything is created there
         raise PrepareError(f"the output folder {out} must not be inside the source {source}")
+    try:
+        writable_folder(out, "output folder")
+    except StylepipeError as err:
+        raise PrepareError(str(err)) from None
     cache = out / "cache" / _settings_fingerprint(settings)
     cache.mkdir(parents=True, exist_ok=True)
     cached_rows = _load_cached_rows(cache)
@@ -247,9 +257,15 @@ def prepare(
         row: dict[str, Any] = {"path": rel, "reasons": [], "notes": [], "detail": ""}
         rows.append(row)
         try:
-            row["size_bytes"] = path.lstat().st_size
+            info = path.lstat()
+            row["size_bytes"] = info.st_size
             if path.is_symlink():
-                target = path.resolve()
+                try:
+                    target = path.resolve()
+                except RuntimeError as err:  # a loop: Python 3.11 says so with RuntimeError
+                    row["reasons"] = ["symlink_loop"]
+                    row["detail"] = f"not followed: {err}"
+                    continue
                 if not target.is_relative_to(source):
                     row["reasons"] = ["symlink_outside_source"]
                     row["detail"] = "not followed: it leads outside the source folder"
@@ -258,6 +274,10 @@ def prepare(
                     row["reasons"] = ["not_a_file"]
                     row["detail"] = f"symlink to {'a folder' if target.is_dir() else 'nothing'}"
                     continue
+            elif not stat.S_ISREG(info.st_mode):  # opening a FIFO would wait for a writer forever
+                row["reasons"] = ["not_a_regular_file"]
+                row["detail"] = f"not read: a {_file_kind(info.st_mode)}"
+                continue
             with path.open("rb") as handle:
                 row["sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
         except OSError as err:
@@ -279,7 +299,17 @@ def prepare(
         rows[index].update({k: v for k, v in rows[earlier].items() if k not in ("path", "size_bytes")})
     _save_cached_rows(cache, rows)
     frame = _finish_frame(rows, settings)
-    return _write_outputs(frame, out, cache, settings, processed, reused)
+    result = _write_outputs(frame, out, cache, settings, processed, reused)
+    if result.kept == 0:  # the manifest and report say why; the stages after this need images
+        found = f"none of its {len(frame)} files" if len(frame) else "no files at all"
+        raise PrepareError(f"nothing usable in {source}: {found} could be kept (see {result.report_path})")
+    return result
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "named pipe (FIFO)", stat.S_ISSOCK: "socket", stat.S_ISCHR: "character device",
+             stat.S_ISBLK: "block device"}  # fmt: skip
+    return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
 def _run_jobs(

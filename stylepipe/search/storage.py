@@ -22,7 +22,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from stylepipe.config import Config
 from stylepipe.errors import StylepipeError
-from stylepipe.stores import is_sqlite, redact_url, scrub, sqlite_path, use_write_ahead_log
+from stylepipe.stores import is_sqlite, probe, redact_url, scrub, sqlite_path, use_write_ahead_log
 from stylepipe.tracking import end_killed_run
 
 
@@ -56,6 +56,10 @@ class EndKilledRunThenRetry:
 def open_storage(config: Config) -> RDBStorage:
     url = config.storage_url
     search = config.search
+    try:
+        probe(url)
+    except ValueError as err:
+        raise StorageError(f"cannot open the Optuna storage {redact_url(url)}: {err}") from None
     use_write_ahead_log(url)
     try:
         with warnings.catch_warnings():

@@ -32,11 +32,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Tra
         raise CheckpointError(f"model checkpoint not found: {path}")
     try:
         state = read_state_dict(path)
-    except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
     model = TransformerNet()
     try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError) as err:
-        raise CheckpointError(f"{path} is not a stylepipe TransformerNet checkpoint: {err}") from err
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, TypeError) as err:  # a tensor of the wrong shape
+        first = str(err).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{path} is not a stylepipe TransformerNet checkpoint: {first}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} is not a stylepipe TransformerNet checkpoint: {len(missing)} tensors missing, "
+            f"{len(unexpected)} unexpected (such as {(missing or unexpected)[0]})"
+        )
     return model.to(device).eval()

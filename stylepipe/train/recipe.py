@@ -16,6 +16,7 @@ import torch
 from stylepipe.config import Config
 from stylepipe.data.decode import resize_crop
 from stylepipe.data.sources import RandomBatches, load_content_images, load_image
+from stylepipe.files import writable_folder
 from stylepipe.nets.losses import PerceptualLoss
 from stylepipe.nets.vgg import LossNetwork, load_vgg16_features
 from stylepipe.train.callbacks import Callback, CSVMetricsWriter
@@ -60,8 +61,7 @@ def train_from_config(config: Config, callbacks: Sequence[Callback] = ()) -> Tra
     When a guard halts training, ``autopsy.json`` is written instead of a checkpoint and
     ``TrainingHalted`` is re-raised with the paths attached as ``error.output``.
     """
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = writable_folder(config.run_dir, "run folder")
     device = resolve_device(config.train.device)
     metrics = CSVMetricsWriter(run_dir / "metrics.csv")
     trainer = Trainer(

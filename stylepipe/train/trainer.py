@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from stylepipe.config import Config, TrainConfig
+from stylepipe.config import Config, ConfigError, TrainConfig
 from stylepipe.nets.losses import PerceptualLoss
 from stylepipe.nets.transformer import TransformerNet
 from stylepipe.train.callbacks import Callback, TrainState
@@ -112,7 +112,13 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but no CUDA device is available")
+        raise ConfigError(f"train.device={name} but this machine has no CUDA device (use auto or cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name} but MPS is not available here (use auto or cpu)")
     return device
 
 

@@ -1,0 +1,234 @@
+"""A user's mistake is one line and exit status 2: never a traceback, a hang or lost data.
+
+One row per mistake a new user made. Each row builds what it needs under ``tmp_path`` and
+gives the command line; the test runs it and asserts the exit status, the one ``error:``
+line naming the input, and no traceback. A few rows are not errors but fixes (a 16-bit
+image, a tiny or huge one, a file name that is not UTF-8): they exit 0, and their check
+says what was wrong before.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stylepipe.cli import main
+from stylepipe.data.prepare import load_manifest
+from stylepipe.nets import TransformerNet
+from stylepipe.train.checkpoint import save_checkpoint
+from tests.conftest import DEMO
+from tests.test_search import prepared  # noqa: F401  (module fixture: a tiny prepared shard)
+
+TINY = [
+    "data.image_size=32",
+    "train.batch_size=2",
+    "train.steps=2",
+    "train.check_every=1",
+    "train.device=cpu",
+]
+
+
+def settings(tmp: Path, *extra: str) -> list[str]:
+    args = ["--config", str(DEMO), "--set", f"run_dir={tmp / 'run'}"]
+    for override in (*TINY, *extra):
+        args += ["--set", override]
+    return args
+
+
+def photo(path: Path, size=(48, 40), seed=0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+        path
+    )
+    return path
+
+
+def model(tmp: Path) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(TransformerNet(), tmp / "model.safetensors")
+
+
+def garbage(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.random.default_rng(1).bytes(4096))
+    return path
+
+
+@dataclass
+class Mistake:
+    argv: Callable[[Path, Path], list[str]]  # (tmp_path, prepared shard) -> command line
+    fragment: str  # in the error line (or in stdout, for the rows that exit 0)
+    code: int = 2
+    check: Callable[[Path], None] | None = None
+    setup: Callable[[Path], object] | None = None  # what is already there before the command
+    marks: list = field(default_factory=list)
+
+
+def _fifo_only(tmp: Path) -> Path:
+    (tmp / "src").mkdir()
+    os.mkfifo(tmp / "src" / "pipe.jpg")
+    return tmp / "src"
+
+
+def _self_link_only(tmp: Path) -> Path:
+    (tmp / "src").mkdir()
+    (tmp / "src" / "loop.png").symlink_to(tmp / "src" / "loop.png")
+    return tmp / "src"
+
+
+def _reasons(tmp: Path) -> dict[str, list[str]]:
+    manifest = load_manifest(tmp / "out")
+    return dict(zip(manifest["path"], manifest["reasons"], strict=True))
+
+
+def _non_utf8_name(tmp: Path) -> Path:
+    (tmp / "src").mkdir()
+    photo(tmp / "src" / "ok.png", seed=1)
+    name = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name from another system
+    photo(tmp / "src" / name, size=(50, 40), seed=2)
+    return tmp / "src"
+
+
+def _sixteen_bit_png(tmp: Path) -> Path:
+    """A 16-bit grayscale PNG and, beside it, its 8-bit twin (value / 257)."""
+    values = np.random.default_rng(3).integers(0, 65536, (40, 48), dtype=np.uint16)
+    Image.fromarray(values).save(tmp / "deep.png")  # mode I;16
+    Image.fromarray(np.rint(values / 257).astype(np.uint8)).convert("RGB").save(tmp / "twin.png")
+    return tmp / "deep.png"
+
+
+def _same_as_its_8_bit_twin(tmp: Path) -> None:
+    model_path = tmp / "model.safetensors"
+    assert (
+        main(["stylize", "--model", str(model_path), str(tmp / "twin.png"), str(tmp / "twin-out.png")]) == 0
+    )
+    deep = np.asarray(Image.open(tmp / "out.png"), dtype=np.int16)
+    twin = np.asarray(Image.open(tmp / "twin-out.png"), dtype=np.int16)
+    assert np.abs(deep - twin).max() <= 2  # before: the input went 99.9 % white
+
+
+def _size_is(expected: tuple[int, int]) -> Callable[[Path], None]:
+    def check(tmp: Path) -> None:
+        with Image.open(tmp / "out.png") as image:
+            assert image.size == expected
+
+    return check
+
+
+MISTAKES = {
+    # ---- settings
+    "steps=true is not one step": Mistake(
+        lambda t, p: ["train", *settings(t, "train.steps=true")], "train.steps: expected a number"),
+    "lr=.inf": Mistake(lambda t, p: ["train", *settings(t, "train.lr=.inf")], "train.lr: Input should be a finite"),
+    "device=cuda without a GPU": Mistake(
+        lambda t, p: ["train", *settings(t, "train.device=cuda")], "train.device=cuda but this machine has no CUDA",
+        marks=[pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")]),
+    "device=banana": Mistake(
+        lambda t, p: ["train", *settings(t, "train.device=banana")], "train.device: expected auto, cpu"),
+    "a quote in the name": Mistake(
+        lambda t, p: ["search", "--quiet", *settings(t, "name=it's", f"data.content={p}")], "name: use letters"),
+    "worker --processes -1": Mistake(
+        lambda t, p: ["worker", "--processes", "-1", *settings(t, f"data.content={p}")], "--processes -1"),
+    # ---- prepare
+    "a FIFO in the source does not hang": Mistake(
+        lambda t, p: ["prepare", str(_fifo_only(t)), str(t / "out"), "--quiet"], "nothing usable",
+        check=lambda t: _reasons(t)["pipe.jpg"] == ["not_a_regular_file"] or pytest.fail(str(_reasons(t)))),
+    "a symlink to itself": Mistake(
+        lambda t, p: ["prepare", str(_self_link_only(t)), str(t / "out"), "--quiet"], "nothing usable",
+        check=lambda t: _reasons(t)["loop.png"] == ["symlink_loop"] or pytest.fail(str(_reasons(t)))),
+    "an output folder inside the source": Mistake(
+        lambda t, p: ["prepare", str(photo(t / "src" / "a.png").parent), str(t / "src" / "out"), "--quiet"],
+        "must not be inside the source", check=lambda t: not (t / "src" / "out").exists() or pytest.fail("created")),
+    "an output path that is a file": Mistake(
+        lambda t, p: ["prepare", str(photo(t / "src" / "a.png").parent), str(garbage(t / "out")), "--quiet"],
+        "it is a file, not a folder"),
+    "an output folder that cannot be written": Mistake(
+        lambda t, p: ["prepare", str(photo(t / "src" / "a.png").parent), str(garbage(t / "f") / "out"), "--quiet"],
+        "cannot write to the output folder"),
+    "a file name that is not UTF-8": Mistake(
+        lambda t, p: ["prepare", str(_non_utf8_name(t)), str(t / "out"), "--quiet", "--set", "prepare.min_size=32",
+                      "--set", "prepare.image_size=32"], "2 files: 2 kept", code=0,
+        check=lambda t: "caf\\xe9.png" in _reasons(t) or pytest.fail(str(_reasons(t)))),
+    "an empty folder": Mistake(
+        lambda t, p: ["prepare", str((t / "empty").mkdir() or t / "empty"), str(t / "out"), "--quiet"],
+        "nothing usable in", check=lambda t: (t / "out" / "report.md").is_file() or pytest.fail("no report")),
+    "only broken files": Mistake(
+        lambda t, p: ["prepare", str(garbage(t / "src" / "b.jpg").parent), str(t / "out"), "--quiet"],
+        "none of its 1 files could be kept"),
+    # ---- stylize
+    "the output is the input": Mistake(
+        lambda t, p: ["stylize", "--model", str(model(t)), str(photo(t / "in.png")), str(t / "in.png")],
+        "is the input image: refusing to overwrite",
+        check=lambda t: np.array_equal(np.asarray(Image.open(t / "in.png")), np.asarray(Image.open(photo(
+            t / "again.png")))) or pytest.fail("the original changed")),  # fmt: skip
+    "a 16-bit PNG": Mistake(
+        lambda t, p: ["stylize", "--model", str(model(t)), str(_sixteen_bit_png(t)), str(t / "out.png")],
+        "stylised image", code=0, check=_same_as_its_8_bit_twin),
+    "a 1x1 image": Mistake(
+        lambda t, p: ["stylize", "--model", str(model(t)), str(photo(t / "in.png", (1, 1))), str(t / "out.png")],
+        "stylised image", code=0, check=_size_is((1, 1))),
+    "a 2x2 image": Mistake(
+        lambda t, p: ["stylize", "--model", str(model(t)), str(photo(t / "in.png", (2, 2))), str(t / "out.png")],
+        "stylised image", code=0, check=_size_is((2, 2))),
+    "a huge image is shrunk by default": Mistake(
+        lambda t, p: ["stylize", "--model", str(model(t)), str(photo(t / "in.png", (2100, 900))), str(t / "out.png")],
+        "stylised image", code=0, check=_size_is((2048, 878))),
+    "an output that cannot be written": Mistake(
+        lambda t, p: ["stylize", "--model", str(model(t)), str(photo(t / "in.png")), str(garbage(t / "f") / "o.png")],
+        "cannot write to the output folder"),
+    "an unknown output extension": Mistake(
+        lambda t, p: ["stylize", "--model", str(model(t)), str(photo(t / "in.png")), str(t / "out.xyz")],
+        ".xyz is not an image type"),
+    "a text file named .pt": Mistake(
+        lambda t, p: ["stylize", "--model", str(_text(t / "m.pt")), str(photo(t / "in.png")), str(t / "o.png")],
+        "m.pt: not a file written by torch.save"),
+    # ---- storage
+    "a tracking database that cannot be opened": Mistake(
+        lambda t, p: ["search", "--quiet", *settings(t, f"data.content={p}",
+                                                     f"tracking.uri=sqlite:///{garbage(t / 'f')}/mlflow.db")],
+        "cannot use the MLflow tracking store sqlite:///"),
+    "a tracking server that is not there": Mistake(
+        lambda t, p: ["search", "--quiet", *settings(t, f"data.content={p}",
+                                                     "tracking.uri=postgresql://nobody@127.0.0.1:1/mlflow")],
+        "cannot use the MLflow tracking store postgresql://nobody@127.0.0.1:1/mlflow"),
+    "a corrupted optuna.db": Mistake(
+        lambda t, p: ["search", "--quiet", *settings(t, f"data.content={p}")],
+        "optuna.db is corrupted", setup=lambda t: garbage(t / "run" / "optuna.db")),
+    "a corrupted mlflow.db": Mistake(
+        lambda t, p: ["search", "--quiet", *settings(t, f"data.content={p}")],
+        "mlflow.db is corrupted", setup=lambda t: garbage(t / "run" / "mlflow.db")),
+    "a run folder that cannot be written": Mistake(
+        lambda t, p: ["train", *settings(t), "--set", f"run_dir={garbage(t / 'f') / 'run'}"],
+        "cannot write to the run folder"),
+}  # fmt: skip
+
+
+def _text(path: Path) -> Path:
+    path.write_text("these are not weights\n")
+    return path
+
+
+@pytest.mark.timeout(180)  # a hang (a FIFO opened for reading) fails instead of stalling the suite
+@pytest.mark.parametrize("name", [pytest.param(n, marks=m.marks) for n, m in MISTAKES.items()])
+def test_a_users_mistake_is_one_line_and_exit_2(name, tmp_path, prepared, capsys):  # noqa: F811
+    mistake = MISTAKES[name]
+    if mistake.setup is not None:
+        mistake.setup(tmp_path)
+    code = main(mistake.argv(tmp_path, prepared))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert code == mistake.code, out + err
+    if mistake.code == 2:
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and mistake.fragment in errors[0], err
+    else:
+        assert mistake.fragment in out, out + err
+    if mistake.check is not None:
+        mistake.check(tmp_path)
