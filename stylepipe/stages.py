@@ -399,7 +399,7 @@ def run_worker_processes(config: Config, processes: int) -> list[int]:
     one PostgreSQL study: several trials at once on one GPU. Returns their exit codes."""
     if processes > 1 and is_sqlite(config.storage_url):
         raise StorageError(
-            f"{processes} worker processes cannot share {config.storage_url}: SQLite serves one worker. "
+            f"{processes} worker processes cannot share {redact_url(config.storage_url)}: SQLite serves one worker. "
             "Put the study in PostgreSQL (--storage postgresql://...) or use --processes 1."
         )
     # Each process gets its share of the CPU cores: oversubscribed, torch's threads spin
