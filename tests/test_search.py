@@ -402,9 +402,9 @@ def test_runs_of_a_killed_search_are_ended_with_the_reason_when_it_resumes(tmp_p
 def test_ctrl_c_is_one_line_exit_130_and_leaves_no_run_running(tmp_path, prepared):
     overrides = search_overrides(tmp_path, prepared, *LONG_REPLAYS)
     config = load_config(DEMO, overrides)
-    search = subprocess.Popen(
-        search_command(overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    # a shell's background job (CI may be one) starts with SIGINT ignored: give the child Ctrl-C back
+    search = subprocess.Popen(search_command(overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     trial = _wait_for_run(search, config, "trial")
     time.sleep(0.5)  # inside its training
     search.send_signal(signal.SIGINT)
