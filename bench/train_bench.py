@@ -131,7 +131,7 @@ def warm_trainer(config, images: torch.Tensor, device: torch.device,
 
 def timed_fit(trainer: Trainer, steps: int, device: torch.device) -> float:
     """Seconds for ``steps`` more steps, the device synchronised on both sides."""
-    trainer.steps = steps
+    trainer.steps = trainer.step + steps
     _sync(device)
     started = time.perf_counter()
     trainer.fit()

@@ -40,14 +40,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     from stylepipe.train import TrainingHalted
 
     try:
-        trained = stages.train(load_settings(args))
+        trained = stages.train(load_settings(args), fresh=args.fresh)
     except TrainingHalted as halted:
         console.print(f"[bold red]{halted.autopsy.explain()}")
+        tried = len(getattr(halted, "recoveries", []))
+        if tried:
+            console.print(
+                f"[bold red]gave up after {tried} recoveries; every attempt's autopsy is in the file below"
+            )
         console.print(f"autopsy: {halted.output.autopsy_json}\nmetrics: {halted.output.metrics_csv}")
         return 3
+    if trained["resumed_from"] is not None:
+        console.print(f"resumed from the checkpoint at step {trained['resumed_from']} (--fresh starts over)")
+    for event in trained["recoveries"]:
+        console.print(
+            f"[yellow]recovered from a halt at step {event['halted_at_step']} ({event['cause']}): "
+            f"back to step {event['resumed_from_step']}, skipped {event['skipped_batches']} batches, "
+            f"lr {event['lr'][0]:.3g} -> {event['lr'][1]:.3g}, clip {event['clip_norm'][0]} -> {event['clip_norm'][1]}"
+        )
     out.print(
         f"[green]trained {trained['steps']} steps in {trained['seconds']:.1f} s; "
-        f"final total loss {trained['final_loss']:.4g}"
+        f"final total loss {trained['final_loss']:.4g}; {len(trained['recoveries'])} recoveries"
     )
     out.print(f"checkpoint: {trained['checkpoint']}\nmetrics:    {trained['metrics_csv']}")
     return 0
@@ -125,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train one style network with NaN guards")
+    train = sub.add_parser("train", help="train one style network with NaN guards (resumes a stopped run)")
     add_config_args(train)
+    train.add_argument("--fresh", action="store_true", help="start over: remove the run's checkpoints first")
     train.set_defaults(func=cmd_train)
 
     prep = sub.add_parser("prepare", help="check, normalise and pack an image folder into a shard")

@@ -184,6 +184,12 @@ class TrainConfig(Section):
     # every check_every steps; the first bad step is still exact.
     check_every: int = Field(10, ge=1)
     seed: int = 0
+    # Long runs (stylepipe train, the final model; never search trials or replays) write a good
+    # checkpoint at the first check at or after every checkpoint_every steps, keep the newest
+    # keep_checkpoints, resume from them, and recover from a halt (the recovery section).
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    recovery: bool = True
 
     @field_validator("device")
     @classmethod
@@ -201,6 +207,18 @@ class GuardConfig(Section):
     grad_spike_window: int = Field(50, ge=3)
     imbalance_ratio: float = Field(1e6, gt=1)  # weighted loss terms this far apart
     max_fp16_skips: int = Field(20, ge=1)  # consecutive GradScaler skips before giving up
+
+
+class RecoveryConfig(Section):
+    """What a long run does when a guard halts it (with train.recovery): go back to a good
+    checkpoint (one further back each attempt), skip the batches up to the bad step, and go on
+    with the learning rate and clip norm times these factors (compounded per attempt)."""
+
+    max_attempts: int = Field(3, ge=1)
+    lr_factor: float = Field(0.5, gt=0, lt=1)
+    # None keeps the clip norm. With clipping off, a recovery turns it on at this factor times
+    # the median gradient norm of the last good steps.
+    clip_factor: float | None = Field(0.5, gt=0, le=1)
 
 
 class SearchSpace(Section):
@@ -278,6 +296,7 @@ class Config(Section):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     guard: GuardConfig = GuardConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
     search: SearchConfig = SearchConfig()
     tracking: TrackingConfig = TrackingConfig()
     schedule: ScheduleConfig = ScheduleConfig()

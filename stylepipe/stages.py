@@ -96,19 +96,23 @@ def prepare(
 # ------------------------------------------------------------------ training by hand
 
 
-def train(config: Config, progress: bool = True) -> dict:
-    """Train one configuration with its guards: ``model.safetensors`` and ``metrics.csv`` in
-    run_dir. A guard's halt raises ``TrainingHalted`` with the autopsy's path as ``.output``."""
+def train(config: Config, progress: bool = True, fresh: bool = False) -> dict:
+    """Train one configuration with its guards, checkpoints and recovery: ``model.safetensors``
+    and ``metrics.csv`` in run_dir. Running it again resumes from the newest checkpoint
+    (``fresh`` starts over). A halt after every recovery raises ``TrainingHalted`` with the
+    autopsy's path as ``.output``."""
     from stylepipe.train import ProgressBar
     from stylepipe.train.recipe import train_from_config
 
-    output = train_from_config(config, [ProgressBar(f"train {config.name}")] if progress else [])
+    output = train_from_config(config, [ProgressBar(f"train {config.name}")] if progress else [], fresh=fresh)
     return {
         "steps": output.result.steps,
         "seconds": output.result.seconds,
         "final_loss": output.result.final["loss/total"],
         "checkpoint": str(output.checkpoint),
         "metrics_csv": str(output.metrics_csv),
+        "resumed_from": output.resumed_from,
+        "recoveries": output.recoveries,
     }
 
 

@@ -45,7 +45,8 @@ def test_train_writes_checkpoint_and_metrics_csv(tmp_path, capsys):
 
 
 def test_halted_training_prints_the_autopsy_and_exits_non_zero(tmp_path, capsys):
-    code = main(train_args(tmp_path, "train.lr=10", "train.clip_norm=null", "train.warmup_steps=0"))
+    code = main(train_args(tmp_path, "train.lr=10", "train.clip_norm=null", "train.warmup_steps=0",
+                           "train.recovery=false"))  # fmt: skip
     assert code != 0
     printed = capsys.readouterr().err
     assert "step 2" in printed and "parameter_blowup" in printed and "lr=10" in printed

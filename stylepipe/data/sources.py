@@ -153,6 +153,14 @@ class RandomBatches:
     def __iter__(self) -> RandomBatches:
         return self
 
+    def state_dict(self) -> dict:
+        """Where the batches are: the generator's state and what is left of this epoch's order."""
+        return {"generator": self.generator.get_state(), "order": self._order.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order = state["order"].clone()
+
     def __next__(self) -> torch.Tensor:
         while len(self._order) < self.batch_size:
             fresh = torch.randperm(len(self.images), generator=self.generator)

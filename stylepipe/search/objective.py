@@ -91,22 +91,27 @@ def evaluate_quality(model: TransformerNet, data: StudyData) -> float:
 
 
 class QualityReporter(Callback):
-    """Evaluates quality every ``eval_every`` steps; reports to Optuna and may prune."""
+    """Evaluates quality at the first check past each multiple of ``eval_every`` steps and at the
+    last step (the same steps whether or not a run was resumed); reports to Optuna, may prune.
+    ``logger`` receives the ``val/quality`` rows."""
 
     def __init__(self, data: StudyData, eval_every: int, trial: optuna.Trial | None = None,
-                 logger: RunLogger | None = None):  # fmt: skip
+                 logger: Callback | None = None):  # fmt: skip
         self.data = data
         self.eval_every = eval_every
         self.trial = trial
         self.logger = logger
-        self.last_step = 0
+        self.last_check = 0
         self.history: list[tuple[int, float]] = []
 
+    def on_train_start(self, state: TrainState) -> None:
+        self.last_check = state.step
+
     def on_check(self, state: TrainState) -> None:
-        step = state.step
-        if step - self.last_step < self.eval_every and step != state.steps:
+        step, last = state.step, self.last_check
+        self.last_check = step
+        if step // self.eval_every == last // self.eval_every and step != state.steps:
             return
-        self.last_step = step
         quality = evaluate_quality(state.model, self.data)
         self.history.append((step, quality))
         if self.logger is not None:

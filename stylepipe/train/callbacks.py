@@ -9,6 +9,7 @@ pruner does); the exception propagates to whoever called ``Trainer.fit``.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,28 +47,47 @@ class Callback:
 
 
 class CSVMetricsWriter(Callback):
-    """Appends every metric row to a CSV file as the chunks arrive (survives a crash)."""
+    """Writes every metric row to a CSV file as the chunks arrive, flushed (a crash loses
+    nothing written). A writer starts the file afresh, unless ``skip_logged`` was called: then
+    it goes on with the file a resumed run left, and skips the steps it already holds."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._writer: csv.DictWriter | None = None
         self._file: Any = None
+        self._columns: list[str] | None = None  # the header of the file being continued
+        self.logged_through = 0
+
+    def skip_logged(self) -> None:
+        if not self.path.is_file():
+            return
+        text = self.path.read_text()
+        text = text[: text.rfind("\n") + 1]  # a last row cut short by a crash is dropped
+        self.path.write_text(text)
+        rows = list(csv.DictReader(io.StringIO(text)))
+        self._columns = next(csv.reader(io.StringIO(text)), None)
+        self.logged_through = max((int(float(row["step"])) for row in rows), default=0)
 
     def on_metrics(self, rows: list[dict[str, float]]) -> None:
+        rows = [row for row in rows if row["step"] > self.logged_through]
         if not rows:
             return
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("w", newline="")
-            self._writer = csv.DictWriter(self._file, fieldnames=list(rows[0]))
-            self._writer.writeheader()
+            self._file = self.path.open("a" if self._columns else "w", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=self._columns or list(rows[0]))
+            if not self._columns:
+                self._writer.writeheader()
+            self._columns = list(self._writer.fieldnames)  # reopened later: appended to
         self._writer.writerows(rows)
         self._file.flush()
+        self.logged_through = int(rows[-1]["step"])
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+            self._writer = None
 
     def on_halt(self, autopsy: Autopsy) -> None:
         self.close()
@@ -90,9 +110,11 @@ class ProgressBar(Callback):
         self.description = description
         self.task: Any = None
 
-    def on_train_start(self, state: TrainState) -> None:
+    def on_train_start(self, state: TrainState) -> None:  # again after a recovery: the same bar
+        if self.task is None:
+            self.task = self.progress.add_task(self.description, total=state.steps, status="")
+        self.progress.update(self.task, completed=state.step)
         self.progress.start()
-        self.task = self.progress.add_task(self.description, total=state.steps, status="")
 
     def on_metrics(self, rows: list[dict[str, float]]) -> None:
         last = rows[-1]

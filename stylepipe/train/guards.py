@@ -247,6 +247,17 @@ class RunGuard:
                                          self.config.grad_spike_factor, self.config.grad_spike_window)  # fmt: skip
         self.fp16_skips = 0
 
+    def state_dict(self) -> dict:
+        monitor = self.monitor
+        return {"initial_param_norm": self.initial_param_norm, "fp16_skips": self.fp16_skips,
+                "loss_min": monitor.loss_min, "grad_norms": list(monitor.grad_norms)}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start(state["initial_param_norm"])
+        self.fp16_skips = state["fp16_skips"]
+        self.monitor.loss_min = state["loss_min"]
+        self.monitor.grad_norms.extend(state["grad_norms"])
+
     def first_nonfinite(self, row: dict[str, float]) -> str | None:
         for location, column in self.order:
             value = row[column]

@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,12 +16,13 @@ import torch
 from stylepipe.config import Config
 from stylepipe.data.decode import resize_crop
 from stylepipe.data.sources import RandomBatches, load_content_images, load_image
-from stylepipe.files import writable_folder
+from stylepipe.files import writable_folder, write_json
 from stylepipe.nets.losses import PerceptualLoss
 from stylepipe.nets.vgg import LossNetwork, load_vgg16_features
 from stylepipe.train.callbacks import Callback, CSVMetricsWriter
 from stylepipe.train.checkpoint import save_checkpoint
 from stylepipe.train.guards import TrainingHalted
+from stylepipe.train.long_run import LongRun, start_afresh
 from stylepipe.train.trainer import Trainer, TrainResult, resolve_device
 
 
@@ -53,33 +54,47 @@ class TrainingOutput:
     checkpoint: Path | None
     metrics_csv: Path
     autopsy_json: Path | None = None
+    resumed_from: int | None = None  # the step a crashed run went on from
+    recoveries: list[dict] = field(default_factory=list)
 
 
-def train_from_config(config: Config, callbacks: Sequence[Callback] = ()) -> TrainingOutput:
-    """Train, then write ``model.safetensors`` and ``metrics.csv`` under ``config.run_dir``.
+def train_from_config(
+    config: Config, callbacks: Sequence[Callback] = (), fresh: bool = False, batches: Iterable | None = None
+) -> TrainingOutput:
+    """Train with good checkpoints in ``<run_dir>/checkpoints`` (resumed when the command runs
+    again; ``fresh`` starts over) and recovery from a halt (``train.recovery``); then write
+    ``model.safetensors`` and ``metrics.csv`` under ``config.run_dir``.
 
-    When a guard halts training, ``autopsy.json`` is written instead of a checkpoint and
-    ``TrainingHalted`` is re-raised with the paths attached as ``error.output``.
+    When the run halts for good, ``autopsy.json`` (with every recovery attempt's autopsy) is
+    written instead of a model and ``TrainingHalted`` is re-raised with the paths attached as
+    ``error.output``. ``batches`` replaces the configured data (tests inject a bad batch).
     """
     run_dir = writable_folder(config.run_dir, "run folder")
+    folder = run_dir / "checkpoints"
+    if fresh:
+        start_afresh(folder)
     device = resolve_device(config.train.device)
     metrics = CSVMetricsWriter(run_dir / "metrics.csv")
+    long_run = LongRun(folder, config, sinks=[metrics])
     trainer = Trainer(
         config,
         build_criterion(config, device),
-        build_batches(config, device),
-        callbacks=[metrics, *callbacks],
+        batches if batches is not None else build_batches(config, device),
+        callbacks=[*callbacks, long_run],
         device=device,
     )
     try:
-        result = trainer.fit()
+        result = long_run.fit(trainer)
     except TrainingHalted as halted:
-        path = run_dir / "autopsy.json"
-        path.write_text(halted.autopsy.to_json())
-        halted.output = TrainingOutput(None, None, metrics.path, path)
+        path = write_json(run_dir / "autopsy.json",
+                          {**halted.autopsy.to_dict(), "recoveries": long_run.recoveries})  # fmt: skip
+        halted.output = TrainingOutput(
+            None, None, metrics.path, path, long_run.resumed_from, long_run.recoveries
+        )
         raise
     finally:
         metrics.close()
-    meta = {"config": json.loads(config.model_dump_json()), "steps": result.steps}
+    meta = {"config": json.loads(config.model_dump_json()), "steps": result.steps,
+            "recoveries": len(long_run.recoveries)}  # fmt: skip
     checkpoint = save_checkpoint(result.model, run_dir / "model.safetensors", meta)
-    return TrainingOutput(result, checkpoint, metrics.path)
+    return TrainingOutput(result, checkpoint, metrics.path, None, long_run.resumed_from, long_run.recoveries)

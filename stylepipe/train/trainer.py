@@ -180,11 +180,13 @@ class Trainer:
         if self.cuda_graphs:
             free_recorded_cuda_graphs()
 
+        self.clip_norm = tc.clip_norm  # a recovery may tighten it
         self.columns = metric_columns(criterion.style_layers, self.group_names)
         self.guarded = config.guard.enabled  # off: skip the extra finiteness reductions
         self.guard = RunGuard(config.guard, tc.precision, tc.clip_norm, weights, criterion.style_layers,
                               self.group_names)  # fmt: skip
         self.history: list[dict[str, float]] = []
+        self.step = 0  # steps done and checked; fit() continues from here
 
     # ----------------------------------------------------------------- one step
     def _autocast(self):
@@ -224,14 +226,14 @@ class Trainer:
 
     def clip_gradients(self) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Gradient norms per parameter group and in total, before clipping, then clipping to
-        ``train.clip_norm``: (group norms, total norm, 1.0 if clipped else 0.0), on the device."""
+        ``clip_norm``: (group norms, total norm, 1.0 if clipped else 0.0), on the device."""
         group_norms = [get_total_norm([p.grad for p in group if p.grad is not None], foreach=True)
                        for group in self.group_params]  # fmt: skip
         grad_norm = get_total_norm(group_norms, foreach=True)
         clipped = torch.zeros((), device=self.device)
-        if self.train_config.clip_norm is not None:
-            clip_grads_with_norm_(self.params, self.train_config.clip_norm, grad_norm, foreach=True)
-            clipped = (grad_norm > self.train_config.clip_norm).float()
+        if self.clip_norm is not None:
+            clip_grads_with_norm_(self.params, self.clip_norm, grad_norm, foreach=True)
+            clipped = (grad_norm > self.clip_norm).float()
         return group_norms, grad_norm, clipped
 
     # ----------------------------------------------------------------- the loop
@@ -240,17 +242,18 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> TrainResult:
-        state = TrainState(self.model, 0, self.steps)
+        state = TrainState(self.model, self.step, self.steps)
         for cb in self.callbacks:
             cb.on_train_start(state)
-        self.guard.start(float(get_total_norm(self.params)))
+        if self.step == 0:
+            self.guard.start(float(get_total_norm(self.params)))
         check_every = self.train_config.check_every
         pending: list[torch.Tensor] = []
         pending_lr: list[float] = []
         started = time.perf_counter()
 
-        for step in range(1, self.steps + 1):
-            pending_lr.append(self.scheduler.get_last_lr()[0])
+        for step in range(self.step + 1, self.steps + 1):
+            pending_lr.append(self.optimizer.param_groups[0]["lr"])
             pending.append(self.train_step(next(self.batches)))
             if len(pending) == check_every or step == self.steps:
                 table = torch.stack(pending).cpu().tolist()  # the only host-device sync
@@ -262,6 +265,7 @@ class Trainer:
                 pending.clear()
                 pending_lr.clear()
                 self._inspect(rows)
+                self.step = step
                 for cb in self.callbacks:
                     cb.on_metrics([public(row) for row in rows])
                 state.step = step
@@ -289,6 +293,53 @@ class Trainer:
                     cb.on_halt(autopsy)
                 raise TrainingHalted(autopsy)
         self.history.extend(rows)
+
+    # ----------------------------------------------------------------- to stop and go on
+    def state_dict(self) -> dict:
+        """Everything needed to go on from ``self.step`` as if never stopped: model, optimizer,
+        scheduler, GradScaler, clip norm, the guards' running state, the batches' position, the
+        RNG states and the metric history. Plain tensors, numbers and lists."""
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "clip_norm": self.clip_norm,
+            "guard": self.guard.state_dict(),
+            "batches": self.batches.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.set_clip_norm(state["clip_norm"])
+        self.guard.load_state_dict(state["guard"])
+        self.batches.load_state_dict(state["batches"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and state["rng_cuda"]:
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.history = list(state["history"])
+
+    def skip_batches(self, count: int) -> None:
+        """Draw and drop the next ``count`` batches (a recovery skips the data before a spike)."""
+        for _ in range(count):
+            next(self.batches)
+
+    def scale_lr(self, factor: float) -> None:
+        """The learning rate, and the schedule it follows, times ``factor`` from now on."""
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+
+    def set_clip_norm(self, clip_norm: float | None) -> None:
+        self.clip_norm = self.guard.clip_norm = clip_norm
 
 
 def public(row: dict[str, float]) -> dict[str, float]:

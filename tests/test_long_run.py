@@ -1,0 +1,162 @@
+"""Long runs: a killed run resumes as if never stopped; a late spike is recovered from."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stylepipe.cli import main
+from stylepipe.config import load_config
+from stylepipe.data.sources import RandomBatches, load_content_images
+from stylepipe.train import TrainingHalted
+from stylepipe.train.recipe import train_from_config
+from tests.conftest import DEMO
+
+STYLEPIPE = str(Path(sys.executable).parent / "stylepipe")
+LONG = ["data.image_size=32", "train.batch_size=2", "train.steps=60", "train.check_every=5",
+        "train.checkpoint_every=10", "train.device=cpu", "train.warmup_steps=5"]  # fmt: skip
+
+
+def train_command(run_dir: Path, *extra: str) -> list[str]:
+    args = [STYLEPIPE, "train", "--config", str(DEMO), "--set", f"run_dir={run_dir}"]
+    for override in (*LONG, *extra):
+        args += ["--set", override]
+    return args
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_and_ends_as_if_never_stopped(tmp_path):
+    whole = tmp_path / "whole"
+    uninterrupted = subprocess.run(train_command(whole), capture_output=True, text=True, timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    killed = tmp_path / "killed"
+    victim = subprocess.Popen(train_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "step-00000010.pt").exists():  # past its first checkpoint
+        assert victim.poll() is None and time.monotonic() < deadline, "it ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 2.0))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+
+    resumed = subprocess.run(train_command(killed), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from the checkpoint at step" in resumed.stderr
+    step = int(resumed.stderr.split("resumed from the checkpoint at step ")[1].split()[0])
+    assert 10 <= step < 60
+    # CPU kernels are deterministic: the same weights to the bit, and the same metrics history
+    mine, reference = (
+        load_file(str(killed / "model.safetensors")),
+        load_file(str(whole / "model.safetensors")),
+    )
+    assert mine.keys() == reference.keys()
+    assert all(torch.equal(mine[k], reference[k]) for k in mine)
+    assert (killed / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()
+    assert list(pd.read_csv(killed / "metrics.csv")["step"]) == list(range(1, 61))  # each step once
+
+
+def test_a_run_with_other_settings_is_not_resumed_and_fresh_starts_over(tmp_path, capsys):
+    args = ["train", "--config", str(DEMO), "--set", f"run_dir={tmp_path}"]
+    for override in (*LONG, "train.steps=10"):
+        args += ["--set", override]
+    assert main(args) == 0
+    assert main([*args, "--set", "train.steps=15"]) == 0  # more steps: it goes on from step 10
+    assert "resumed from the checkpoint at step 10" in capsys.readouterr().err
+    assert list(pd.read_csv(tmp_path / "metrics.csv")["step"]) == list(range(1, 16))
+
+    assert main([*args, "--set", "train.lr=0.01", "--set", "loss.style_weight=2e5"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "written with other settings: loss.style_weight (100000.0 -> 200000.0), train.lr (0.001 -> 0.01)"
+        in err
+    )
+    assert "--fresh" in err
+    assert main([*args, "--set", "train.lr=0.01", "--fresh"]) == 0
+    assert "resumed" not in capsys.readouterr().err
+    assert list(pd.read_csv(tmp_path / "metrics.csv")["step"]) == list(range(1, 11))
+
+
+class PoisonedBatches(RandomBatches):
+    """Real batches, except the ones drawn for the given steps carry a NaN pixel."""
+
+    def __init__(self, images, batch_size, poisoned: set[int]):
+        super().__init__(images, batch_size, seed=0)
+        self.poisoned = poisoned
+        self.draws = 0
+
+    def __next__(self):
+        batch = super().__next__().float().div(255)
+        self.draws += 1
+        if self.draws in self.poisoned:
+            batch[0, 0, 3, 3] = math.nan
+        return batch
+
+    def state_dict(self):
+        return {**super().state_dict(), "draws": self.draws}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.draws = state["draws"]
+
+
+def long_config(tmp_path, *extra):
+    overrides = [f"run_dir={tmp_path}", *LONG, "train.steps=40", *extra]
+    return load_config(DEMO, overrides)
+
+
+def poisoned(config, steps: set[int]) -> PoisonedBatches:
+    return PoisonedBatches(load_content_images(config.data.content, config.data.image_size), 2, steps)
+
+
+def test_a_late_spike_is_recovered_from_with_recovery_on_and_halts_the_run_with_it_off(tmp_path):
+    off = long_config(tmp_path / "off", "train.recovery=false")
+    with pytest.raises(TrainingHalted) as halted:
+        train_from_config(off, batches=poisoned(off, {23}))
+    assert (halted.value.autopsy.step, halted.value.autopsy.cause) == (23, "bad_input")
+
+    on = long_config(tmp_path / "on")
+    output = train_from_config(on, batches=poisoned(on, {23}))
+    [event] = output.recoveries
+    assert (event["halted_at_step"], event["cause"], event["first_nonfinite"]) == (23, "bad_input", "input")
+    assert (event["resumed_from_step"], event["skipped_batches"]) == (20, 3)  # the poisoned batch is skipped
+    assert event["lr"] == pytest.approx([1e-3, 5e-4])  # recovery.lr_factor 0.5
+    assert event["clip_norm"] == pytest.approx([10.0, 5.0])  # recovery.clip_factor 0.5 (the demo clips at 10)
+    metrics = pd.read_csv(tmp_path / "on" / "metrics.csv")
+    assert list(metrics["step"]) == list(range(1, 41))  # each step once: the abandoned stretch is not there
+    assert metrics["loss/total"].notna().all() and math.isfinite(metrics["loss/total"].max())
+    assert metrics.loc[metrics["step"] > 20, "lr"].max() == pytest.approx(5e-4)
+    assert load_file(str(tmp_path / "on" / "model.safetensors"))  # the model was written
+
+
+def test_a_spike_that_always_comes_back_ends_after_max_attempts_with_every_autopsy(tmp_path, capsys):
+    args = ["train", "--config", str(DEMO), "--set", f"run_dir={tmp_path}"]
+    for override in (
+        *LONG,
+        "train.steps=20",
+        "train.lr=1e6",
+        "train.clip_norm=null",
+        "recovery.max_attempts=2",
+    ):
+        args += ["--set", override]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "gave up after 2 recoveries" in err and "parameter_blowup" in err
+    autopsy = json.loads((tmp_path / "autopsy.json").read_text())
+    assert autopsy["cause"] == "parameter_blowup"
+    attempts = autopsy["recoveries"]
+    assert [a["attempt"] for a in attempts] == [1, 2]
+    assert all(a["autopsy"]["cause"] and a["autopsy"]["step"] == a["halted_at_step"] for a in attempts)
+    assert [a["lr"][1] for a in attempts] == pytest.approx([5e5, 2.5e5])  # compounded per attempt
+    assert not (tmp_path / "model.safetensors").exists()
