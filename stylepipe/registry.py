@@ -74,9 +74,9 @@ class Registry:
         self.name = name
         self.client = MlflowClient(tracking_uri=uri)
 
-    def register(self, run_id: str, checkpoint: str | Path, quality: float) -> dict:
+    def register(self, run_id: str, checkpoint: str | Path, quality: float, tags: dict | None = None) -> dict:
         """Log the weights and the pyfunc model to the run, register them as a new version
-        tagged safe, with its quality and the weights' SHA-256, and alias it ``safest``."""
+        tagged safe, with its quality, the weights' SHA-256 and ``tags``, and alias it ``safest``."""
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
@@ -98,7 +98,8 @@ class Registry:
                     pip_requirements=["torch", "torchvision", "safetensors", "stylepipe"],
                 )
         version = str(info.registered_model_version)
-        tags = {"quality": str(quality), "safe": "true", "weights_sha256": _sha256(Path(checkpoint))}
+        tags = {"quality": str(quality), "safe": "true", "weights_sha256": _sha256(Path(checkpoint)),
+                **{k: str(v) for k, v in (tags or {}).items()}}  # fmt: skip
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, key, value)
         self.set_alias("safest", version)

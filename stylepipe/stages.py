@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from stylepipe.config import Config
+from stylepipe.errors import StylepipeError
 from stylepipe.files import writable_folder, write_json
 from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
 from stylepipe.search.objective import (
@@ -221,31 +222,53 @@ def confirm(config: Config, session: StudySession | None = None) -> dict | None:
         return safest
 
 
+class FinalRunHalted(StylepipeError):
+    """The safest configuration halted in its final run after every recovery attempt."""
+
+
 def train_final(config: Config, safest: dict, session: StudySession | None = None) -> dict:
-    """Train the safest configuration for ``tracking.final_steps``: ``model.safetensors`` and
-    stylised samples in run_dir, and a finished MLflow run with its metrics and samples."""
+    """Train the safest configuration for ``tracking.final_steps``, as a long run: good
+    checkpoints in ``<run_dir>/checkpoints/<study>-final``, recovery from halts
+    (``train.recovery``), and, when the stage runs again after a crash (a Prefect retry, the
+    same command again), a resume in the same MLflow run. Writes ``model.safetensors`` and
+    stylised samples in run_dir; the MLflow run ends finished with its metrics, samples and
+    recoveries."""
     from stylepipe.train.checkpoint import save_checkpoint
+    from stylepipe.train.long_run import LongRun, checkpoints, start_afresh
 
     with _session(config, session) as s:
         steps = config.tracking.final_steps or config.train.steps
         final_config = apply(config, safest["params"], **{"train.steps": steps})
-        logger = s.tracker.child_run(s.parent, "final model", "final", safest["params"],
-                                     {"safest.trial": safest["trial"]}, config.tracking.log_every)  # fmt: skip
+        folder = s.run_dir / "checkpoints" / f"{config.study_name}-final"
+        earlier = s.study.user_attrs.get("final_run")
+        if earlier and checkpoints(folder):  # a crashed final run: the same run goes on
+            logger = s.tracker.reopen_run(earlier, config.tracking.log_every)
+        else:
+            start_afresh(folder)
+            logger = s.tracker.child_run(s.parent, "final model", "final", safest["params"],
+                                         {"safest.trial": safest["trial"]}, config.tracking.log_every)  # fmt: skip
+            s.study.set_user_attr("final_run", logger.run_id)
+        long_run = LongRun(folder, final_config, sinks=[logger])
         try:
-            run = run_candidate(final_config, s.data, [logger], logger=logger)
-        except BaseException as err:  # Ctrl-C too: the run says why it stopped
+            run = run_candidate(final_config, s.data, logger=logger, long_run=long_run)
+        except BaseException as err:  # Ctrl-C too: the run says why it stopped (and resumes later)
             s.tracker.finish_run(logger.run_id, "failed", logger=logger, failure=failure_text(err))
             raise
         if run.outcome != "complete":
             cause = run.autopsy.cause if run.autopsy else None
             s.tracker.finish_run(logger.run_id, run.outcome, cause, run.autopsy, logger=logger)
-            raise RuntimeError(f"the safest configuration went {run.outcome} in its final training run")
+            raise FinalRunHalted(
+                f"the safest configuration went {run.outcome} ({cause}) in its final training run after "
+                f"{len(run.recoveries)} recoveries; the autopsies are on its MLflow run {logger.run_id}"
+            )
         checkpoint = save_checkpoint(run.model, s.run_dir / "model.safetensors", {"safest": safest})
         samples = write_samples(run.model, s.data, s.run_dir / "samples")
         s.tracker.log_artifacts(logger.run_id, samples, "samples")
-        s.tracker.finish_run(logger.run_id, "complete", metrics={"final/quality": run.quality}, logger=logger)
+        s.tracker.finish_run(logger.run_id, "complete", logger=logger, metrics={"final/quality": run.quality,
+                             "recoveries": len(run.recoveries)})  # fmt: skip
         return {"run_id": logger.run_id, "checkpoint": str(checkpoint), "quality": run.quality,
-                "samples": [str(p) for p in samples]}  # fmt: skip
+                "samples": [str(p) for p in samples], "recoveries": len(run.recoveries),
+                "resumed_from": long_run.resumed_from, "steps": steps}  # fmt: skip
 
 
 def write_samples(model, data: StudyData, folder: Path, count: int = 4) -> list[Path]:
@@ -271,8 +294,14 @@ def register(config: Config, final: dict) -> dict:
     from stylepipe.registry import Registry
 
     registry = Registry(config.tracking_uri, config.tracking.registered_model)
-    record = registry.register(final["run_id"], final["checkpoint"], final["quality"])
-    return {**record, "quality": final["quality"], "samples": final["samples"]}
+    tags = {"recoveries": final.get("recoveries", 0)}
+    record = registry.register(final["run_id"], final["checkpoint"], final["quality"], tags)
+    return {
+        **record,
+        "quality": final["quality"],
+        "samples": final["samples"],
+        "recoveries": tags["recoveries"],
+    }
 
 
 def promote(config: Config, version: str) -> dict:
@@ -348,9 +377,9 @@ def _finished(session: StudySession) -> dict | None:
 def _finish(config: Config, session: StudySession) -> dict:
     """Confirm the safest configuration, train and register its model, report: once per study
     state, whichever process gets here first (the caller holds the study's ``finish`` lock)."""
-    # Replay and final runs still RUNNING belong to a process that died: only the holder of
-    # the finish lock runs them.
-    session.tracker.end_orphaned_runs(session.parent, ("replay", "final"),
+    # Replay runs still RUNNING belong to a process that died: only the holder of the finish
+    # lock runs them. (A final run that died is resumed by train_final, in the same run.)
+    session.tracker.end_orphaned_runs(session.parent, ("replay",),
                                       "its process stopped (killed or lost) before the run ended")  # fmt: skip
     safest = confirm(config, session)
     model = None

@@ -63,10 +63,40 @@ class RunLogger(Callback):
         self._writer: threading.Thread | None = None
         self.errors: list[str] = []
         self._errors_reported = False
+        self.logged_through = 0  # steps the run already holds (a resumed run skips them)
+
+    def on_resume(self, step: int) -> None:
+        """A long run went on from its checkpoint at ``step``: say so on the run, and skip the
+        steps it already holds (a crash may have come after rows past the checkpoint)."""
+        held = [
+            m.step
+            for key in ("loss/total", "val/quality")
+            for m in self.client.get_metric_history(self.run_id, key)
+        ]
+        self.logged_through = max(held, default=0)
+        previous = self.client.get_run(self.run_id).data.tags.get("stylepipe.resumed_at_step")
+        self.client.set_tag(
+            self.run_id, "stylepipe.resumed_at_step", f"{previous}, {step}" if previous else str(step)
+        )
+
+    def on_recovery(self, event: dict[str, Any]) -> None:
+        """A long run recovered from a halt: the event as an artifact, tags a person reads in the
+        MLflow UI, and the ``recovery/count`` metric at the step it halted."""
+        n = event["attempt"]
+        lr, clip = event["lr"], event["clip_norm"]
+        summary = (f"halted at step {event['halted_at_step']}: {event['outcome']}, cause {event['cause']}, first "
+                   f"non-finite {event['first_nonfinite']}; back to step {event['resumed_from_step']}, skipped "
+                   f"{event['skipped_batches']} batches, lr {lr[0]:.3g} -> {lr[1]:.3g}, clip {clip[0]} -> {clip[1]}")  # fmt: skip
+        self.client.log_dict(self.run_id, event, f"recoveries/attempt-{n}.json")
+        self.client.log_batch(self.run_id, metrics=[Metric("recovery/count", n, int(time.time() * 1000),
+                                                           event["halted_at_step"])],
+                              tags=[RunTag("stylepipe.recoveries", str(n)), RunTag(f"stylepipe.recovery.{n}", summary)])  # fmt: skip
 
     def _keep(self, row: dict[str, float], last_of_chunk: bool) -> bool:
         # Evaluations are always kept, and so is each chunk's last row: the trainer sends a
         # chunk per check, so that is the run's last step or the step a guard halted at.
+        if row["step"] <= self.logged_through:
+            return False
         if self.every == 1 or last_of_chunk or "loss/total" not in row:
             return True
         step = int(row["step"])
@@ -183,6 +213,13 @@ class Tracker:
         logger = self.run_logger(self.client, run.info.run_id, every=log_every)
         logger.log_params(params)
         return logger
+
+    def reopen_run(self, run_id: str, log_every: int = 1) -> RunLogger:
+        """A run of this study that a crashed process left, RUNNING again, and its logger."""
+        self.client.update_run(run_id, status="RUNNING")
+        if "failure" in self.client.get_run(run_id).data.tags:  # why it stopped: no longer so
+            self.client.delete_tag(run_id, "failure")
+        return self.run_logger(self.client, run_id, every=log_every)
 
     def finish_run(
         self,

@@ -22,6 +22,7 @@ from stylepipe.data.sources import RandomBatches, load_content_images
 from stylepipe.train import TrainingHalted
 from stylepipe.train.recipe import train_from_config
 from tests.conftest import DEMO
+from tests.test_search import prepared, search_command, search_config, search_overrides  # noqa: F401
 
 STYLEPIPE = str(Path(sys.executable).parent / "stylepipe")
 LONG = ["data.image_size=32", "train.batch_size=2", "train.steps=60", "train.check_every=5",
@@ -160,3 +161,77 @@ def test_a_spike_that_always_comes_back_ends_after_max_attempts_with_every_autop
     assert all(a["autopsy"]["cause"] and a["autopsy"]["step"] == a["halted_at_step"] for a in attempts)
     assert [a["lr"][1] for a in attempts] == pytest.approx([5e5, 2.5e5])  # compounded per attempt
     assert not (tmp_path / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- the final model of a study
+
+SAFEST = {"trial": 0, "params": {"lr": 1e-3, "clip_norm": 10.0, "content_weight": 1.0, "style_weight": 1e5,
+                                 "tv_weight": 1e-6}}  # fmt: skip
+
+
+def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_path, prepared, monkeypatch):  # noqa: F811
+    from mlflow import MlflowClient
+
+    from stylepipe import stages
+    from stylepipe.search import objective
+
+    config = search_config(tmp_path, prepared, "tracking.final_steps=30", "train.checkpoint_every=10",
+                           "train.check_every=5", "tracking.log_every=1", "tracking.registered_model=spiky")  # fmt: skip
+    monkeypatch.setattr(objective, "RandomBatches",
+                        lambda images, batch_size, seed: PoisonedBatches(images, batch_size, {17}))  # fmt: skip
+    with stages.StudySession(config) as session:
+        final = stages.train_final(config, SAFEST, session)
+    assert final["recoveries"] == 1
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    run = client.get_run(final["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["stylepipe.recoveries"] == "1"
+    summary = run.data.tags["stylepipe.recovery.1"]
+    assert "halted at step 17" in summary and "bad_input" in summary and "back to step 10" in summary
+    assert "lr 0.001 -> 0.0005" in summary
+    event = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "recoveries/attempt-1.json")).read_text()
+    )
+    assert event["autopsy"]["first_nonfinite"] == "input" and event["skipped_batches"] == 7
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "recovery/count")] == [17]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")]
+    assert steps == list(range(1, 31))  # each step once: the abandoned stretch 11-17 is not there
+    registered = stages.register(config, final)
+    version = client.get_model_version("spiky", registered["version"])
+    assert version.tags["recoveries"] == "1"
+
+
+@pytest.mark.slow
+def test_a_killed_final_run_resumes_in_the_same_mlflow_run(tmp_path, prepared):  # noqa: F811
+    from mlflow import MlflowClient
+
+    overrides = search_overrides(tmp_path, prepared, "search.n_trials=2", "search.space.lr=[1e-4,3e-4]",
+                                 "search.top_k=1", "search.replay_seeds=0", "tracking.final_steps=80",
+                                 "train.checkpoint_every=10", "train.check_every=5", "tracking.log_every=1",
+                                 "tracking.registered_model=resumed-style")  # fmt: skip
+    config = load_config(DEMO, overrides)
+    victim = subprocess.Popen(search_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = tmp_path / "checkpoints" / f"{config.study_name}-final"
+    deadline = time.monotonic() + 240
+    while not (folder / "step-00000010.pt").exists():
+        assert victim.poll() is None and time.monotonic() < deadline, (
+            "the search ended before it could be killed"
+        )
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    resumed = subprocess.run(search_command(overrides), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.study_name)
+    finals = [r for r in client.search_runs([experiment.experiment_id])
+              if r.data.tags.get("stylepipe.role") == "final"]  # fmt: skip
+    assert len(finals) == 1  # the same run before and after
+    final = finals[0]
+    assert final.info.status == "FINISHED" and "failure" not in final.data.tags
+    assert int(final.data.tags["stylepipe.resumed_at_step"]) >= 10
+    steps = [m.step for m in client.get_metric_history(final.info.run_id, "loss/total")]
+    assert sorted(steps) == list(range(1, 81))  # each step once, no gap
+    version = client.get_model_version_by_alias("resumed-style", "safest")
+    assert version.run_id == final.info.run_id

@@ -28,6 +28,7 @@ from stylepipe.stores import scrub
 from stylepipe.tracking import RunLogger, Tracker
 from stylepipe.train import Callback, Trainer, TrainingHalted, TrainState, resolve_device
 from stylepipe.train.guards import Autopsy
+from stylepipe.train.long_run import LongRun
 from stylepipe.train.recipe import build_criterion
 
 
@@ -144,6 +145,7 @@ class CandidateRun:
     autopsy: Autopsy | None
     metrics: list[dict[str, float]] = field(default_factory=list)
     model: TransformerNet | None = None
+    recoveries: list[dict] = field(default_factory=list)  # a long run's recoveries from halts
 
     @property
     def spikiness(self) -> float:
@@ -156,25 +158,31 @@ def run_candidate(
     callbacks: Sequence[Callback] = (),
     trial: optuna.Trial | None = None,
     logger: RunLogger | None = None,
+    long_run: LongRun | None = None,
 ) -> CandidateRun:
     """Train one configuration; a guard's halt becomes an outcome, not an exception.
 
+    With ``long_run`` (the final model: never a trial or replay) the run checkpoints, resumes
+    and recovers; its rows, evaluations included, reach ``logger`` through it.
     ``optuna.TrialPruned`` (from the pruner) and any other exception propagate.
     """
     eval_every = config.search.eval_every if trial is not None else config.train.steps
-    reporter = QualityReporter(data, eval_every, trial, logger)
+    reporter = QualityReporter(data, eval_every, trial, long_run or logger)
     batches = RandomBatches(data.train_images, config.train.batch_size, seed=config.train.seed)
     torch.manual_seed(config.train.seed)
-    trainer = Trainer(config, data.criterion, batches, model=TransformerNet(),
-                      callbacks=[*callbacks, reporter], device=data.device)  # fmt: skip
+    trainer = Trainer(config, data.criterion, batches, model=TransformerNet(), device=data.device,
+                      callbacks=[*callbacks, reporter, *([long_run] if long_run else [])])  # fmt: skip
     try:
-        result = trainer.fit()
+        result = long_run.fit(trainer) if long_run else trainer.fit()
     except TrainingHalted as halted:
-        return CandidateRun(halted.autopsy.outcome, None, halted.autopsy, trainer.history)
-    quality = reporter.final
-    if quality is None or not math.isfinite(quality):
-        return CandidateRun("nan", None, None, result.metrics, result.model)
-    return CandidateRun("complete", quality, None, result.metrics, result.model)
+        run = CandidateRun(halted.autopsy.outcome, None, halted.autopsy, trainer.history)
+    else:
+        quality = reporter.final
+        finite = quality is not None and math.isfinite(quality)
+        run = CandidateRun("complete" if finite else "nan", quality if finite else None, None, result.metrics,
+                           result.model)  # fmt: skip
+    run.recoveries = long_run.recoveries if long_run else []
+    return run
 
 
 def failure_text(err: BaseException) -> str:

@@ -48,7 +48,7 @@ class Callback:
 
 class CSVMetricsWriter(Callback):
     """Writes every metric row to a CSV file as the chunks arrive, flushed (a crash loses
-    nothing written). A writer starts the file afresh, unless ``skip_logged`` was called: then
+    nothing written). A writer starts the file afresh, unless ``on_resume`` was called: then
     it goes on with the file a resumed run left, and skips the steps it already holds."""
 
     def __init__(self, path: str | Path):
@@ -58,7 +58,7 @@ class CSVMetricsWriter(Callback):
         self._columns: list[str] | None = None  # the header of the file being continued
         self.logged_through = 0
 
-    def skip_logged(self) -> None:
+    def on_resume(self, step: int) -> None:
         if not self.path.is_file():
             return
         text = self.path.read_text()

@@ -13,7 +13,7 @@ model); search trials and replays never use it: a trial that needs rescue is not
 * **Metrics stay whole.** The sinks (the CSV file, the MLflow run) get metric rows only
   when a checkpoint is written, after the rows up to it: rows of a stretch that a crash or
   a recovery throws away never reach them. A crash between the two leaves rows the next
-  checkpoint does not cover; sinks skip steps they already hold (``skip_logged``).
+  checkpoint does not cover; sinks skip steps they already hold (``on_resume``).
 * **Recovery** (``train.recovery``, the ``recovery`` section). When a guard halts the run:
   load the newest checkpoint before the bad step (one further back at each attempt), skip
   the batches from there up to and including the bad step (PaLM-style), multiply the
@@ -102,8 +102,8 @@ class LongRun(Callback):
             self.resumed_from = self._load(found[-1])
             self.recoveries = list(self._loaded["recoveries"])  # the recoveries before the crash
             for sink in self.sinks:
-                if hasattr(sink, "skip_logged"):
-                    sink.skip_logged()
+                if hasattr(sink, "on_resume"):
+                    sink.on_resume(self.resumed_from)
         else:
             self._save()  # the start: a recovery can always go back this far
         while True:
