@@ -87,9 +87,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.print(f"  MLflow tracking:   {redact_url(config.tracking_uri)}")
     out.print(f"  stability map:     {result['stability_map']}")
     out.print(f"  safest settings:   {result['safest_json']}")
+    if result["safest"]:
+        certificate = result["safest"]["certificate"]
+        out.print(f"  certificate:       {certificate['text']}")
+        if certificate["weakened"]:
+            out.print(f"                     weakened: {certificate['weakened']}")
+        out.print(f"  your settings:     {result['safest']['versus_baseline']}")
     if result["model"]:
         model = result["model"]
         out.print(f"  registered model:  {model['model_uri']} (version {model['version']})")
+        out.print(f"  final run:         {model['recoveries']} recoveries from a halt")
         out.print(f"  stylised samples:  {run_dir / 'samples'}")
     if result["promotion"]:
         out.print(f"  champion:          {result['promotion']['why']}")

@@ -1,8 +1,9 @@
 """The ``style_pipeline`` flow: prepare -> search -> confirm safest -> train final -> register ->
 promote -> report. Thin: every task is one call to a stage in ``stylepipe.stages``.
 
-Retries only where the work is I/O (reading images, the registry); never for training,
-where a NaN is an answer, not a glitch. ``prepare`` is cached by its input's content.
+Retries where the work is I/O (reading images, the registry) and for the final training,
+which resumes from its checkpoints; never for a user's mistake, nor for a NaN, which is an
+answer, not a glitch. ``prepare`` is cached by its input's content.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def confirm_task(config_json: str) -> dict | None:
     return stages.confirm(_settings(config_json))
 
 
-@task(name="train final")
+@task(name="train final", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_users_mistake)
 def train_final_task(config_json: str, safest: dict) -> dict[str, Any]:
     return stages.train_final(_settings(config_json), safest)
 
@@ -102,7 +103,9 @@ def style_pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] 
     if safest is None:
         logger.warning("no safe configuration: nothing is registered and the champion stays")
     else:
-        model = register_task(config_json, train_final_task(config_json, safest))
+        final = train_final_task(config_json, safest)
+        safest = final["safest"]  # its certificate says whether the final run needed recoveries
+        model = register_task(config_json, final)
         promotion = promote_task(config_json, model["version"])
         logger.info("promotion: %s", promotion["why"])
     paths = report_task(config_json, safest, model, promotion)

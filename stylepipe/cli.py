@@ -98,9 +98,15 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 4
     s = result["safest"]
     out.print(f"[green]safest: trial {s['trial']}, quality {s['quality']:.4g}, params {s['params']}")
+    out.print(f"certificate: {s['certificate']['text']}")
+    if s["certificate"]["weakened"]:
+        out.print(f"[yellow]certificate weakened: {s['certificate']['weakened']}")
+    out.print(f"your settings: {s['versus_baseline']}")
     out.print(f"safest.json: {result['safest_json']}")
     if result["model"]:
-        out.print(f"registered model: {result['model']['model_uri']} (version {result['model']['version']})")
+        model = result["model"]
+        out.print(f"registered model: {model['model_uri']} (version {model['version']}); "
+                  f"its final run needed {model['recoveries']} recoveries")  # fmt: skip
     return 0
 
 

@@ -261,7 +261,11 @@ class SearchConfig(Section):
     grace_period: int = Field(60, ge=2)  # seconds without a heartbeat before a trial is stale
     max_retry: int = Field(2, ge=0)  # times a stale trial is re-run by another worker
     workers_per_device: int = Field(1, ge=1)  # trials at once on one GPU (small batches)
-    top_k: int = Field(3, ge=1)  # candidates replayed under stress
+    top_k: int = Field(
+        3, ge=1
+    )  # candidates replayed under stress (and the baseline, the config's own settings)
+    # steps of each stress replay; None: the final model's length, at most 4 x train.steps
+    confirm_steps: int | None = Field(None, ge=1)
     replay_seeds: int = Field(2, ge=0)  # more seeds per candidate
     lr_margin: float = Field(2.0, ge=1.0)  # and once with lr x margin
 

@@ -151,12 +151,14 @@ def stability_figure(
     safest_number: int | None = None,
     title: str = "Stability map",
     annotate_causes: bool = True,
+    lr_margin: float | None = None,
 ) -> Figure:
     """Learning rate (x, log) against gradient-clip norm (y, log), one marker per trial, coloured by outcome.
 
     Trials with clipping off (``clip_norm`` NaN) sit in a thin "clip off" band above, sharing x. The
-    trial numbered ``safest_number`` gets a star; NaN/diverged trials get a cause tag when there are
-    few of them (``annotate_causes``).
+    trial numbered ``safest_number`` gets a star, and a bar to ``lr_margin`` times its learning rate
+    (where its certified margin ends); the baseline trial (``is_baseline``) is labelled "yours";
+    NaN/diverged trials get a cause tag when there are few of them (``annotate_causes``).
     """
     trials = trials if trials is not None else pd.DataFrame()
     outcomes = _outcomes(trials)
@@ -212,8 +214,16 @@ def stability_figure(
         fig.text(0.01, 0.005, f"cause: {key}", fontsize=7, color="#444444", va="bottom")
         fig.get_layout_engine().set(rect=(0, 0.03, 1, 0.97))  # room for that line
 
+    if "is_baseline" in trials.columns:  # the user's own settings
+        for t in df[trials.loc[df.index, "is_baseline"].fillna(False).astype(bool)].itertuples():
+            (ax if t.on else band).annotate("yours", (t.lr, t.y), xytext=(-14, 9), textcoords="offset points",
+                                            fontsize=8, color="#444444", zorder=4)  # fmt: skip
     for t in df[df["number"] == safest_number].head(1).itertuples():
         a = ax if t.on else band
+        if lr_margin and lr_margin > 1:  # where its certified margin ends
+            a.plot([t.lr, t.lr * lr_margin], [t.y, t.y], color=SAFEST_COLOR, linewidth=2, zorder=4)
+            a.annotate(f"x{lr_margin:g} ok", (t.lr * lr_margin, t.y), xytext=(3, -12), textcoords="offset points",
+                       fontsize=7, color=SAFEST_COLOR, zorder=4)  # fmt: skip
         a.scatter([t.lr], [t.y], marker="*", s=650, facecolors="none", edgecolors=SAFEST_COLOR,
                   linewidths=1.8, zorder=5, label=f"safest (#{safest_number})")  # fmt: skip
         a.annotate("safest", (t.lr, t.y), xytext=(12, 12), textcoords="offset points", fontsize=10,
@@ -241,18 +251,24 @@ def stability_map(
     safest_number: int | None = None,
     title: str = "Stability map",
     annotate_causes: bool = True,
+    lr_margin: float | None = None,
 ) -> Path:
     """Save :func:`stability_figure` as a PNG (about 840x600 px) and return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stability_figure(trials, safest_number, title, annotate_causes).savefig(path, dpi=120)
+    stability_figure(trials, safest_number, title, annotate_causes, lr_margin).savefig(path, dpi=120)
     return path
 
 
 def pipeline_markdown(
-    trials: pd.DataFrame, safest: dict | None, model: dict | None = None, promotion: dict | None = None
+    trials: pd.DataFrame,
+    safest: dict | None,
+    model: dict | None = None,
+    promotion: dict | None = None,
+    versus_baseline: str | None = None,
 ) -> str:
-    """The run summary a person reads first: safest settings, margins, NaN causes, the model."""
+    """The run summary a person reads first: the safest settings and their certificate, where
+    their margin ends, how they compare with the user's own settings, NaN causes, the model."""
     lines = ["# stylepipe run", ""]
     if safest is None:
         lines += ["**No safe configuration**: every candidate went NaN or diverged under the stress",
@@ -262,15 +278,24 @@ def pipeline_markdown(
         for key, value in safest["params"].items():
             shown = "off" if value is None else (f"{value:.4g}" if isinstance(value, float) else value)
             lines.append(f"| {key} | {shown} |")
-        lines += [
-            f"| quality | {safest['quality']:.4g} |",
-            "",
-            f"Passed: seeds {safest['seeds_passed']} and learning rate x{safest['lr_margin_passed']:g}; "
-            f"{safest['safe_candidates']} of {safest['candidates']} candidates were safe.",
-            "",
-        ]
+        certificate = safest["certificate"]
+        lines += [f"| quality | {safest['quality']:.4g} |", "",
+                  f"**Certificate**: {certificate['text']}; {safest['safe_candidates']} of "
+                  f"{safest['candidates']} candidates were safe.", ""]  # fmt: skip
+        if certificate["weakened"]:
+            lines += [f"**Weakened**: {certificate['weakened']}.", ""]
+        lr, margin = safest["params"]["lr"], certificate["lr_margin"]
+        failing = safest.get("lowest_failing_lr")
+        end = (f"the lowest learning rate that failed in this study is {failing['lr']:.3g} (trial {failing['trial']}, "
+               f"{failing['outcome']}: {failing['cause']})" if failing else "no trial above it failed")  # fmt: skip
+        lines += [f"**Margin**: safe up to lr {lr * margin:.3g} (x{margin:g}); {end}.", ""]
+    versus = versus_baseline or (safest or {}).get("versus_baseline")
+    if versus:
+        lines += [f"**Against your own settings** (the baseline trial): {versus}.", ""]
     if model:
-        lines += [f"Registered model: `{model['model_uri']}` (version {model['version']}).", ""]
+        recoveries = model.get("recoveries", 0)
+        lines += [f"Registered model: `{model['model_uri']}` (version {model['version']}); its final run needed "
+                  f"{recoveries} recover{'y' if recoveries == 1 else 'ies'}.", ""]  # fmt: skip
     if promotion:
         verdict = "promoted to **champion**" if promotion["promoted"] else "not promoted"
         lines += [f"Champion: {verdict}: {promotion['why']}.", ""]

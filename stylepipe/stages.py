@@ -178,9 +178,19 @@ def _session(config: Config, session: StudySession | None) -> Iterator[StudySess
 
 
 def previous_safest(config: Config) -> dict[str, Any] | None:
-    """The safest parameters an earlier run in this run folder found, for a warm start."""
+    """The safest parameters an earlier run in this run folder found, for a warm start.
+
+    When its certificate was weakened (its final run needed recoveries), the warm start
+    re-checks it at a lower learning rate first: times ``recovery.lr_factor``.
+    """
     path = Path(config.run_dir) / "last_safest.json"
-    return json.loads(path.read_text()).get("params") if path.is_file() else None
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    params = dict(record["params"])
+    if (record.get("certificate") or {}).get("weakened"):
+        params["lr"] *= config.recovery.lr_factor
+    return params
 
 
 def search(
@@ -214,7 +224,9 @@ def confirm(config: Config, session: StudySession | None = None) -> dict | None:
             study.set_user_attr("safest_for_trials", done)
         if safest is None:
             write_json(s.run_dir / "safest.json", {"study": study.study_name, "safest": None,
-                       "why": "no candidate stayed finite under every stress replay"})  # fmt: skip
+                       "why": "no candidate stayed finite under every stress replay",
+                       "baseline": study.user_attrs.get("baseline"),
+                       "versus_baseline": study.user_attrs.get("versus_baseline")})  # fmt: skip
         else:
             write_json(s.run_dir / "safest.json", safest)
             # survives later studies that find nothing safe: the warm start of the next run
@@ -261,6 +273,12 @@ def train_final(config: Config, safest: dict, session: StudySession | None = Non
                 f"the safest configuration went {run.outcome} ({cause}) in its final training run after "
                 f"{len(run.recoveries)} recoveries; the autopsies are on its MLflow run {logger.run_id}"
             )
+        if run.recoveries:  # the final run is the certificate's last and longest test
+            why = f"its {steps}-step final run needed {len(run.recoveries)} recoveries"
+            safest = {**safest, "certificate": {**safest["certificate"], "weakened": why}}
+            s.study.set_user_attr("safest", safest)
+            write_json(s.run_dir / "safest.json", safest)
+            write_json(s.run_dir / "last_safest.json", safest)
         checkpoint = save_checkpoint(run.model, s.run_dir / "model.safetensors", {"safest": safest})
         samples = write_samples(run.model, s.data, s.run_dir / "samples")
         s.tracker.log_artifacts(logger.run_id, samples, "samples")
@@ -268,7 +286,7 @@ def train_final(config: Config, safest: dict, session: StudySession | None = Non
                              "recoveries": len(run.recoveries)})  # fmt: skip
         return {"run_id": logger.run_id, "checkpoint": str(checkpoint), "quality": run.quality,
                 "samples": [str(p) for p in samples], "recoveries": len(run.recoveries),
-                "resumed_from": long_run.resumed_from, "steps": steps}  # fmt: skip
+                "resumed_from": long_run.resumed_from, "steps": steps, "safest": safest}  # fmt: skip
 
 
 def write_samples(model, data: StudyData, folder: Path, count: int = 4) -> list[Path]:
@@ -294,7 +312,9 @@ def register(config: Config, final: dict) -> dict:
     from stylepipe.registry import Registry
 
     registry = Registry(config.tracking_uri, config.tracking.registered_model)
-    tags = {"recoveries": final.get("recoveries", 0)}
+    certificate = final["safest"]["certificate"]
+    weakened = f"; weakened: {certificate['weakened']}" if certificate["weakened"] else ""
+    tags = {"recoveries": final["recoveries"], "certificate": certificate["text"] + weakened}
     record = registry.register(final["run_id"], final["checkpoint"], final["quality"], tags)
     return {
         **record,
@@ -348,7 +368,8 @@ def report(
         trials = trials_table(s.study, safest)
         picture = stability_map(trials, s.run_dir / "stability_map.png",
                                 safest_number=safest["trial"] if safest else None,
-                                title=f"Stability map: {config.study_name}")  # fmt: skip
+                                title=f"Stability map: {config.study_name}",
+                                lr_margin=safest["certificate"]["lr_margin"] if safest else None)  # fmt: skip
         trials.to_csv(s.run_dir / "trials.csv", index=False)
         s.tracker.log_study_summary(s.parent, trials, picture, causes_markdown(trials), safest)
         safest_path = s.run_dir / "safest.json"
@@ -359,7 +380,9 @@ def report(
             "safest_json": str(safest_path),
             "trials_csv": str(s.run_dir / "trials.csv"),
             "outcomes": {str(k): int(v) for k, v in trials["outcome"].value_counts().items()},
-            "summary_markdown": pipeline_markdown(trials, safest, model, promotion),
+            "summary_markdown": pipeline_markdown(
+                trials, safest, model, promotion, s.study.user_attrs.get("versus_baseline")
+            ),  # fmt: skip
             "top_trials": json.loads(top_trials(trials, k=10).to_json(orient="records")),
         }
 
@@ -384,7 +407,9 @@ def _finish(config: Config, session: StudySession) -> dict:
     safest = confirm(config, session)
     model = None
     if safest is not None and config.tracking.train_final_model:
-        model = register(config, train_final(config, safest, session))
+        final = train_final(config, safest, session)
+        safest = final["safest"]  # its certificate says whether the final run needed recoveries
+        model = register(config, final)
     done = len(session.study.get_trials(deepcopy=False, states=COUNTED))
     session.study.set_user_attr("finished", {"for_trials": done, "safest": safest, "model": model})
     return {"study": config.study_name, "safest": safest, "model": model,

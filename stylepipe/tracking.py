@@ -289,10 +289,16 @@ class Tracker:
             return
         # Tags, not params: a resumed study may find a different safest configuration.
         tags = [RunTag(f"safest.{k}", "off" if v is None else str(v)) for k, v in safest["params"].items()]
+        certificate = safest["certificate"]
         tags += [
             RunTag("safest.trial", str(safest["trial"])),
             RunTag("safest.quality", str(safest["quality"])),
+            RunTag("safest.certificate", certificate["text"]),
+            RunTag("safest.horizon_steps", str(certificate["horizon_steps"])),
+            RunTag("safest.versus_baseline", safest["versus_baseline"]),
         ]
+        if certificate["weakened"]:
+            tags.append(RunTag("safest.certificate_weakened", certificate["weakened"]))
         self.client.log_batch(run_id, tags=tags)
         self.client.log_dict(run_id, safest, "safest.json")
 

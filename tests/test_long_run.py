@@ -166,7 +166,9 @@ def test_a_spike_that_always_comes_back_ends_after_max_attempts_with_every_autop
 # ---------------------------------------------------------------- the final model of a study
 
 SAFEST = {"trial": 0, "params": {"lr": 1e-3, "clip_norm": 10.0, "content_weight": 1.0, "style_weight": 1e5,
-                                 "tv_weight": 1e-6}}  # fmt: skip
+                                 "tv_weight": 1e-6},
+          "certificate": {"text": "stayed finite and did not diverge for 8 steps with seed 1 at its learning rate",
+                          "seeds": [1], "lr_margin": 1.0, "horizon_steps": 8, "weakened": None}}  # fmt: skip
 
 
 def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_path, prepared, monkeypatch):  # noqa: F811
@@ -195,9 +197,15 @@ def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_p
     assert [m.step for m in client.get_metric_history(run.info.run_id, "recovery/count")] == [17]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")]
     assert steps == list(range(1, 31))  # each step once: the abandoned stretch 11-17 is not there
+    # the final run is the certificate's last test: it needed a recovery, so it is weakened
+    weakened = final["safest"]["certificate"]["weakened"]
+    assert weakened == "its 30-step final run needed 1 recoveries"
+    assert json.loads((tmp_path / "safest.json").read_text())["certificate"]["weakened"] == weakened
     registered = stages.register(config, final)
     version = client.get_model_version("spiky", registered["version"])
-    assert version.tags["recoveries"] == "1"
+    assert version.tags["recoveries"] == "1" and version.tags["certificate"].endswith(f"weakened: {weakened}")
+    # and the next scheduled run re-checks it at a lower learning rate first
+    assert stages.previous_safest(config)["lr"] == pytest.approx(1e-3 * config.recovery.lr_factor)
 
 
 @pytest.mark.slow

@@ -280,3 +280,36 @@ def test_stability_figure_edge_cases():
     assert len(empty.axes) == 1 and [t.get_text() for t in empty.axes[0].texts] == ["no trials"]
     assert all(len(c.get_offsets()) == 0 for c in empty.axes[0].collections)
     assert empty.get_suptitle() == "Stability map  (0 trials)"
+
+
+def test_the_map_shows_where_the_safest_margin_ends_and_which_trial_is_yours():
+    df = _trials()
+    df["is_baseline"] = df["number"] == 0
+    fig = stability_figure(df, safest_number=3, lr_margin=2.0)
+    main, band = _panels(fig)
+    [bar] = main.lines
+    assert list(bar.get_xdata()) == pytest.approx([1e-2, 2e-2]) and list(bar.get_ydata()) == pytest.approx(
+        [0.5, 0.5]
+    )
+    assert any(t.get_text() == "x2 ok" for t in main.texts)
+    [yours] = [t for t in main.texts if t.get_text() == "yours"]
+    assert tuple(yours.xy) == pytest.approx((1e-3, 1.0))  # trial 0
+    assert not stability_figure(df, safest_number=3).axes[-1].lines  # no margin given: no bar
+
+
+def test_the_summary_says_plainly_when_your_own_settings_win():
+    from stylepipe.search.safest import compare_with_baseline
+
+    yours = {"trial": 0, "quality": 1.0, "safe": True, "why": "every replay stayed finite"}
+    assert (
+        compare_with_baseline(yours, yours)
+        == "your settings (the config file's) are the safest configuration: keep them"
+    )
+    better = {"trial": 4, "quality": 0.75, "safe": True}
+    assert compare_with_baseline(better, yours) == (
+        "quality 0.75 against 1 for your settings (the config file's) (25% lower, lower is better); "
+        "your settings (the config file's) were safe"
+    )
+    unsafe = {**yours, "safe": False, "why": "seed 1, lr x2 went nan (parameter_blowup) at step 7"}
+    assert "were not safe: seed 1, lr x2 went nan" in compare_with_baseline(better, unsafe)
+    assert compare_with_baseline(None, unsafe).startswith("nothing was safe; your settings")

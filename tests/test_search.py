@@ -73,7 +73,12 @@ def search_command(overrides: list[str]) -> list[str]:
 
 
 # lr up to 1e3: Adam at lr >= 10 blows up on its second step, so some trials surely go NaN.
-SEARCHED = ("search.n_trials=6", "search.space.lr=[1e-3,1e3]", "tracking.registered_model=tiny-style")
+SEARCHED = (
+    "search.n_trials=6",
+    "search.space.lr=[1e-3,1e3]",
+    "tracking.registered_model=tiny-style",
+    "search.confirm_steps=12",
+)  # replays 12 steps long: trials are 8
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +123,24 @@ def test_safest_is_a_complete_trial_whose_replays_all_stayed_finite(searched):
     assert study.user_attrs["safest"]["trial"] == safest["trial"]
     assert (Path(config.run_dir) / "stability_map.png").stat().st_size > 10_000
 
+    certificate = safest["certificate"]
+    assert (certificate["horizon_steps"], certificate["lr_margin"], certificate["seeds"]) == (12, 2.0, [1])
+    assert certificate["text"] == ("stayed finite and did not diverge for 12 steps with seed 1 at its learning "
+                                   "rate and seed 0 at its learning rate x2")  # fmt: skip
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    replays = [r for r in client.search_runs([client.get_experiment_by_name(config.study_name).experiment_id])
+               if r.data.tags.get("stylepipe.role") == "replay"]  # fmt: skip
+    assert replays and all(max(m.step for m in client.get_metric_history(r.info.run_id, "loss/total")) == 12
+                           for r in replays if r.data.tags["outcome"] == "complete")  # fmt: skip
+
+    # the baseline: trial 0 is the config's own settings, replayed like any candidate
+    baseline = study.trials[0]
+    assert baseline.user_attrs["baseline"] is True
+    assert baseline.params["lr"] == pytest.approx(config.train.lr)
+    assert baseline.params["clip_norm"] == pytest.approx(config.train.clip_norm)
+    assert safest["baseline"]["trial"] == 0 and "your settings" in safest["versus_baseline"]
+    assert {v["trial"] for v in study.user_attrs["safety"]} >= {0}
+
 
 @pytest.mark.slow
 def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(searched):
@@ -147,9 +170,14 @@ def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(sear
     summary = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "trials.parquet", "nan_causes.md", "stability_map.png", "safest.json"} <= summary
     assert float(parent.data.tags["safest.lr"]) == pytest.approx(result["safest"]["params"]["lr"])
+    assert parent.data.tags["safest.certificate"] == result["safest"]["certificate"]["text"]
+    assert parent.data.tags["safest.horizon_steps"] == "12"
+    assert parent.data.tags["safest.versus_baseline"] == result["safest"]["versus_baseline"]
 
     version = client.get_model_version_by_alias("tiny-style", "safest")
     assert str(version.version) == result["model"]["version"]
+    assert version.tags["certificate"] == result["safest"]["certificate"]["text"]
+    assert version.tags["recoveries"] == "0"
     final = client.get_run(version.run_id)
     assert any(a.path == "samples" for a in client.list_artifacts(final.info.run_id))
     mlflow.set_tracking_uri(config.tracking_uri)
@@ -264,8 +292,9 @@ def test_an_interrupted_study_resumes_without_duplicate_trial_numbers(tmp_path, 
 @pytest.mark.slow
 def test_search_command_says_plainly_when_nothing_is_safe(tmp_path, prepared, capsys):
     args = ["search", "--quiet", "--config", str(DEMO)]
+    # every lr blows up: the searched ones, and the config's own (the baseline trial)
     overrides = [f"run_dir={tmp_path}", f"data.content={prepared}", *TINY_SEARCH, "search.n_trials=2",
-                 "search.space.lr=[100,1000]", "search.space.allow_no_clip=true"]  # fmt: skip
+                 "search.space.lr=[100,1000]", "search.space.allow_no_clip=true", "train.lr=300"]  # fmt: skip
     for override in overrides:
         args += ["--set", override]
     assert main(args) == 4

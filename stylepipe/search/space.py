@@ -26,6 +26,18 @@ def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace) -> dict[str, Any]
     return params
 
 
+def baseline_params(config: Config) -> dict[str, Any]:
+    """The settings of the config file itself, as search parameters: the study's baseline."""
+    params: dict[str, Any] = {"lr": config.train.lr, "clip_norm": config.train.clip_norm,
+                              "content_weight": config.loss.content_weight, "style_weight": config.loss.style_weight,
+                              "tv_weight": config.loss.tv_weight}  # fmt: skip
+    if config.search.space.beta1 is not None:
+        params["beta1"] = config.train.betas[0]
+    if config.search.space.precision:
+        params["precision"] = config.train.precision
+    return params
+
+
 def params_from_trial(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     """The flat parameters of a finished trial (the inverse of ``suggest``)."""
     p = dict(trial.params)

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from stylepipe.config import Config
 from stylepipe.search.objective import Objective
-from stylepipe.search.space import trial_values
+from stylepipe.search.space import baseline_params, trial_values
 from stylepipe.search.storage import SingleWorkerGuard, StudyLock, open_storage
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
@@ -73,6 +73,7 @@ def trials_table(study: optuna.Study, safest: dict | None = None) -> pd.DataFram
             "duration_s": t.duration.total_seconds() if t.duration else float("nan"),
             "safe": verdicts.get(t.number),
             "is_safest": bool(safest) and safest["trial"] == t.number,
+            "is_baseline": bool(t.user_attrs.get("baseline")),
         })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -151,6 +152,9 @@ def run_trials(
     stopped (their retries are queued and picked up here). Returns the trials run here.
     """
     target = config.search.n_trials
+    if not study.get_trials(deepcopy=False):  # a new study: the user's own settings go first
+        study.enqueue_trial(trial_values(baseline_params(config)), user_attrs={"baseline": True},
+                            skip_if_exists=True)  # fmt: skip
     if warm_start_params:
         warm_start(study, warm_start_params)
     gate = StudyLock(config, "ask")
