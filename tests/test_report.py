@@ -307,8 +307,7 @@ def test_the_summary_says_plainly_when_your_own_settings_win():
     )
     better = {"trial": 4, "quality": 0.75, "safe": True}
     assert compare_with_baseline(better, yours) == (
-        "quality 0.75 against 1 for your settings (the config file's) (25% lower, lower is better); "
-        "your settings (the config file's) were safe"
+        "quality 0.75 against 1 for your settings (the config file's): 25% lower (lower is better); yours were safe"
     )
     unsafe = {**yours, "safe": False, "why": "seed 1, lr x2 went nan (parameter_blowup) at step 7"}
     assert "were not safe: seed 1, lr x2 went nan" in compare_with_baseline(better, unsafe)

@@ -129,8 +129,8 @@ def compare_with_baseline(best: dict | None, baseline: dict | None) -> str:
     if baseline["quality"] is None:
         return f"quality {best['quality']:.4g}, safe; {mine} were {verdict}"
     gain = (baseline["quality"] - best["quality"]) / abs(baseline["quality"]) if baseline["quality"] else 0.0
-    return (f"quality {best['quality']:.4g} against {baseline['quality']:.4g} for {mine} "
-            f"({gain:.0%} lower, lower is better); {mine} were {verdict}")  # fmt: skip
+    return (f"quality {best['quality']:.4g} against {baseline['quality']:.4g} for {mine}: {gain:.0%} lower "
+            f"(lower is better); yours were {verdict}")  # fmt: skip
 
 
 def confirm_safest(
