@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from stylepipe.config import load_config
-from stylepipe.search.storage import SingleWorkerGuard, StorageError, open_storage
+from stylepipe.search.storage import EndKilledRunThenRetry, SingleWorkerGuard, StorageError, open_storage
 from tests.conftest import DEMO, another_process_holds_sqlite
 from tests.test_search import prepared  # noqa: F401  (module fixture: a tiny prepared shard)
 
@@ -161,6 +161,9 @@ def test_a_killed_worker_s_trial_is_failed_retried_and_its_run_not_left_running(
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     killed = running[0]
+    # The first trial is the baseline: the config's lr 1e-3, outside this space (its retry once
+    # crashed the survivor, since Optuna refuses to re-create a trial outside its space).
+    assert killed.user_attrs.get("baseline") and not 1e-4 <= killed.params["lr"] <= 3e-4
 
     survivor = subprocess.run(args, capture_output=True, text=True, timeout=420)
     assert survivor.returncode == 0, survivor.stdout + survivor.stderr
@@ -183,6 +186,22 @@ def test_a_killed_worker_s_trial_is_failed_retried_and_its_run_not_left_running(
     assert dead_run.info.status == "KILLED"
     runs, _ = mlflow_trial_runs(config)
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_a_stale_baseline_outside_the_space_is_requeued_with_its_own_settings():
+    study = optuna.create_study()
+    study.enqueue_trial({"lr": 1e-3}, user_attrs={"baseline": True})
+    trial = study.ask()
+    with pytest.warns(UserWarning, match="out of range"):
+        assert trial.suggest_float("lr", 1e-4, 3e-4, log=True) == 1e-3
+    stale = study.trials[0]  # still RUNNING: its worker died
+
+    EndKilledRunThenRetry(tracking_uri="unused", max_retry=1)(study, stale)
+
+    (requeued,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert requeued.params == {"lr": 1e-3} and requeued.user_attrs["baseline"]
+    again = study.ask()
+    assert again.number == requeued.number and again.suggest_float("lr", 1e-4, 3e-4, log=True) == 1e-3
 
 
 @pytest.mark.slow
@@ -216,7 +235,7 @@ def test_a_second_process_on_sqlite_is_refused_and_one_process_may_nest_the_lock
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     with another_process_holds_sqlite(url), pytest.raises(StorageError, match="SQLite serves one worker"):
         SingleWorkerGuard(url).__enter__()
-    try_it = ("import sys\nfrom stylepipe.search.storage import SingleWorkerGuard, StorageError\ntry:\n"
+    try_it = ("import sys\nfrom stylepipe.search.storage import EndKilledRunThenRetry, SingleWorkerGuard, StorageError\ntry:\n"
               "    SingleWorkerGuard(sys.argv[1]).__enter__()\nexcept StorageError:\n    print('refused')")  # fmt: skip
     with SingleWorkerGuard(url):
         with SingleWorkerGuard(url):  # stages nest it in one process

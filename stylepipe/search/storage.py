@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import warnings
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from stylepipe.config import Config
@@ -50,7 +52,23 @@ class EndKilledRunThenRetry:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             end_killed_run(self.tracking_uri, run_id, "worker stopped sending heartbeats (killed or lost)")
-        self.retry(study, trial)
+        self.retry(study, _with_room_for_its_params(trial))
+
+
+def _with_room_for_its_params(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """The trial, with each numeric distribution that does not hold its value replaced by a
+    one-point one. The baseline (the config's own settings) may lie outside the search space;
+    Optuna stores it anyway, but refuses to re-create it, so its retry would crash the worker."""
+    distributions = dict(trial.distributions)
+    for name, dist in distributions.items():
+        value = trial.params[name]
+        if isinstance(dist, (FloatDistribution, IntDistribution)) and not dist._contains(value):
+            distributions[name] = type(dist)(low=value, high=value, log=dist.log)
+    if distributions == trial.distributions:
+        return trial
+    room = copy.copy(trial)
+    room.distributions = distributions
+    return room
 
 
 def open_storage(config: Config) -> RDBStorage:
