@@ -2,6 +2,7 @@
 
 stylepipe-flow run --config configs/demo.yaml        the whole pipeline once (make run)
 stylepipe-flow serve --config configs/coco256.yaml   its scheduled deployment (make serve)
+stylepipe-flow deploy --config ... --pool P          the scheduled pipeline, for a work pool
 stylepipe-flow deploy-worker --config ... --pool P   the search_worker flow, for a work pool
 """
 
@@ -40,7 +41,7 @@ def prefect_home(args: argparse.Namespace) -> None:
 
 
 class PrefectServerError(StylepipeError):
-    """Prefect's temporary server did not come up."""
+    """Prefect's server (temporary, or at PREFECT_API_URL) cannot be used."""
 
 
 @contextmanager
@@ -116,8 +117,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_prefect_server() -> str:
+    """PREFECT_API_URL, checked to answer before anything is registered."""
+    import urllib.error
+    import urllib.request
+
+    url = os.environ.get("PREFECT_API_URL", "")
+    if not url:
+        raise PrefectServerError("set PREFECT_API_URL to your Prefect server (e.g. http://127.0.0.1:4200/api; "
+                                 "`stylepipe stack up` starts one)")  # fmt: skip
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10) as response:
+            if response.status == 200:
+                return url
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        problem = str(getattr(err, "reason", err))
+    raise PrefectServerError(
+        f"the Prefect server at PREFECT_API_URL={redact_url(url)} does not answer: {problem}"
+    )
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    config = load_settings(args)
+    require_prefect_server()
+    overrides = secrets_to_environment(args)
+    from flows.deploy import deploy
+
+    deployment_id = deploy(args.config, args.pool, overrides, args.source)
+    cron = config.schedule.cron or "no schedule: manual runs only"
+    out.print(f"deployed style_pipeline/{config.schedule.deployment} ({cron}) for work pool {args.pool}; "
+              f"id {deployment_id}")  # fmt: skip
+    out.print(f"run it now: prefect deployment run style_pipeline/{config.schedule.deployment}")
+    return 0
+
+
 def cmd_deploy_worker(args: argparse.Namespace) -> int:
     load_settings(args)
+    require_prefect_server()
     from flows.worker import deploy
 
     deploy(args.config, args.pool)
@@ -139,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the pipeline's scheduled deployment (needs PREFECT_API_URL)")
     add_config_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    pooled = sub.add_parser(
+        "deploy", help="register the scheduled pipeline for a work pool (needs PREFECT_API_URL)"
+    )
+    add_config_args(pooled)
+    pooled.add_argument("--pool", required=True, help="work pool name")
+    pooled.add_argument(
+        "--source", default=None, help="where workers fetch the code (default: this checkout)"
+    )
+    pooled.set_defaults(func=cmd_deploy)
 
     deploy = sub.add_parser("deploy-worker", help="deploy the search_worker flow to a work pool")
     add_config_args(deploy)

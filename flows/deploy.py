@@ -1,10 +1,19 @@
 """The scheduled deployment of ``style_pipeline``: a cron schedule from the settings.
 
-``stylepipe serve --config ...`` (or ``make serve``) registers the deployment on the
-Prefect server named by PREFECT_API_URL and runs its scheduled flow runs until stopped.
+Two ways to run it, on the Prefect server named by PREFECT_API_URL:
+
+* ``stylepipe-flow deploy --config ... --pool POOL`` registers it for a work pool, whose
+  workers (``prefect worker start --pool POOL``, on the GPU machines) run its flow runs. This
+  is production: the deployment outlives the shell that made it. It is Prefect's Python
+  deployment API, the same server objects as ``prefect deploy`` with a ``prefect.yaml``; the
+  cron and parameters come from the stylepipe settings, so there is one place to edit them.
+* ``stylepipe-flow serve --config ...`` (``make serve``) registers it and runs its flow runs
+  in that one process until stopped: no work pool, for one machine.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect.client.schemas.schedules import CronSchedule
 
@@ -24,6 +33,20 @@ def build_deployment(config_path: str, overrides: list[str] | None = None):
         description=f"stylepipe on a schedule ({schedule.cron or 'manual runs only'})",
         tags=["stylepipe", config.name],
     )
+
+
+def deploy(config_path: str, pool: str, overrides: list[str] | None = None, source: str | None = None) -> str:
+    """Register the deployment for the work pool ``pool``; its id. ``source`` is where workers
+    fetch the flow's code: this checkout (default, one machine), or a git URL."""
+    root = Path(__file__).resolve().parents[1]
+    runner = build_deployment(config_path, overrides)
+    remote = style_pipeline.from_source(
+        source=source or str(root), entrypoint="flows/pipeline.py:style_pipeline"
+    )
+    return str(remote.deploy(
+        name=runner.name, work_pool_name=pool, schedules=runner.schedules, parameters=runner.parameters,
+        description=runner.description, tags=runner.tags, print_next_steps=False,
+    ))  # fmt: skip
 
 
 def serve(config_path: str, overrides: list[str] | None = None) -> None:

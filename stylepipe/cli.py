@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -132,10 +133,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_stylize(args: argparse.Namespace) -> int:
     from stylepipe import stages
 
-    styled = stages.stylize(args.model, args.input, args.output, args.max_size, args.overwrite)
+    tracking_uri = load_settings(args).tracking_uri if args.model.startswith("models:/") else None
+    styled = stages.stylize(args.model, args.input, args.output, args.max_size, args.overwrite, tracking_uri)
     if styled["note"]:
         console.print(f"note: {styled['note']}")
     out.print(f"stylised image: {styled['output']}")
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from stylepipe import stack
+
+    if args.action == "down":
+        stopped = stack.down(args.folder)
+        out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        return 0
+    running = stack.up(args.folder)
+    for line in running.ui_lines():
+        out.print(line)
+    out.print(f"point a shell at it:  source {Path(running.folder) / 'stack.env'}")
+    out.print(f"stop it:              stylepipe stack down --folder {args.folder}")
     return 0
 
 
@@ -174,13 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     stylize = sub.add_parser("stylize", help="apply a trained model to an image")
-    stylize.add_argument("--model", required=True, help="checkpoint (.safetensors or .pt)")
+    stylize.add_argument("--model", required=True,
+                         help="checkpoint (.safetensors or .pt), or a registered model: models:/NAME@ALIAS "
+                              "or models:/NAME/VERSION (from tracking.uri)")  # fmt: skip
     stylize.add_argument("input")
     stylize.add_argument("output")
     stylize.add_argument("--max-size", type=int, default=2048,
                          help="shrink a longer side to this first (default 2048; 0: never)")  # fmt: skip
     stylize.add_argument("--overwrite", action="store_true", help="allow the output to replace the input")
+    add_config_args(stylize)
     stylize.set_defaults(func=cmd_stylize)
+
+    stack = sub.add_parser("stack", help="a production-shaped stack on loopback: MLflow, Prefect, a worker")
+    stack.add_argument("action", choices=["up", "down"])
+    stack.add_argument(
+        "--folder", default="runs/stack", help="logs, artifact store, stack.json (default runs/stack)"
+    )
+    stack.set_defaults(func=cmd_stack)
     return parser
 
 

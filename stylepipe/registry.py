@@ -39,6 +39,11 @@ mlflow.models.set_model(StylizeModel())
 '''
 
 
+# The version's safest settings ({"params": ..., "weakened": ...}), read back for the next
+# run's warm start: the registry is what every machine shares when they share no disk.
+SAFEST_SETTINGS_TAG = "stylepipe.safest_settings"
+
+
 class RegistryError(StylepipeError):
     """A registered version cannot be used (missing, or its files changed since registration)."""
 
@@ -113,6 +118,43 @@ class Registry:
             if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "not found" in str(err).lower():
                 return None
             raise
+
+    @staticmethod
+    def parse_uri(uri: str) -> tuple[str, str]:
+        """``models:/NAME@ALIAS`` -> (NAME, "@ALIAS"); ``models:/NAME/VERSION`` -> (NAME, VERSION)."""
+        rest = uri.removeprefix("models:/")
+        name, alias = rest.rsplit("@", 1) if "@" in rest else (rest, "")
+        if alias and name:
+            return name, "@" + alias
+        name, _, version = rest.rpartition("/")
+        if name and version.isdigit():
+            return name, version
+        raise RegistryError(f"{uri}: give a registered model as models:/NAME@ALIAS or models:/NAME/VERSION")
+
+    def resolve(self, version: str) -> str:
+        """A version number, from a number or an ``@alias``."""
+        if not version.startswith("@"):
+            return version
+        try:
+            found = self.alias_version(version[1:])
+        except MlflowException as err:
+            raise RegistryError(f"cannot read {self.name}{version} from {redact_url(self.uri)}: "
+                                f"{str(err).splitlines()[0]}") from None  # fmt: skip
+        if found is None:
+            raise RegistryError(
+                f"{self.name} has no version with the alias {version[1:]} in {redact_url(self.uri)}"
+            )
+        return found
+
+    def safest_settings(self) -> dict | None:
+        """The settings recorded with the version aliased ``safest``, or None."""
+        import json
+
+        version = self.alias_version("safest")
+        if version is None:
+            return None
+        text = self.client.get_model_version(self.name, version).tags.get(SAFEST_SETTINGS_TAG)
+        return json.loads(text) if text else None
 
     def set_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, version)

@@ -16,12 +16,13 @@ import functools
 import hashlib
 import json
 import multiprocessing
-import os
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from stylepipe import cores
 from stylepipe.config import Config
 from stylepipe.errors import StylepipeError
 from stylepipe.files import writable_folder, write_json
@@ -39,7 +40,7 @@ from stylepipe.search.safest import confirm_safest
 from stylepipe.search.space import apply
 from stylepipe.search.storage import SingleWorkerGuard, StorageError, StudyLock
 from stylepipe.search.study import COUNTED, open_study, run_trials, trials_table
-from stylepipe.stores import is_sqlite, redact_url
+from stylepipe.stores import is_sqlite, redact_url, sqlite_path
 from stylepipe.tracking import Tracker
 
 # ------------------------------------------------------------------ prepare
@@ -117,14 +118,25 @@ def train(config: Config, progress: bool = True, fresh: bool = False) -> dict:
     }
 
 
-def stylize(model_path: str, source: str, target: str, max_size: int | None, overwrite: bool = False) -> dict:
-    """Apply a trained model (a stylepipe checkpoint) to one image file: the written path, and a
-    note when the image was shrunk to ``max_size``."""
+def stylize(model_path: str, source: str, target: str, max_size: int | None, overwrite: bool = False,
+            tracking_uri: str | None = None) -> dict:  # fmt: skip
+    """Apply a trained model to one image file: the written path, and a note when the image was
+    shrunk to ``max_size``. The model is a stylepipe checkpoint, or a registered version
+    (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) in the tracking store at ``tracking_uri``,
+    loaded from its safetensors weights after checking their registered SHA-256."""
     from stylepipe.stylize import check_output, stylize_file
     from stylepipe.train.checkpoint import load_checkpoint
 
     check_output(Path(source), Path(target), overwrite)  # before loading anything
-    written, note = stylize_file(load_checkpoint(model_path), source, target, max_size, overwrite)
+    if model_path.startswith("models:/"):
+        from stylepipe.registry import Registry
+
+        name, version = Registry.parse_uri(model_path)
+        registry = Registry(tracking_uri, name)
+        model = registry.load(registry.resolve(version))
+    else:
+        model = load_checkpoint(model_path)
+    written, note = stylize_file(model, source, target, max_size, overwrite)
     return {"output": str(written), "note": note}
 
 
@@ -183,14 +195,35 @@ def previous_safest(config: Config) -> dict[str, Any] | None:
     When its certificate was weakened (its final run needed recoveries), the warm start
     re-checks it at a lower learning rate first: times ``recovery.lr_factor``.
     """
+    record = _registered_safest(config) or _local_safest(config)
+    if record is None:
+        return None
+    params = dict(record["params"])
+    if record.get("weakened"):
+        params["lr"] *= config.recovery.lr_factor
+    return params
+
+
+def _registered_safest(config: Config) -> dict | None:
+    """The ``safest`` version's settings in the MLflow registry: what every machine sees when
+    they share a tracking server and no disk. None where there is no such version (yet)."""
+    from stylepipe.registry import Registry
+    from stylepipe.tracking import is_server
+
+    uri = config.tracking_uri
+    sqlite_file = sqlite_path(uri)
+    if not is_server(uri) and not (sqlite_file and Path(sqlite_file).is_file()):
+        return None  # no store yet: nothing registered, and nothing to create just to ask
+    return Registry(uri, config.tracking.registered_model).safest_settings()
+
+
+def _local_safest(config: Config) -> dict | None:
+    """``last_safest.json`` in the run folder (a registry without the record: older versions)."""
     path = Path(config.run_dir) / "last_safest.json"
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    params = dict(record["params"])
-    if (record.get("certificate") or {}).get("weakened"):
-        params["lr"] *= config.recovery.lr_factor
-    return params
+    return {"params": record["params"], "weakened": (record.get("certificate") or {}).get("weakened")}
 
 
 def search(
@@ -309,12 +342,14 @@ def register(config: Config, final: dict) -> dict:
     """Log the final model (safetensors weights, a pyfunc model rebuilding the network from
     them) to its run and register it: a new version, tagged safe with its quality and the
     weights' SHA-256, aliased ``safest``."""
-    from stylepipe.registry import Registry
+    from stylepipe.registry import SAFEST_SETTINGS_TAG, Registry
 
     registry = Registry(config.tracking_uri, config.tracking.registered_model)
     certificate = final["safest"]["certificate"]
     weakened = f"; weakened: {certificate['weakened']}" if certificate["weakened"] else ""
-    tags = {"recoveries": final["recoveries"], "certificate": certificate["text"] + weakened}
+    tags = {"recoveries": final["recoveries"], "certificate": certificate["text"] + weakened,
+            SAFEST_SETTINGS_TAG: json.dumps({"params": final["safest"]["params"],
+                                             "weakened": certificate["weakened"]})}  # fmt: skip
     record = registry.register(final["run_id"], final["checkpoint"], final["quality"], tags)
     return {
         **record,
@@ -441,13 +476,14 @@ def run_worker(config: Config, progress: bool = False) -> dict:
     find the study finished and leave.
     """
     check_prepared(config.data.content)
-    with SingleWorkerGuard(config.storage_url):
+    with SingleWorkerGuard(config.storage_url), cores.CoreShare():  # counted among this machine's workers
         session = StudySession(config, owns_parent=False)
-        ran = search(config, progress=progress, session=session)["trials_run"]
+        ran = search(config, progress=progress, session=session)["trials_run"]  # each trial applies its share
         with StudyLock(config, "finish"):
             if _finished(session) is not None:
                 return {"trials_run": ran, "finished_study": False}
             session.owns_parent = True
+            cores.apply()  # workers that left give their cores to the replays and the final run
             with session:
                 return {"trials_run": ran, "finished_study": True, **_finish(config, session)}
 
@@ -460,11 +496,10 @@ def run_worker_processes(config: Config, processes: int) -> list[int]:
             f"{processes} worker processes cannot share {redact_url(config.storage_url)}: SQLite serves one worker. "
             "Put the study in PostgreSQL (--storage postgresql://...) or use --processes 1."
         )
-    # Each process gets its share of the CPU cores: oversubscribed, torch's threads spin
-    # against each other (the same run took 4.6x longer on two cores).
-    threads = max(1, (os.cpu_count() or 1) // processes)
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker_process, args=(config, threads)) for _ in range(processes)]
+    # All register before any starts a trial, so the first trials already share the cores.
+    ready = context.Barrier(processes)
+    workers = [context.Process(target=_worker_process, args=(config, ready)) for _ in range(processes)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -472,8 +507,10 @@ def run_worker_processes(config: Config, processes: int) -> list[int]:
     return [worker.exitcode for worker in workers]
 
 
-def _worker_process(config: Config, threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    run_worker(config)
+def _worker_process(config: Config, ready) -> None:
+    """One of run_worker_processes' workers; run_worker's registration is this same one."""
+    with cores.CoreShare():
+        # A sibling that failed to start breaks the barrier; shares are recounted each trial.
+        with suppress(threading.BrokenBarrierError):
+            ready.wait(timeout=120)
+        run_worker(config)

@@ -158,6 +158,16 @@ class RunLogger(Callback):
                 log.error("could not tag MLflow run %s as incomplete: %s", self.run_id, err)
 
 
+# MLflow 3 opens an experiment of unknown kind in its GenAI view (traces, an assistant); this
+# tag, which the UI reads, opens it on the training runs and their charts instead.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 class Tracker:
     """One study's MLflow bookkeeping."""
 
@@ -173,10 +183,18 @@ class Tracker:
             self.client = MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
-                location = artifact_root.resolve().as_uri() if artifact_root else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                # A tracking server decides where artifacts go (its proxied store): a local
+                # folder of ours would put this machine's artifacts out of every other's reach.
+                local = artifact_root and not is_server(uri)
+                location = artifact_root.resolve().as_uri() if local else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                                   tags=EXPERIMENT_TAGS)  # fmt: skip
             else:
                 self.experiment_id = found.experiment_id
+                if found.tags.get(EXPERIMENT_KIND) != EXPERIMENT_TAGS[EXPERIMENT_KIND]:
+                    self.client.set_experiment_tag(
+                        self.experiment_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND]
+                    )
         except Exception as err:  # MLflow's own text may quote the URL, password and all
             text = scrub(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__, uri)
             raise TrackingError(f"cannot use the MLflow tracking store {redact_url(uri)}: {text}") from None

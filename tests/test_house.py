@@ -29,9 +29,10 @@ LAYERS = [
         "stylepipe.data",
         "stylepipe.report",
         "stylepipe.stylize",
+        "stylepipe.stack",
     ),  # fmt: skip
     ("stylepipe.nets",),
-    ("stylepipe.config", "stylepipe.errors", "stylepipe.files", "stylepipe.stores"),
+    ("stylepipe.config", "stylepipe.errors", "stylepipe.files", "stylepipe.stores", "stylepipe.cores"),
 ]
 LAYER_OF = {unit: len(LAYERS) - depth for depth, units in enumerate(LAYERS) for unit in units}
 

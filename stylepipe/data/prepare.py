@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from rich.progress import Progress
 
+from stylepipe import cores
 from stylepipe.config import PrepareConfig
 from stylepipe.data.decode import decode, resize_crop
 from stylepipe.data.stats import STAT_COLUMNS, image_checks, image_statistics
@@ -312,19 +314,38 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
+def decode_workers(settings: PrepareConfig) -> int:
+    """How many processes decode: ``prepare.workers``, or if that is 0, this process's share
+    of the cores, which it splits with any stylepipe workers training on this machine
+    (stylepipe/cores.py)."""
+    return settings.workers or cores.share()
+
+
+def _one_torch_thread() -> None:
+    """A decode process's torch uses one thread: the pool's processes are the parallelism,
+    and a forked process would otherwise keep its parent's thread count."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+
+
 def _run_jobs(
     rows: list[dict], jobs: list[tuple[int, tuple]], settings: PrepareConfig, progress: bool
 ) -> int:
     if not jobs:
         return 0
-    workers = settings.workers or os.cpu_count() or 1
     with ExitStack() as stack:
+        # registered while decoding, so that workers starting trials now leave cores to the pool
+        stack.enter_context(cores.CoreShare())
+        workers = decode_workers(settings)
         bar = stack.enter_context(Progress(disable=not progress, transient=False))
         task = bar.add_task("preparing images", total=len(jobs))
         if workers == 1:
+            cores.apply()  # decoding here: torch takes this process's share
             results = map(_analyse, (job for _, job in jobs))
         else:
-            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            pool = stack.enter_context(
+                ProcessPoolExecutor(max_workers=workers, initializer=_one_torch_thread)
+            )
             # workers get paths and read the files themselves; results arrive in order
             results = pool.map(_analyse, [job for _, job in jobs], chunksize=4)
         for (index, _), result in zip(jobs, results, strict=True):

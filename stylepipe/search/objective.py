@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import optuna
 import torch
 
+from stylepipe import cores
 from stylepipe.config import Config
 from stylepipe.data.shard import is_prepared, load_split
 from stylepipe.data.sources import RandomBatches
@@ -206,6 +207,9 @@ class Objective:
         self.parent_run_id = parent_run_id
 
     def __call__(self, trial: optuna.Trial) -> float:
+        # Workers on this machine come and go: count them again, so this trial gets its share
+        # of the cores (stylepipe/cores.py).
+        cores.apply()
         base = self.data.config
         params = suggest(trial, base.search.space)
         config = apply(base, params)

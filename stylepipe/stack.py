@@ -1,0 +1,297 @@
+"""A production-shaped stack on loopback, for a person to try and for the topology tests.
+
+``stylepipe stack up`` (``make stack``) starts, each bound to 127.0.0.1 on a free port:
+
+* PostgreSQL databases ``<prefix>_optuna``, ``<prefix>_mlflow`` and ``<prefix>_prefect`` on
+  the machine's server (created when missing);
+* ``mlflow server`` on ``<prefix>_mlflow``, serving artifacts itself (``--serve-artifacts``)
+  from a local folder that stands in for object storage: clients never touch that folder;
+* ``prefect server start`` on ``<prefix>_prefect``;
+* a process work pool and one ``prefect worker`` polling it;
+* ``optuna-dashboard`` on the Optuna database.
+
+Each is its own process group, health-checked before the next step, and recorded (pid and
+command) in ``<folder>/stack.json``; ``stylepipe stack down`` stops exactly those processes,
+after checking that each pid still runs the command it started. ``<folder>/stack.env``
+holds the variables that point stylepipe, MLflow and Prefect at the stack.
+
+Only the servers' command-line programs are run here; nothing imports MLflow or Prefect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from stylepipe.errors import StylepipeError
+from stylepipe.files import write_json, write_text
+from stylepipe.stores import redact_url
+
+ADMIN_ENV = "STYLEPIPE_STACK_POSTGRES"
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+POOL = "stylepipe"
+STARTUP_SECONDS = 180.0  # a Prefect server migrating a fresh database on 2 busy cores: ~40 s
+
+
+class StackError(StylepipeError):
+    """A part of the stack did not start (the message names it and its log)."""
+
+
+@dataclass
+class Service:
+    name: str
+    pid: int
+    command: list[str]
+    log: str
+    url: str = ""
+
+
+@dataclass
+class Stack:
+    folder: str
+    optuna_url: str
+    mlflow_db_url: str
+    prefect_db_url: str
+    tracking_uri: str = ""
+    prefect_api_url: str = ""
+    dashboard_url: str = ""
+    pool: str = POOL
+    services: list[Service] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        """What points a shell (stylepipe, MLflow's and Prefect's clients) at this stack."""
+        return {
+            "STYLEPIPE_SEARCH_STORAGE": self.optuna_url,
+            "STYLEPIPE_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "PREFECT_API_URL": self.prefect_api_url,
+        }
+
+    def ui_lines(self) -> list[str]:
+        return [
+            f"MLflow UI:        {self.tracking_uri}",
+            f"Prefect UI:       {self.prefect_api_url.removesuffix('/api')}",
+            f"optuna-dashboard: {self.dashboard_url}",
+            f"Optuna storage:   {redact_url(self.optuna_url)}",
+            f"work pool:        {self.pool} (one process worker)",
+        ]
+
+
+def _program(name: str) -> str:
+    """A console script of this environment (mlflow, prefect, optuna-dashboard)."""
+    path = Path(sys.executable).with_name(name)
+    if not path.exists():
+        raise StackError(f"{name} is not installed in {path.parent}; run make install")
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def database_url(admin_url: str, name: str, driver: str = "") -> str:
+    """``admin_url`` with another database (and, for Prefect's async engine, a driver)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(admin_url).set(database=name)
+    if driver:
+        url = url.set(drivername=f"postgresql+{driver}")
+    return url.render_as_string(hide_password=False)
+
+
+def create_databases(admin_url: str, names: list[str]) -> None:
+    """Create the databases that do not exist yet (PostgreSQL cannot do it in a transaction)."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            have = {row[0] for row in conn.execute(sqlalchemy.text("select datname from pg_database"))}
+            for name in names:
+                if name not in have:
+                    conn.execute(sqlalchemy.text(f'create database "{name}"'))
+        engine.dispose()
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        first = str(getattr(err, "orig", err)).strip().splitlines()[0]
+        raise StackError(f"cannot create the stack's databases on {redact_url(admin_url)}: {first}") from None
+
+
+def drop_databases(admin_url: str, names: list[str]) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        for name in names:
+            conn.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
+    engine.dispose()
+
+
+def _start(stack: Stack, name: str, command: list[str], env: dict[str, str], url: str = "") -> Service:
+    logs = Path(stack.folder) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{name}.log"
+    with log.open("ab") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                   cwd=stack.folder, start_new_session=True)  # fmt: skip
+    service = Service(name, process.pid, command, str(log), url)
+    stack.services.append(service)
+    _save(stack)  # recorded at once: a failed start is still stopped by `down`
+    return service
+
+
+def _wait_healthy(service: Service, probe_url: str, timeout: float = STARTUP_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _runs(service):
+            raise StackError(
+                f"{service.name} exited while starting; its log: {service.log}\n{_tail(service.log)}"
+            )
+        try:
+            with urllib.request.urlopen(probe_url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    raise StackError(
+        f"{service.name} did not answer {probe_url} within {timeout:.0f} s; its log: {service.log}"
+    )
+
+
+def _tail(log: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _runs(service: Service) -> bool:
+    """The pid is alive and still runs the command it was started with (pids get reused)."""
+    try:
+        cmdline = Path(f"/proc/{service.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(service.command[0].encode() in part or Path(service.command[0]).name.encode() in part
+               for part in cmdline)  # fmt: skip
+
+
+def _save(stack: Stack) -> None:
+    # The admin URL's password (if any) never reaches this file: the database URLs are
+    # written masked and rebuilt from the environment by whoever needs them.
+    record = asdict(stack)
+    for key in ("optuna_url", "mlflow_db_url", "prefect_db_url"):
+        record[key] = redact_url(record[key])
+    for service in record["services"]:
+        service["command"] = [redact_url(part) for part in service["command"]]
+    write_json(Path(stack.folder) / "stack.json", record)
+
+
+def load(folder: str | Path) -> Stack:
+    path = Path(folder) / "stack.json"
+    if not path.is_file():
+        raise StackError(f"no stack is recorded in {path}; start one with `stylepipe stack up`")
+    record = json.loads(path.read_text())
+    services = [Service(**s) for s in record.pop("services")]
+    return Stack(**record, services=services)
+
+
+def up(folder: str | Path, admin_url: str | None = None, prefix: str = "stylepipe", pool: str = POOL,
+       dashboard: bool = True) -> Stack:  # fmt: skip
+    """Start the stack in ``folder`` (logs, the artifact store, Prefect's home) and return it."""
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "stack.json").is_file() and any(_runs(s) for s in load(folder).services):
+        raise StackError(f"a stack already runs from {folder}; stop it first: stylepipe stack down")
+    admin_url = admin_url or os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN_URL
+    names = [f"{prefix}_optuna", f"{prefix}_mlflow", f"{prefix}_prefect"]
+    create_databases(admin_url, names)
+    stack = Stack(
+        folder=str(folder),
+        optuna_url=database_url(admin_url, names[0]),
+        mlflow_db_url=database_url(admin_url, names[1]),
+        prefect_db_url=database_url(admin_url, names[2], driver="asyncpg"),
+        pool=pool,
+    )
+    try:
+        _start_services(stack, dashboard)
+    except BaseException:
+        down(folder)
+        raise
+    write_text(folder / "stack.env", "".join(f"export {k}={redact_url(v)}\n" for k, v in stack.env().items()))
+    return stack
+
+
+def _start_services(stack: Stack, dashboard: bool) -> None:
+    folder = Path(stack.folder)
+    mlflow_port, prefect_port = free_port(), free_port()
+    stack.tracking_uri = f"http://127.0.0.1:{mlflow_port}"
+    stack.prefect_api_url = f"http://127.0.0.1:{prefect_port}/api"
+    prefect_env = {
+        "PREFECT_HOME": str(folder / "prefect-home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": stack.prefect_db_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": stack.prefect_api_url,
+    }
+    # Both servers migrate their databases on first start: start them together.
+    mlflow = _start(stack, "mlflow", [
+        _program("mlflow"), "server", "--backend-store-uri", stack.mlflow_db_url,
+        "--serve-artifacts", "--artifacts-destination", str(folder / "artifact-store"),
+        "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+    ], {}, stack.tracking_uri)  # fmt: skip
+    prefect = _start(stack, "prefect-server", [
+        _program("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port),
+    ], prefect_env, stack.prefect_api_url)  # fmt: skip
+    if dashboard:
+        import optuna
+
+        optuna.storages.RDBStorage(stack.optuna_url)  # its tables: the dashboard only reads
+        port = free_port()
+        stack.dashboard_url = f"http://127.0.0.1:{port}"
+        board = _start(stack, "optuna-dashboard", [
+            _program("optuna-dashboard"), stack.optuna_url, "--host", "127.0.0.1", "--port", str(port),
+        ], {}, stack.dashboard_url)  # fmt: skip
+    _wait_healthy(mlflow, f"{stack.tracking_uri}/health")
+    _wait_healthy(prefect, f"{stack.prefect_api_url}/health")
+    if dashboard:
+        _wait_healthy(board, f"{stack.dashboard_url}/api/studies")
+    subprocess.run([_program("prefect"), "work-pool", "create", stack.pool, "--type", "process", "--overwrite"],
+                   env={**os.environ, **prefect_env}, check=True, capture_output=True, timeout=120)  # fmt: skip
+    # The worker's flow runs inherit its environment: this one points them at the stack.
+    _start(stack, "prefect-worker", [_program("prefect"), "worker", "start", "--pool", stack.pool],
+           {**prefect_env, **stack.env()})  # fmt: skip
+    _save(stack)
+
+
+def down(folder: str | Path, timeout: float = 20.0) -> list[str]:
+    """Stop the stack's processes (each group by its recorded pid); the names of those stopped."""
+    stack = load(folder)
+    stopped = []
+    for service in reversed(stack.services):  # the worker first, the servers last
+        if not _runs(service):
+            continue
+        try:
+            os.killpg(service.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        stopped.append(service.name)
+    deadline = time.monotonic() + timeout
+    for service in stack.services:
+        while _runs(service) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _runs(service):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(service.pid, signal.SIGKILL)
+    Path(folder, "stack.json").unlink(missing_ok=True)
+    return stopped
