@@ -148,7 +148,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         stopped = stack.down(args.folder)
         out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
         return 0
-    running = stack.up(args.folder)
+    running = stack.up(args.folder, prefix=args.prefix)
     for line in running.ui_lines():
         out.print(line)
     out.print(f"point a shell at it:  source {Path(running.folder) / 'stack.env'}")
@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("action", choices=["up", "down"])
     stack.add_argument(
         "--folder", default="runs/stack", help="logs, artifact store, stack.json (default runs/stack)"
+    )
+    stack.add_argument(
+        "--prefix", default="stylepipe", help="database names: PREFIX_optuna, _mlflow, _prefect"
     )
     stack.set_defaults(func=cmd_stack)
     return parser

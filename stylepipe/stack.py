@@ -249,7 +249,7 @@ def _start_services(stack: Stack, dashboard: bool) -> None:
         _program("mlflow"), "server", "--backend-store-uri", stack.mlflow_db_url,
         "--serve-artifacts", "--artifacts-destination", str(folder / "artifact-store"),
         "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-    ], {}, stack.tracking_uri)  # fmt: skip
+    ], {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stack.tracking_uri)  # fmt: skip
     prefect = _start(stack, "prefect-server", [
         _program("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port),
     ], prefect_env, stack.prefect_api_url)  # fmt: skip
@@ -270,7 +270,7 @@ def _start_services(stack: Stack, dashboard: bool) -> None:
                    env={**os.environ, **prefect_env}, check=True, capture_output=True, timeout=120)  # fmt: skip
     # The worker's flow runs inherit its environment: this one points them at the stack.
     _start(stack, "prefect-worker", [_program("prefect"), "worker", "start", "--pool", stack.pool],
-           {**prefect_env, **stack.env()})  # fmt: skip
+           {**prefect_env, **stack.env(), "PREFECT_WORKER_QUERY_SECONDS": "5"})  # fmt: skip
     _save(stack)
 
 

@@ -128,8 +128,11 @@ def probe(url: str) -> None:
                 "or restore it from a backup"
             ) from None
         return
-    if "://" not in url or url.startswith(("http://", "https://", "file:", "sqlite")):
-        return  # a server (MLflow's own client says what is wrong) or nothing we can open
+    if url.startswith(("http://", "https://")):
+        _probe_server(url)
+        return
+    if "://" not in url or url.startswith(("file:", "sqlite")):
+        return  # nothing we can open
     try:
         engine = create_engine(url, poolclass=NullPool)
         try:
@@ -141,6 +144,22 @@ def probe(url: str) -> None:
         cause = getattr(err, "orig", None) or err
         text = str(cause).strip()
         raise ValueError(scrub(text.splitlines()[0], url) if text else type(cause).__name__) from None
+
+
+def _probe_server(url: str, timeout: float = 10.0) -> None:
+    """An MLflow server answers at all (any HTTP status: with basic auth, 401 is an answer).
+    MLflow's client would retry a dead address for about two minutes before saying so."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ValueError(f"the server does not answer ({scrub(str(reason), url)})") from None
 
 
 def use_write_ahead_log(url: str) -> None:

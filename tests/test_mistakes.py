@@ -198,6 +198,17 @@ MISTAKES = {
         lambda t, p: ["search", "--quiet", *settings(t, f"data.content={p}",
                                                      "tracking.uri=postgresql://nobody@127.0.0.1:1/mlflow")],
         "cannot use the MLflow tracking store postgresql://nobody@127.0.0.1:1/mlflow"),
+    "an MLflow server that is not there": Mistake(
+        lambda t, p: ["worker", "--quiet", *settings(t, f"data.content={p}",
+                                                     "tracking.uri=http://me:s3cret@127.0.0.1:9")],
+        "cannot use the MLflow tracking store http://me:***@127.0.0.1:9: the server does not answer"),
+    "stylize from a registered model that does not exist": Mistake(
+        lambda t, p: ["stylize", "--model", "models:/nosuch@champion", str(photo(t / "in.png")), str(t / "o.png"),
+                      *settings(t)],
+        "nosuch has no version with the alias champion"),
+    "a registry URI without an alias or version": Mistake(
+        lambda t, p: ["stylize", "--model", "models:/nosuch", str(photo(t / "in.png")), str(t / "o.png")],
+        "give a registered model as models:/NAME@ALIAS"),
     "a corrupted optuna.db": Mistake(
         lambda t, p: ["search", "--quiet", *settings(t, f"data.content={p}")],
         "optuna.db is corrupted", setup=lambda t: garbage(t / "run" / "optuna.db")),
@@ -232,3 +243,21 @@ def test_a_users_mistake_is_one_line_and_exit_2(name, tmp_path, prepared, capsys
         assert mistake.fragment in out, out + err
     if mistake.check is not None:
         mistake.check(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["deploy", "deploy-worker"])
+def test_a_prefect_server_that_is_not_there_is_one_line_naming_it(command, tmp_path, monkeypatch, capsys):
+    from flows.cli import main as flow_main
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://me:s3cret@127.0.0.1:9/api")
+    code = flow_main([command, "--pool", "gpu", *settings(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in out + err and "s3cret" not in out + err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert (
+        len(errors) == 1 and "Prefect server at PREFECT_API_URL=http://me:***@127.0.0.1:9/api" in errors[0]
+    ), err
+
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert flow_main([command, "--pool", "gpu", *settings(tmp_path)]) == 2
+    assert "set PREFECT_API_URL" in capsys.readouterr().err

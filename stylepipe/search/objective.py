@@ -25,8 +25,8 @@ from stylepipe.errors import StylepipeError
 from stylepipe.nets.losses import PerceptualLoss
 from stylepipe.nets.transformer import TransformerNet
 from stylepipe.search.space import apply, suggest
-from stylepipe.stores import scrub
-from stylepipe.tracking import RunLogger, Tracker
+from stylepipe.stores import redact_url, scrub
+from stylepipe.tracking import RunLogger, Tracker, TrackingError
 from stylepipe.train import Callback, Trainer, TrainingHalted, TrainState, resolve_device
 from stylepipe.train.guards import Autopsy
 from stylepipe.train.long_run import LongRun
@@ -205,6 +205,7 @@ class Objective:
         self.data = data
         self.tracker = tracker
         self.parent_run_id = parent_run_id
+        self.fatal: TrackingError | None = None  # set when this worker must stop (see __call__)
 
     def __call__(self, trial: optuna.Trial) -> float:
         # Workers on this machine come and go: count them again, so this trial gets its share
@@ -213,11 +214,24 @@ class Objective:
         base = self.data.config
         params = suggest(trial, base.search.space)
         config = apply(base, params)
-        logger = self.tracker.child_run(
-            self.parent_run_id, f"trial {trial.number}", "trial", params,
-            {"trial": trial.number, "stylepipe.study": base.study_name, "stylepipe.worker": worker_id()},
-            log_every=base.tracking.log_every,
-        )  # fmt: skip
+        try:
+            logger = self.tracker.child_run(
+                self.parent_run_id, f"trial {trial.number}", "trial", params,
+                {"trial": trial.number, "stylepipe.study": base.study_name, "stylepipe.worker": worker_id()},
+                log_every=base.tracking.log_every,
+            )  # fmt: skip
+        except Exception as err:  # the tracking store went away (after MLflow's own retries)
+            # Nothing trained, nothing lost: the trial ends FAIL (not counted) and this worker
+            # stops, rather than failing one trial after another until the store is back.
+            self.fatal = TrackingError(
+                f"trial {trial.number} could not start its MLflow run at {redact_url(base.tracking_uri)}: "
+                f"{scrub(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__, base.tracking_uri)}. "
+                "The study is intact (the trial is marked failed and not counted); run the same command "
+                "when the tracking server is back"
+            )
+            trial.set_user_attr("outcome", "failed")
+            trial.set_user_attr("failure", str(self.fatal)[:2000])
+            raise self.fatal from None
         run_id = logger.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
         try:

@@ -107,7 +107,7 @@ class StudyProgress:
 
 def warm_start(study: optuna.Study, params: dict[str, Any]) -> None:
     """Enqueue a known configuration (e.g. the previous safest) as the next trial."""
-    study.enqueue_trial(trial_values(params), skip_if_exists=True)
+    study.enqueue_trial(trial_values(params), user_attrs={"warm_start": True}, skip_if_exists=True)
 
 
 class _ReleaseThenRun:
@@ -178,6 +178,8 @@ def run_trials(
                     continue
                 study.sampler = trial_sampler(config, len(study.get_trials(deepcopy=False)))
                 study.optimize(objective, n_trials=1, callbacks=[bar], catch=(Exception,))
+                if objective.objective.fatal is not None:
+                    raise objective.objective.fatal
                 ran += 1
             finally:
                 gate.release()

@@ -1,0 +1,200 @@
+"""The production topology on loopback, end to end: `stylepipe stack` (PostgreSQL, an MLflow
+server with proxied artifacts, a Prefect server, a process work pool and its worker,
+optuna-dashboard), a scheduled deployment run by the pool's worker, and search workers in
+folders that share nothing but the services. The same commands as the README's
+"Going to production" and "Many workers"."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import optuna
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from stylepipe import stack as stack_tools
+from tests.conftest import DEMO
+from tests.test_search import prepared  # noqa: F401  (module fixture: a tiny prepared shard)
+from tests.test_workers import POSTGRES, needs_postgres
+
+pytestmark = [pytest.mark.slow, needs_postgres]
+
+BIN = Path(sys.executable).parent
+TINY = [
+    "data.image_size=32", "prepare.image_size=32", "prepare.workers=1", "prepare.val_fraction=0.25",
+    "train.steps=8", "train.batch_size=2", "train.warmup_steps=0", "train.check_every=4", "train.device=cpu",
+    "search.eval_every=4", "search.space.lr=[1e-3,1e-2]", "search.top_k=1", "search.replay_seeds=0",
+    "search.max_val_images=4", "tracking.final_steps=8",
+]  # fmt: skip
+MODEL = "topology-style"
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """`stylepipe stack up` in a scratch folder, on databases of its own; everything stopped
+    and dropped afterwards, and checked to be gone."""
+    prefix = f"sp_topo_{uuid.uuid4().hex[:8]}"
+    folder = tmp_path_factory.mktemp("stack")
+    started = subprocess.run([str(BIN / "stylepipe"), "stack", "up", "--folder", str(folder), "--prefix", prefix],
+                             text=True, capture_output=True, timeout=400,
+                             env={**os.environ, stack_tools.ADMIN_ENV: POSTGRES})  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        running = stack_tools.load(folder)
+        for line in ("MLflow UI:", "Prefect UI:", "optuna-dashboard:"):
+            assert line in started.stdout
+        yield running
+    finally:
+        pids = [s.pid for s in stack_tools.load(folder).services] if (folder / "stack.json").is_file() else []
+        stopped = subprocess.run([str(BIN / "stylepipe"), "stack", "down", "--folder", str(folder)],
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+        stack_tools.drop_databases(POSTGRES, [f"{prefix}_{kind}" for kind in ("optuna", "mlflow", "prefect")])
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and _not_zombie(pid)]
+        assert not alive, f"still running after stack down: {alive}"
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _env(services, **extra) -> dict[str, str]:
+    return {**os.environ, **services.env(), "PREFECT_LOGGING_LEVEL": "WARNING", **extra}
+
+
+def _stylepipe(*args, cwd, env, timeout=600, program="stylepipe") -> subprocess.CompletedProcess:
+    done = subprocess.run([str(BIN / program), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def _flow_run(api: str, deployment_id: str, overrides: list[str], timeout: float = 500) -> dict:
+    """Create a flow run of the deployment now (not waiting for the cron) and wait for its end."""
+    with httpx.Client(base_url=api, timeout=30) as client:
+        created = client.post(f"/deployments/{deployment_id}/create_flow_run",
+                              json={"parameters": {"config_path": str(DEMO), "overrides": overrides}})  # fmt: skip
+        created.raise_for_status()
+        run_id = created.json()["id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = client.get(f"/flow_runs/{run_id}").json()
+            if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+            time.sleep(2)
+    raise AssertionError(f"flow run {run_id} did not end within {timeout} s (last state {run['state_type']})")
+
+
+def test_the_scheduled_deployment_runs_on_the_pool_and_the_next_run_warm_starts_through_the_services(
+    services, tmp_path
+):
+    env = _env(services)
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    # The config's own lr (the baseline) blows up, so the safest is a trial of the search's own.
+    common = [*TINY, "search.n_trials=3", "train.lr=50", f"tracking.registered_model={MODEL}-flow"]
+    deploy = ["deploy", "--config", str(DEMO), "--pool", services.pool]
+    for override in [*common, f"run_dir={first_dir}"]:
+        deploy += ["--set", override]
+    _stylepipe(*deploy, cwd=tmp_path, env=env, program="stylepipe-flow", timeout=180)
+
+    with httpx.Client(base_url=services.prefect_api_url, timeout=30) as client:
+        deployment = client.get("/deployments/name/style_pipeline/nightly").json()
+    assert deployment["work_pool_name"] == services.pool
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+
+    first = _flow_run(services.prefect_api_url, deployment["id"], [*common, f"run_dir={first_dir}"])
+    assert first["state_type"] == "COMPLETED", first["state"]
+    assert not (first_dir / "mlartifacts").exists()  # artifacts went through the server
+    registry = MlflowClient(tracking_uri=services.tracking_uri)
+    version = registry.get_model_version_by_alias(f"{MODEL}-flow", "safest")
+    recorded = json.loads(version.tags["stylepipe.safest_settings"])
+
+    # A second run in a fresh folder (another machine): no last_safest.json to read there.
+    second = _flow_run(services.prefect_api_url, deployment["id"], [*common, f"run_dir={second_dir}"])
+    assert second["state_type"] == "COMPLETED", second["state"]
+    storage = optuna.storages.RDBStorage(services.optuna_url)
+    names = sorted(n for n in optuna.get_all_study_names(storage) if n.startswith("demo-"))
+    assert len(names) == 2
+    earlier, later = (optuna.load_study(study_name=n, storage=storage) for n in names)
+    assert not [t for t in earlier.trials if t.user_attrs.get("warm_start")]
+    warm = [t for t in later.trials if t.user_attrs.get("warm_start")]
+    assert len(warm) == 1 and warm[0].params["lr"] == pytest.approx(recorded["params"]["lr"]), warm
+
+
+def test_workers_sharing_only_the_services_finish_one_study_whose_model_loads_anywhere(
+    services,
+    prepared,  # noqa: F811
+    tmp_path,
+):
+    study = "shared"
+    # The config's own lr (the baseline, trial 0) blows up: a pruned trial with its autopsy.
+    overrides = [*TINY, "search.n_trials=4", f"search.study_name={study}", "train.lr=50",
+                 f"tracking.registered_model={MODEL}", "run_dir=run", "data.content=prepared"]  # fmt: skip
+    args = ["worker", "--quiet", "--config", str(DEMO)]
+    for override in overrides:
+        args += ["--set", override]
+    folders = [tmp_path / "machine-a", tmp_path / "machine-b"]
+    workers = []
+    for folder in folders:  # each "machine" has its own copy of the data and nothing else
+        shutil.copytree(prepared, folder / "prepared")
+        workers.append(subprocess.Popen([str(BIN / "stylepipe"), *args], cwd=folder, env=_env(services),
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    for worker in workers:
+        output, _ = worker.communicate(timeout=600)
+        assert worker.returncode == 0, output
+
+    counted = optuna.load_study(study_name=study, storage=services.optuna_url).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    )
+    assert len(counted) == 4
+    client = MlflowClient(tracking_uri=services.tracking_uri)
+    experiment = client.get_experiment_by_name(study)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    runs = client.search_runs([experiment.experiment_id], "tags.`stylepipe.role` = 'trial'")
+    assert {r.info.run_id for r in runs} >= {t.user_attrs["mlflow_run_id"] for t in counted}
+    for run in runs:
+        assert client.get_metric_history(run.info.run_id, "loss/total"), run.info.run_name
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
+    pruned = [r for r in runs if r.data.tags.get("outcome") not in (None, "complete")]
+    assert pruned, [r.data.tags for r in runs]
+    autopsy = client.download_artifacts(pruned[0].info.run_id, "autopsy.json", str(tmp_path))
+    assert json.loads(Path(autopsy).read_text())["cause"] == pruned[0].data.tags["cause"]
+    for folder in folders:
+        assert not (folder / "run" / "mlartifacts").exists()
+    assert client.get_model_version_by_alias(MODEL, "safest")
+
+    # A third machine with nothing but the server's address.
+    third = tmp_path / "machine-c"
+    third.mkdir()
+    image = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(third / "photo.png")
+    load = (f"import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/{MODEL}@safest'); "
+            "out = m.predict(np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)); "
+            "print(out.shape, bool(np.isfinite(out).all()))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", load], cwd=third, env=_env(services), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and "(1, 3, 32, 32) True" in done.stdout, done.stdout + done.stderr
+    _stylepipe("stylize", "--model", f"models:/{MODEL}@safest", "photo.png", "styled.png", cwd=third,
+               env=_env(services))  # fmt: skip
+    assert Image.open(third / "styled.png").size == (48, 40)
+    assert sorted(p.name for p in third.iterdir()) == ["photo.png", "styled.png"]
+
+    # optuna-dashboard, on the same PostgreSQL study, shows the pruned trials and their cause.
+    with httpx.Client(base_url=services.dashboard_url, timeout=30) as board:
+        found = [s for s in board.get("/api/studies").json()["study_summaries"] if s["study_name"] == study]
+        detail = board.get(f"/api/studies/{found[0]['study_id']}", params={"after": 0}).json()
+    shown = [t for t in detail["trials"] if t["state"] == "Pruned"]
+    assert shown and all(any(a["key"] == "cause" for a in t["user_attrs"]) for t in shown), shown
