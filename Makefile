@@ -7,7 +7,7 @@ CONFIG ?= configs/demo.yaml
 
 RUN_DIR ?= runs/demo
 
-.PHONY: run serve test test-fast lint bench install clean dashboards
+.PHONY: run serve test test-fast lint bench install clean dashboards stack stack-down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ dashboards: $(STAMP)
 	$(VENV)/bin/optuna-dashboard sqlite:///$(RUN_DIR)/optuna.db --host 127.0.0.1 --port 8080 & \
 	trap 'kill $$!' EXIT INT TERM; \
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(RUN_DIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# The production shape on loopback: PostgreSQL databases, MLflow server (proxied artifacts),
+# Prefect server, a process work pool and its worker, optuna-dashboard (see README).
+STACK_DIR ?= runs/stack
+stack: $(STAMP)
+	$(VENV)/bin/stylepipe stack up --folder $(STACK_DIR)
+
+stack-down: $(STAMP)
+	$(VENV)/bin/stylepipe stack down --folder $(STACK_DIR)
 
 clean:
 	rm -rf runs .pytest_cache

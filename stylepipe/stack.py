@@ -274,11 +274,23 @@ def _start_services(stack: Stack, dashboard: bool) -> None:
     _save(stack)
 
 
-def down(folder: str | Path, timeout: float = 20.0) -> list[str]:
-    """Stop the stack's processes (each group by its recorded pid); the names of those stopped."""
+def restart(folder: str | Path, name: str, timeout: float = 20.0) -> Service:
+    """Stop one service of the stack and start it again, same command and port (an upgrade,
+    a crash and its supervisor's restart)."""
     stack = load(folder)
+    old = next(s for s in stack.services if s.name == name)
+    _stop([old], timeout)
+    stack.services.remove(old)
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} if name == "mlflow" else {}
+    new = _start(stack, name, old.command, env, old.url)
+    if name == "mlflow":
+        _wait_healthy(new, f"{new.url}/health")
+    return new
+
+
+def _stop(services: list[Service], timeout: float) -> list[str]:
     stopped = []
-    for service in reversed(stack.services):  # the worker first, the servers last
+    for service in services:
         if not _runs(service):
             continue
         try:
@@ -287,11 +299,17 @@ def down(folder: str | Path, timeout: float = 20.0) -> list[str]:
             continue
         stopped.append(service.name)
     deadline = time.monotonic() + timeout
-    for service in stack.services:
+    for service in services:
         while _runs(service) and time.monotonic() < deadline:
             time.sleep(0.2)
         if _runs(service):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(service.pid, signal.SIGKILL)
+    return stopped
+
+
+def down(folder: str | Path, timeout: float = 20.0) -> list[str]:
+    """Stop the stack's processes (each group by its recorded pid); the names of those stopped."""
+    stopped = _stop(list(reversed(load(folder).services)), timeout)  # the worker first, the servers last
     Path(folder, "stack.json").unlink(missing_ok=True)
     return stopped

@@ -198,3 +198,37 @@ def test_workers_sharing_only_the_services_finish_one_study_whose_model_loads_an
         detail = board.get(f"/api/studies/{found[0]['study_id']}", params={"after": 0}).json()
     shown = [t for t in detail["trials"] if t["state"] == "Pruned"]
     assert shown and all(any(a["key"] == "cause" for a in t["user_attrs"]) for t in shown), shown
+
+
+def test_a_trial_survives_the_mlflow_server_restarting_and_loses_no_step(services, prepared, tmp_path):  # noqa: F811
+    """Last in this module: it restarts the stack's MLflow server."""
+    study = "restart"
+    overrides = [*TINY, "search.n_trials=1", f"search.study_name={study}", "train.steps=150",
+                 "tracking.log_every=1", "tracking.train_final_model=false", "run_dir=run",
+                 f"data.content={prepared}"]  # fmt: skip
+    args = [str(BIN / "stylepipe"), "worker", "--quiet", "--config", str(DEMO)]
+    for override in overrides:
+        args += ["--set", override]
+    worker = subprocess.Popen(args, cwd=tmp_path, env=_env(services), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    client = MlflowClient(tracking_uri=services.tracking_uri)
+    deadline = time.monotonic() + 300
+    while True:  # until the trial's run has logged some steps
+        assert time.monotonic() < deadline and worker.poll() is None, worker.communicate()[0]
+        experiment = client.get_experiment_by_name(study)
+        runs = [] if experiment is None else client.search_runs(
+            [experiment.experiment_id], "tags.`stylepipe.role` = 'trial'")  # fmt: skip
+        if runs and client.get_metric_history(runs[0].info.run_id, "loss/total"):
+            break
+        time.sleep(1)
+    stack_tools.restart(services.folder, "mlflow")
+    assert worker.poll() is None, "the trial ended before the server went down: make it longer"
+    output, _ = worker.communicate(timeout=600)
+    assert worker.returncode == 0, output
+
+    trial = optuna.load_study(study_name=study, storage=services.optuna_url).trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and "stylepipe.tracking_errors" not in run.data.tags, run.data.tags
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss/total"))
+    assert steps == list(range(1, 151)) or steps == list(range(150)), (steps[:3], steps[-3:], len(steps))
