@@ -86,6 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.print(f"  preparation:       {result['prepared'].get('report', result['prepared']['prepared'])}")
     out.print(f"  Optuna storage:    {redact_url(config.storage_url)}  (study {result['study']})")
     out.print(f"  MLflow tracking:   {redact_url(config.tracking_uri)}")
+    out.print(f"  MLflow runs table: {result['runs_table']}")
     out.print(f"  stability map:     {result['stability_map']}")
     out.print(f"  safest settings:   {result['safest_json']}")
     if result["safest"]:

@@ -78,7 +78,8 @@ def report_task(config_json: str, safest: dict | None, model: dict | None, promo
                              description="stylepipe run summary")  # fmt: skip
     create_table_artifact(reported["top_trials"], key="stylepipe-top-trials",
                           description="the best complete trials")  # fmt: skip
-    return {"stability_map": reported["stability_map"], "safest_json": reported["safest_json"]}
+    return {"stability_map": reported["stability_map"], "safest_json": reported["safest_json"],
+            "runs_table": reported["runs_table"]}  # fmt: skip
 
 
 @flow(name="style_pipeline", log_prints=True)

@@ -91,6 +91,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v}" for k, v in counts.items())
     )
     out.print(f"stability map: {result['stability_map']}")
+    out.print(f"MLflow runs table: {result['runs_table']}")
     if result["safest"] is None:
         console.print(
             "[bold red]No safe configuration: every candidate went NaN or diverged under the stress "

@@ -411,6 +411,7 @@ def report(
         if safest is not None and model is not None:
             write_json(safest_path, {**safest, "model": model})
         return {
+            "runs_table": s.tracker.runs_table_url(),
             "stability_map": str(picture),
             "safest_json": str(safest_path),
             "trials_csv": str(s.run_dir / "trials.csv"),

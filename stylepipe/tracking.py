@@ -11,6 +11,7 @@ Step metrics arrive in chunks from the trainer's callback hook and go out as one
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -161,7 +162,15 @@ class RunLogger(Callback):
 # MLflow 3 opens an experiment of unknown kind in its GenAI view (traces, an assistant); this
 # tag, which the UI reads, opens it on the training runs and their charts instead.
 EXPERIMENT_KIND = "mlflow.experimentKind"
-EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+# MLflow 3.17's UI ignores that tag unless told (?workflowType=machine_learning), and its runs
+# table shows no parameter, metric or tag column until a person picks them. A shared view (an
+# experiment tag the UI reads, opened by ?viewStateShareKey=...) picks what a person looks
+# for first: each trial's outcome, cause, lr, clip norm and quality.
+RUNS_VIEW = "stylepipe-trials"
+RUNS_VIEW_STATE = {"selectedColumns": ["tags.`outcome`", "tags.`cause`", "params.`lr`", "params.`clip_norm`",
+                                       "metrics.`final/quality`"]}  # fmt: skip
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development",
+                   f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(RUNS_VIEW_STATE)}  # fmt: skip
 
 
 def is_server(uri: str) -> bool:
@@ -191,13 +200,19 @@ class Tracker:
                                                                    tags=EXPERIMENT_TAGS)  # fmt: skip
             else:
                 self.experiment_id = found.experiment_id
-                if found.tags.get(EXPERIMENT_KIND) != EXPERIMENT_TAGS[EXPERIMENT_KIND]:
-                    self.client.set_experiment_tag(
-                        self.experiment_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND]
-                    )
+                for key, value in EXPERIMENT_TAGS.items():
+                    if found.tags.get(key) != value:
+                        self.client.set_experiment_tag(self.experiment_id, key, value)
         except Exception as err:  # MLflow's own text may quote the URL, password and all
             text = scrub(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__, uri)
             raise TrackingError(f"cannot use the MLflow tracking store {redact_url(uri)}: {text}") from None
+
+    def runs_table_url(self, ui: str = "http://127.0.0.1:5000") -> str:
+        """The MLflow UI's runs table of this study, on the trials' columns (the server's own
+        address when tracking goes to one; else the UI that `make dashboards` starts)."""
+        base = redact_url(self.uri) if is_server(self.uri) else ui
+        return (f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
+                f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW}")  # fmt: skip
 
     # ------------------------------------------------------------ runs
     def study_run(self, study_name: str, tags: dict[str, str] | None = None) -> str:
@@ -248,9 +263,11 @@ class Tracker:
         metrics: dict[str, float] | None = None,
         logger: RunLogger | None = None,
         failure: str | None = None,
+        title: str | None = None,
     ) -> None:
         """Tags, summary metrics and the autopsy, then the run's final status (FAILED, with the
-        ``failure`` tag saying why, when the outcome is ``failed``)."""
+        ``failure`` tag saying why, when the outcome is ``failed``). ``title`` renames the run:
+        the name is the one column MLflow's runs table always shows."""
         if logger is not None:
             logger.flush()
         tags = [RunTag("outcome", outcome)]
@@ -263,6 +280,8 @@ class Tracker:
         self.client.log_batch(run_id, metrics=values, tags=tags)
         if autopsy is not None:
             self.client.log_dict(run_id, autopsy.to_dict(), "autopsy.json")
+        if title:
+            self.client.update_run(run_id, name=title)
         status = "FAILED" if outcome == "failed" else "FINISHED"
         self.client.set_terminated(run_id, status=status)
 

@@ -163,6 +163,10 @@ def test_workers_sharing_only_the_services_finish_one_study_whose_model_loads_an
     client = MlflowClient(tracking_uri=services.tracking_uri)
     experiment = client.get_experiment_by_name(study)
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.stylepipe-trials"])  # the runs table's columns
+    assert {"tags.`outcome`", "tags.`cause`", "params.`lr`", "metrics.`final/quality`"} <= set(
+        view["selectedColumns"]
+    )
     runs = client.search_runs([experiment.experiment_id], "tags.`stylepipe.role` = 'trial'")
     assert {r.info.run_id for r in runs} >= {t.user_attrs["mlflow_run_id"] for t in counted}
     for run in runs:
@@ -170,6 +174,11 @@ def test_workers_sharing_only_the_services_finish_one_study_whose_model_loads_an
         assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
     pruned = [r for r in runs if r.data.tags.get("outcome") not in (None, "complete")]
     assert pruned, [r.data.tags for r in runs]
+    # The runs table shows each trial's outcome and settings in its name, without opening it.
+    assert all(
+        f"trial {r.data.tags['trial']} | " in r.info.run_name and " | lr " in r.info.run_name for r in runs
+    )
+    assert pruned[0].data.tags["cause"] in pruned[0].info.run_name
     autopsy = client.download_artifacts(pruned[0].info.run_id, "autopsy.json", str(tmp_path))
     assert json.loads(Path(autopsy).read_text())["cause"] == pruned[0].data.tags["cause"]
     for folder in folders:
@@ -196,8 +205,10 @@ def test_workers_sharing_only_the_services_finish_one_study_whose_model_loads_an
     with httpx.Client(base_url=services.dashboard_url, timeout=30) as board:
         found = [s for s in board.get("/api/studies").json()["study_summaries"] if s["study_name"] == study]
         detail = board.get(f"/api/studies/{found[0]['study_id']}", params={"after": 0}).json()
-    shown = [t for t in detail["trials"] if t["state"] == "Pruned"]
-    assert shown and all(any(a["key"] == "cause" for a in t["user_attrs"]) for t in shown), shown
+    causes = {t["number"]: a["value"] for t in detail["trials"] for a in t["user_attrs"] if a["key"] == "cause"}
+    shown = [t for t in detail["trials"] if t["number"] in causes]
+    assert shown and all(t["state"] == "Pruned" for t in shown), shown  # the baseline, at least
+    assert all(causes[t["number"]] in t["note"]["body"] for t in shown), [t["note"] for t in shown]
 
 
 def test_a_trial_survives_the_mlflow_server_restarting_and_loses_no_step(services, prepared, tmp_path):  # noqa: F811

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import optuna
 import torch
+from optuna_dashboard import save_note
 
 from stylepipe import cores
 from stylepipe.config import Config
@@ -198,6 +199,13 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def run_title(number: int, params: dict, outcome: str) -> str:
+    """A trial's MLflow run name once it ended: what a person scans the runs table for, without
+    opening each run ("trial 4 | diverged: exploding_gradients | lr 0.21 | clip 10")."""
+    clip = params.get("clip_norm")
+    return f"trial {number} | {outcome} | lr {params['lr']:.3g} | clip {'off' if clip is None else f'{clip:.3g}'}"
+
+
 class Objective:
     """Optuna's objective: one MLflow run per trial, NaN trials pruned with their autopsy."""
 
@@ -238,13 +246,16 @@ class Objective:
             run = run_candidate(config, self.data, [logger], trial, logger)
         except optuna.TrialPruned:
             trial.set_user_attr("outcome", "pruned")
-            self.tracker.finish_run(run_id, "pruned", logger=logger)
+            self.tracker.finish_run(
+                run_id, "pruned", logger=logger, title=run_title(trial.number, params, "pruned")
+            )
             raise
         except BaseException as err:  # KeyboardInterrupt too: never leave the run RUNNING
             trial.set_user_attr("outcome", "failed")
             failure = scrub(failure_text(err), base.storage_url, base.tracking_uri)
             trial.set_user_attr("failure", failure[:2000])
-            self.tracker.finish_run(run_id, "failed", logger=logger, failure=failure)
+            self.tracker.finish_run(run_id, "failed", logger=logger, failure=failure,
+                                    title=run_title(trial.number, params, "failed"))  # fmt: skip
             raise
 
         if run.outcome != "complete":
@@ -257,12 +268,16 @@ class Objective:
             trial.set_user_attr("first_nonfinite", autopsy.first_nonfinite if autopsy else "val/quality")
             if autopsy is not None:
                 trial.set_user_attr("autopsy", autopsy.to_dict())
+                # optuna-dashboard shows a trial's note first, above its attributes.
+                save_note(trial, f"**{run.outcome} at step {step}: {cause}**\n\n{autopsy.explain()}")
             # NaN at that step, then pruned: the sampler learns the region is bad (docs/design.md).
             trial.report(float("nan"), step)
-            self.tracker.finish_run(run_id, run.outcome, cause, autopsy, logger=logger)
+            self.tracker.finish_run(run_id, run.outcome, cause, autopsy, logger=logger,
+                                    title=run_title(trial.number, params, f"{run.outcome}: {cause}"))  # fmt: skip
             raise optuna.TrialPruned(f"{run.outcome} at step {step}: {cause}")
 
         trial.set_user_attr("outcome", "complete")
         trial.set_user_attr("spikiness", run.spikiness)
-        self.tracker.finish_run(run_id, "complete", metrics={"final/quality": run.quality}, logger=logger)
+        self.tracker.finish_run(run_id, "complete", metrics={"final/quality": run.quality}, logger=logger,
+                                title=run_title(trial.number, params, f"complete, quality {run.quality:.4g}"))  # fmt: skip
         return run.quality

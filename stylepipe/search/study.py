@@ -178,8 +178,9 @@ def run_trials(
                     continue
                 study.sampler = trial_sampler(config, len(study.get_trials(deepcopy=False)))
                 study.optimize(objective, n_trials=1, callbacks=[bar], catch=(Exception,))
-                if objective.objective.fatal is not None:
-                    raise objective.objective.fatal
+                fatal = getattr(objective.objective, "fatal", None)  # this worker must stop
+                if fatal is not None:
+                    raise fatal
                 ran += 1
             finally:
                 gate.release()
