@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
 
 from stylepipe import stages
 from stylepipe.config import Config, load_config
@@ -88,7 +89,9 @@ def style_pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] 
     """Run the whole pipeline once. Each run is its own study, warm-started from the last safest."""
     logger = get_run_logger()
     config = load_config(config_path, overrides)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    # Named after the flow run's expected start: a retry of this flow run (Prefect's Retry on a
+    # crashed run) finds its study, resumes its trials and its final model's checkpoints.
+    stamp = (flow_run.get_scheduled_start_time() or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
     config = config.with_overrides({"search.study_name": study_name or f"{config.name}-{stamp}"})
 
     prepared = prepare_task(config.model_dump_json())

@@ -268,9 +268,11 @@ def _start_services(stack: Stack, dashboard: bool) -> None:
         _wait_healthy(board, f"{stack.dashboard_url}/api/studies")
     subprocess.run([_program("prefect"), "work-pool", "create", stack.pool, "--type", "process", "--overwrite"],
                    env={**os.environ, **prefect_env}, check=True, capture_output=True, timeout=120)  # fmt: skip
-    # The worker's flow runs inherit its environment: this one points them at the stack.
+    crash_zombie_flow_runs(stack.prefect_api_url)
+    # The worker's flow runs inherit its environment: this one points them at the stack, and
+    # makes them send heartbeats (the automation above marks a silent one crashed).
     _start(stack, "prefect-worker", [_program("prefect"), "worker", "start", "--pool", stack.pool],
-           {**prefect_env, **stack.env(), "PREFECT_WORKER_QUERY_SECONDS": "5"})  # fmt: skip
+           {**prefect_env, **stack.env(), **WORKER_ENV})  # fmt: skip
     _save(stack)
 
 
@@ -282,6 +284,9 @@ def restart(folder: str | Path, name: str, timeout: float = 20.0) -> Service:
     _stop([old], timeout)
     stack.services.remove(old)
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} if name == "mlflow" else {}
+    if name == "prefect-worker":
+        env = {"PREFECT_API_URL": stack.prefect_api_url, "PREFECT_HOME": str(Path(stack.folder) / "prefect-home"),
+               **stack.env(), **WORKER_ENV}  # fmt: skip
     new = _start(stack, name, old.command, env, old.url)
     if name == "mlflow":
         _wait_healthy(new, f"{new.url}/health")
@@ -306,6 +311,49 @@ def _stop(services: list[Service], timeout: float) -> list[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(service.pid, signal.SIGKILL)
     return stopped
+
+
+HEARTBEAT_SECONDS = 30  # Prefect's floor
+WORKER_ENV = {
+    "PREFECT_WORKER_QUERY_SECONDS": "5",
+    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
+}
+
+
+def crash_zombie_flow_runs(api_url: str) -> None:
+    """Prefect's recipe for flow runs whose machine died: a run that sent heartbeats and then
+    goes silent for three of them is marked CRASHED (else it shows RUNNING forever). Retrying
+    it then resumes its study (see flows/pipeline.py). Created once per server."""
+    import urllib.request
+
+    automation = {
+        "name": "stylepipe: crash zombie flow runs",
+        "description": "a flow run that stopped sending heartbeats (its worker or machine died)",
+        "enabled": True,
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                       "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"],
+            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "for_each": ["prefect.resource.id"],
+            "threshold": 1,
+            "within": 3 * HEARTBEAT_SECONDS,
+        },
+        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                     "message": f"no heartbeat for {3 * HEARTBEAT_SECONDS} s: its worker or machine stopped"}],
+    }  # fmt: skip
+
+    def call(path: str, body: dict) -> object:
+        request = urllib.request.Request(f"{api_url}{path}", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"null")
+
+    existing = call("/automations/filter", {})
+    if not any(a["name"] == automation["name"] for a in existing):
+        call("/automations/", automation)
 
 
 def down(folder: str | Path, timeout: float = 20.0) -> list[str]:
