@@ -205,7 +205,9 @@ def test_workers_sharing_only_the_services_finish_one_study_whose_model_loads_an
     with httpx.Client(base_url=services.dashboard_url, timeout=30) as board:
         found = [s for s in board.get("/api/studies").json()["study_summaries"] if s["study_name"] == study]
         detail = board.get(f"/api/studies/{found[0]['study_id']}", params={"after": 0}).json()
-    causes = {t["number"]: a["value"] for t in detail["trials"] for a in t["user_attrs"] if a["key"] == "cause"}
+    causes = {
+        t["number"]: a["value"] for t in detail["trials"] for a in t["user_attrs"] if a["key"] == "cause"
+    }
     shown = [t for t in detail["trials"] if t["number"] in causes]
     assert shown and all(t["state"] == "Pruned" for t in shown), shown  # the baseline, at least
     assert all(causes[t["number"]] in t["note"]["body"] for t in shown), [t["note"] for t in shown]

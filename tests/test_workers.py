@@ -318,3 +318,47 @@ def test_two_searches_on_one_postgresql_study_finish_it_once(tmp_path, prepared,
     roles = [r.data.tags.get("stylepipe.role") for r in runs]
     assert roles.count("final") == 1 and roles.count("replay") == 1  # top_k 1, no more seeds: lr x2 once
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_a_peer_s_trial_finishing_while_this_worker_counts_does_not_start_one_too_many(tmp_path, monkeypatch):
+    """Finished and running trials are counted from one read. Counted from two, a peer's trial
+    that finished between them was in neither count, and a sixth trial of five started (three
+    workers on a loaded machine). Here the peer finishes right after this worker's first read."""
+    from stylepipe.search import study as study_module
+
+    config = load_config(DEMO, [f"run_dir={tmp_path}", f"search.storage=sqlite:///{tmp_path / 'optuna.db'}",
+                                "search.n_trials=2", "search.heartbeat_interval=1"])  # fmt: skip
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    peers = study.ask()  # another worker's trial, running
+    in_gate, peer_done = [], []
+
+    class Gate(study_module.StudyLock):
+        def acquire(self) -> None:
+            super().acquire()
+            in_gate.append(True)
+
+    real_get_trials = optuna.Study.get_trials
+
+    def get_trials(self, *args, **kwargs):
+        trials = real_get_trials(self, *args, **kwargs)
+        if in_gate and not peer_done:
+            peer_done.append(True)
+            self.tell(peers, 2.0)
+        return trials
+
+    class Objective:
+        fatal = None
+        calls = 0
+
+        def __call__(self, trial):
+            self.calls += 1
+            return 3.0
+
+    monkeypatch.setattr(study_module, "StudyLock", Gate)
+    monkeypatch.setattr(optuna.Study, "get_trials", get_trials)
+    objective = Objective()
+    ran = study_module.run_trials(config, study, objective, progress=False)
+
+    assert peer_done and ran == 0 and objective.calls == 0
+    assert len(real_get_trials(study, states=study_module.COUNTED)) == 2

@@ -168,15 +168,18 @@ def run_trials(
                 with warnings.catch_warnings():  # experimental in name only: stable since optuna 2.9
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     optuna.storages.fail_stale_trials(study)
-                done = len(study.get_trials(deepcopy=False, states=COUNTED))
-                running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+                # One read for both counts: with two, a peer's trial that finishes between them
+                # is neither done nor running, and one trial too many starts.
+                trials = study.get_trials(deepcopy=False)
+                done = sum(t.state in COUNTED for t in trials)
+                running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
                 if done >= target:
                     break
                 if done + running >= target:  # the last trials are running elsewhere
                     gate.release()
                     time.sleep(min(5, config.search.heartbeat_interval))
                     continue
-                study.sampler = trial_sampler(config, len(study.get_trials(deepcopy=False)))
+                study.sampler = trial_sampler(config, len(trials))
                 study.optimize(objective, n_trials=1, callbacks=[bar], catch=(Exception,))
                 fatal = getattr(objective.objective, "fatal", None)  # this worker must stop
                 if fatal is not None:
