@@ -7,7 +7,7 @@ CONFIG ?= configs/demo.yaml
 
 RUN_DIR ?= runs/demo
 
-.PHONY: run serve test test-fast lint bench install clean dashboards stack stack-down
+.PHONY: run serve test test-fast lint bench install clean dashboards stack stack-down pictures
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ dashboards: $(STAMP)
 	$(VENV)/bin/optuna-dashboard sqlite:///$(RUN_DIR)/optuna.db --host 127.0.0.1 --port 8080 & \
 	trap 'kill $$!' EXIT INT TERM; \
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(RUN_DIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# The README's pictures, copied from the last `make run` (run it first), so that they show
+# what the code does today: the stability map and content | style | result.
+pictures:
+	@test -f $(RUN_DIR)/triptych.png || { echo "no $(RUN_DIR)/triptych.png: run make run first"; exit 2; }
+	cp $(RUN_DIR)/stability_map.png stylepipe/assets/demo_stability_map.png
+	cp $(RUN_DIR)/triptych.png stylepipe/assets/demo_triptych.png
 
 # The production shape on loopback: PostgreSQL databases, MLflow server (proxied artifacts),
 # Prefect server, a process work pool and its worker, optuna-dashboard (see README).

@@ -103,7 +103,7 @@ class DataConfig(Section):
     # by ``stylepipe prepare`` (manifest.parquet + shard.npy), which training then reads.
     content: str = "skimage"
     # A path, "skimage:NAME", or "generated:NAME" (a procedural image made here).
-    style_image: str = "generated:swirl"
+    style_image: str = "generated:strokes"
     image_size: int = Field(64, ge=16, le=4096)
     style_size: int | None = Field(None, ge=16, le=4096)
 
@@ -282,6 +282,12 @@ class TrackingConfig(Section):
     # tracking store ~60 us of Python per metric.
     log_every: int = Field(10, ge=1)
     final_steps: int | None = Field(None, ge=1)  # default: train.steps
+    # The final model's image size (at most the prepared shard's); trials and replays train at
+    # data.image_size. Default: data.image_size.
+    final_image_size: int | None = Field(None, ge=16)
+    # The photo the final model is shown on: <run_dir>/triptych.png (content | style | result)
+    showcase_image: str = "skimage:astronaut"
+    showcase_size: int = Field(256, ge=16)  # its longer side, in pixels
 
 
 class ScheduleConfig(Section):

@@ -245,6 +245,25 @@ def stability_figure(
     return fig
 
 
+def triptych(
+    content: np.ndarray, style: np.ndarray, result: np.ndarray, path: str | Path, caption: str = ""
+) -> Path:
+    """Content | style | result side by side (H x W x 3 uint8 arrays), saved as a PNG: what
+    a person looks at to see whether the model took the style."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(10.5, 3.9), layout="constrained")
+    for ax, image, title in zip(fig.subplots(1, 3), (content, style, result), ("content", "style", "result"),
+                                strict=True):  # fmt: skip
+        ax.imshow(image)
+        ax.set_title(title, fontsize=11)
+        ax.set_axis_off()
+    if caption:
+        fig.suptitle(caption, fontsize=9, color="0.35")
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def stability_map(
     trials: pd.DataFrame,
     path: str | Path,

@@ -356,7 +356,7 @@ def crash_zombie_flow_runs(api_url: str) -> None:
         call("/automations/", automation)
 
 
-def down(folder: str | Path, timeout: float = 20.0) -> list[str]:
+def down(folder: str | Path, timeout: float = 10.0) -> list[str]:
     """Stop the stack's processes (each group by its recorded pid); the names of those stopped."""
     stopped = _stop(list(reversed(load(folder).services)), timeout)  # the worker first, the servers last
     Path(folder, "stack.json").unlink(missing_ok=True)

@@ -283,7 +283,8 @@ def train_final(config: Config, safest: dict, session: StudySession | None = Non
 
     with _session(config, session) as s:
         steps = config.tracking.final_steps or config.train.steps
-        final_config = apply(config, safest["params"], **{"train.steps": steps})
+        final_config = apply(config, safest["params"], **{
+            "train.steps": steps, "data.image_size": config.tracking.final_image_size or config.data.image_size})  # fmt: skip
         folder = s.run_dir / "checkpoints" / f"{config.study_name}-final"
         earlier = s.study.user_attrs.get("final_run")
         if earlier and checkpoints(folder):  # a crashed final run: the same run goes on
@@ -314,6 +315,7 @@ def train_final(config: Config, safest: dict, session: StudySession | None = Non
             write_json(s.run_dir / "last_safest.json", safest)
         checkpoint = save_checkpoint(run.model, s.run_dir / "model.safetensors", {"safest": safest})
         samples = write_samples(run.model, s.data, s.run_dir / "samples")
+        samples.append(write_triptych(run.model, config, s.run_dir / "triptych.png"))
         s.tracker.log_artifacts(logger.run_id, samples, "samples")
         s.tracker.finish_run(logger.run_id, "complete", logger=logger, metrics={"final/quality": run.quality,
                              "recoveries": len(run.recoveries)})  # fmt: skip
@@ -336,6 +338,30 @@ def write_samples(model, data: StudyData, folder: Path, count: int = 4) -> list[
         paths.append(folder / f"sample_{i}.png")
         save_image([source.cpu(), output.cpu()], paths[-1], nrow=2, padding=2)
     return paths
+
+
+def write_triptych(model, config: Config, path: Path) -> Path:
+    """The final model on the showcase photo, beside the style image: content | style | result."""
+    import numpy as np
+    import torch
+
+    from stylepipe.data.sources import load_image
+    from stylepipe.report import triptych
+    from stylepipe.stylize import stylize_tensor
+
+    size = config.tracking.showcase_size
+    content = load_image(config.tracking.showcase_image)
+    content.thumbnail((size, size))
+    style = load_image(config.data.style_image).resize(content.size)
+    pixels = torch.from_numpy(np.asarray(content)).permute(2, 0, 1).float().div(255)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        result = stylize_tensor(model.eval(), pixels.unsqueeze(0).to(device))[0].cpu()
+    styled = (result.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    caption = (f"{config.name}: final model, {config.tracking.final_steps or config.train.steps} steps at "
+               f"{config.tracking.final_image_size or config.data.image_size} px, "
+               f"loss network {config.loss.vgg_weights}")  # fmt: skip
+    return triptych(np.asarray(content), np.asarray(style), styled, path, caption)
 
 
 def register(config: Config, final: dict) -> dict:

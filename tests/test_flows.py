@@ -47,6 +47,7 @@ TINY = [
     "search.top_k=1",
     "search.replay_seeds=0",
     "search.max_val_images=4",
+    "search.confirm_steps=8",
     "tracking.final_steps=8",
     "tracking.registered_model=flow-style",
     "schedule.cron=15 4 * * 1",

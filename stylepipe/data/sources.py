@@ -3,7 +3,8 @@
 Specs used in configs:
   ``skimage``            the colour photos bundled with scikit-image (offline)
   ``skimage:NAME``       one of them, e.g. ``skimage:coffee``
-  ``generated:swirl``    a procedural, painting-like style image made with numpy
+  ``generated:strokes``  a procedural painting: brush strokes along a swirling flow, night colours
+  ``generated:swirl``    posterised swirling bands of bold hues
   anything else          a path to an image file or a folder of images
 """
 
@@ -74,10 +75,62 @@ def export_skimage(folder: str | Path, names: tuple[str, ...] = SKIMAGE_DEMO) ->
     return folder
 
 
+GENERATED = ("strokes", "swirl")
+
+# A night-sky palette: deep blues, ultramarine, teal, ochre and cream (the strokes' colours).
+PALETTE = np.array([
+    (18, 32, 84), (30, 60, 140), (52, 98, 176), (88, 140, 200), (40, 110, 120),
+    (214, 176, 64), (238, 214, 120), (246, 236, 200), (170, 120, 50),
+], dtype=np.float32)  # fmt: skip
+
+
 def generated_image(name: str, size: int = 256, seed: int = 0) -> Image.Image:
-    """A procedural style image: bold hues, swirling strokes, hard edges."""
+    """A procedural style image (``GENERATED``), the same for the same seed."""
+    if name == "strokes":
+        return _strokes(size, seed)
     if name != "swirl":
-        raise SourceError(f"unknown generated image {name!r}; available: 'swirl'")
+        raise SourceError(f"unknown generated image {name!r}; available: {', '.join(GENERATED)}")
+    return _swirl(size, seed)
+
+
+def _strokes(size: int, seed: int) -> Image.Image:
+    """A painting made of brush strokes: short, thick, curved lines of a few colours laid along
+    a swirling flow field over a dark ground, with the palette's yellows gathered in a few
+    round "stars". Texture and colour a person reads as a painting, made with PIL alone."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    scale = size / 256
+    canvas = Image.new("RGB", (size, size), tuple(int(c) for c in PALETTE[0]))
+    draw = ImageDraw.Draw(canvas)
+    centres = rng.uniform(0.15, 0.85, (4, 2)) * size  # the "stars"
+
+    def flow(x: float, y: float) -> float:  # stroke direction: swirls around the stars
+        angle = np.sin(3 * x / size * np.pi) + np.cos(2 * y / size * np.pi)
+        for cx, cy in centres:
+            angle += 0.6 * np.arctan2(y - cy, x - cx) + np.pi / 2 * np.exp(
+                -np.hypot(x - cx, y - cy) / (40 * scale)
+            )
+        return float(angle)
+
+    for _ in range(int(2600 * scale**2)):
+        x, y = rng.uniform(0, size, 2)
+        near = min(np.hypot(x - cx, y - cy) for cx, cy in centres)
+        # yellows and creams near the stars, blues and teal elsewhere
+        pool = [5, 6, 7, 8] if near < 28 * scale else [1, 2, 3, 4, 1, 2]
+        colour = PALETTE[rng.choice(pool)] * rng.uniform(0.85, 1.1) + rng.normal(0, 8, 3)
+        points = [(x, y)]
+        for _ in range(int(rng.integers(3, 7))):
+            angle = flow(x, y)
+            x, y = x + 4 * scale * np.cos(angle), y + 4 * scale * np.sin(angle)
+            points.append((x, y))
+        fill = tuple(int(c) for c in np.clip(colour, 0, 255))
+        draw.line(points, fill=fill, width=max(2, int(rng.integers(2, 5) * scale)), joint="curve")
+    return canvas.filter(ImageFilter.SMOOTH)
+
+
+def _swirl(size: int, seed: int) -> Image.Image:
+    """Bold hues, swirling bands, hard edges (the first demo's style image)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size] / size
     angle = np.arctan2(y - 0.5, x - 0.5)

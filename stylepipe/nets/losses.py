@@ -84,3 +84,37 @@ class PerceptualLoss(nn.Module):
             target = self.style_target(name).to(gram.dtype).expand_as(gram)
             style_by_layer[name] = F.mse_loss(gram.float(), target.float())
         return LossTerms(content_loss, style_by_layer, total_variation(output.float()))
+
+
+# ---------------------------------------------------------------- how far from the style
+# Measures of what a person sees, for judging a trained model (not for training it). Both
+# compare a batch of images with the style image; lower is closer to the style.
+
+
+@torch.no_grad()
+def gram_distance(
+    images: torch.Tensor, style: torch.Tensor, network: LossNetwork, layer: str = "relu1_2"
+) -> float:
+    """Texture: the distance between each image's Gram matrix at ``layer`` and the style's,
+    relative to the style's, averaged over the images. Judge with a loss network other than
+    the one the model trained against (another seed of random weights, or ImageNet's), so the
+    measure is not the training loss itself."""
+    target = gram_matrix(network(style.unsqueeze(0) if style.dim() == 3 else style, [layer])[layer])
+    grams = gram_matrix(network(images, [layer])[layer])
+    return float(((grams - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1)).mean())
+
+
+@torch.no_grad()
+def colour_distance(images: torch.Tensor, style: torch.Tensor, directions: int = 64, seed: int = 0) -> float:
+    """Palette: the sliced Wasserstein-1 distance between the images' RGB pixels and the
+    style's, in [0, 1] units. Whole distributions, not means and covariances: those can call
+    a garish image close to a soft one."""
+    generator = torch.Generator().manual_seed(seed)
+    axes = torch.randn(directions, 3, generator=generator)
+    axes /= axes.norm(dim=1, keepdim=True)
+    ours = images.float().permute(0, 2, 3, 1).reshape(-1, 3).cpu()
+    theirs = style.float().reshape(3, -1).T.cpu()
+    count = min(len(ours), len(theirs))
+    ours = ours[torch.randperm(len(ours), generator=generator)[:count]]
+    theirs = theirs[torch.randperm(len(theirs), generator=generator)[:count]]
+    return float(((ours @ axes.T).sort(0).values - (theirs @ axes.T).sort(0).values).abs().mean())

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import optuna
 import torch
+import torch.nn.functional as F
 from optuna_dashboard import save_note
 
 from stylepipe import cores
@@ -47,6 +48,19 @@ class StudyData:
     train_images: torch.Tensor
     val_images: torch.Tensor
     device: torch.device
+    _smaller: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def train_images_at(self, size: int) -> torch.Tensor:
+        """The training images at ``size`` px (trials may train smaller than the shard, the final
+        model at its full size); the shard's own when ``size`` is not smaller. Made once."""
+        if size >= self.train_images.shape[-1]:
+            return self.train_images
+        if size not in self._smaller:
+            shrunk = F.interpolate(
+                self.train_images.float(), size=(size, size), mode="bilinear", antialias=True
+            )
+            self._smaller[size] = shrunk.round().clamp(0, 255).to(torch.uint8)
+        return self._smaller[size]
 
 
 def check_prepared(folder: str) -> None:
@@ -170,7 +184,8 @@ def run_candidate(
     """
     eval_every = config.search.eval_every if trial is not None else config.train.steps
     reporter = QualityReporter(data, eval_every, trial, long_run or logger)
-    batches = RandomBatches(data.train_images, config.train.batch_size, seed=config.train.seed)
+    batches = RandomBatches(data.train_images_at(config.data.image_size), config.train.batch_size,
+                            seed=config.train.seed)  # fmt: skip
     torch.manual_seed(config.train.seed)
     trainer = Trainer(config, data.criterion, batches, model=TransformerNet(), device=data.device,
                       callbacks=[*callbacks, reporter, *([long_run] if long_run else [])])  # fmt: skip

@@ -1,0 +1,60 @@
+"""Training does what it claims: the trained model's outputs are closer to the style image than
+its inputs were, by the texture (Gram matrices of a loss network the model never saw) and by
+the palette (the whole distribution of pixel colours). With the style loss off, they are not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stylepipe.config import load_config
+from stylepipe.data.decode import resize_crop
+from stylepipe.data.sources import load_content_images, load_image
+from stylepipe.nets.losses import colour_distance, gram_distance
+from stylepipe.nets.vgg import LossNetwork, load_vgg16_features
+from stylepipe.train.checkpoint import load_checkpoint
+from stylepipe.train.recipe import train_from_config
+from tests.conftest import DEMO
+
+SIZE = 32
+STEPS = 80
+STYLE = "generated:strokes"
+
+
+def trained_distances(run_dir, style_weight: float) -> dict[str, tuple[float, float]]:
+    config = load_config(DEMO, [
+        f"run_dir={run_dir}", "data.content=skimage", f"data.image_size={SIZE}", f"data.style_image={STYLE}",
+        f"train.steps={STEPS}", "train.batch_size=4", "train.device=cpu", "train.checkpoint_every=1000",
+        f"loss.style_weight={style_weight}",
+    ])  # fmt: skip
+    model = load_checkpoint(train_from_config(config).checkpoint).eval()
+    images = load_content_images("skimage", SIZE).float().div(255)
+    style = resize_crop(load_image(STYLE), SIZE).float().div(255)
+    judge = LossNetwork(load_vgg16_features("random", seed=1234), ["relu1_2"])  # training used seed 0
+    with torch.no_grad():
+        outputs = model(images).clamp(0, 1)
+    return {
+        "texture": (gram_distance(images, style, judge), gram_distance(outputs, style, judge)),
+        "palette": (colour_distance(images, style), colour_distance(outputs, style)),
+    }
+
+
+@pytest.mark.slow
+def test_training_moves_the_outputs_toward_the_style_and_not_without_the_style_loss(tmp_path):
+    styled = trained_distances(tmp_path / "styled", style_weight=1e5)  # the demo's weight
+    for measure, (before, after) in styled.items():
+        assert after < 0.5 * before, f"{measure}: inputs {before:.3f}, outputs {after:.3f}"
+
+    unstyled = trained_distances(tmp_path / "unstyled", style_weight=0.0)
+    for measure, (before, after) in unstyled.items():
+        assert after > 0.7 * before, f"{measure} dropped without a style loss: {before:.3f} -> {after:.3f}"
+
+
+def test_the_measures_tell_the_style_from_a_photo():
+    photo = resize_crop(load_image("skimage:astronaut"), 64).float().div(255).unsqueeze(0)
+    style = resize_crop(load_image(STYLE), 64).float().div(255)
+    judge = LossNetwork(load_vgg16_features("random", seed=1234), ["relu1_2"])
+    assert gram_distance(style.unsqueeze(0), style, judge) < 1e-6
+    assert colour_distance(style.unsqueeze(0), style) < 1e-6
+    assert gram_distance(photo, style, judge) > 0.2
+    assert colour_distance(photo, style) > 0.05
