@@ -94,3 +94,12 @@ def test_prepare_command_then_train_on_the_shard(tmp_path, capsys):
     args += ["--set", "train.steps=3", "--set", "train.batch_size=2", "--set", "train.check_every=3"]
     assert main(args) == 0
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_the_demo_images_are_the_same_on_every_export(tmp_path):
+    """scikit-image draws binary_blobs at random unless seeded: the demo's shard, and so its
+    final model and the README's picture, differed from one `make run` to the next."""
+    first = export_skimage(tmp_path / "first", ("binary_blobs", "astronaut"))
+    second = export_skimage(tmp_path / "second", ("binary_blobs", "astronaut"))
+    for name in ("binary_blobs.png", "astronaut.png"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name

@@ -42,27 +42,33 @@ SKIMAGE_DEMO = (
 )  # fmt: skip
 
 
-def skimage_image(name: str) -> Image.Image:
+def _skimage_array(name: str) -> np.ndarray:
+    """One of scikit-image's images; ``binary_blobs`` is drawn at random on each call unless
+    seeded, which made the demo's shard (and so its model) differ from run to run."""
     import skimage.data
 
+    if name == "binary_blobs":
+        return np.asarray(skimage.data.binary_blobs(rng=0))
+    return np.asarray(getattr(skimage.data, name)())
+
+
+def skimage_image(name: str) -> Image.Image:
     if name not in SKIMAGE_DEMO:
         raise SourceError(
             f"skimage:{name} is not one of scikit-image's bundled images: {', '.join(SKIMAGE_DEMO)}"
         )
-    return Image.fromarray(np.asarray(getattr(skimage.data, name)()))
+    return Image.fromarray(_skimage_array(name))
 
 
 def export_skimage(folder: str | Path, names: tuple[str, ...] = SKIMAGE_DEMO) -> Path:
     """Write scikit-image's bundled images as PNG files, keeping their modes (L, 1, RGBA, RGB)."""
-    import skimage.data
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         target = folder / f"{name}.png"
         if target.exists():
             continue
-        array = np.asarray(getattr(skimage.data, name)())
+        array = _skimage_array(name)
         if array.dtype == bool:
             image = Image.fromarray(array.astype(np.uint8) * 255).convert("1")
         else:
