@@ -25,7 +25,7 @@ def trained_distances(run_dir, style_weight: float) -> dict[str, tuple[float, fl
     config = load_config(DEMO, [
         f"run_dir={run_dir}", "data.content=skimage", f"data.image_size={SIZE}", f"data.style_image={STYLE}",
         f"train.steps={STEPS}", "train.batch_size=4", "train.device=cpu", "train.checkpoint_every=1000",
-        f"loss.style_weight={style_weight}",
+        "loss.content_weight=1.0", f"loss.style_weight={style_weight}",
     ])  # fmt: skip
     model = load_checkpoint(train_from_config(config).checkpoint).eval()
     images = load_content_images("skimage", SIZE).float().div(255)
