@@ -233,46 +233,59 @@ def up(folder: str | Path, admin_url: str | None = None, prefix: str = "stylepip
     return stack
 
 
+# Where each service says it is up (relative to its URL).
+HEALTH = {"mlflow": "/health", "prefect-server": "/health", "optuna-dashboard": "/api/studies"}
+
+
+def _service_env(stack: Stack, name: str) -> dict[str, str]:
+    """The environment a service starts with, the first time and on a restart."""
+    prefect = {
+        "PREFECT_HOME": str(Path(stack.folder) / "prefect-home"),
+        "PREFECT_API_URL": stack.prefect_api_url,
+    }
+    if name == "mlflow":  # no job runner: its 7 processes serve GenAI features only
+        return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if name == "prefect-server":
+        return {**prefect, "PREFECT_API_DATABASE_CONNECTION_URL": stack.prefect_db_url,
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+    if name == "prefect-worker":
+        # The worker's flow runs inherit its environment: this one points them at the stack,
+        # and makes them send heartbeats (crash_zombie_flow_runs marks a silent one crashed).
+        return {**prefect, **stack.env(), **WORKER_ENV}
+    return {}
+
+
 def _start_services(stack: Stack, dashboard: bool) -> None:
     folder = Path(stack.folder)
     mlflow_port, prefect_port = free_port(), free_port()
     stack.tracking_uri = f"http://127.0.0.1:{mlflow_port}"
     stack.prefect_api_url = f"http://127.0.0.1:{prefect_port}/api"
-    prefect_env = {
-        "PREFECT_HOME": str(folder / "prefect-home"),
-        "PREFECT_API_DATABASE_CONNECTION_URL": stack.prefect_db_url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": stack.prefect_api_url,
-    }
     # Both servers migrate their databases on first start: start them together.
-    mlflow = _start(stack, "mlflow", [
+    started = [_start(stack, "mlflow", [
         _program("mlflow"), "server", "--backend-store-uri", stack.mlflow_db_url,
         "--serve-artifacts", "--artifacts-destination", str(folder / "artifact-store"),
         "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-    ], {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stack.tracking_uri)  # fmt: skip
-    prefect = _start(stack, "prefect-server", [
+    ], _service_env(stack, "mlflow"), stack.tracking_uri)]  # fmt: skip
+    started.append(_start(stack, "prefect-server", [
         _program("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port),
-    ], prefect_env, stack.prefect_api_url)  # fmt: skip
+    ], _service_env(stack, "prefect-server"), stack.prefect_api_url))  # fmt: skip
     if dashboard:
         import optuna
 
         optuna.storages.RDBStorage(stack.optuna_url)  # its tables: the dashboard only reads
         port = free_port()
         stack.dashboard_url = f"http://127.0.0.1:{port}"
-        board = _start(stack, "optuna-dashboard", [
+        started.append(_start(stack, "optuna-dashboard", [
             _program("optuna-dashboard"), stack.optuna_url, "--host", "127.0.0.1", "--port", str(port),
-        ], {}, stack.dashboard_url)  # fmt: skip
-    _wait_healthy(mlflow, f"{stack.tracking_uri}/health")
-    _wait_healthy(prefect, f"{stack.prefect_api_url}/health")
-    if dashboard:
-        _wait_healthy(board, f"{stack.dashboard_url}/api/studies")
+        ], {}, stack.dashboard_url))  # fmt: skip
+    for service in started:
+        _wait_healthy(service, service.url + HEALTH[service.name])
     subprocess.run([_program("prefect"), "work-pool", "create", stack.pool, "--type", "process", "--overwrite"],
-                   env={**os.environ, **prefect_env}, check=True, capture_output=True, timeout=120)  # fmt: skip
+                   env={**os.environ, **_service_env(stack, "prefect-server")}, check=True, capture_output=True,
+                   timeout=120)  # fmt: skip
     crash_zombie_flow_runs(stack.prefect_api_url)
-    # The worker's flow runs inherit its environment: this one points them at the stack, and
-    # makes them send heartbeats (the automation above marks a silent one crashed).
     _start(stack, "prefect-worker", [_program("prefect"), "worker", "start", "--pool", stack.pool],
-           {**prefect_env, **stack.env(), **WORKER_ENV})  # fmt: skip
+           _service_env(stack, "prefect-worker"))  # fmt: skip
     _save(stack)
 
 
@@ -283,13 +296,9 @@ def restart(folder: str | Path, name: str, timeout: float = 20.0) -> Service:
     old = next(s for s in stack.services if s.name == name)
     _stop([old], timeout)
     stack.services.remove(old)
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} if name == "mlflow" else {}
-    if name == "prefect-worker":
-        env = {"PREFECT_API_URL": stack.prefect_api_url, "PREFECT_HOME": str(Path(stack.folder) / "prefect-home"),
-               **stack.env(), **WORKER_ENV}  # fmt: skip
-    new = _start(stack, name, old.command, env, old.url)
-    if name == "mlflow":
-        _wait_healthy(new, f"{new.url}/health")
+    new = _start(stack, name, old.command, _service_env(stack, name), old.url)
+    if name in HEALTH:
+        _wait_healthy(new, new.url + HEALTH[name])
     return new
 
 

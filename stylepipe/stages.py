@@ -344,6 +344,7 @@ def write_triptych(model, config: Config, path: Path) -> Path:
     """The final model on the showcase photo, beside the style image: content | style | result."""
     import numpy as np
     import torch
+    from torchvision.transforms.functional import to_pil_image, to_tensor
 
     from stylepipe.data.sources import load_image
     from stylepipe.report import triptych
@@ -353,11 +354,10 @@ def write_triptych(model, config: Config, path: Path) -> Path:
     content = load_image(config.tracking.showcase_image)
     content.thumbnail((size, size))
     style = load_image(config.data.style_image).resize(content.size)
-    pixels = torch.from_numpy(np.asarray(content)).permute(2, 0, 1).float().div(255)
     device = next(model.parameters()).device
     with torch.no_grad():
-        result = stylize_tensor(model.eval(), pixels.unsqueeze(0).to(device))[0].cpu()
-    styled = (result.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        result = stylize_tensor(model.eval(), to_tensor(content).unsqueeze(0).to(device))[0].cpu()
+    styled = np.asarray(to_pil_image(result))
     caption = (f"{config.name}: final model, {config.tracking.final_steps or config.train.steps} steps at "
                f"{config.tracking.final_image_size or config.data.image_size} px, "
                f"loss network {config.loss.vgg_weights}")  # fmt: skip
