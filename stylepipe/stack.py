@@ -47,6 +47,10 @@ class StackError(StylepipeError):
     """A part of the stack did not start (the message names it and its log)."""
 
 
+# The services this process started, by pid: how one that ended, ended (exit code or signal).
+_STARTED: dict[int, subprocess.Popen] = {}
+
+
 @dataclass
 class Service:
     name: str
@@ -145,6 +149,7 @@ def _start(stack: Stack, name: str, command: list[str], env: dict[str, str], url
     with log.open("ab") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **env},
                                    cwd=stack.folder, start_new_session=True)  # fmt: skip
+    _STARTED[process.pid] = process
     service = Service(name, process.pid, command, str(log), url)
     stack.services.append(service)
     _save(stack)  # recorded at once: a failed start is still stopped by `down`
@@ -156,7 +161,8 @@ def _wait_healthy(service: Service, probe_url: str, timeout: float = STARTUP_SEC
     while time.monotonic() < deadline:
         if not _runs(service):
             raise StackError(
-                f"{service.name} exited while starting; its log: {service.log}\n{_tail(service.log)}"
+                f"{service.name} exited while starting ({_how_it_ended(service)}); its log: {service.log}\n"
+                f"{_tail(service.log)}"
             )
         try:
             with urllib.request.urlopen(probe_url, timeout=5) as response:
@@ -168,6 +174,27 @@ def _wait_healthy(service: Service, probe_url: str, timeout: float = STARTUP_SEC
     raise StackError(
         f"{service.name} did not answer {probe_url} within {timeout:.0f} s; its log: {service.log}"
     )
+
+
+def _how_it_ended(service: Service) -> str:
+    process = _STARTED.get(service.pid)
+    code = None if process is None else process.poll()
+    if code is None:
+        return "its exit status is unknown: another process started it"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _port_free(url: str) -> bool:
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _tail(log: str, lines: int = 15) -> str:
@@ -244,7 +271,11 @@ def _service_env(stack: Stack, name: str) -> dict[str, str]:
         "PREFECT_API_URL": stack.prefect_api_url,
     }
     if name == "mlflow":  # no job runner: its 7 processes serve GenAI features only
-        return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        # The database URL by the environment, not the command line: `ps` shows no password.
+        return {
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_BACKEND_STORE_URI": stack.mlflow_db_url,
+        }
     if name == "prefect-server":
         return {**prefect, "PREFECT_API_DATABASE_CONNECTION_URL": stack.prefect_db_url,
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
@@ -262,8 +293,7 @@ def _start_services(stack: Stack, dashboard: bool) -> None:
     stack.prefect_api_url = f"http://127.0.0.1:{prefect_port}/api"
     # Both servers migrate their databases on first start: start them together.
     started = [_start(stack, "mlflow", [
-        _program("mlflow"), "server", "--backend-store-uri", stack.mlflow_db_url,
-        "--serve-artifacts", "--artifacts-destination", str(folder / "artifact-store"),
+        _program("mlflow"), "server", "--serve-artifacts", "--artifacts-destination", str(folder / "artifact-store"),
         "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
     ], _service_env(stack, "mlflow"), stack.tracking_uri)]  # fmt: skip
     started.append(_start(stack, "prefect-server", [
@@ -289,17 +319,48 @@ def _start_services(stack: Stack, dashboard: bool) -> None:
     _save(stack)
 
 
-def restart(folder: str | Path, name: str, timeout: float = 20.0) -> Service:
+def restart(folder: str | Path, name: str, timeout: float = 20.0, attempts: int = 3,
+            admin_url: str | None = None) -> Service:  # fmt: skip
     """Stop one service of the stack and start it again, same command and port (an upgrade,
-    a crash and its supervisor's restart)."""
+    a crash and its supervisor's restart). Like a supervisor, it waits for the old process to
+    let go of the port, and starts again a new one that exits while starting, up to
+    ``attempts`` times, saying so on stderr."""
     stack = load(folder)
     old = next(s for s in stack.services if s.name == name)
     _stop([old], timeout)
     stack.services.remove(old)
-    new = _start(stack, name, old.command, _service_env(stack, name), old.url)
-    if name in HEALTH:
-        _wait_healthy(new, new.url + HEALTH[name])
-    return new
+    deadline = time.monotonic() + timeout
+    while old.url and not _port_free(old.url) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    admin_url = admin_url or os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN_URL
+    for key in ("optuna_url", "mlflow_db_url", "prefect_db_url"):
+        setattr(stack, key, _with_password(getattr(stack, key), admin_url))
+    command = [_with_password(part, admin_url) for part in old.command]
+    for attempt in range(1, attempts + 1):
+        new = _start(stack, name, command, _service_env(stack, name), old.url)
+        if name not in HEALTH:
+            return new
+        try:
+            _wait_healthy(new, new.url + HEALTH[name])
+        except StackError:
+            if _runs(new) or attempt == attempts:  # it runs but does not answer, or out of tries
+                raise
+            print(f"{name} exited while starting ({_how_it_ended(new)}); starting it again "
+                  f"({attempt + 1}/{attempts}), its log: {new.log}", file=sys.stderr)  # fmt: skip
+            stack.services.remove(new)
+            continue
+        return new
+    raise StackError(f"{name} was not started: attempts={attempts}")
+
+
+def _with_password(part: str, admin_url: str) -> str:
+    """A database URL of a recorded command (masked in stack.json) with the admin URL's password."""
+    if ":***@" not in part:
+        return part
+    from sqlalchemy.engine import make_url
+
+    masked, admin = make_url(part), make_url(admin_url)
+    return masked.set(password=admin.password).render_as_string(hide_password=False)
 
 
 def _stop(services: list[Service], timeout: float) -> list[str]:
