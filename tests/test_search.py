@@ -45,6 +45,7 @@ TINY_SEARCH = [
     "search.replay_seeds=1",
     "search.max_val_images=4",
     "tracking.final_steps=4",
+    "search.confirm_steps=8",  # the demo's 60-step replays would dominate these tests' time
 ]
 
 
@@ -404,7 +405,7 @@ def _wait_for_run(process, config, role: str, timeout: float = 240.0):
 
 
 LONG_REPLAYS = ("search.n_trials=2", "search.space.lr=[1e-4,3e-4]", "train.steps=40", "train.check_every=5",
-                "search.eval_every=20", "search.top_k=1", "search.replay_seeds=3", "search.lr_margin=1",
+                "search.eval_every=20", "search.top_k=1", "search.replay_seeds=3", "search.confirm_steps=20", "search.lr_margin=1",
                 "tracking.train_final_model=false", "search.heartbeat_interval=1", "search.grace_period=3")  # fmt: skip
 
 

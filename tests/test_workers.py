@@ -38,6 +38,7 @@ TINY = [
     "search.top_k=1",
     "search.replay_seeds=0",
     "search.max_val_images=4",
+    "search.confirm_steps=8",
     "tracking.train_final_model=false",
 ]
 
