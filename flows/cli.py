@@ -20,7 +20,7 @@ from stylepipe.cli import run as run_command
 from stylepipe.config import SECRET_ENV, parse_override
 from stylepipe.errors import StylepipeError
 from stylepipe.files import writable_folder
-from stylepipe.stores import redact_url
+from stylepipe.stores import http_problem, redact_url
 
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
@@ -120,23 +120,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def require_prefect_server() -> str:
     """PREFECT_API_URL, checked to answer before anything is registered."""
-    import urllib.error
-    import urllib.request
-
     url = os.environ.get("PREFECT_API_URL", "")
     if not url:
         raise PrefectServerError("set PREFECT_API_URL to your Prefect server (e.g. http://127.0.0.1:4200/api; "
                                  "`stylepipe stack up` starts one)")  # fmt: skip
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10) as response:
-            if response.status == 200:
-                return url
-            problem = f"HTTP {response.status}"
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        problem = str(getattr(err, "reason", err))
-    raise PrefectServerError(
-        f"the Prefect server at PREFECT_API_URL={redact_url(url)} does not answer: {problem}"
-    )
+    problem = http_problem(f"{url.rstrip('/')}/health")
+    if problem:
+        raise PrefectServerError(
+            f"the Prefect server at PREFECT_API_URL={redact_url(url)} does not answer: {problem}"
+        )
+    return url
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

@@ -28,14 +28,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from stylepipe.errors import StylepipeError
 from stylepipe.files import write_json, write_text
-from stylepipe.stores import redact_url
+from stylepipe.stores import http_problem, redact_url
 
 ADMIN_ENV = "STYLEPIPE_STACK_POSTGRES"
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -164,12 +162,8 @@ def _wait_healthy(service: Service, probe_url: str, timeout: float = STARTUP_SEC
                 f"{service.name} exited while starting ({_how_it_ended(service)}); its log: {service.log}\n"
                 f"{_tail(service.log)}"
             )
-        try:
-            with urllib.request.urlopen(probe_url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        if not http_problem(probe_url, timeout=5):
+            return
         time.sleep(1)
     raise StackError(
         f"{service.name} did not answer {probe_url} within {timeout:.0f} s; its log: {service.log}"

@@ -149,17 +149,24 @@ def probe(url: str) -> None:
 def _probe_server(url: str, timeout: float = 10.0) -> None:
     """An MLflow server answers at all (any HTTP status: with basic auth, 401 is an answer).
     MLflow's client would retry a dead address for about two minutes before saying so."""
+    problem = http_problem(f"{url.rstrip('/')}/health", timeout, any_status=True)
+    if problem:
+        raise ValueError(f"the server does not answer ({problem})")
+
+
+def http_problem(url: str, timeout: float = 10.0, any_status: bool = False) -> str:
+    """What stops ``url`` from answering a GET with HTTP 200 (with ``any_status``, with any
+    HTTP status at all), without the URL's password; empty when it answers."""
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout):
-            return
-    except urllib.error.HTTPError:
-        return
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return "" if response.status == 200 or any_status else f"HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        return "" if any_status else f"HTTP {err.code}"
     except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise ValueError(f"the server does not answer ({scrub(str(reason), url)})") from None
+        return scrub(str(getattr(err, "reason", err)), url) or type(err).__name__
 
 
 def use_write_ahead_log(url: str) -> None:

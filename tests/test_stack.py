@@ -82,3 +82,32 @@ def test_restart_gives_up_after_its_attempts_and_says_how_the_last_one_ended(tmp
     with pytest.raises(stack_tools.StackError, match=r"exited while starting \(exit code 4\)"):
         stack_tools.restart(tmp_path, "mlflow", attempts=2)
     assert len(stack_tools.load(tmp_path).services) == 1  # the last try stays recorded for `down`
+
+
+def test_the_health_probe_tells_an_answer_from_none_and_keeps_the_password_out():
+    import http.server
+    import threading
+
+    from stylepipe.stores import http_problem
+
+    class Locked(http.server.BaseHTTPRequestHandler):  # a server behind basic auth
+        def do_GET(self):
+            self.send_response(200 if self.path == "/open" else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Locked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        assert http_problem(f"{base}/open") == ""
+        assert http_problem(f"{base}/health") == "HTTP 401"
+        assert http_problem(f"{base}/health", any_status=True) == ""  # it answers: it is there
+    finally:
+        server.shutdown()
+        server.server_close()
+    closed = stack_tools.free_port()
+    problem = http_problem(f"http://me:s3cret@127.0.0.1:{closed}/health", timeout=5)
+    assert problem and "s3cret" not in problem
