@@ -77,6 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prefect_home(args)
     overrides = secrets_to_environment(args)
     from flows.pipeline import style_pipeline
+    from stylepipe.stages import style_summary
 
     with prefect_server_errors():
         result = style_pipeline(config_path=args.config, overrides=overrides, study_name=args.study)
@@ -99,6 +100,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         model = result["model"]
         out.print(f"  registered model:  {model['model_uri']} (version {model['version']})")
         out.print(f"  final run:         {model['recoveries']} recoveries from a halt")
+        if model["style"]:
+            out.print(f"  style:             {style_summary(model['style'])}")
         out.print(f"  stylised samples:  {run_dir / 'samples'}")
     if result["promotion"]:
         out.print(f"  champion:          {result['promotion']['why']}")

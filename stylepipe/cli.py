@@ -109,6 +109,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         model = result["model"]
         out.print(f"registered model: {model['model_uri']} (version {model['version']}); "
                   f"its final run needed {model['recoveries']} recoveries")  # fmt: skip
+        if model["style"]:
+            out.print(f"style: {stages.style_summary(model['style'])}")
     return 0
 
 

@@ -316,11 +316,13 @@ def train_final(config: Config, safest: dict, session: StudySession | None = Non
         checkpoint = save_checkpoint(run.model, s.run_dir / "model.safetensors", {"safest": safest})
         samples = write_samples(run.model, s.data, s.run_dir / "samples")
         samples.append(write_triptych(run.model, config, s.run_dir / "triptych.png"))
+        style = measure_style(run.model, s.data, config)
         s.tracker.log_artifacts(logger.run_id, samples, "samples")
-        s.tracker.finish_run(logger.run_id, "complete", logger=logger, metrics={"final/quality": run.quality,
-                             "recoveries": len(run.recoveries)})  # fmt: skip
+        s.tracker.finish_run(logger.run_id, "complete", logger=logger, metrics={
+            "final/quality": run.quality, "recoveries": len(run.recoveries),
+            **{f"final/style_{key}": value for key, value in style.items()}})  # fmt: skip
         return {"run_id": logger.run_id, "checkpoint": str(checkpoint), "quality": run.quality,
-                "samples": [str(p) for p in samples], "recoveries": len(run.recoveries),
+                "samples": [str(p) for p in samples], "recoveries": len(run.recoveries), "style": style,
                 "resumed_from": long_run.resumed_from, "steps": steps, "safest": safest}  # fmt: skip
 
 
@@ -338,6 +340,38 @@ def write_samples(model, data: StudyData, folder: Path, count: int = 4) -> list[
         paths.append(folder / f"sample_{i}.png")
         save_image([source.cpu(), output.cpu()], paths[-1], nrow=2, padding=2)
     return paths
+
+
+JUDGE_SEED_OFFSET = 1234  # the judge's random weights: never the seed the model trained against
+
+
+def measure_style(model, data: StudyData, config: Config, count: int = 16) -> dict[str, float]:
+    """How far the model moves validation images toward the style image (nets/losses.py's
+    ``style_distances``). Texture is judged at relu1_2: with random weights, by another seed's
+    network than the one the model trained against, so the measure is not its training loss;
+    with real weights, by the same network, at that one layer."""
+    import torch
+
+    from stylepipe.data.decode import resize_crop
+    from stylepipe.data.sources import load_image
+    from stylepipe.nets.losses import style_distances
+    from stylepipe.nets.vgg import LossNetwork, load_vgg16_features
+    from stylepipe.stylize import stylize_tensor
+
+    device = next(model.parameters()).device
+    weights = config.loss.vgg_weights
+    judge = LossNetwork(load_vgg16_features(weights, seed=config.train.seed + JUDGE_SEED_OFFSET, warn=False),
+                        ["relu1_2"]).to(device)  # fmt: skip
+    images = data.val_images[:count].to(device).float().div(255)
+    style = resize_crop(load_image(config.data.style_image), images.shape[-1]).to(device).float().div(255)
+    with torch.no_grad():
+        outputs = stylize_tensor(model.eval(), images)
+    return style_distances(images, outputs, style, judge)
+
+
+def style_summary(style: dict[str, float]) -> str:
+    return (f"texture x{style['texture_ratio']:.2f}, palette x{style['palette_ratio']:.2f} of the inputs' "
+            "distance to the style image (1: unchanged; lower: more stylised)")  # fmt: skip
 
 
 def write_triptych(model, config: Config, path: Path) -> Path:
@@ -376,12 +410,15 @@ def register(config: Config, final: dict) -> dict:
     tags = {"recoveries": final["recoveries"], "certificate": certificate["text"] + weakened,
             SAFEST_SETTINGS_TAG: json.dumps({"params": final["safest"]["params"],
                                              "weakened": certificate["weakened"]})}  # fmt: skip
+    if final.get("style"):  # absent from a final run recorded by an earlier stylepipe
+        tags["style"] = style_summary(final["style"])
     record = registry.register(final["run_id"], final["checkpoint"], final["quality"], tags)
     return {
         **record,
         "quality": final["quality"],
         "samples": final["samples"],
         "recoveries": tags["recoveries"],
+        "style": final.get("style"),
     }
 
 

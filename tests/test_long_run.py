@@ -201,9 +201,15 @@ def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_p
     weakened = final["safest"]["certificate"]["weakened"]
     assert weakened == "its 30-step final run needed 1 recoveries"
     assert json.loads((tmp_path / "safest.json").read_text())["certificate"]["weakened"] == weakened
+    # how far the model moves images toward the style, on the run and on its registered version
+    metrics = run.data.metrics
+    for measure in ("texture", "palette"):
+        before, after = metrics[f"final/style_{measure}_inputs"], metrics[f"final/style_{measure}_outputs"]
+        assert metrics[f"final/style_{measure}_ratio"] == pytest.approx(after / before)
     registered = stages.register(config, final)
     version = client.get_model_version("spiky", registered["version"])
     assert version.tags["recoveries"] == "1" and version.tags["certificate"].endswith(f"weakened: {weakened}")
+    assert version.tags["style"].startswith(f"texture x{metrics['final/style_texture_ratio']:.2f}, palette x")
     # and the next scheduled run re-checks it at a lower learning rate first
     assert stages.previous_safest(config)["lr"] == pytest.approx(1e-3 * config.recovery.lr_factor)
 

@@ -10,7 +10,7 @@ import torch
 from stylepipe.config import load_config
 from stylepipe.data.decode import resize_crop
 from stylepipe.data.sources import load_content_images, load_image
-from stylepipe.nets.losses import colour_distance, gram_distance
+from stylepipe.nets.losses import colour_distance, gram_distance, style_distances
 from stylepipe.nets.vgg import LossNetwork, load_vgg16_features
 from stylepipe.train.checkpoint import load_checkpoint
 from stylepipe.train.recipe import train_from_config
@@ -33,9 +33,10 @@ def trained_distances(run_dir, style_weight: float) -> dict[str, tuple[float, fl
     judge = LossNetwork(load_vgg16_features("random", seed=1234), ["relu1_2"])  # training used seed 0
     with torch.no_grad():
         outputs = model(images).clamp(0, 1)
+    found = style_distances(images, outputs, style, judge)
     return {
-        "texture": (gram_distance(images, style, judge), gram_distance(outputs, style, judge)),
-        "palette": (colour_distance(images, style), colour_distance(outputs, style)),
+        measure: (found[f"{measure}_inputs"], found[f"{measure}_outputs"])
+        for measure in ("texture", "palette")
     }
 
 
@@ -58,3 +59,31 @@ def test_the_measures_tell_the_style_from_a_photo():
     assert colour_distance(style.unsqueeze(0), style) < 1e-6
     assert gram_distance(photo, style, judge) > 0.2
     assert colour_distance(photo, style) > 0.05
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in model: gives back its input (``style=None``) or the style image, whatever the input."""
+
+    def __init__(self, style: torch.Tensor | None):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))  # a device to be found on
+        self.style = style
+
+    def forward(self, x):
+        return x * self.scale if self.style is None else self.style.expand(len(x), -1, -1, -1)
+
+
+def test_the_final_models_style_measure_is_1_for_no_change_and_0_for_the_style_itself():
+    from types import SimpleNamespace
+
+    from stylepipe.stages import measure_style
+
+    config = load_config(DEMO, [f"data.style_image={STYLE}"])
+    data = SimpleNamespace(val_images=load_content_images("skimage", SIZE)[:8])
+    unchanged = measure_style(_Fixed(None), data, config)
+    assert unchanged["texture_ratio"] == pytest.approx(1.0) and unchanged["palette_ratio"] == pytest.approx(
+        1.0
+    )
+    assert unchanged["texture_inputs"] > 0.2 and unchanged["palette_inputs"] > 0.05
+    copied = measure_style(_Fixed(resize_crop(load_image(STYLE), SIZE).float().div(255)), data, config)
+    assert copied["texture_ratio"] < 1e-3 and copied["palette_ratio"] < 0.05  # palette: sampled pixels

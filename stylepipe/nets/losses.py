@@ -118,3 +118,20 @@ def colour_distance(images: torch.Tensor, style: torch.Tensor, directions: int =
     ours = ours[torch.randperm(len(ours), generator=generator)[:count]]
     theirs = theirs[torch.randperm(len(theirs), generator=generator)[:count]]
     return float(((ours @ axes.T).sort(0).values - (theirs @ axes.T).sort(0).values).abs().mean())
+
+
+@torch.no_grad()
+def style_distances(inputs: torch.Tensor, outputs: torch.Tensor, style: torch.Tensor,
+                    judge: LossNetwork) -> dict[str, float]:  # fmt: skip
+    """How far a model moved its inputs toward the style image: the texture and palette
+    distances of the inputs and of the outputs, and their ratio (outputs / inputs: 1 is
+    unchanged, lower is closer to the style). Images in [0, 1]."""
+    distances = {
+        "texture": (gram_distance(inputs, style, judge), gram_distance(outputs, style, judge)),
+        "palette": (colour_distance(inputs, style), colour_distance(outputs, style)),
+    }
+    found = {}
+    for measure, (before, after) in distances.items():
+        found |= {f"{measure}_inputs": before, f"{measure}_outputs": after,
+                  f"{measure}_ratio": after / before if before > 0 else float("nan")}  # fmt: skip
+    return found

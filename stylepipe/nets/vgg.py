@@ -86,17 +86,19 @@ def _imagenet_help(cached: Path, why: str) -> str:
     )
 
 
-def load_vgg16_features(weights: str, seed: int = 0) -> nn.Sequential:
-    """VGG16 ``features`` up to relu4_3 with the requested weights, frozen, in eval mode."""
+def load_vgg16_features(weights: str, seed: int = 0, warn: bool = True) -> nn.Sequential:
+    """VGG16 ``features`` up to relu4_3 with the requested weights, frozen, in eval mode
+    (``warn=False``: no warning about random weights, for a judge network beside the loss's)."""
     # torchvision's VGG16 feature layers alone: building the whole model would also
     # allocate (and initialise) its 120M-parameter classifier, for nothing.
     features = make_layers(cfgs["D"])[: LAYER_INDEX["relu4_3"] + 1]
-    if weights == "random":
+    if weights == "random" and warn:
         log.warning(
             "LOSS NETWORK HAS RANDOM WEIGHTS (seed %d): fine for testing the pipeline, "
             "useless for real stylisation. Set loss.vgg_weights=imagenet or a weights file.",
             seed,
         )
+    if weights == "random":
         generator = torch.Generator().manual_seed(seed)
         for module in features:
             if isinstance(module, nn.Conv2d):
