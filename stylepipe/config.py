@@ -185,9 +185,12 @@ class TrainConfig(Section):
     check_every: int = Field(10, ge=1)
     seed: int = 0
     # Long runs (stylepipe train, the final model; never search trials or replays) write a good
-    # checkpoint at the first check at or after every checkpoint_every steps, keep the newest
+    # checkpoint at the first check at or after every checkpoint_every steps (and, when
+    # checkpoint_minutes is set, at the first check that many minutes after the last one: a
+    # slow step or a big model loses at most that much work), keep the newest
     # keep_checkpoints, resume from them, and recover from a halt (the recovery section).
     checkpoint_every: int = Field(500, ge=1)
+    checkpoint_minutes: float | None = Field(None, gt=0)
     keep_checkpoints: int = Field(3, ge=1)
     recovery: bool = True
 

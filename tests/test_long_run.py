@@ -20,6 +20,7 @@ from stylepipe.cli import main
 from stylepipe.config import load_config
 from stylepipe.data.sources import RandomBatches, load_content_images
 from stylepipe.train import TrainingHalted
+from stylepipe.train.callbacks import Callback
 from stylepipe.train.recipe import train_from_config
 from tests.conftest import DEMO
 from tests.test_search import prepared, search_command, search_config, search_overrides  # noqa: F401
@@ -87,6 +88,39 @@ def test_a_run_with_other_settings_is_not_resumed_and_fresh_starts_over(tmp_path
     assert main([*args, "--set", "train.lr=0.01", "--fresh"]) == 0
     assert "resumed" not in capsys.readouterr().err
     assert list(pd.read_csv(tmp_path / "metrics.csv")["step"]) == list(range(1, 11))
+
+
+class SlowSteps(Callback):
+    """A stand-in clock for LongRun: every step takes 25 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def on_metrics(self, rows):
+        self.now += 25.0 * len(rows)
+
+
+def test_checkpoint_minutes_adds_checkpoints_when_steps_are_slow(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from stylepipe.train import long_run
+    from stylepipe.train.long_run import checkpoints
+
+    kept = []
+    for minutes in (None, 3):  # a check every 5 steps (125 s): 3 minutes pass at every second check
+        clock = SlowSteps()
+        monkeypatch.setattr(long_run, "time", SimpleNamespace(monotonic=lambda clock=clock: clock.now))
+        every = [f"train.checkpoint_minutes={minutes}"] if minutes else []
+        config = long_config(tmp_path / str(minutes), "train.steps=20", "train.checkpoint_every=1000",
+                             "train.keep_checkpoints=10", *every)  # fmt: skip
+        train_from_config(config, callbacks=[clock])
+        kept.append(
+            [
+                int(path.stem.removeprefix("step-"))
+                for path in checkpoints(tmp_path / str(minutes) / "checkpoints")
+            ]
+        )
+    assert kept == [[0, 20], [0, 10, 20]]
 
 
 class PoisonedBatches(RandomBatches):

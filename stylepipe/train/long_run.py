@@ -4,8 +4,9 @@
 model); search trials and replays never use it: a trial that needs rescue is not stable.
 
 * **Good checkpoints.** At the first check at or after every ``train.checkpoint_every``
-  steps, when the guards have read every step so far and found them finite, the trainer's
-  whole state (``Trainer.state_dict``) and the recoveries so far are written atomically to
+  steps (or ``train.checkpoint_minutes`` minutes after the last checkpoint, when set), when
+  the guards have read every step so far and found them finite, the trainer's whole state
+  (``Trainer.state_dict``) and the recoveries so far are written atomically to
   ``<folder>/step-NNNNNNNN.pt``; the newest ``train.keep_checkpoints`` are kept. The state
   at step 0 is written too, so a recovery can always go back to the start.
 * **Resume.** A folder that holds checkpoints is resumed from the newest, when its settings
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,9 +43,9 @@ from stylepipe.train.guards import Autopsy, TrainingHalted
 from stylepipe.train.trainer import Trainer, TrainResult
 
 # Knobs that do not change what a run computes: a run may resume with them changed.
-NOT_FINGERPRINTED = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.recovery",
-                     "train.device", "train.compile", "train.compile_mode", "train.channels_last", "train.tf32",
-                     "train.check_every")  # fmt: skip
+NOT_FINGERPRINTED = ("train.steps", "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints",
+                     "train.recovery", "train.device", "train.compile", "train.compile_mode", "train.channels_last",
+                     "train.tf32", "train.check_every")  # fmt: skip
 
 
 class ResumeRefused(StylepipeError):
@@ -82,6 +84,8 @@ class LongRun(Callback):
     ):
         self.folder = Path(folder)
         self.every = config.train.checkpoint_every
+        minutes = config.train.checkpoint_minutes
+        self.every_seconds = None if minutes is None else minutes * 60
         self.keep = config.train.keep_checkpoints
         self.policy = config.recovery if (recovery and config.train.recovery) else None
         self.settings = training_settings(config)
@@ -91,6 +95,7 @@ class LongRun(Callback):
         self.resumed_from: int | None = None
         self.trainer: Trainer | None = None
         self.last_saved = 0
+        self.saved_at = time.monotonic()
 
     # ------------------------------------------------------------------ the driver
     def fit(self, trainer: Trainer) -> TrainResult:
@@ -159,7 +164,8 @@ class LongRun(Callback):
         self.pending.extend(rows)
 
     def on_check(self, state: TrainState) -> None:
-        if state.step - self.last_saved >= self.every:
+        overdue = self.every_seconds is not None and time.monotonic() - self.saved_at >= self.every_seconds
+        if state.step - self.last_saved >= self.every or (overdue and state.step > self.last_saved):
             self._commit()
             self._save()
 
@@ -179,7 +185,7 @@ class LongRun(Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.folder / f"step-{trainer.step:08d}.pt") as tmp:
             torch.save(state, tmp)
-        self.last_saved = trainer.step
+        self.last_saved, self.saved_at = trainer.step, time.monotonic()
         for old in checkpoints(self.folder)[: -self.keep]:
             old.unlink()
 
@@ -206,7 +212,7 @@ class LongRun(Callback):
             )
         self.trainer.load_state_dict(state)
         self._loaded = state
-        self.last_saved = self.trainer.step
+        self.last_saved, self.saved_at = self.trainer.step, time.monotonic()
         return self.trainer.step
 
 
