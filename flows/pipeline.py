@@ -8,6 +8,7 @@ answer, not a glitch. ``prepare`` is cached by its input's content.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +20,21 @@ from prefect.runtime import flow_run
 from stylepipe import stages
 from stylepipe.config import Config, load_config
 from stylepipe.errors import StylepipeError
+
+
+class _UsersMistakeInOneLine(logging.Filter):
+    """Prefect logs a failed flow or task run with its traceback, to the console and to the
+    server. A user's mistake (a ``StylepipeError``, whose message says what to change) is
+    logged without it: one line, as the command line says it. A bug keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], StylepipeError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):  # the run loggers' records start here
+    logging.getLogger(_name).addFilter(_UsersMistakeInOneLine())
 
 
 def _settings(config_json: str) -> Config:

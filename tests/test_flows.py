@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -162,3 +163,47 @@ def test_a_temporary_server_that_does_not_start_is_one_line_and_a_non_zero_exit(
     assert done.returncode == 2
     assert "Traceback" not in done.stdout + done.stderr
     assert "error: Prefect's temporary server did not start within 1 s" in done.stderr
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_users_mistake_inside_a_flow_is_logged_in_one_line_without_a_traceback(harness, tmp_path):
+    (tmp_path / "empty").mkdir()
+    seen = _Records()
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(seen)
+    try:
+        state = style_pipeline(str(DEMO), [*TINY, f"run_dir={tmp_path / 'run'}", f"data.content={tmp_path / 'empty'}"],
+                               study_name="mistake", return_state=True)  # fmt: skip
+    finally:
+        for logger in loggers:
+            logger.removeHandler(seen)
+    assert state.is_failed() and "empty" in state.message
+    errors = [r for r in seen.records if r.levelno >= logging.ERROR]
+    assert errors and all(r.exc_info is None for r in errors), [r.getMessage() for r in errors]
+    assert any("empty" in r.getMessage() for r in errors)
+
+
+def test_a_bug_inside_a_flow_keeps_its_traceback_in_the_log():
+    import flows.pipeline
+
+    (keep,) = [
+        f
+        for f in logging.getLogger("prefect.flow_runs").filters
+        if type(f).__name__ == "_UsersMistakeInOneLine"
+    ]
+    for error, kept in (
+        (RuntimeError("a bug"), True),
+        (flows.pipeline.StylepipeError("your mistake"), False),
+    ):
+        record = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", None,
+                                   (type(error), error, None))  # fmt: skip
+        assert keep.filter(record) and (record.exc_info is not None) == kept

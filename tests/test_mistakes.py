@@ -206,6 +206,10 @@ MISTAKES = {
         lambda t, p: ["stylize", "--model", "models:/nosuch@champion", str(photo(t / "in.png")), str(t / "o.png"),
                       *settings(t)],
         "nosuch has no version with the alias champion"),
+    "stylize from the registry of a corrupted tracking database": Mistake(
+        lambda t, p: ["stylize", "--model", "models:/style@champion", str(photo(t / "in.png")), str(t / "o.png"),
+                      *settings(t, f"tracking.uri=sqlite:///{garbage(t / 'mlflow.db')}")],
+        "mlflow.db is corrupted"),
     "a registry URI without an alias or version": Mistake(
         lambda t, p: ["stylize", "--model", "models:/nosuch", str(photo(t / "in.png")), str(t / "o.png")],
         "give a registered model as models:/NAME@ALIAS"),
