@@ -6,6 +6,7 @@ The PostgreSQL tests read the server's URL from STYLEPIPE_TEST_POSTGRES_URL (set
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -363,3 +364,40 @@ def test_a_peer_s_trial_finishing_while_this_worker_counts_does_not_start_one_to
 
     assert peer_done and ran == 0 and objective.calls == 0
     assert len(real_get_trials(study, states=study_module.COUNTED)) == 2
+
+
+@needs_postgres
+def test_workers_opening_an_empty_study_at_the_same_instant_enqueue_one_baseline(
+    tmp_path, databases, monkeypatch
+):  # noqa: F811
+    """Each worker reads the study empty before either enqueues (a barrier holds the first one
+    read until the second has read too, or for 3 s): the lock makes the second read wait."""
+    import threading
+
+    from stylepipe.search import study as study_module
+
+    optuna_url, _ = databases
+    config = load_config(
+        DEMO, [f"run_dir={tmp_path}", f"search.storage={optuna_url}", "search.study_name=race"]
+    )
+    optuna.create_study(study_name="race", storage=optuna_url)
+    barrier = threading.Barrier(2)
+    real_get_trials = optuna.Study.get_trials
+
+    def get_trials(self, *args, **kwargs):
+        trials = real_get_trials(self, *args, **kwargs)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=3)  # both have read, or the other waits on the lock
+        return trials
+
+    monkeypatch.setattr(optuna.Study, "get_trials", get_trials)
+    workers = [threading.Thread(target=study_module.enqueue_first_trials,
+                                args=(optuna.load_study(study_name="race", storage=optuna_url), config))
+               for _ in range(2)]  # fmt: skip
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    monkeypatch.undo()
+    trials = optuna.load_study(study_name="race", storage=optuna_url).get_trials()
+    assert [t.user_attrs.get("baseline") for t in trials] == [True]

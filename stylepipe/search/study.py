@@ -110,6 +110,18 @@ def warm_start(study: optuna.Study, params: dict[str, Any]) -> None:
     study.enqueue_trial(trial_values(params), user_attrs={"warm_start": True}, skip_if_exists=True)
 
 
+def enqueue_first_trials(study: optuna.Study, config: Config, warm_start_params: dict | None = None) -> None:
+    """A new study's first trial is the user's own settings (the baseline); a warm start's
+    configuration comes next. Under the study's lock: workers that open an empty study at the
+    same instant would each see it empty and each enqueue the baseline."""
+    with StudyLock(config, "ask"):
+        if not study.get_trials(deepcopy=False):
+            study.enqueue_trial(trial_values(baseline_params(config)), user_attrs={"baseline": True},
+                                skip_if_exists=True)  # fmt: skip
+        if warm_start_params:
+            warm_start(study, warm_start_params)
+
+
 class _ReleaseThenRun:
     """Objective wrapper: the trial exists once it runs, so the start gate can open."""
 
@@ -152,11 +164,7 @@ def run_trials(
     stopped (their retries are queued and picked up here). Returns the trials run here.
     """
     target = config.search.n_trials
-    if not study.get_trials(deepcopy=False):  # a new study: the user's own settings go first
-        study.enqueue_trial(trial_values(baseline_params(config)), user_attrs={"baseline": True},
-                            skip_if_exists=True)  # fmt: skip
-    if warm_start_params:
-        warm_start(study, warm_start_params)
+    enqueue_first_trials(study, config, warm_start_params)
     gate = StudyLock(config, "ask")
     objective = _ReleaseThenRun(objective, gate)
     bar = StudyProgress(study, target, enabled=progress)
