@@ -285,6 +285,9 @@ class TrackingConfig(Section):
     # tracking store ~60 us of Python per metric.
     log_every: int = Field(10, ge=1)
     final_steps: int | None = Field(None, ge=1)  # default: train.steps
+    # The final run's good checkpoints are copied to its MLflow run as well, so that a retry on
+    # another machine (a work pool, no shared disk) resumes it instead of starting over.
+    mirror_checkpoints: bool = True
     # The final model's image size (at most the prepared shard's); trials and replays train at
     # data.image_size. Default: data.image_size.
     final_image_size: int | None = Field(None, ge=16)

@@ -12,7 +12,6 @@ the artifact store still has it, and never runs anything from the store.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 from stylepipe.errors import StylepipeError
+from stylepipe.files import file_sha256
 from stylepipe.nets.transformer import TransformerNet
 from stylepipe.stores import probe, redact_url, use_write_ahead_log
 
@@ -65,11 +65,6 @@ class StylizeModel(PythonModel):
         return stylize_tensor(self.model, images).numpy()
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 class Registry:
     """One registered model's versions and aliases in the tracking store at ``uri``."""
 
@@ -107,7 +102,7 @@ class Registry:
                     pip_requirements=["torch", "torchvision", "safetensors", "stylepipe"],
                 )
         version = str(info.registered_model_version)
-        tags = {"quality": str(quality), "safe": "true", "weights_sha256": _sha256(Path(checkpoint)),
+        tags = {"quality": str(quality), "safe": "true", "weights_sha256": file_sha256(Path(checkpoint)),
                 **{k: str(v) for k, v in (tags or {}).items()}}  # fmt: skip
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, key, value)
@@ -186,7 +181,7 @@ class Registry:
                 raise RegistryError(
                     f"{where}: its weights file artifacts/{WEIGHTS} is missing from the store"
                 )
-            found = _sha256(weights)
+            found = file_sha256(weights)
             if found != expected:
                 raise RegistryError(
                     f"{where}: its weights changed since registration (SHA-256 {found[:12]}..., registered "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import multiprocessing
 import threading
 from collections.abc import Iterator
@@ -42,6 +43,8 @@ from stylepipe.search.storage import SingleWorkerGuard, StorageError, StudyLock
 from stylepipe.search.study import COUNTED, open_study, run_trials, trials_table
 from stylepipe.stores import is_sqlite, redact_url, sqlite_path
 from stylepipe.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ prepare
 
@@ -287,6 +290,11 @@ def train_final(config: Config, safest: dict, session: StudySession | None = Non
             "train.steps": steps, "data.image_size": config.tracking.final_image_size or config.data.image_size})  # fmt: skip
         folder = s.run_dir / "checkpoints" / f"{config.study_name}-final"
         earlier = s.study.user_attrs.get("final_run")
+        if earlier and not checkpoints(folder) and config.tracking.mirror_checkpoints:
+            fetched = s.tracker.fetch_checkpoint(earlier, folder)  # it crashed on another machine
+            if fetched is not None:
+                log.warning("the final run's checkpoint at step %d was fetched from its MLflow run %s",
+                            fetched, earlier)  # fmt: skip
         if earlier and checkpoints(folder):  # a crashed final run: the same run goes on
             logger = s.tracker.reopen_run(earlier, config.tracking.log_every)
         else:
@@ -294,6 +302,7 @@ def train_final(config: Config, safest: dict, session: StudySession | None = Non
             logger = s.tracker.child_run(s.parent, "final model", "final", safest["params"],
                                          {"safest.trial": safest["trial"]}, config.tracking.log_every)  # fmt: skip
             s.study.set_user_attr("final_run", logger.run_id)
+        logger.mirror_checkpoints = config.tracking.mirror_checkpoints
         long_run = LongRun(folder, final_config, sinks=[logger])
         try:
             run = run_candidate(final_config, s.data, logger=logger, long_run=long_run)

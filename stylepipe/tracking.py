@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -27,6 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from stylepipe.errors import StylepipeError
+from stylepipe.files import atomic_path, file_sha256
 from stylepipe.stores import probe, redact_url, scrub, use_write_ahead_log
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
@@ -65,6 +67,8 @@ class RunLogger(Callback):
         self.errors: list[str] = []
         self._errors_reported = False
         self.logged_through = 0  # steps the run already holds (a resumed run skips them)
+        self.mirror_checkpoints = False  # see on_checkpoint
+        self._mirror_slot: str | None = None
 
     def on_resume(self, step: int) -> None:
         """A long run went on from its checkpoint at ``step``: say so on the run, and skip the
@@ -92,6 +96,31 @@ class RunLogger(Callback):
         self.client.log_batch(self.run_id, metrics=[Metric("recovery/count", n, int(time.time() * 1000),
                                                            event["halted_at_step"])],
                               tags=[RunTag("stylepipe.recoveries", str(n)), RunTag(f"stylepipe.recovery.{n}", summary)])  # fmt: skip
+
+    def on_checkpoint(self, path: Path, step: int) -> None:
+        """A long run wrote a good checkpoint: with ``mirror_checkpoints``, a copy goes to the
+        run (``checkpoint/``), for a retry on a machine that does not have it. Two slots are
+        used in turn and the pointer (``latest.json``: slot, step, SHA-256) is written last, so
+        a crash during an upload leaves the pointer on the other, whole, copy."""
+        if not self.mirror_checkpoints:
+            return
+        try:
+            if self._mirror_slot is None:  # a reopened run: do not overwrite the copy in use
+                self._mirror_slot = (_mirrored(self.client, self.run_id) or {}).get("slot")
+            slot = "b.pt" if self._mirror_slot == "a.pt" else "a.pt"
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = Path(tmp) / slot
+                shutil.copyfile(path, copy)
+                self.client.log_artifact(self.run_id, str(copy), CHECKPOINT_DIR)
+            pointer = {"slot": slot, "step": step, "sha256": file_sha256(path)}
+            self.client.log_dict(self.run_id, pointer, f"{CHECKPOINT_DIR}/latest.json")
+            self._mirror_slot = slot
+        except Exception as err:  # like a lost metric write: training goes on, the run says so
+            message = scrub(f"{type(err).__name__}: {err}", self.client.tracking_uri)
+            self.errors.append(f"checkpoint at step {step}: {message}")
+            log.warning(
+                "the checkpoint at step %d was not copied to MLflow run %s: %s", step, self.run_id, message
+            )
 
     def _keep(self, row: dict[str, float], last_of_chunk: bool) -> bool:
         # Evaluations are always kept, and so is each chunk's last row: the trainer sends a
@@ -171,6 +200,21 @@ RUNS_VIEW_STATE = {"selectedColumns": ["tags.`outcome`", "tags.`cause`", "params
                                        "metrics.`final/quality`"]}  # fmt: skip
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development",
                    f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(RUNS_VIEW_STATE)}  # fmt: skip
+
+
+CHECKPOINT_DIR = "checkpoint"  # a run's mirrored checkpoint: a.pt, b.pt and latest.json
+
+
+def _mirrored(client: MlflowClient, run_id: str) -> dict | None:
+    """The run's checkpoint pointer, or None when it has none."""
+    if not any(
+        f.path == f"{CHECKPOINT_DIR}/latest.json" for f in client.list_artifacts(run_id, CHECKPOINT_DIR)
+    ):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(
+            Path(client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/latest.json", tmp)).read_text()
+        )
 
 
 def is_server(uri: str) -> bool:
@@ -253,6 +297,24 @@ class Tracker:
         if "failure" in self.client.get_run(run_id).data.tags:  # why it stopped: no longer so
             self.client.delete_tag(run_id, "failure")
         return self.run_logger(self.client, run_id, every=log_every)
+
+    def fetch_checkpoint(self, run_id: str, folder: Path) -> int | None:
+        """The checkpoint a long run mirrored to its MLflow run (``RunLogger.on_checkpoint``),
+        put in ``folder`` as its newest checkpoint; its step, or None when the run has none
+        (or its copy does not match the SHA-256 the run recorded: it is then not used)."""
+        pointer = _mirrored(self.client, run_id)
+        if pointer is None:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(self.client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{pointer['slot']}", tmp))
+            if file_sha256(copy) != pointer["sha256"]:
+                log.warning(
+                    "the checkpoint copy on MLflow run %s does not match its SHA-256: not used", run_id
+                )
+                return None
+            with atomic_path(Path(folder) / f"step-{int(pointer['step']):08d}.pt") as target:
+                shutil.copyfile(copy, target)
+        return int(pointer["step"])
 
     def finish_run(
         self,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import torch
@@ -203,6 +205,66 @@ SAFEST = {"trial": 0, "params": {"lr": 1e-3, "clip_norm": 10.0, "content_weight"
                                  "tv_weight": 1e-6},
           "certificate": {"text": "stayed finite and did not diverge for 8 steps with seed 1 at its learning rate",
                           "seeds": [1], "lr_margin": 1.0, "horizon_steps": 8, "weakened": None}}  # fmt: skip
+
+
+class DyingBatches(RandomBatches):
+    """Real batches until the given draw, where the process dies (as by Ctrl-C)."""
+
+    def __init__(self, images, batch_size, at: int):
+        super().__init__(images, batch_size, seed=0)
+        self.at, self.draws = at, 0
+
+    def __next__(self):
+        self.draws += 1
+        if self.draws == self.at:
+            raise KeyboardInterrupt
+        return super().__next__()
+
+
+def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_path, prepared, monkeypatch):  # noqa: F811
+    """The final run's checkpoints are mirrored to its MLflow run: a retry on another machine
+    (here: the same stores, the checkpoint folder gone) resumes it in the same run."""
+    from mlflow import MlflowClient
+
+    from stylepipe import stages
+    from stylepipe.search import objective
+
+    config = search_config(tmp_path, prepared, "tracking.final_steps=30", "train.checkpoint_every=10",
+                           "train.check_every=5", "tracking.log_every=1", "tracking.registered_model=moved")  # fmt: skip
+    with monkeypatch.context() as patched:
+        patched.setattr(objective, "RandomBatches",
+                        lambda images, batch_size, seed: DyingBatches(images, batch_size, at=23))  # fmt: skip
+        with pytest.raises(KeyboardInterrupt), stages.StudySession(config) as session:
+            stages.train_final(config, SAFEST, session)
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    first = optuna.load_study(study_name=config.study_name, storage=config.storage_url).user_attrs[
+        "final_run"
+    ]
+    shutil.rmtree(tmp_path / "checkpoints")  # another machine: none of this one's files
+
+    with stages.StudySession(config) as session:
+        final = stages.train_final(config, SAFEST, session)
+    assert final["run_id"] == first and final["resumed_from"] == 20
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED" and run.data.tags["stylepipe.resumed_at_step"] == "20"
+    steps = [m.step for m in client.get_metric_history(first, "loss/total")]
+    assert sorted(steps) == list(range(1, 31))  # each step once
+    assert {f.path for f in client.list_artifacts(first, "checkpoint")} == {
+        "checkpoint/a.pt", "checkpoint/b.pt", "checkpoint/latest.json"}  # fmt: skip
+
+    # a copy that does not match the SHA-256 its pointer recorded (an upload cut short) is not used
+    from stylepipe.tracking import Tracker
+
+    pointer = json.loads(
+        Path(client.download_artifacts(first, "checkpoint/latest.json", str(tmp_path))).read_text()
+    )
+    broken = tmp_path / "broken" / pointer["slot"]
+    broken.parent.mkdir()
+    broken.write_bytes(b"cut short")
+    client.log_artifact(first, str(broken), "checkpoint")
+    elsewhere = tmp_path / "elsewhere"
+    assert Tracker(config.tracking_uri, config.study_name).fetch_checkpoint(first, elsewhere) is None
+    assert not list(elsewhere.glob("*.pt"))
 
 
 def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_path, prepared, monkeypatch):  # noqa: F811

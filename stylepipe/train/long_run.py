@@ -75,7 +75,7 @@ class LongRun(Callback):
     """Checkpoints, resume and recovery around ``Trainer.fit`` (see the module doc).
 
     ``sinks`` receive the metric rows (only when a checkpoint commits them) and, when they
-    have the method, ``on_recovery(event)``. Pass the LongRun last among the trainer's
+    have the methods, ``on_recovery(event)`` and ``on_checkpoint(path, step)``. Pass the LongRun last among the trainer's
     callbacks, so that rows other callbacks add at a check (an evaluation) are committed too.
     """
 
@@ -183,9 +183,13 @@ class LongRun(Callback):
         trainer = self.trainer
         state = {**trainer.state_dict(), "settings": self.settings, "recoveries": self.recoveries}
         self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.folder / f"step-{trainer.step:08d}.pt") as tmp:
+        path = self.folder / f"step-{trainer.step:08d}.pt"
+        with atomic_path(path) as tmp:
             torch.save(state, tmp)
         self.last_saved, self.saved_at = trainer.step, time.monotonic()
+        for sink in self.sinks:
+            if hasattr(sink, "on_checkpoint"):
+                sink.on_checkpoint(path, trainer.step)
         for old in checkpoints(self.folder)[: -self.keep]:
             old.unlink()
 
