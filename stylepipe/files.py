@@ -87,3 +87,63 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def file_sha256(path: str | Path) -> str:
     with Path(path).open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+STATE_KEY = "stylepipe.state"  # the header entry that holds a state's tree
+
+
+def write_state(path: str | Path, state: Any) -> Path:
+    """A nested state (a trainer's: tensors in dicts, lists and tuples, beside numbers,
+    strings, booleans and None) as one safetensors file, atomically: the tensors as tensors,
+    the rest as JSON in its header. No pickle, so a copy kept elsewhere (on an MLflow run) is
+    read back as data and nothing else (``read_state``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = value.detach().cpu().clone().contiguous()  # no shared storage
+            return {"$tensor": key}
+        if isinstance(value, dict):  # keys may be ints (an optimizer's state)
+            return {"$items": [[encode(k), encode(v)] for k, v in value.items()]}
+        if isinstance(value, tuple):
+            return {"$tuple": [encode(v) for v in value]}
+        if isinstance(value, list):
+            return [encode(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"a {type(value).__name__} cannot be written without pickle")
+
+    tree = json.dumps(encode(state))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={STATE_KEY: tree})
+    return Path(path)
+
+
+def read_state(path: str | Path) -> Any:
+    """What ``write_state`` wrote. ``ValueError`` when the file is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            tree = json.loads((handle.metadata() or {})[STATE_KEY])
+            # each its own storage: a torch.save of the state must not see views of one buffer
+            tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}  # noqa: SIM118
+    except Exception as err:
+        raise ValueError(f"{path} is not a state written by stylepipe ({type(err).__name__})") from None
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        if isinstance(value, dict):
+            if "$tensor" in value:
+                return tensors[value["$tensor"]]
+            if "$tuple" in value:
+                return tuple(decode(v) for v in value["$tuple"])
+            return {decode(k): decode(v) for k, v in value["$items"]}
+        return value
+
+    return decode(tree)

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import queue
-import shutil
 import tempfile
 import threading
 import time
@@ -28,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from stylepipe.errors import StylepipeError
-from stylepipe.files import atomic_path, file_sha256
+from stylepipe.files import atomic_path, file_sha256, read_state, write_state
 from stylepipe.stores import probe, redact_url, scrub, use_write_ahead_log
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
@@ -97,22 +96,23 @@ class RunLogger(Callback):
                                                            event["halted_at_step"])],
                               tags=[RunTag("stylepipe.recoveries", str(n)), RunTag(f"stylepipe.recovery.{n}", summary)])  # fmt: skip
 
-    def on_checkpoint(self, path: Path, step: int) -> None:
-        """A long run wrote a good checkpoint: with ``mirror_checkpoints``, a copy goes to the
-        run (``checkpoint/``), for a retry on a machine that does not have it. Two slots are
-        used in turn and the pointer (``latest.json``: slot, step, SHA-256) is written last, so
-        a crash during an upload leaves the pointer on the other, whole, copy."""
+    def on_checkpoint(self, state: dict[str, Any], step: int) -> None:
+        """A long run wrote a good checkpoint: with ``mirror_checkpoints``, a copy of its state
+        goes to the run (``checkpoint/``), for a retry on a machine that does not have it. The
+        copy is safetensors with a JSON header (``files.write_state``): no pickle in the
+        artifact store. Two slots are used in turn and the pointer (``latest.json``: slot, step,
+        SHA-256) is written last, so a crash during an upload leaves the pointer on the other,
+        whole, copy."""
         if not self.mirror_checkpoints:
             return
         try:
             if self._mirror_slot is None:  # a reopened run: do not overwrite the copy in use
                 self._mirror_slot = (_mirrored(self.client, self.run_id) or {}).get("slot")
-            slot = "b.pt" if self._mirror_slot == "a.pt" else "a.pt"
+            slot = "b.safetensors" if self._mirror_slot == "a.safetensors" else "a.safetensors"
             with tempfile.TemporaryDirectory() as tmp:
-                copy = Path(tmp) / slot
-                shutil.copyfile(path, copy)
+                copy = write_state(Path(tmp) / slot, state)
                 self.client.log_artifact(self.run_id, str(copy), CHECKPOINT_DIR)
-            pointer = {"slot": slot, "step": step, "sha256": file_sha256(path)}
+                pointer = {"slot": slot, "step": step, "sha256": file_sha256(copy)}
             self.client.log_dict(self.run_id, pointer, f"{CHECKPOINT_DIR}/latest.json")
             self._mirror_slot = slot
         except Exception as err:  # like a lost metric write: training goes on, the run says so
@@ -202,7 +202,7 @@ EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development",
                    f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(RUNS_VIEW_STATE)}  # fmt: skip
 
 
-CHECKPOINT_DIR = "checkpoint"  # a run's mirrored checkpoint: a.pt, b.pt and latest.json
+CHECKPOINT_DIR = "checkpoint"  # a run's mirrored checkpoint: two slots and latest.json
 
 
 def _mirrored(client: MlflowClient, run_id: str) -> dict | None:
@@ -312,8 +312,11 @@ class Tracker:
                     "the checkpoint copy on MLflow run %s does not match its SHA-256: not used", run_id
                 )
                 return None
-            with atomic_path(Path(folder) / f"step-{int(pointer['step']):08d}.pt") as target:
-                shutil.copyfile(copy, target)
+            state = read_state(copy)
+        import torch
+
+        with atomic_path(Path(folder) / f"step-{int(pointer['step']):08d}.pt") as target:
+            torch.save(state, target)  # this machine's checkpoint, as LongRun writes them
         return int(pointer["step"])
 
     def finish_run(

@@ -74,3 +74,32 @@ def test_a_password_with_any_character_is_masked_and_scrubbed(odd, port):
     assert redact_url(url) == f"postgresql://user:***@db:{port}/optuna"
     message = f"connection to {url} failed for password {password!r}"
     assert password not in scrub(message, url)
+
+
+def test_a_state_round_trips_through_safetensors_without_pickle(tmp_path):
+    import math
+    import pickle
+
+    import torch
+
+    from stylepipe.files import read_state, write_state
+
+    weight = torch.randn(3, 4)
+    state = {"model": {"w": weight, "view": weight[0]}, "optimizer": {"state": {0: {"step": torch.tensor(5.0)}},
+             "param_groups": [{"betas": (0.9, 0.999), "fused": None, "amsgrad": False, "params": [0]}]},
+             "rng": torch.get_rng_state(), "history": [{"loss": float("nan"), "step": 1}], "step": 7}  # fmt: skip
+    path = write_state(tmp_path / "state.safetensors", state)
+    back = read_state(path)
+    assert torch.equal(back["model"]["w"], weight) and torch.equal(back["model"]["view"], weight[0])
+    assert list(back["optimizer"]["state"]) == [0] and back["optimizer"]["state"][0]["step"].item() == 5.0
+    assert back["optimizer"]["param_groups"][0] == state["optimizer"]["param_groups"][0]  # a tuple stays one
+    assert (
+        torch.equal(back["rng"], state["rng"])
+        and math.isnan(back["history"][0]["loss"])
+        and back["step"] == 7
+    )
+    assert path.read_bytes()[8:9] == b"{"  # a safetensors header: data, not a pickle
+    with pytest.raises(TypeError, match="without pickle"):
+        write_state(tmp_path / "other.safetensors", {"object": pickle})
+    with pytest.raises(ValueError, match="not a state written by stylepipe"):
+        read_state(tmp_path / "missing.safetensors")

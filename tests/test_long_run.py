@@ -250,7 +250,7 @@ def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_
     steps = [m.step for m in client.get_metric_history(first, "loss/total")]
     assert sorted(steps) == list(range(1, 31))  # each step once
     assert {f.path for f in client.list_artifacts(first, "checkpoint")} == {
-        "checkpoint/a.pt", "checkpoint/b.pt", "checkpoint/latest.json"}  # fmt: skip
+        "checkpoint/a.safetensors", "checkpoint/b.safetensors", "checkpoint/latest.json"}  # fmt: skip
 
     # a copy that does not match the SHA-256 its pointer recorded (an upload cut short) is not used
     from stylepipe.tracking import Tracker

@@ -75,7 +75,7 @@ class LongRun(Callback):
     """Checkpoints, resume and recovery around ``Trainer.fit`` (see the module doc).
 
     ``sinks`` receive the metric rows (only when a checkpoint commits them) and, when they
-    have the methods, ``on_recovery(event)`` and ``on_checkpoint(path, step)``. Pass the LongRun last among the trainer's
+    have the methods, ``on_recovery(event)`` and ``on_checkpoint(state, step)``. Pass the LongRun last among the trainer's
     callbacks, so that rows other callbacks add at a check (an evaluation) are committed too.
     """
 
@@ -189,7 +189,7 @@ class LongRun(Callback):
         self.last_saved, self.saved_at = trainer.step, time.monotonic()
         for sink in self.sinks:
             if hasattr(sink, "on_checkpoint"):
-                sink.on_checkpoint(path, trainer.step)
+                sink.on_checkpoint(state, trainer.step)
         for old in checkpoints(self.folder)[: -self.keep]:
             old.unlink()
 
