@@ -172,9 +172,12 @@ def _wait_healthy(service: Service, probe_url: str, timeout: float = STARTUP_SEC
 
 def _how_it_ended(service: Service) -> str:
     process = _STARTED.get(service.pid)
-    code = None if process is None else process.poll()
-    if code is None:
+    if process is None:
         return "its exit status is unknown: another process started it"
+    try:
+        code = process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        return "it still runs"
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit code {code}"
@@ -199,7 +202,12 @@ def _tail(log: str, lines: int = 15) -> str:
 
 
 def _runs(service: Service) -> bool:
-    """The pid is alive and still runs the command it was started with (pids get reused)."""
+    """The pid is alive and still runs the command it was started with (pids get reused). For
+    a child of this process, its own exit status says: reading /proc/PID/cmdline can come back
+    empty for a process that runs (a restarted MLflow server was once taken for dead)."""
+    child = _STARTED.get(service.pid)
+    if child is not None:
+        return child.poll() is None
     try:
         cmdline = Path(f"/proc/{service.pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
