@@ -42,7 +42,7 @@ from stylepipe.search.space import apply
 from stylepipe.search.storage import SingleWorkerGuard, StorageError, StudyLock
 from stylepipe.search.study import COUNTED, open_study, run_trials, trials_table
 from stylepipe.stores import is_sqlite, redact_url, sqlite_path
-from stylepipe.tracking import Tracker
+from stylepipe.tracking import CheckpointMirror, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +302,8 @@ def train_final(config: Config, safest: dict, session: StudySession | None = Non
             logger = s.tracker.child_run(s.parent, "final model", "final", safest["params"],
                                          {"safest.trial": safest["trial"]}, config.tracking.log_every)  # fmt: skip
             s.study.set_user_attr("final_run", logger.run_id)
-        logger.mirror_checkpoints = config.tracking.mirror_checkpoints
-        long_run = LongRun(folder, final_config, sinks=[logger])
+        mirror = [CheckpointMirror(logger)] if config.tracking.mirror_checkpoints else []
+        long_run = LongRun(folder, final_config, sinks=[logger, *mirror])
         try:
             run = run_candidate(final_config, s.data, logger=logger, long_run=long_run)
         except BaseException as err:  # Ctrl-C too: the run says why it stopped (and resumes later)

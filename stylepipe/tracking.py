@@ -27,10 +27,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from stylepipe.errors import StylepipeError
-from stylepipe.files import atomic_path, file_sha256, read_state, write_state
+from stylepipe.files import file_sha256, read_state, write_state
 from stylepipe.stores import probe, redact_url, scrub, use_write_ahead_log
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
+from stylepipe.train.long_run import write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,6 @@ class RunLogger(Callback):
         self.errors: list[str] = []
         self._errors_reported = False
         self.logged_through = 0  # steps the run already holds (a resumed run skips them)
-        self.mirror_checkpoints = False  # see on_checkpoint
-        self._mirror_slot: str | None = None
 
     def on_resume(self, step: int) -> None:
         """A long run went on from its checkpoint at ``step``: say so on the run, and skip the
@@ -95,32 +94,6 @@ class RunLogger(Callback):
         self.client.log_batch(self.run_id, metrics=[Metric("recovery/count", n, int(time.time() * 1000),
                                                            event["halted_at_step"])],
                               tags=[RunTag("stylepipe.recoveries", str(n)), RunTag(f"stylepipe.recovery.{n}", summary)])  # fmt: skip
-
-    def on_checkpoint(self, state: dict[str, Any], step: int) -> None:
-        """A long run wrote a good checkpoint: with ``mirror_checkpoints``, a copy of its state
-        goes to the run (``checkpoint/``), for a retry on a machine that does not have it. The
-        copy is safetensors with a JSON header (``files.write_state``): no pickle in the
-        artifact store. Two slots are used in turn and the pointer (``latest.json``: slot, step,
-        SHA-256) is written last, so a crash during an upload leaves the pointer on the other,
-        whole, copy."""
-        if not self.mirror_checkpoints:
-            return
-        try:
-            if self._mirror_slot is None:  # a reopened run: do not overwrite the copy in use
-                self._mirror_slot = (_mirrored(self.client, self.run_id) or {}).get("slot")
-            slot = "b.safetensors" if self._mirror_slot == "a.safetensors" else "a.safetensors"
-            with tempfile.TemporaryDirectory() as tmp:
-                copy = write_state(Path(tmp) / slot, state)
-                self.client.log_artifact(self.run_id, str(copy), CHECKPOINT_DIR)
-                pointer = {"slot": slot, "step": step, "sha256": file_sha256(copy)}
-            self.client.log_dict(self.run_id, pointer, f"{CHECKPOINT_DIR}/latest.json")
-            self._mirror_slot = slot
-        except Exception as err:  # like a lost metric write: training goes on, the run says so
-            message = scrub(f"{type(err).__name__}: {err}", self.client.tracking_uri)
-            self.errors.append(f"checkpoint at step {step}: {message}")
-            log.warning(
-                "the checkpoint at step %d was not copied to MLflow run %s: %s", step, self.run_id, message
-            )
 
     def _keep(self, row: dict[str, float], last_of_chunk: bool) -> bool:
         # Evaluations are always kept, and so is each chunk's last row: the trainer sends a
@@ -203,6 +176,39 @@ EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development",
 
 
 CHECKPOINT_DIR = "checkpoint"  # a run's mirrored checkpoint: two slots and latest.json
+
+
+class CheckpointMirror(Callback):
+    """A long run's sink (beside its ``RunLogger``) that copies each good checkpoint's state to
+    the run (``checkpoint/``), for a retry on a machine that does not have it
+    (``Tracker.fetch_checkpoint``). The copy is safetensors with a JSON header
+    (``files.write_state``): no pickle in the artifact store. Two slots are used in turn and
+    the pointer (``latest.json``: slot, step, SHA-256) is written last, so a crash during an
+    upload leaves the pointer on the other, whole, copy. A failed copy is one of the logger's
+    lost writes: training goes on, and the run says so when the logger flushes."""
+
+    def __init__(self, logger: RunLogger):
+        self.logger = logger
+        self.slot: str | None = None  # the slot the pointer names
+
+    def on_checkpoint(self, state: dict[str, Any], step: int) -> None:
+        client, run_id = self.logger.client, self.logger.run_id
+        try:
+            if self.slot is None:  # a reopened run: do not overwrite the copy in use
+                self.slot = (_mirrored(client, run_id) or {}).get("slot")
+            slot = "b.safetensors" if self.slot == "a.safetensors" else "a.safetensors"
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = write_state(Path(tmp) / slot, state)
+                client.log_artifact(run_id, str(copy), CHECKPOINT_DIR)
+                pointer = {"slot": slot, "step": step, "sha256": file_sha256(copy)}
+            client.log_dict(run_id, pointer, f"{CHECKPOINT_DIR}/latest.json")
+            self.slot = slot
+        except Exception as err:
+            message = scrub(f"{type(err).__name__}: {err}", client.tracking_uri)
+            self.logger.errors.append(f"checkpoint at step {step}: {message}")
+            log.warning(
+                "the checkpoint at step %d was not copied to MLflow run %s: %s", step, run_id, message
+            )
 
 
 def _mirrored(client: MlflowClient, run_id: str) -> dict | None:
@@ -299,7 +305,7 @@ class Tracker:
         return self.run_logger(self.client, run_id, every=log_every)
 
     def fetch_checkpoint(self, run_id: str, folder: Path) -> int | None:
-        """The checkpoint a long run mirrored to its MLflow run (``RunLogger.on_checkpoint``),
+        """The checkpoint a long run mirrored to its MLflow run (``CheckpointMirror``),
         put in ``folder`` as its newest checkpoint; its step, or None when the run has none
         (or its copy does not match the SHA-256 the run recorded: it is then not used)."""
         pointer = _mirrored(self.client, run_id)
@@ -313,11 +319,8 @@ class Tracker:
                 )
                 return None
             state = read_state(copy)
-        import torch
-
-        with atomic_path(Path(folder) / f"step-{int(pointer['step']):08d}.pt") as target:
-            torch.save(state, target)  # this machine's checkpoint, as LongRun writes them
-        return int(pointer["step"])
+        write_checkpoint(folder, state)  # this machine's checkpoint now
+        return state["step"]
 
     def finish_run(
         self,

@@ -92,13 +92,13 @@ def load_vgg16_features(weights: str, seed: int = 0, warn: bool = True) -> nn.Se
     # torchvision's VGG16 feature layers alone: building the whole model would also
     # allocate (and initialise) its 120M-parameter classifier, for nothing.
     features = make_layers(cfgs["D"])[: LAYER_INDEX["relu4_3"] + 1]
-    if weights == "random" and warn:
-        log.warning(
-            "LOSS NETWORK HAS RANDOM WEIGHTS (seed %d): fine for testing the pipeline, "
-            "useless for real stylisation. Set loss.vgg_weights=imagenet or a weights file.",
-            seed,
-        )
     if weights == "random":
+        if warn:
+            log.warning(
+                "LOSS NETWORK HAS RANDOM WEIGHTS (seed %d): fine for testing the pipeline, "
+                "useless for real stylisation. Set loss.vgg_weights=imagenet or a weights file.",
+                seed,
+            )
         generator = torch.Generator().manual_seed(seed)
         for module in features:
             if isinstance(module, nn.Conv2d):

@@ -66,6 +66,14 @@ def _step_of(path: Path) -> int:
     return int(path.stem.removeprefix("step-"))
 
 
+def write_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
+    """A long run's state (``LongRun``'s, with its ``step``) as ``<folder>/step-NNNNNNNN.pt``, atomically."""
+    path = Path(folder) / f"step-{state['step']:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
 def checkpoints(folder: Path) -> list[Path]:
     """The checkpoints in a folder, oldest first."""
     return sorted(folder.glob("step-*.pt"), key=_step_of) if folder.is_dir() else []
@@ -75,8 +83,9 @@ class LongRun(Callback):
     """Checkpoints, resume and recovery around ``Trainer.fit`` (see the module doc).
 
     ``sinks`` receive the metric rows (only when a checkpoint commits them) and, when they
-    have the methods, ``on_recovery(event)`` and ``on_checkpoint(state, step)``. Pass the LongRun last among the trainer's
-    callbacks, so that rows other callbacks add at a check (an evaluation) are committed too.
+    have the methods, ``on_recovery(event)`` and ``on_checkpoint(state, step)``. Pass the
+    LongRun last among the trainer's callbacks, so that rows other callbacks add at a check
+    (an evaluation) are committed too.
     """
 
     def __init__(
@@ -182,10 +191,7 @@ class LongRun(Callback):
     def _save(self) -> None:
         trainer = self.trainer
         state = {**trainer.state_dict(), "settings": self.settings, "recoveries": self.recoveries}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"step-{trainer.step:08d}.pt"
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        write_checkpoint(self.folder, state)
         self.last_saved, self.saved_at = trainer.step, time.monotonic()
         for sink in self.sinks:
             if hasattr(sink, "on_checkpoint"):
