@@ -52,9 +52,10 @@ dashboards: $(STAMP)
 # The README's pictures, copied from the last `make run` (run it first), so that they show
 # what the code does today: the stability map and content | style | result.
 pictures:
-	@test -f $(RUN_DIR)/triptych.png || { echo "no $(RUN_DIR)/triptych.png: run make run first"; exit 2; }
-	cp $(RUN_DIR)/stability_map.png stylepipe/assets/demo_stability_map.png
-	cp $(RUN_DIR)/triptych.png stylepipe/assets/demo_triptych.png
+	@latest=$$(ls -t $(RUN_DIR)/final/*/triptych.png 2>/dev/null | head -1); \
+	test -n "$$latest" || { echo "no triptych under $(RUN_DIR)/final: run make run first"; exit 2; }; \
+	cp $(RUN_DIR)/stability_map.png stylepipe/assets/demo_stability_map.png && \
+	cp "$$latest" stylepipe/assets/demo_triptych.png && echo "copied $$latest and the stability map"
 
 # The production shape on loopback: PostgreSQL databases, MLflow server (proxied artifacts),
 # Prefect server, a process work pool and its worker, optuna-dashboard (see README).

@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prefect_home(args)
     overrides = secrets_to_environment(args)
     from flows.pipeline import style_pipeline
-    from stylepipe.stages import style_summary
+    from stylepipe.showcase import style_summary
 
     with prefect_server_errors():
         result = style_pipeline(config_path=args.config, overrides=overrides, study_name=args.study)
@@ -102,7 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         out.print(f"  final run:         {model['recoveries']} recoveries from a halt")
         if model["style"]:
             out.print(f"  style:             {style_summary(model['style'])}")
-        out.print(f"  stylised samples:  {run_dir / 'samples'}")
+        if model.get("final_reused"):
+            out.print("                     (its final run finished before: reused, not trained again)")
+        out.print(f"  final run folder:  {model['folder']}  (model, samples, triptych.png)")
     if result["promotion"]:
         out.print(f"  champion:          {result['promotion']['why']}")
     else:

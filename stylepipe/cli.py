@@ -36,6 +36,13 @@ def load_settings(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def recovery_line(event: dict) -> str:
+    lr, clip = event["lr"], event["clip_norm"]
+    return (f"attempt {event['attempt']}: halted at step {event['halted_at_step']} ({event['cause']}); back to step "
+            f"{event['resumed_from_step']}, skipped {event['skipped_batches']} batches, lr {lr[0]:.3g} -> {lr[1]:.3g}, "
+            f"clip {clip[0] if clip[0] is None else f'{clip[0]:.3g}'} -> {clip[1] if clip[1] is None else f'{clip[1]:.3g}'}")  # fmt: skip
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from stylepipe import stages
     from stylepipe.train import TrainingHalted
@@ -43,27 +50,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         trained = stages.train(load_settings(args), fresh=args.fresh)
     except TrainingHalted as halted:
+        output = halted.output
+        if output.already:
+            console.print(f"[bold red]this run halted for good before; nothing was trained now (the same settings "
+                          f"halt the same way: change them, or --fresh to try again). Its folder: {output.folder}")  # fmt: skip
         console.print(f"[bold red]{halted.autopsy.explain()}")
-        tried = len(getattr(halted, "recoveries", []))
-        if tried:
-            console.print(
-                f"[bold red]gave up after {tried} recoveries; every attempt's autopsy is in the file below"
-            )
-        console.print(f"autopsy: {halted.output.autopsy_json}\nmetrics: {halted.output.metrics_csv}")
+        if output.recoveries:
+            console.print(f"[bold red]gave up after {len(output.recoveries)} recoveries:")
+            for event in output.recoveries:
+                console.print(f"  {recovery_line(event)}")
+        console.print(f"autopsy: {output.autopsy_json}\nmetrics: {output.metrics_csv}")
         return 3
+    if trained["already"]:
+        out.print(f"[green]already finished: {trained['model']}[/] ({trained['steps']} steps; nothing was trained "
+                  "or written. Other settings make another run)")  # fmt: skip
+        return 0
     if trained["resumed_from"] is not None:
         console.print(f"resumed from the checkpoint at step {trained['resumed_from']} (--fresh starts over)")
     for event in trained["recoveries"]:
-        console.print(
-            f"[yellow]recovered from a halt at step {event['halted_at_step']} ({event['cause']}): "
-            f"back to step {event['resumed_from_step']}, skipped {event['skipped_batches']} batches, "
-            f"lr {event['lr'][0]:.3g} -> {event['lr'][1]:.3g}, clip {event['clip_norm'][0]} -> {event['clip_norm'][1]}"
-        )
+        console.print(f"[yellow]recovered from a halt: {recovery_line(event)}")
     out.print(
         f"[green]trained {trained['steps']} steps in {trained['seconds']:.1f} s; "
         f"final total loss {trained['final_loss']:.4g}; {len(trained['recoveries'])} recoveries"
     )
-    out.print(f"checkpoint: {trained['checkpoint']}\nmetrics:    {trained['metrics_csv']}")
+    out.print(f"model:   {trained['model']}\nmetrics: {trained['metrics_csv']}")
     return 0
 
 
@@ -83,6 +93,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from stylepipe import stages
+    from stylepipe.showcase import style_summary
 
     result = stages.run_search(load_settings(args), progress=not args.quiet)
     counts = result["outcomes"]
@@ -92,11 +103,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     )
     out.print(f"stability map: {result['stability_map']}")
     out.print(f"MLflow runs table: {result['runs_table']}")
-    if result["safest"] is None:
-        console.print(
-            "[bold red]No safe configuration: every candidate went NaN or diverged under the stress "
-            f"replays. Nothing was registered. Details: {result['safest_json']}"
+    if result["recorded_before"]:
+        out.print(
+            "this study was finished before with these settings: its recorded result (nothing was run again)"
         )
+    if result["safest"] is None:
+        console.print(f"[bold red]No safe configuration: {result['nothing_safe']}. Nothing was registered. "
+                      f"Details: {result['safest_json']}")  # fmt: skip
         return 4
     s = result["safest"]
     out.print(f"[green]safest: trial {s['trial']}, quality {s['quality']:.4g}, params {s['params']}")
@@ -107,10 +120,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     out.print(f"safest.json: {result['safest_json']}")
     if result["model"]:
         model = result["model"]
+        if model.get("final_reused") and not result["recorded_before"]:
+            version = (f"registered version {model['version']} is reused" if model["reused"] else
+                       f"its registration, cut short before, was completed: version {model['version']}")  # fmt: skip
+            out.print(f"the safest configuration's final run finished before (MLflow run {model['run_id']}): its "
+                      f"model is reused, not trained again; {version}")  # fmt: skip
         out.print(f"registered model: {model['model_uri']} (version {model['version']}); "
                   f"its final run needed {model['recoveries']} recoveries")  # fmt: skip
+        if model.get("model"):
+            out.print(f"model file: {model['model']}")
         if model["style"]:
-            out.print(f"style: {stages.style_summary(model['style'])}")
+            out.print(f"style: {style_summary(model['style'])}")
     return 0
 
 
@@ -166,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train one style network with NaN guards (resumes a stopped run)")
     add_config_args(train)
-    train.add_argument("--fresh", action="store_true", help="start over: remove the run's checkpoints first")
+    train.add_argument("--fresh", action="store_true",
+                       help="start an interrupted or halted run with these settings over (never a finished one)")  # fmt: skip
     train.set_defaults(func=cmd_train)
 
     prep = sub.add_parser("prepare", help="check, normalise and pack an image folder into a shard")
@@ -237,6 +258,10 @@ def run(args: argparse.Namespace) -> int:
     )
     for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Libraries' Python warnings (MLflow's on importing PythonModel, ...) are for developers:
+    # logged, shown with --verbose only, so a user's mistake stays one line.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     import optuna
 
     optuna.logging.enable_default_handler()  # the one handler that writes all of optuna's records
@@ -251,6 +276,8 @@ def run(args: argparse.Namespace) -> int:
         console.print("[bold yellow]interrupted:[/] the running trial and its runs are marked as stopped; "
                       "the same command resumes")  # fmt: skip
         return 130
+    finally:
+        logging.captureWarnings(False)  # the caller's (a test's) warnings hook again
 
 
 if __name__ == "__main__":

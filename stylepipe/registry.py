@@ -52,9 +52,9 @@ class StylizeModel(PythonModel):
     """``predict``: float32 images N x 3 x H x W in [0, 1] -> stylised images, same shape."""
 
     def load_context(self, context) -> None:
-        from stylepipe.train.checkpoint import load_checkpoint
+        from stylepipe.train.model_file import load_model
 
-        self.model = load_checkpoint(context.artifacts["weights"])
+        self.model = load_model(context.artifacts["weights"])
 
     def predict(self, context, model_input, params=None):
         import torch
@@ -63,6 +63,36 @@ class StylizeModel(PythonModel):
 
         images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         return stylize_tensor(self.model, images).numpy()
+
+
+def log_model(uri: str, run_id: str, weights: str | Path, tags: dict[str, str]) -> str:
+    """Log the weights and the pyfunc model that rebuilds the network from them to the run, then
+    ``tags``, and end the run FINISHED; the logged model's URI (``register`` takes it). The run
+    must be RUNNING: this is the last thing a final run does."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    images = Schema([TensorSpec(np.dtype("float32"), (-1, 3, -1, -1))])  # any size
+    example = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "stylepipe_model.py"
+        code.write_text(MODEL_CODE)
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():  # ends the run FINISHED
+            warnings.filterwarnings("ignore", message=".*type hints.*")  # the signature is explicit
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(code),
+                artifacts={"weights": str(weights)},
+                signature=ModelSignature(inputs=images, outputs=images),
+                input_example=example,
+                pip_requirements=["torch", "torchvision", "safetensors", "stylepipe"],
+            )
+            mlflow.set_tags({**tags, LOGGED_MODEL_TAG: info.model_uri})
+    return info.model_uri
+
+
+LOGGED_MODEL_TAG = "stylepipe.model_uri"  # on the final run: its logged model
 
 
 class Registry:
@@ -78,36 +108,29 @@ class Registry:
         self.name = name
         self.client = MlflowClient(tracking_uri=uri)
 
-    def register(self, run_id: str, checkpoint: str | Path, quality: float, tags: dict | None = None) -> dict:
-        """Log the weights and the pyfunc model to the run, register them as a new version
-        tagged safe, with its quality, the weights' SHA-256 and ``tags``, and alias it ``safest``."""
-        from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
-
-        images = Schema([TensorSpec(np.dtype("float32"), (-1, 3, -1, -1))])  # any size
-        example = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
-        mlflow.set_tracking_uri(self.uri)
-        with tempfile.TemporaryDirectory() as tmp:
-            code = Path(tmp) / "stylepipe_model.py"
-            code.write_text(MODEL_CODE)
-            with mlflow.start_run(run_id=run_id), warnings.catch_warnings():  # reopens the finished run
-                warnings.filterwarnings("ignore", message=".*type hints.*")  # the signature is explicit
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=str(code),
-                    artifacts={"weights": str(checkpoint)},
-                    signature=ModelSignature(inputs=images, outputs=images),
-                    input_example=example,
-                    registered_model_name=self.name,
-                    pip_requirements=["torch", "torchvision", "safetensors", "stylepipe"],
-                )
-        version = str(info.registered_model_version)
-        tags = {"quality": str(quality), "safe": "true", "weights_sha256": file_sha256(Path(checkpoint)),
+    def register(self, run_id: str, model_uri: str, weights_sha256: str, quality: float,
+                 tags: dict | None = None) -> dict:  # fmt: skip
+        """The final run's logged model (``log_model``) as a version tagged safe, with its quality,
+        its weights' SHA-256 and ``tags``, aliased ``safest``. Idempotent: a version already
+        registered from that run (a registration cut short, a study certified again with the same
+        safest configuration) is completed and reused, not registered twice."""
+        earlier = self.client.search_model_versions(f"name = '{self.name}' and run_id = '{run_id}'")
+        if earlier:
+            version, reused = str(max(int(v.version) for v in earlier)), True
+        else:
+            mlflow.set_tracking_uri(self.uri)
+            version, reused = str(mlflow.register_model(model_uri, self.name).version), False
+        tags = {"quality": str(quality), "safe": "true", "weights_sha256": weights_sha256,
                 **{k: str(v) for k, v in (tags or {}).items()}}  # fmt: skip
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, key, value)
         self.set_alias("safest", version)
-        return {"run_id": run_id, "model_uri": f"models:/{self.name}@safest", "version": version}
+        return {
+            "run_id": run_id,
+            "model_uri": f"models:/{self.name}@safest",
+            "version": version,
+            "reused": reused,
+        }
 
     def alias_version(self, alias: str) -> str | None:
         """The version behind ``name@alias``, or None when the alias (or the model) does not exist."""
@@ -131,9 +154,23 @@ class Registry:
         raise RegistryError(f"{uri}: give a registered model as models:/NAME@ALIAS or models:/NAME/VERSION")
 
     def resolve(self, version: str) -> str:
-        """A version number, from a number or an ``@alias``."""
+        """A version number, from a number or an ``@alias``; a version that is not there, in one line."""
         if not version.startswith("@"):
-            return version
+            store = redact_url(self.uri)
+            try:
+                self.client.get_model_version(self.name, version)
+                return version
+            except MlflowException as err:
+                missing = "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "not found" in str(err).lower()
+                if not missing:
+                    raise RegistryError(f"cannot read version {version} of {self.name} from {store}: "
+                                        f"{str(err).splitlines()[0]}") from None  # fmt: skip
+            try:
+                self.client.get_registered_model(self.name)
+            except MlflowException as err:
+                if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "not found" in str(err).lower():
+                    raise RegistryError(f"no model is registered as {self.name} in {store}") from None
+            raise RegistryError(f"{self.name} has no version {version} in {store}")
         try:
             found = self.alias_version(version[1:])
         except MlflowException as err:
@@ -164,10 +201,13 @@ class Registry:
     def load(self, version: str) -> TransformerNet:
         """The version's transformer, from its safetensors weights only (nothing in the artifact
         store runs), after checking they are the bytes that were registered."""
-        from stylepipe.train.checkpoint import CheckpointError, load_checkpoint
+        from stylepipe.train.model_file import ModelFileError, load_model
 
         where = f"version {version} of {self.name} ({redact_url(self.uri)})"
-        expected = self.client.get_model_version(self.name, version).tags.get("weights_sha256")
+        try:
+            expected = self.client.get_model_version(self.name, version).tags.get("weights_sha256")
+        except MlflowException as err:
+            raise RegistryError(f"cannot read {where}: {str(err).splitlines()[0]}") from None
         if not expected:
             raise RegistryError(
                 f"{where} has no weights_sha256 tag: it was not registered by this stylepipe "
@@ -188,6 +228,6 @@ class Registry:
                     f"{expected[:12]}...); refusing to load it. Re-register it, or restore the artifact store."
                 )
             try:
-                return load_checkpoint(weights)
-            except CheckpointError as err:
+                return load_model(weights)
+            except ModelFileError as err:
                 raise RegistryError(f"{where}: {err}") from None

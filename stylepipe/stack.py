@@ -231,9 +231,52 @@ def load(folder: str | Path) -> Stack:
     path = Path(folder) / "stack.json"
     if not path.is_file():
         raise StackError(f"no stack is recorded in {path}; start one with `stylepipe stack up`")
-    record = json.loads(path.read_text())
-    services = [Service(**s) for s in record.pop("services")]
-    return Stack(**record, services=services)
+    try:
+        return _parse(json.loads(path.read_bytes()))
+    except (OSError, ValueError) as err:  # unreadable, not JSON (or not UTF-8), or not a stack's shape
+        raise StackError(
+            f"{path} is not a stack record stylepipe wrote ({err}): if no stack processes run from it, "
+            "remove it"
+        ) from None
+
+
+def _parse(record: object) -> Stack:
+    """A ``Stack`` from the JSON of stack.json, its every field checked: pids from it get signals."""
+
+    def text(value: object, what: str, empty: bool = True) -> str:
+        if not isinstance(value, str) or not (empty or value):
+            raise ValueError(f"{what} is not {'a' if empty else 'a non-empty'} string")
+        return value
+
+    if not isinstance(record, dict):
+        raise ValueError(f"it holds a {type(record).__name__}, not an object")
+    required = ("folder", "optuna_url", "mlflow_db_url", "prefect_db_url")
+    missing = [key for key in (*required, "services") if key not in record]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    if not isinstance(record["services"], list):
+        raise ValueError("services is not a list")
+    services = []
+    for i, s in enumerate(record["services"]):
+        where = f"services[{i}]"
+        if not isinstance(s, dict) or not {"name", "pid", "command", "log"} <= s.keys():
+            raise ValueError(f"{where} is not an object with a name, pid, command and log")
+        pid = s["pid"]
+        if type(pid) is not int or pid <= 1:  # pid 0 is our own group, 1 is init
+            raise ValueError(f"{where}.pid is not a process id")
+        command = s["command"]
+        if not isinstance(command, list) or not command:
+            raise ValueError(f"{where}.command is not a list of strings")
+        services.append(Service(
+            text(s["name"], f"{where}.name", empty=False), pid,
+            [text(part, f"{where}.command", empty=False) for part in command],
+            text(s["log"], f"{where}.log"), text(s.get("url", ""), f"{where}.url"),
+        ))  # fmt: skip
+    fields = {key: text(record[key], key) for key in required}
+    for key in ("tracking_uri", "prefect_api_url", "dashboard_url", "pool"):
+        if key in record:
+            fields[key] = text(record[key], key)
+    return Stack(**fields, services=services)
 
 
 def up(folder: str | Path, admin_url: str | None = None, prefix: str = "stylepipe", pool: str = POOL,

@@ -25,7 +25,7 @@ from typing import Any
 
 from stylepipe import cores
 from stylepipe.config import Config
-from stylepipe.errors import StylepipeError
+from stylepipe.errors import failure_text
 from stylepipe.files import writable_folder, write_json
 from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
 from stylepipe.search.objective import (
@@ -33,16 +33,13 @@ from stylepipe.search.objective import (
     StudyData,
     check_prepared,
     evaluate_quality,
-    failure_text,
     load_study_data,
-    run_candidate,
 )
 from stylepipe.search.safest import confirm_safest
-from stylepipe.search.space import apply
 from stylepipe.search.storage import SingleWorkerGuard, StorageError, StudyLock
 from stylepipe.search.study import COUNTED, open_study, run_trials, trials_table
 from stylepipe.stores import is_sqlite, redact_url, sqlite_path
-from stylepipe.tracking import CheckpointMirror, Tracker
+from stylepipe.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +99,21 @@ def prepare(
 
 
 def train(config: Config, progress: bool = True, fresh: bool = False) -> dict:
-    """Train one configuration with its guards, checkpoints and recovery: ``model.safetensors``
-    and ``metrics.csv`` in run_dir. Running it again resumes from the newest checkpoint
-    (``fresh`` starts over). A halt after every recovery raises ``TrainingHalted`` with the
-    autopsy's path as ``.output``."""
+    """The run these settings make (``<run_dir>/train/<name>-<fingerprint>``), in its state: new,
+    it trains; interrupted, it resumes; finished, it is reported (``already``) and nothing is
+    written; halted, its ``TrainingHalted`` is raised again. ``fresh`` starts an interrupted or
+    halted run over. A halt after every recovery raises ``TrainingHalted`` with ``.output``."""
     from stylepipe.train import ProgressBar
     from stylepipe.train.recipe import train_from_config
 
     output = train_from_config(config, [ProgressBar(f"train {config.name}")] if progress else [], fresh=fresh)
     return {
-        "steps": output.result.steps,
-        "seconds": output.result.seconds,
-        "final_loss": output.result.final["loss/total"],
-        "checkpoint": str(output.checkpoint),
+        "already": output.already,
+        "folder": str(output.folder),
+        "steps": output.steps,
+        "seconds": output.seconds,
+        "final_loss": output.final_loss,
+        "model": str(output.model),
         "metrics_csv": str(output.metrics_csv),
         "resumed_from": output.resumed_from,
         "recoveries": output.recoveries,
@@ -128,7 +127,7 @@ def stylize(model_path: str, source: str, target: str, max_size: int | None, ove
     (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) in the tracking store at ``tracking_uri``,
     loaded from its safetensors weights after checking their registered SHA-256."""
     from stylepipe.stylize import check_output, stylize_file
-    from stylepipe.train.checkpoint import load_checkpoint
+    from stylepipe.train.model_file import load_model
 
     check_output(Path(source), Path(target), overwrite)  # before loading anything
     if model_path.startswith("models:/"):
@@ -138,7 +137,7 @@ def stylize(model_path: str, source: str, target: str, max_size: int | None, ove
         registry = Registry(tracking_uri, name)
         model = registry.load(registry.resolve(version))
     else:
-        model = load_checkpoint(model_path)
+        model = load_model(model_path)
     written, note = stylize_file(model, source, target, max_size, overwrite)
     return {"output": str(written), "note": note}
 
@@ -238,6 +237,8 @@ def search(
     """Run (or resume) the study's trials until it holds ``search.n_trials`` finished ones."""
     check_prepared(config.data.content)  # before any study or run exists
     with _session(config, session) as s:
+        if len(s.study.get_trials(deepcopy=False, states=COUNTED)) < config.search.n_trials:
+            set_study_state(s.study, "searching")
         objective = Objective(s.data, s.tracker, s.parent)
         ran = run_trials(config, s.study, objective, progress, warm_start)
         return {"study": config.study_name, "trials_run": ran}
@@ -256,11 +257,12 @@ def confirm(config: Config, session: StudySession | None = None) -> dict | None:
         if attrs.get("safest_for_trials") == done and "safest" in attrs:
             safest = attrs["safest"]
         else:
+            set_study_state(study, "certifying")
             safest = confirm_safest(study, s.data, s.tracker, s.parent)
             study.set_user_attr("safest_for_trials", done)
         if safest is None:
             write_json(s.run_dir / "safest.json", {"study": study.study_name, "safest": None,
-                       "why": "no candidate stayed finite under every stress replay",
+                       "why": nothing_safe_because(study.user_attrs.get("safety") or []),
                        "baseline": study.user_attrs.get("baseline"),
                        "versus_baseline": study.user_attrs.get("versus_baseline")})  # fmt: skip
         else:
@@ -270,148 +272,25 @@ def confirm(config: Config, session: StudySession | None = None) -> dict | None:
         return safest
 
 
-class FinalRunHalted(StylepipeError):
-    """The safest configuration halted in its final run after every recovery attempt."""
-
-
 def train_final(config: Config, safest: dict, session: StudySession | None = None) -> dict:
-    """Train the safest configuration for ``tracking.final_steps``, as a long run: good
-    checkpoints in ``<run_dir>/checkpoints/<study>-final``, recovery from halts
-    (``train.recovery``), and, when the stage runs again after a crash (a Prefect retry, the
-    same command again), a resume in the same MLflow run. Writes ``model.safetensors`` and
-    stylised samples in run_dir; the MLflow run ends finished with its metrics, samples and
-    recoveries."""
-    from stylepipe.train.checkpoint import save_checkpoint
-    from stylepipe.train.long_run import LongRun, checkpoints, start_afresh
+    """Train the safest configuration for ``tracking.final_steps`` as a long run (final.py): in
+    ``<run_dir>/final/<study>-<fingerprint>``, with good checkpoints (mirrored to its MLflow run),
+    recovery from halts and, when the stage runs again (a Prefect retry, the same command again,
+    another machine), a resume in the same MLflow run. A final run that finished before is
+    reused (``reused``), never trained or rewritten again; one that halted raises
+    ``FinalRunHalted`` again."""
+    from stylepipe.final import FinalRun
 
     with _session(config, session) as s:
-        steps = config.tracking.final_steps or config.train.steps
-        final_config = apply(config, safest["params"], **{
-            "train.steps": steps, "data.image_size": config.tracking.final_image_size or config.data.image_size})  # fmt: skip
-        folder = s.run_dir / "checkpoints" / f"{config.study_name}-final"
-        earlier = s.study.user_attrs.get("final_run")
-        if earlier and not checkpoints(folder) and config.tracking.mirror_checkpoints:
-            fetched = s.tracker.fetch_checkpoint(earlier, folder)  # it crashed on another machine
-            if fetched is not None:
-                log.warning("the final run's checkpoint at step %d was fetched from its MLflow run %s",
-                            fetched, earlier)  # fmt: skip
-        if earlier and checkpoints(folder):  # a crashed final run: the same run goes on
-            logger = s.tracker.reopen_run(earlier, config.tracking.log_every)
-        else:
-            start_afresh(folder)
-            logger = s.tracker.child_run(s.parent, "final model", "final", safest["params"],
-                                         {"safest.trial": safest["trial"]}, config.tracking.log_every)  # fmt: skip
-            s.study.set_user_attr("final_run", logger.run_id)
-        mirror = [CheckpointMirror(logger)] if config.tracking.mirror_checkpoints else []
-        long_run = LongRun(folder, final_config, sinks=[logger, *mirror])
-        try:
-            run = run_candidate(final_config, s.data, logger=logger, long_run=long_run)
-        except BaseException as err:  # Ctrl-C too: the run says why it stopped (and resumes later)
-            s.tracker.finish_run(logger.run_id, "failed", logger=logger, failure=failure_text(err))
-            raise
-        if run.outcome != "complete":
-            cause = run.autopsy.cause if run.autopsy else None
-            s.tracker.finish_run(logger.run_id, run.outcome, cause, run.autopsy, logger=logger)
-            raise FinalRunHalted(
-                f"the safest configuration went {run.outcome} ({cause}) in its final training run after "
-                f"{len(run.recoveries)} recoveries; the autopsies are on its MLflow run {logger.run_id}"
-            )
-        if run.recoveries:  # the final run is the certificate's last and longest test
-            why = f"its {steps}-step final run needed {len(run.recoveries)} recoveries"
-            safest = {**safest, "certificate": {**safest["certificate"], "weakened": why}}
-            s.study.set_user_attr("safest", safest)
-            write_json(s.run_dir / "safest.json", safest)
-            write_json(s.run_dir / "last_safest.json", safest)
-        checkpoint = save_checkpoint(run.model, s.run_dir / "model.safetensors", {"safest": safest})
-        samples = write_samples(run.model, s.data, s.run_dir / "samples")
-        samples.append(write_triptych(run.model, config, s.run_dir / "triptych.png"))
-        style = measure_style(run.model, s.data, config)
-        s.tracker.log_artifacts(logger.run_id, samples, "samples")
-        s.tracker.finish_run(logger.run_id, "complete", logger=logger, metrics={
-            "final/quality": run.quality, "recoveries": len(run.recoveries),
-            **{f"final/style_{key}": value for key, value in style.items()}})  # fmt: skip
-        return {"run_id": logger.run_id, "checkpoint": str(checkpoint), "quality": run.quality,
-                "samples": [str(p) for p in samples], "recoveries": len(run.recoveries), "style": style,
-                "resumed_from": long_run.resumed_from, "steps": steps, "safest": safest}  # fmt: skip
-
-
-def write_samples(model, data: StudyData, folder: Path, count: int = 4) -> list[Path]:
-    """Validation images beside the model's output for them, one PNG each."""
-    from torchvision.utils import save_image
-
-    from stylepipe.stylize import stylize_tensor
-
-    folder.mkdir(parents=True, exist_ok=True)
-    images = data.val_images[:count].to(data.device).float().div(255)
-    styled = stylize_tensor(model.eval(), images)
-    paths = []
-    for i, (source, output) in enumerate(zip(images, styled, strict=True)):
-        paths.append(folder / f"sample_{i}.png")
-        save_image([source.cpu(), output.cpu()], paths[-1], nrow=2, padding=2)
-    return paths
-
-
-JUDGE_SEED_OFFSET = 1234  # the judge's random weights: never the seed the model trained against
-
-
-def measure_style(model, data: StudyData, config: Config, count: int = 16) -> dict[str, float]:
-    """How far the model moves validation images toward the style image (nets/losses.py's
-    ``style_distances``). Texture is judged at relu1_2: with random weights, by another seed's
-    network than the one the model trained against, so the measure is not its training loss;
-    with real weights, by the same network, at that one layer."""
-    import torch
-
-    from stylepipe.data.decode import resize_crop
-    from stylepipe.data.sources import load_image
-    from stylepipe.nets.losses import style_distances
-    from stylepipe.nets.vgg import LossNetwork, load_vgg16_features
-    from stylepipe.stylize import stylize_tensor
-
-    device = next(model.parameters()).device
-    weights = config.loss.vgg_weights
-    judge = LossNetwork(load_vgg16_features(weights, seed=config.train.seed + JUDGE_SEED_OFFSET, warn=False),
-                        ["relu1_2"]).to(device)  # fmt: skip
-    images = data.val_images[:count].to(device).float().div(255)
-    style = resize_crop(load_image(config.data.style_image), images.shape[-1]).to(device).float().div(255)
-    with torch.no_grad():
-        outputs = stylize_tensor(model.eval(), images)
-    return style_distances(images, outputs, style, judge)
-
-
-def style_summary(style: dict[str, float]) -> str:
-    return (f"texture x{style['texture_ratio']:.2f}, palette x{style['palette_ratio']:.2f} of the inputs' "
-            "distance to the style image (1: unchanged; lower: more stylised)")  # fmt: skip
-
-
-def write_triptych(model, config: Config, path: Path) -> Path:
-    """The final model on the showcase photo, beside the style image: content | style | result."""
-    import numpy as np
-    import torch
-    from torchvision.transforms.functional import to_pil_image, to_tensor
-
-    from stylepipe.data.sources import load_image
-    from stylepipe.report import triptych
-    from stylepipe.stylize import stylize_tensor
-
-    size = config.tracking.showcase_size
-    content = load_image(config.tracking.showcase_image)
-    content.thumbnail((size, size))
-    style = load_image(config.data.style_image).resize(content.size)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        result = stylize_tensor(model.eval(), to_tensor(content).unsqueeze(0).to(device))[0].cpu()
-    styled = np.asarray(to_pil_image(result))
-    caption = (f"{config.name}: final model, {config.tracking.final_steps or config.train.steps} steps at "
-               f"{config.tracking.final_image_size or config.data.image_size} px, "
-               f"loss network {config.loss.vgg_weights}")  # fmt: skip
-    return triptych(np.asarray(content), np.asarray(style), styled, path, caption)
+        return FinalRun(config, safest, s).run()
 
 
 def register(config: Config, final: dict) -> dict:
-    """Log the final model (safetensors weights, a pyfunc model rebuilding the network from
-    them) to its run and register it: a new version, tagged safe with its quality and the
-    weights' SHA-256, aliased ``safest``."""
+    """Register the final run's logged model: a version tagged safe with its quality, the
+    weights' SHA-256, the certificate and the recoveries, aliased ``safest``. A version already
+    registered from that run is completed and reused (``reused``), never registered twice."""
     from stylepipe.registry import SAFEST_SETTINGS_TAG, Registry
+    from stylepipe.showcase import style_summary
 
     registry = Registry(config.tracking_uri, config.tracking.registered_model)
     certificate = final["safest"]["certificate"]
@@ -419,15 +298,20 @@ def register(config: Config, final: dict) -> dict:
     tags = {"recoveries": final["recoveries"], "certificate": certificate["text"] + weakened,
             SAFEST_SETTINGS_TAG: json.dumps({"params": final["safest"]["params"],
                                              "weakened": certificate["weakened"]})}  # fmt: skip
-    if final.get("style"):  # absent from a final run recorded by an earlier stylepipe
+    if final.get("style"):
         tags["style"] = style_summary(final["style"])
-    record = registry.register(final["run_id"], final["checkpoint"], final["quality"], tags)
+    record = registry.register(
+        final["run_id"], final["model_uri"], final["model_sha256"], final["quality"], tags
+    )
     return {
         **record,
         "quality": final["quality"],
         "samples": final["samples"],
         "recoveries": tags["recoveries"],
         "style": final.get("style"),
+        "model": final.get("model"),
+        "folder": final.get("folder"),
+        "final_reused": final.get("reused", False),  # its final run finished before
     }
 
 
@@ -492,35 +376,66 @@ def report(
                 trials, safest, model, promotion, s.study.user_attrs.get("versus_baseline")
             ),  # fmt: skip
             "top_trials": json.loads(top_trials(trials, k=10).to_json(orient="records")),
+            "nothing_safe": None if safest else nothing_safe_because(s.study.user_attrs.get("safety") or []),
         }
 
 
 # ------------------------------------------------------------------ the stages chained
 
 
-def _finished(session: StudySession) -> dict | None:
-    """What finishing the study recorded (safest, model), if it was done for its current trials."""
+STUDY_STATES = ("searching", "certifying", "training the final model", "registering", "finished")
+
+
+def set_study_state(study, state: str) -> None:
+    """The study's recorded state (its ``state`` attribute, shown by optuna-dashboard)."""
+    if state not in STUDY_STATES:
+        raise ValueError(f"unknown study state {state!r}")
+    if study.user_attrs.get("state") != state:
+        study.set_user_attr("state", state)
+
+
+def nothing_safe_because(verdicts: list[dict]) -> str:
+    """Why a study has no safe configuration, as its verdicts tell it."""
+    if not verdicts:
+        return "no trial completed: there was nothing to replay"
+    if not any(v["replays"] for v in verdicts):
+        return f"no candidate completed its trial, so none was replayed ({verdicts[0]['why']})"
+    return "no candidate stayed finite under every stress replay"
+
+
+def _finished(config: Config, session: StudySession) -> dict | None:
+    """What finishing the study recorded (safest, model), if it was done for its current trials
+    (and with a final model, when one is asked for now and there was a safe configuration)."""
     record = session.study.user_attrs.get("finished")
     done = len(session.study.get_trials(deepcopy=False, states=COUNTED))
-    return record if record and record.get("for_trials") == done else None
+    if not record or record.get("for_trials") != done:
+        return None
+    wants_model = config.tracking.train_final_model and record.get("safest") is not None
+    return None if wants_model and record.get("model") is None else record
 
 
 def _finish(config: Config, session: StudySession) -> dict:
     """Confirm the safest configuration, train and register its model, report: once per study
-    state, whichever process gets here first (the caller holds the study's ``finish`` lock)."""
+    state, whichever process gets here first (the caller holds the study's ``finish`` lock).
+    Each step keeps its own record, so a finish cut short goes on where it stopped: verdicts
+    are kept, a finished final run is reused (final.py), a registration is completed."""
     # Replay runs still RUNNING belong to a process that died: only the holder of the finish
     # lock runs them. (A final run that died is resumed by train_final, in the same run.)
     session.tracker.end_orphaned_runs(session.parent, ("replay",),
                                       "its process stopped (killed or lost) before the run ended")  # fmt: skip
+    study = session.study
     safest = confirm(config, session)
     model = None
     if safest is not None and config.tracking.train_final_model:
+        set_study_state(study, "training the final model")
         final = train_final(config, safest, session)
         safest = final["safest"]  # its certificate says whether the final run needed recoveries
+        set_study_state(study, "registering")
         model = register(config, final)
-    done = len(session.study.get_trials(deepcopy=False, states=COUNTED))
-    session.study.set_user_attr("finished", {"for_trials": done, "safest": safest, "model": model})
-    return {"study": config.study_name, "safest": safest, "model": model,
+    done = len(study.get_trials(deepcopy=False, states=COUNTED))
+    study.set_user_attr("finished", {"for_trials": done, "safest": safest, "model": model})
+    set_study_state(study, "finished")
+    return {"study": config.study_name, "safest": safest, "model": model, "recorded_before": False,
             **report(config, safest, model, session=session)}  # fmt: skip
 
 
@@ -534,11 +449,11 @@ def run_search(config: Config, progress: bool = True, warm_start: dict | None = 
     with SingleWorkerGuard(config.storage_url), StudySession(config) as session:
         search(config, warm_start, progress, session)
         with StudyLock(config, "finish"):
-            record = _finished(session)
+            record = _finished(config, session)
             if record is None:
                 return _finish(config, session)
             return {"study": config.study_name, "safest": record["safest"], "model": record["model"],
-                    **report(config, record["safest"], record["model"], session=session)}  # fmt: skip
+                    "recorded_before": True, **report(config, record["safest"], record["model"], session=session)}  # fmt: skip
 
 
 def run_worker(config: Config, progress: bool = False) -> dict:
@@ -553,7 +468,7 @@ def run_worker(config: Config, progress: bool = False) -> dict:
         session = StudySession(config, owns_parent=False)
         ran = search(config, progress=progress, session=session)["trials_run"]  # each trial applies its share
         with StudyLock(config, "finish"):
-            if _finished(session) is not None:
+            if _finished(config, session) is not None:
                 return {"trials_run": ran, "finished_study": False}
             session.owns_parent = True
             cores.apply()  # workers that left give their cores to the replays and the final run

@@ -27,11 +27,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from stylepipe.errors import StylepipeError
-from stylepipe.files import file_sha256, read_state, write_state
 from stylepipe.stores import probe, redact_url, scrub, use_write_ahead_log
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
-from stylepipe.train.long_run import write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -175,52 +173,30 @@ EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development",
                    f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(RUNS_VIEW_STATE)}  # fmt: skip
 
 
-CHECKPOINT_DIR = "checkpoint"  # a run's mirrored checkpoint: two slots and latest.json
+CHECKPOINT_DIR = "checkpoint"  # a run's mirrored checkpoint: two slots and latest.json (lifecycle.py)
 
 
-class CheckpointMirror(Callback):
-    """A long run's sink (beside its ``RunLogger``) that copies each good checkpoint's state to
-    the run (``checkpoint/``), for a retry on a machine that does not have it
-    (``Tracker.fetch_checkpoint``). The copy is safetensors with a JSON header
-    (``files.write_state``): no pickle in the artifact store. Two slots are used in turn and
-    the pointer (``latest.json``: slot, step, SHA-256) is written last, so a crash during an
-    upload leaves the pointer on the other, whole, copy. A failed copy is one of the logger's
-    lost writes: training goes on, and the run says so when the logger flushes."""
+class RunArtifacts:
+    """A long run's checkpoint mirror (``lifecycle.Mirror``) on its MLflow run: the files go to
+    the run's ``checkpoint/`` artifact folder, through the tracking server when there is one.
+    The names are the lifecycle's own (two slots and a pointer), never a path read back."""
 
-    def __init__(self, logger: RunLogger):
-        self.logger = logger
-        self.slot: str | None = None  # the slot the pointer names
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
 
-    def on_checkpoint(self, state: dict[str, Any], step: int) -> None:
-        client, run_id = self.logger.client, self.logger.run_id
-        try:
-            if self.slot is None:  # a reopened run: do not overwrite the copy in use
-                self.slot = (_mirrored(client, run_id) or {}).get("slot")
-            slot = "b.safetensors" if self.slot == "a.safetensors" else "a.safetensors"
-            with tempfile.TemporaryDirectory() as tmp:
-                copy = write_state(Path(tmp) / slot, state)
-                client.log_artifact(run_id, str(copy), CHECKPOINT_DIR)
-                pointer = {"slot": slot, "step": step, "sha256": file_sha256(copy)}
-            client.log_dict(run_id, pointer, f"{CHECKPOINT_DIR}/latest.json")
-            self.slot = slot
-        except Exception as err:
-            message = scrub(f"{type(err).__name__}: {err}", client.tracking_uri)
-            self.logger.errors.append(f"checkpoint at step {step}: {message}")
-            log.warning(
-                "the checkpoint at step %d was not copied to MLflow run %s: %s", step, run_id, message
-            )
+    def upload(self, path: Path, name: str) -> None:
+        if path.name != name:  # the store names the file after the local one
+            raise ValueError(f"expected a file named {name}, not {path.name}")
+        self.client.log_artifact(self.run_id, str(path), CHECKPOINT_DIR)
 
-
-def _mirrored(client: MlflowClient, run_id: str) -> dict | None:
-    """The run's checkpoint pointer, or None when it has none."""
-    if not any(
-        f.path == f"{CHECKPOINT_DIR}/latest.json" for f in client.list_artifacts(run_id, CHECKPOINT_DIR)
-    ):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        return json.loads(
-            Path(client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/latest.json", tmp)).read_text()
-        )
+    def download(self, name: str, folder: Path) -> Path | None:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"not a plain file name: {name!r}")
+        listed = {f.path for f in self.client.list_artifacts(self.run_id, CHECKPOINT_DIR)}
+        if f"{CHECKPOINT_DIR}/{name}" not in listed:
+            return None
+        return Path(self.client.download_artifacts(self.run_id, f"{CHECKPOINT_DIR}/{name}", str(folder)))
 
 
 def is_server(uri: str) -> bool:
@@ -304,24 +280,6 @@ class Tracker:
             self.client.delete_tag(run_id, "failure")
         return self.run_logger(self.client, run_id, every=log_every)
 
-    def fetch_checkpoint(self, run_id: str, folder: Path) -> int | None:
-        """The checkpoint a long run mirrored to its MLflow run (``CheckpointMirror``),
-        put in ``folder`` as its newest checkpoint; its step, or None when the run has none
-        (or its copy does not match the SHA-256 the run recorded: it is then not used)."""
-        pointer = _mirrored(self.client, run_id)
-        if pointer is None:
-            return None
-        with tempfile.TemporaryDirectory() as tmp:
-            copy = Path(self.client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{pointer['slot']}", tmp))
-            if file_sha256(copy) != pointer["sha256"]:
-                log.warning(
-                    "the checkpoint copy on MLflow run %s does not match its SHA-256: not used", run_id
-                )
-                return None
-            state = read_state(copy)
-        write_checkpoint(folder, state)  # this machine's checkpoint now
-        return state["step"]
-
     def finish_run(
         self,
         run_id: str,
@@ -332,10 +290,12 @@ class Tracker:
         logger: RunLogger | None = None,
         failure: str | None = None,
         title: str | None = None,
+        end: bool = True,
     ) -> None:
         """Tags, summary metrics and the autopsy, then the run's final status (FAILED, with the
         ``failure`` tag saying why, when the outcome is ``failed``). ``title`` renames the run:
-        the name is the one column MLflow's runs table always shows."""
+        the name is the one column MLflow's runs table always shows. ``end=False`` leaves it
+        RUNNING (a final run ends when its model is logged)."""
         if logger is not None:
             logger.flush()
         tags = [RunTag("outcome", outcome)]
@@ -350,8 +310,8 @@ class Tracker:
             self.client.log_dict(run_id, autopsy.to_dict(), "autopsy.json")
         if title:
             self.client.update_run(run_id, name=title)
-        status = "FAILED" if outcome == "failed" else "FINISHED"
-        self.client.set_terminated(run_id, status=status)
+        if end:
+            self.client.set_terminated(run_id, status="FAILED" if outcome == "failed" else "FINISHED")
 
     def end_study(self, run_id: str, status: str = "FINISHED", failure: str | None = None) -> None:
         if failure:
@@ -368,8 +328,7 @@ class Tracker:
         )
         ended = [run.info.run_id for run in running if run.data.tags.get(ROLE_TAG) in roles]
         for run_id in ended:
-            self.client.log_batch(run_id, tags=[RunTag("outcome", "failed"), RunTag("failure", why)])
-            self.client.set_terminated(run_id, status="KILLED")
+            end_killed_run(self.client, run_id, why)
         return ended
 
     def log_artifacts(self, run_id: str, paths: Iterable[Path], folder: str | None = None) -> None:
@@ -408,9 +367,8 @@ class Tracker:
         self.client.log_dict(run_id, safest, "safest.json")
 
 
-def end_killed_run(tracking_uri: str, run_id: str, why: str) -> None:
-    """End the run of a worker that died (no heartbeat) as KILLED, saying why."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    client.set_tag(run_id, "outcome", "failed")
-    client.set_tag(run_id, "failure", why)
+def end_killed_run(client: MlflowClient | str, run_id: str, why: str) -> None:
+    """End a run whose process is gone (a dead worker, an abandoned final run) as KILLED, saying why."""
+    client = MlflowClient(tracking_uri=client) if isinstance(client, str) else client
+    client.log_batch(run_id, tags=[RunTag("outcome", "failed"), RunTag("failure", why[:5000])])
     client.set_terminated(run_id, status="KILLED")

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from stylepipe.cli import main
-from stylepipe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from stylepipe.train.model_file import ModelFileError, load_model, save_model
 from tests.conftest import DEMO
 
 TINY = [
@@ -30,11 +30,22 @@ def train_args(tmp_path, *extra):
     return args
 
 
-def test_train_writes_checkpoint_and_metrics_csv(tmp_path, capsys):
+def run_folder(tmp_path, *extra):
+    """The folder of the run ``train_args(tmp_path, *extra)`` makes."""
+    from stylepipe.config import load_config
+    from stylepipe.train.recipe import train_run_folder
+
+    args = train_args(tmp_path, *extra)
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    return train_run_folder(load_config(DEMO, overrides)).path
+
+
+def test_train_writes_its_model_and_metrics_csv_in_the_runs_own_folder(tmp_path, capsys):
     assert main(train_args(tmp_path)) == 0
-    run = tmp_path / "run"
+    run = run_folder(tmp_path)
+    assert run.parent == tmp_path / "run" / "train"
     printed = capsys.readouterr().out
-    assert "model.safetensors" in printed and "metrics.csv" in printed
+    assert str(run / "model.safetensors") in printed and str(run / "metrics.csv") in printed
     import pandas as pd
 
     metrics = pd.read_csv(run / "metrics.csv")
@@ -50,9 +61,12 @@ def test_halted_training_prints_the_autopsy_and_exits_non_zero(tmp_path, capsys)
     assert code != 0
     printed = capsys.readouterr().err
     assert "step 2" in printed and "parameter_blowup" in printed and "lr=10" in printed
-    autopsy = json.loads((tmp_path / "run" / "autopsy.json").read_text())
+    run = run_folder(
+        tmp_path, "train.lr=10", "train.clip_norm=null", "train.warmup_steps=0", "train.recovery=false"
+    )
+    autopsy = json.loads((run / "autopsy.json").read_text())
     assert autopsy["cause"] == "parameter_blowup" and autopsy["step"] == 2
-    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert not (run / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize(
@@ -72,17 +86,17 @@ def test_checkpoint_round_trips(tmp_path):
 
     torch.manual_seed(1)
     model = TransformerNet().eval()
-    path = save_checkpoint(model, tmp_path / "m.safetensors", {"note": "x"})
-    loaded = load_checkpoint(path)
+    path = save_model(model, tmp_path / "m.safetensors", {"note": "x"})
+    loaded = load_model(path)
     x = torch.rand(1, 3, 24, 24)
     with torch.no_grad():
         assert torch.allclose(model(x), loaded(x))
     pt = tmp_path / "m.pt"
     torch.save(model.state_dict(), pt)
-    assert torch.equal(load_checkpoint(pt).encoder_in[1].weight, model.encoder_in[1].weight)
+    assert torch.equal(load_model(pt).encoder_in[1].weight, model.encoder_in[1].weight)
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError):
-        load_checkpoint(tmp_path / "junk.safetensors")
+    with pytest.raises(ModelFileError):
+        load_model(tmp_path / "junk.safetensors")
 
 
 def test_stylize_writes_an_image_of_the_input_size(tmp_path, capsys):
@@ -91,7 +105,9 @@ def test_stylize_writes_an_image_of_the_input_size(tmp_path, capsys):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (37, 50, 3), dtype=np.uint8)).save(source)
     target = tmp_path / "out" / "styled.jpg"
-    code = main(["stylize", "--model", str(tmp_path / "run" / "model.safetensors"), str(source), str(target)])
+    code = main(
+        ["stylize", "--model", str(run_folder(tmp_path) / "model.safetensors"), str(source), str(target)]
+    )
     assert code == 0
     with Image.open(target) as styled:
         assert styled.size == (50, 37) and styled.mode == "RGB"

@@ -1,7 +1,7 @@
 """The shape of the code: imports point down the layers, and no module imports itself back.
 
     flows, stylepipe.cli                      the commands and the Prefect flows
-    stylepipe.stages                          the pipeline's stages
+    stylepipe.stages, final, showcase         the pipeline's stages; the final model; its pictures
     search, train, tracking, registry, data,  the parts the stages wire together
     report, stylize
     nets                                      the networks and losses
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("flows", "stylepipe.cli"),
-    ("stylepipe.stages",),
+    ("stylepipe.stages", "stylepipe.final", "stylepipe.showcase"),
     (
         "stylepipe.search",
         "stylepipe.train",

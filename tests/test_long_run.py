@@ -1,4 +1,5 @@
-"""Long runs: a killed run resumes as if never stopped; a late spike is recovered from."""
+"""Long runs: a killed run resumes as if never stopped; a late spike is recovered from; nothing
+non-finite is kept; a checkpoint read back (here or from the mirror) is untrusted input."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import pandas as pd
 import pytest
 import torch
@@ -23,7 +23,14 @@ from stylepipe.config import load_config
 from stylepipe.data.sources import RandomBatches, load_content_images
 from stylepipe.train import TrainingHalted
 from stylepipe.train.callbacks import Callback
-from stylepipe.train.recipe import train_from_config
+from stylepipe.train.lifecycle import (
+    MIRROR_POINTER,
+    MIRROR_SLOTS,
+    fetch_mirrored,
+    nonfinite_tensors,
+    write_state,
+)
+from stylepipe.train.recipe import train_from_config, train_run_folder
 from tests.conftest import DEMO
 from tests.test_search import prepared, search_command, search_config, search_overrides  # noqa: F401
 
@@ -39,6 +46,14 @@ def train_command(run_dir: Path, *extra: str) -> list[str]:
     return args
 
 
+def long_config(run_dir, *extra):
+    return load_config(DEMO, [f"run_dir={run_dir}", *LONG, "train.steps=40", *extra])
+
+
+def folder_of(config) -> Path:
+    return train_run_folder(config).path
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_and_ends_as_if_never_stopped(tmp_path):
     whole = tmp_path / "whole"
@@ -46,14 +61,16 @@ def test_a_killed_run_resumes_and_ends_as_if_never_stopped(tmp_path):
     assert uninterrupted.returncode == 0, uninterrupted.stderr
 
     killed = tmp_path / "killed"
+    folder = folder_of(load_config(DEMO, [f"run_dir={killed}", *LONG]))
     victim = subprocess.Popen(train_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (killed / "checkpoints" / "step-00000020.pt").exists():  # past its second checkpoint
+    while not (folder / "checkpoints" / "step-00000020.pt").exists():  # past its second checkpoint
         assert victim.poll() is None and time.monotonic() < deadline, "it ended before it could be killed"
         time.sleep(0.02)
     time.sleep(random.uniform(0.0, 0.2))  # 40 steps more take longer: killed before its end
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
+    assert json.loads((folder / "run.json").read_text())["state"] == "running"  # as the kill left it
 
     resumed = subprocess.run(train_command(killed), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -61,35 +78,16 @@ def test_a_killed_run_resumes_and_ends_as_if_never_stopped(tmp_path):
     step = int(resumed.stderr.split("resumed from the checkpoint at step ")[1].split()[0])
     assert 20 <= step < 60, step
     # CPU kernels are deterministic: the same weights to the bit, and the same metrics history
-    mine, reference = (
-        load_file(str(killed / "model.safetensors")),
-        load_file(str(whole / "model.safetensors")),
+    reference = folder_of(load_config(DEMO, [f"run_dir={whole}", *LONG]))
+    mine, theirs = (
+        load_file(str(folder / "model.safetensors")),
+        load_file(str(reference / "model.safetensors")),
     )
-    assert mine.keys() == reference.keys()
-    assert all(torch.equal(mine[k], reference[k]) for k in mine)
-    assert (killed / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()
-    assert list(pd.read_csv(killed / "metrics.csv")["step"]) == list(range(1, 61))  # each step once
-
-
-def test_a_run_with_other_settings_is_not_resumed_and_fresh_starts_over(tmp_path, capsys):
-    args = ["train", "--config", str(DEMO), "--set", f"run_dir={tmp_path}"]
-    for override in (*LONG, "train.steps=10"):
-        args += ["--set", override]
-    assert main(args) == 0
-    assert main([*args, "--set", "train.steps=15"]) == 0  # more steps: it goes on from step 10
-    assert "resumed from the checkpoint at step 10" in capsys.readouterr().err
-    assert list(pd.read_csv(tmp_path / "metrics.csv")["step"]) == list(range(1, 16))
-
-    assert main([*args, "--set", "train.lr=0.01", "--set", "loss.style_weight=2e5"]) == 2
-    err = capsys.readouterr().err
-    assert (
-        "written with other settings: loss.style_weight (100000.0 -> 200000.0), train.lr (0.001 -> 0.01)"
-        in err
-    )
-    assert "--fresh" in err
-    assert main([*args, "--set", "train.lr=0.01", "--fresh"]) == 0
-    assert "resumed" not in capsys.readouterr().err
-    assert list(pd.read_csv(tmp_path / "metrics.csv")["step"]) == list(range(1, 11))
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert (folder / "metrics.csv").read_text() == (reference / "metrics.csv").read_text()
+    assert list(pd.read_csv(folder / "metrics.csv")["step"]) == list(range(1, 61))  # each step once
+    assert json.loads((folder / "run.json").read_text())["state"] == "finished"
 
 
 class SlowSteps(Callback):
@@ -106,7 +104,6 @@ def test_checkpoint_minutes_adds_checkpoints_when_steps_are_slow(tmp_path, monke
     from types import SimpleNamespace
 
     from stylepipe.train import long_run
-    from stylepipe.train.long_run import checkpoints
 
     kept = []
     for minutes in (None, 3):  # a check every 5 steps (125 s): 3 minutes pass at every second check
@@ -117,16 +114,15 @@ def test_checkpoint_minutes_adds_checkpoints_when_steps_are_slow(tmp_path, monke
                              "train.keep_checkpoints=10", *every)  # fmt: skip
         train_from_config(config, callbacks=[clock])
         kept.append(
-            [
-                int(path.stem.removeprefix("step-"))
-                for path in checkpoints(tmp_path / str(minutes) / "checkpoints")
-            ]
+            sorted(
+                int(p.stem.removeprefix("step-")) for p in (folder_of(config) / "checkpoints").glob("*.pt")
+            )
         )
     assert kept == [[0, 20], [0, 10, 20]]
 
 
 class PoisonedBatches(RandomBatches):
-    """Real batches, except the ones drawn for the given steps carry a NaN pixel."""
+    """Real batches, except the ones drawn for the given draws carry a NaN pixel."""
 
     def __init__(self, images, batch_size, poisoned: set[int]):
         super().__init__(images, batch_size, seed=0)
@@ -148,13 +144,8 @@ class PoisonedBatches(RandomBatches):
         self.draws = state["draws"]
 
 
-def long_config(tmp_path, *extra):
-    overrides = [f"run_dir={tmp_path}", *LONG, "train.steps=40", *extra]
-    return load_config(DEMO, overrides)
-
-
-def poisoned(config, steps: set[int]) -> PoisonedBatches:
-    return PoisonedBatches(load_content_images(config.data.content, config.data.image_size), 2, steps)
+def poisoned(config, draws: set[int]) -> PoisonedBatches:
+    return PoisonedBatches(load_content_images(config.data.content, config.data.image_size), 2, draws)
 
 
 def test_a_late_spike_is_recovered_from_with_recovery_on_and_halts_the_run_with_it_off(tmp_path):
@@ -170,33 +161,188 @@ def test_a_late_spike_is_recovered_from_with_recovery_on_and_halts_the_run_with_
     assert (event["resumed_from_step"], event["skipped_batches"]) == (20, 3)  # the poisoned batch is skipped
     assert event["lr"] == pytest.approx([1e-3, 5e-4])  # recovery.lr_factor 0.5
     assert event["clip_norm"] == pytest.approx([10.0, 5.0])  # recovery.clip_factor 0.5 (the demo clips at 10)
-    metrics = pd.read_csv(tmp_path / "on" / "metrics.csv")
+    metrics = pd.read_csv(output.metrics_csv)
     assert list(metrics["step"]) == list(range(1, 41))  # each step once: the abandoned stretch is not there
     assert metrics["loss/total"].notna().all() and math.isfinite(metrics["loss/total"].max())
     assert metrics.loc[metrics["step"] > 20, "lr"].max() == pytest.approx(5e-4)
-    assert load_file(str(tmp_path / "on" / "model.safetensors"))  # the model was written
+    assert load_file(str(output.model))  # the model was written
+    assert json.loads((output.folder / "run.json").read_text())["recoveries"][0]["attempt"] == 1
+
+
+def test_recoveries_compound_from_the_runs_settings_and_the_clip_never_loosens(tmp_path):
+    """With one checkpoint kept, the second and third attempts go back to a checkpoint written
+    after the first recovery, at its lower learning rate: that lr must not be compounded again.
+    With clipping off, the clip a recovery turns on comes from the good steps and only tightens."""
+    config = long_config(
+        tmp_path, "train.keep_checkpoints=1", "train.clip_norm=null", "recovery.max_attempts=3"
+    )
+    with pytest.raises(TrainingHalted) as halted:  # draws past 30 keep coming back poisoned
+        train_from_config(config, batches=poisoned(config, {23, 36, 41, 47, 53, 59}))
+    events = halted.value.recoveries
+    assert [e["attempt"] for e in events] == [1, 2, 3]
+    assert [e["resumed_from_step"] for e in events] == [
+        20,
+        30,
+        30,
+    ]  # back to checkpoints written after attempt 1
+    assert [e["lr"][1] for e in events] == pytest.approx(
+        [1e-3 * 0.5, 1e-3 * 0.25, 1e-3 * 0.125]
+    )  # 0.5 ** attempt
+    clips = [e["clip_norm"][1] for e in events]
+    assert clips == sorted(clips, reverse=True) and len(set(clips)) == 3  # tighter at each attempt
+    metrics = pd.read_csv(halted.value.output.metrics_csv)
+    good = metrics.loc[metrics["step"] <= 20, "grad_norm/total"]  # the steps checkpoint 20 covers
+    assert events[0]["clip_base"] == pytest.approx(float(good.tail(50).median()))
+    assert clips == pytest.approx([events[0]["clip_base"] * 0.5**k for k in (1, 2, 3)])
+    autopsy = json.loads(halted.value.output.autopsy_json.read_text())
+    assert [a["attempt"] for a in autopsy["recoveries"]] == [1, 2, 3]  # the failed run lists its attempts
 
 
 def test_a_spike_that_always_comes_back_ends_after_max_attempts_with_every_autopsy(tmp_path, capsys):
     args = ["train", "--config", str(DEMO), "--set", f"run_dir={tmp_path}"]
-    for override in (
-        *LONG,
-        "train.steps=20",
-        "train.lr=1e6",
-        "train.clip_norm=null",
-        "recovery.max_attempts=2",
-    ):
+    extra = (*LONG, "train.steps=20", "train.lr=1e6", "train.clip_norm=null", "recovery.max_attempts=2")
+    for override in extra:
         args += ["--set", override]
     assert main(args) == 3
     err = capsys.readouterr().err
     assert "gave up after 2 recoveries" in err and "parameter_blowup" in err
-    autopsy = json.loads((tmp_path / "autopsy.json").read_text())
+    assert "attempt 1: halted at step" in err and "attempt 2: halted at step" in err  # each attempt listed
+    folder = folder_of(load_config(DEMO, [f"run_dir={tmp_path}", *extra]))
+    autopsy = json.loads((folder / "autopsy.json").read_text())
     assert autopsy["cause"] == "parameter_blowup"
     attempts = autopsy["recoveries"]
     assert [a["attempt"] for a in attempts] == [1, 2]
     assert all(a["autopsy"]["cause"] and a["autopsy"]["step"] == a["halted_at_step"] for a in attempts)
     assert [a["lr"][1] for a in attempts] == pytest.approx([5e5, 2.5e5])  # compounded per attempt
-    assert not (tmp_path / "model.safetensors").exists()
+    assert not (folder / "model.safetensors").exists()
+
+
+def test_with_the_guards_off_a_run_that_goes_nan_writes_no_model_and_no_bad_checkpoint(tmp_path, capsys):
+    """Before: exit 0, "final total loss nan", every tensor of the model and of its 'good'
+    checkpoints NaN; stylize then painted every image black."""
+    extra = (*LONG, "train.steps=20", "guard.enabled=false", "train.lr=1e30", "recovery.max_attempts=1")
+    args = ["train", "--config", str(DEMO), "--set", f"run_dir={tmp_path}"]
+    for override in extra:
+        args += ["--set", override]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "the guards were off" in err
+    folder = folder_of(load_config(DEMO, [f"run_dir={tmp_path}", *extra]))
+    assert not (folder / "model.safetensors").exists()
+    saved = list((folder / "checkpoints").glob("*.pt"))
+    assert saved and all(not nonfinite_tensors(torch.load(p, weights_only=True)["model"]) for p in saved)
+    assert json.loads((folder / "run.json").read_text())["state"] == "halted"
+
+
+class StopAt(Callback):
+    """Ctrl-C at the first check at or past ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_check(self, state):
+        if state.step >= self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_broken_newest_checkpoint_falls_back_to_the_one_before_and_stale_temporaries_go(tmp_path, caplog):
+    config = long_config(tmp_path, "train.steps=30")
+    with pytest.raises(KeyboardInterrupt):
+        train_from_config(config, callbacks=[StopAt(25)])
+    folder = folder_of(config)
+    assert json.loads((folder / "run.json").read_text())["state"] == "interrupted"
+    newest = folder / "checkpoints" / "step-00000020.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut short
+    stale = folder / "checkpoints" / ".step-00000030.4242.tmp.pt"  # a kill during a write left it
+    stale.write_bytes(b"\0" * 4096)
+    foreign = folder / "checkpoints" / "step-latest.pt"  # not a name stylepipe writes: never read
+    foreign.write_bytes(b"mine")
+    output = train_from_config(config)
+    assert output.resumed_from == 10
+    assert any("step-00000020.pt: it cannot be read" in why for why in output.skipped)
+    assert not stale.exists() and foreign.read_bytes() == b"mine"
+    assert list(pd.read_csv(output.metrics_csv)["step"]) == list(range(1, 31))
+
+
+# ---------------------------------------------------------------- the mirror is untrusted input
+
+
+class FakeMirror:
+    """A mirror in memory that records every name it is asked for."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+        self.asked: list[str] = []
+
+    def upload(self, path, name):
+        self.files[name] = Path(path).read_bytes()
+
+    def download(self, name, folder):
+        self.asked.append(name)
+        if name not in self.files:
+            return None
+        (Path(folder) / name).write_bytes(self.files[name])
+        return Path(folder) / name
+
+
+def _mirrored(tmp_path, state, slot="a.safetensors", sha=None) -> FakeMirror:
+    import hashlib
+
+    body = write_state(tmp_path / "copy.safetensors", state).read_bytes()
+    pointer = {"slot": slot, "step": state["step"], "sha256": sha or hashlib.sha256(body).hexdigest()}
+    return FakeMirror({slot: body, MIRROR_POINTER: json.dumps(pointer).encode()})
+
+
+def test_a_mirrored_checkpoint_is_used_only_when_it_is_whole_and_one_of_this_runs(tmp_path):
+    from stylepipe.train.lifecycle import STATE_KEYS
+
+    settings = {"train.lr": 0.001}
+    state = {key: None for key in STATE_KEYS} | {"step": 20, "settings": settings, "recoveries": [],
+                                                "model": {"w": torch.ones(2)}, "history": []}  # fmt: skip
+    good = _mirrored(tmp_path, state)
+    fetched, why = fetch_mirrored(good, settings)
+    assert why is None and fetched["step"] == 20 and torch.equal(fetched["model"]["w"], torch.ones(2))
+    assert fetch_mirrored(FakeMirror({}), settings) == (None, None)  # nothing mirrored
+
+    traversal = _mirrored(tmp_path, state)
+    traversal.files[MIRROR_POINTER] = json.dumps({"slot": "../../evil.safetensors", "step": 20,
+                                                  "sha256": "0" * 64}).encode()  # fmt: skip
+    pickled = _mirrored(tmp_path, state)
+    torch.save({"step": 20}, tmp_path / "p.pt")
+    pickled.files["a.safetensors"] = (tmp_path / "p.pt").read_bytes()
+    import hashlib
+
+    pickled.files[MIRROR_POINTER] = json.dumps({"slot": "a.safetensors", "step": 20, "sha256": hashlib.sha256(
+        pickled.files["a.safetensors"]).hexdigest()}).encode()  # fmt: skip
+    garbled = _mirrored(tmp_path, state)
+    garbled.files[MIRROR_POINTER] = b"{not json"
+    missing_tensor = _mirrored(tmp_path, state)
+    body = missing_tensor.files["a.safetensors"]
+    assert b'\\"$tensor\\": \\"0\\"' in body  # the tree, as JSON inside the header's JSON
+    missing_tensor.files["a.safetensors"] = body.replace(b'\\"$tensor\\": \\"0\\"', b'\\"$tensor\\": \\"9\\"')
+    missing_tensor.files[MIRROR_POINTER] = json.dumps({"slot": "a.safetensors", "step": 20, "sha256": hashlib.sha256(
+        missing_tensor.files["a.safetensors"]).hexdigest()}).encode()  # fmt: skip
+    other_settings = _mirrored(tmp_path, {**state, "settings": {"train.lr": 0.01}})
+    cut_short = _mirrored(tmp_path, state, sha="1" * 64)
+    nan_model = _mirrored(tmp_path, {**state, "model": {"w": torch.tensor([1.0, math.nan])}})
+    cases = {"../../evil.safetensors": traversal, "is not a state written by stylepipe": pickled,
+             "cannot be read": garbled, "not a state written by stylepipe": missing_tensor,
+             "written with other settings: train.lr (0.01 -> 0.001)": other_settings,
+             "does not match the SHA-256": cut_short, "not finite": nan_model}  # fmt: skip
+    for fragment, mirror in cases.items():
+        fetched, why = fetch_mirrored(mirror, settings)
+        assert fetched is None and fragment in why, (fragment, why)
+        assert "\n" not in why
+        assert set(mirror.asked) <= {MIRROR_POINTER, *MIRROR_SLOTS}  # never a name read from the pointer
+
+
+def test_the_mlflow_mirror_takes_only_plain_file_names():
+    from stylepipe.tracking import RunArtifacts
+
+    mirror = RunArtifacts(client=None, run_id="x")  # refused before the store is asked anything
+    for name in ("../evil.safetensors", "a/b.safetensors", "..", ""):
+        with pytest.raises(ValueError, match="not a plain file name"):
+            mirror.download(name, Path("/tmp"))
 
 
 # ---------------------------------------------------------------- the final model of a study
@@ -221,50 +367,96 @@ class DyingBatches(RandomBatches):
         return super().__next__()
 
 
-def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_path, prepared, monkeypatch):  # noqa: F811
-    """The final run's checkpoints are mirrored to its MLflow run: a retry on another machine
-    (here: the same stores, the checkpoint folder gone) resumes it in the same run."""
-    from mlflow import MlflowClient
+def _interrupted_final_run(config, monkeypatch) -> str:
+    """A final run killed at step 23 (checkpoints 0, 10, 20, mirrored); its MLflow run id."""
+    import optuna
 
     from stylepipe import stages
     from stylepipe.search import objective
 
-    config = search_config(tmp_path, prepared, "tracking.final_steps=30", "train.checkpoint_every=10",
-                           "train.check_every=5", "tracking.log_every=1", "tracking.registered_model=moved")  # fmt: skip
     with monkeypatch.context() as patched:
         patched.setattr(objective, "RandomBatches",
                         lambda images, batch_size, seed: DyingBatches(images, batch_size, at=23))  # fmt: skip
         with pytest.raises(KeyboardInterrupt), stages.StudySession(config) as session:
             stages.train_final(config, SAFEST, session)
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    [record] = study.user_attrs["final_runs"].values()
+    return record["run_id"]
+
+
+FINAL = (
+    "tracking.final_steps=30",
+    "train.checkpoint_every=10",
+    "train.check_every=5",
+    "tracking.log_every=1",
+)
+
+
+def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_path, prepared, monkeypatch):  # noqa: F811
+    """The final run's checkpoints are mirrored to its MLflow run: a retry on another machine
+    (here: the same stores, the run folder gone) resumes it in the same run."""
+    from mlflow import MlflowClient
+
+    from stylepipe import stages
+
+    config = search_config(tmp_path, prepared, *FINAL, "tracking.registered_model=moved")
+    first = _interrupted_final_run(config, monkeypatch)
     client = MlflowClient(tracking_uri=config.tracking_uri)
-    first = optuna.load_study(study_name=config.study_name, storage=config.storage_url).user_attrs[
-        "final_run"
-    ]
-    shutil.rmtree(tmp_path / "checkpoints")  # another machine: none of this one's files
+    assert client.get_run(first).info.status == "FAILED"
+    shutil.rmtree(tmp_path / "final")  # another machine: none of this one's files
 
     with stages.StudySession(config) as session:
         final = stages.train_final(config, SAFEST, session)
-    assert final["run_id"] == first and final["resumed_from"] == 20
+    assert final["run_id"] == first and final["resumed_from"] == 20 and not final["reused"]
     run = client.get_run(first)
     assert run.info.status == "FINISHED" and run.data.tags["stylepipe.resumed_at_step"] == "20"
+    assert run.data.tags["stylepipe.state"] == "finished" and "failure" not in run.data.tags
     steps = [m.step for m in client.get_metric_history(first, "loss/total")]
     assert sorted(steps) == list(range(1, 31))  # each step once
     assert {f.path for f in client.list_artifacts(first, "checkpoint")} == {
         "checkpoint/a.safetensors", "checkpoint/b.safetensors", "checkpoint/latest.json"}  # fmt: skip
 
-    # a copy that does not match the SHA-256 its pointer recorded (an upload cut short) is not used
-    from stylepipe.tracking import Tracker
+    # finished: the stage again trains nothing and rewrites nothing
+    before = (run.data.tags, run.data.metrics, run.info.end_time)
+    with stages.StudySession(config) as session:
+        again = stages.train_final(config, SAFEST, session)
+    assert again["reused"] and again["run_id"] == first and again["model_sha256"] == final["model_sha256"]
+    after = client.get_run(first)
+    assert (after.data.tags, after.data.metrics, after.info.end_time) == before
 
-    pointer = json.loads(
-        Path(client.download_artifacts(first, "checkpoint/latest.json", str(tmp_path))).read_text()
-    )
-    broken = tmp_path / "broken" / pointer["slot"]
-    broken.parent.mkdir()
-    broken.write_bytes(b"cut short")
-    client.log_artifact(first, str(broken), "checkpoint")
-    elsewhere = tmp_path / "elsewhere"
-    assert Tracker(config.tracking_uri, config.study_name).fetch_checkpoint(first, elsewhere) is None
-    assert not list(elsewhere.glob("*.pt"))
+
+def test_a_mirrored_copy_that_cannot_be_used_is_one_warning_and_the_abandoned_run_is_ended(
+    tmp_path,
+    prepared,
+    monkeypatch,  # noqa: F811
+):
+    """Before: a pickle in the slot was a traceback, and the old final run stayed RUNNING forever."""
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    from stylepipe import stages
+
+    config = search_config(tmp_path, prepared, *FINAL, "tracking.registered_model=tampered")
+    first = _interrupted_final_run(config, monkeypatch)
+    shutil.rmtree(tmp_path / "final")
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    evil = tmp_path / "evil" / "a.safetensors"
+    evil.parent.mkdir()
+    torch.save({"step": 20}, evil)  # a pickle where the copy was
+    client.log_artifact(first, str(evil), "checkpoint")
+    pointer = tmp_path / "evil" / "latest.json"
+    pointer.write_text(json.dumps({"slot": "a.safetensors", "step": 20,
+                                   "sha256": hashlib.sha256(evil.read_bytes()).hexdigest()}))  # fmt: skip
+    client.log_artifact(first, str(pointer), "checkpoint")
+
+    with stages.StudySession(config) as session:
+        final = stages.train_final(config, SAFEST, session)
+    assert final["run_id"] != first and final["resumed_from"] is None  # started over, in a new run
+    abandoned = client.get_run(first)
+    assert abandoned.info.status == "KILLED"
+    assert abandoned.data.tags["failure"].startswith("abandoned: its checkpoint copy cannot be used: a.safetensors "
+                                                     "is not a state written by stylepipe")  # fmt: skip
 
 
 def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_path, prepared, monkeypatch):  # noqa: F811
@@ -273,8 +465,7 @@ def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_p
     from stylepipe import stages
     from stylepipe.search import objective
 
-    config = search_config(tmp_path, prepared, "tracking.final_steps=30", "train.checkpoint_every=10",
-                           "train.check_every=5", "tracking.log_every=1", "tracking.registered_model=spiky")  # fmt: skip
+    config = search_config(tmp_path, prepared, *FINAL, "tracking.registered_model=spiky")
     monkeypatch.setattr(objective, "RandomBatches",
                         lambda images, batch_size, seed: PoisonedBatches(images, batch_size, {17}))  # fmt: skip
     with stages.StudySession(config) as session:
@@ -306,6 +497,7 @@ def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_p
     version = client.get_model_version("spiky", registered["version"])
     assert version.tags["recoveries"] == "1" and version.tags["certificate"].endswith(f"weakened: {weakened}")
     assert version.tags["style"].startswith(f"texture x{metrics['final/style_texture_ratio']:.2f}, palette x")
+    assert stages.register(config, final)["version"] == registered["version"]  # registered once
     # and the next scheduled run re-checks it at a lower learning rate first
     assert stages.previous_safest(config)["lr"] == pytest.approx(1e-3 * config.recovery.lr_factor)
 
@@ -320,9 +512,8 @@ def test_a_killed_final_run_resumes_in_the_same_mlflow_run(tmp_path, prepared): 
                                  "tracking.registered_model=resumed-style")  # fmt: skip
     config = load_config(DEMO, overrides)
     victim = subprocess.Popen(search_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    folder = tmp_path / "checkpoints" / f"{config.study_name}-final"
     deadline = time.monotonic() + 240
-    while not (folder / "step-00000010.pt").exists():
+    while not list((tmp_path / "final").glob(f"{config.study_name}-*/checkpoints/step-00000010.pt")):
         assert victim.poll() is None and time.monotonic() < deadline, (
             "the search ended before it could be killed"
         )

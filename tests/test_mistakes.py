@@ -10,6 +10,8 @@ says what was wrong before.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from PIL import Image
 from stylepipe.cli import main
 from stylepipe.data.prepare import load_manifest
 from stylepipe.nets import TransformerNet
-from stylepipe.train.checkpoint import save_checkpoint
+from stylepipe.train.model_file import save_model
 from tests.conftest import DEMO
 from tests.test_search import prepared  # noqa: F401  (module fixture: a tiny prepared shard)
 
@@ -52,7 +54,7 @@ def photo(path: Path, size=(48, 40), seed=0) -> Path:
 
 def model(tmp: Path) -> Path:
     torch.manual_seed(0)
-    return save_checkpoint(TransformerNet(), tmp / "model.safetensors")
+    return save_model(TransformerNet(), tmp / "model.safetensors")
 
 
 def garbage(path: Path) -> Path:
@@ -121,6 +123,34 @@ def _size_is(expected: tuple[int, int]) -> Callable[[Path], None]:
 
     return check
 
+
+def _stack_record(text: str) -> Callable[[Path], Path]:
+    """A setup: ``<tmp>/stack/stack.json`` holding ``text``, not a record stylepipe wrote."""
+
+    def setup(tmp: Path) -> Path:
+        (tmp / "stack").mkdir(exist_ok=True)
+        (tmp / "stack" / "stack.json").write_text(text)
+        return tmp / "stack"
+
+    return setup
+
+
+def _stack_record_kept(tmp: Path) -> None:
+    assert (tmp / "stack" / "stack.json").is_file(), "stack.json was removed"
+    assert not (tmp / "stack" / "logs").exists(), "a service was started"
+
+
+def _registered_model(tmp: Path) -> None:
+    """A registered model ``style`` with no versions, in the run's default tracking store."""
+    from mlflow import MlflowClient
+
+    (tmp / "run").mkdir()
+    MlflowClient(f"sqlite:///{tmp / 'run' / 'mlflow.db'}").create_registered_model("style")
+
+
+# A stack.json of the right shape but for a pid that is text: `down` took it for stopped and removed it.
+_TEXT_PID = ('{"folder": "x", "optuna_url": "a", "mlflow_db_url": "b", "prefect_db_url": "c", "services": '
+             '[{"name": "mlflow", "pid": "nobody", "command": ["no-such-program"], "log": "l"}]}')  # fmt: skip
 
 MISTAKES = {
     # ---- settings
@@ -210,6 +240,18 @@ MISTAKES = {
         lambda t, p: ["stylize", "--model", "models:/style@champion", str(photo(t / "in.png")), str(t / "o.png"),
                       *settings(t, f"tracking.uri=sqlite:///{garbage(t / 'mlflow.db')}")],
         "mlflow.db is corrupted"),
+    "stylize from a version that is not registered": Mistake(
+        lambda t, p: ["stylize", "--model", "models:/style/99", str(photo(t / "in.png")), str(t / "o.png"),
+                      *settings(t)],
+        "style has no version 99 in sqlite:///", setup=_registered_model),
+    "stylize from a registered model that does not exist, by version": Mistake(
+        lambda t, p: ["stylize", "--model", "models:/nosuch/1", str(photo(t / "in.png")), str(t / "o.png"),
+                      *settings(t)],
+        "no model is registered as nosuch in sqlite:///"),
+    "an Optuna storage in a folder that is a file": Mistake(
+        lambda t, p: ["search", "--quiet", *settings(t, f"data.content={p}",
+                                                     f"search.storage=sqlite:///{garbage(t / 'f')}/x.db")],
+        "/f/x.db: cannot write to the folder of the SQLite file"),
     "a registry URI without an alias or version": Mistake(
         lambda t, p: ["stylize", "--model", "models:/nosuch", str(photo(t / "in.png")), str(t / "o.png")],
         "give a registered model as models:/NAME@ALIAS"),
@@ -222,6 +264,23 @@ MISTAKES = {
     "a run folder that cannot be written": Mistake(
         lambda t, p: ["train", *settings(t), "--set", f"run_dir={garbage(t / 'f') / 'run'}"],
         "cannot write to the run folder"),
+    # ---- stack: a stack.json stylepipe did not write is refused before anything starts or stops
+    "stack down with a stack.json that is not JSON": Mistake(
+        lambda t, p: ["stack", "down", "--folder", str(t / "stack")], "stack.json is not a stack record stylepipe wrote",
+        setup=lambda t: garbage(t / "stack" / "stack.json"), check=_stack_record_kept),
+    "stack up with a stack.json that is not JSON": Mistake(
+        lambda t, p: ["stack", "up", "--folder", str(t / "stack")], "if no stack processes run from it, remove it",
+        setup=lambda t: garbage(t / "stack" / "stack.json"), check=_stack_record_kept),
+    "stack up with a stack.json that is a list": Mistake(
+        lambda t, p: ["stack", "up", "--folder", str(t / "stack")], "it holds a list, not an object",
+        setup=_stack_record("[]"), check=_stack_record_kept),
+    "stack down with a stack.json without its fields": Mistake(
+        lambda t, p: ["stack", "down", "--folder", str(t / "stack")],
+        "no folder, optuna_url, mlflow_db_url, prefect_db_url", setup=_stack_record('{"services": []}'),
+        check=_stack_record_kept),
+    "stack down with a stack.json whose pid is text": Mistake(
+        lambda t, p: ["stack", "down", "--folder", str(t / "stack")], "services[0].pid is not a process id",
+        setup=_stack_record(_TEXT_PID), check=_stack_record_kept),
 }  # fmt: skip
 
 
@@ -265,3 +324,21 @@ def test_a_prefect_server_that_is_not_there_is_one_line_naming_it(command, tmp_p
     monkeypatch.delenv("PREFECT_API_URL")
     assert flow_main([command, "--pool", "gpu", *settings(tmp_path)]) == 2
     assert "set PREFECT_API_URL" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", ["stylize from a registered model that does not exist",
+                                  "stylize from a version that is not registered"])  # fmt: skip
+def test_a_users_mistake_prints_no_library_warning(name, tmp_path):
+    """As a user runs it: a fresh process (Python shows a warning once per process, so the rows
+    above, in this one, may not see it). MLflow's UserWarning on importing its PythonModel came
+    before the error line; stderr is now that one line."""
+    mistake = MISTAKES[name]
+    if mistake.setup is not None:
+        mistake.setup(tmp_path)
+    command = [Path(sys.executable).with_name("stylepipe"), *mistake.argv(tmp_path, None)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=170)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "Warning" not in done.stderr and "warnings.warn" not in done.stderr, done.stderr
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    assert mistake.fragment in lines[0], done.stderr

@@ -27,7 +27,7 @@ from stylepipe.nets import TransformerNet
 from stylepipe.search.objective import evaluate_quality, load_study_data
 from stylepipe.stages import run_search
 from stylepipe.stylize import stylize_tensor
-from stylepipe.train.checkpoint import load_checkpoint
+from stylepipe.train.model_file import load_model
 from stylepipe.train.guards import CAUSES
 from tests.conftest import DEMO, another_process_holds_sqlite
 
@@ -186,7 +186,7 @@ def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(sear
     image = torch.rand(1, 3, 40, 48)
     styled = model.predict(image.numpy())
     assert styled.shape == image.shape and np.isfinite(styled).all()
-    expected = stylize_tensor(load_checkpoint(Path(config.run_dir) / "model.safetensors"), image)
+    expected = stylize_tensor(load_model(result["model"]["model"]), image)
     assert np.allclose(styled, expected.numpy(), atol=1e-6)
     stored = [p.name for p in (Path(config.run_dir) / "mlartifacts").rglob("*") if p.is_file()]
     assert "model.safetensors" in stored

@@ -93,7 +93,7 @@ def test_prepare_command_then_train_on_the_shard(tmp_path, capsys):
     ]
     args += ["--set", "train.steps=3", "--set", "train.batch_size=2", "--set", "train.check_every=3"]
     assert main(args) == 0
-    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert list((tmp_path / "run" / "train").glob("*/model.safetensors"))
 
 
 def test_the_demo_images_are_the_same_on_every_export(tmp_path):

@@ -12,7 +12,7 @@ from stylepipe.data.decode import resize_crop
 from stylepipe.data.sources import load_content_images, load_image
 from stylepipe.nets.losses import colour_distance, gram_distance, style_distances
 from stylepipe.nets.vgg import LossNetwork, load_vgg16_features
-from stylepipe.train.checkpoint import load_checkpoint
+from stylepipe.train.model_file import load_model
 from stylepipe.train.recipe import train_from_config
 from tests.conftest import DEMO
 
@@ -27,7 +27,7 @@ def trained_distances(run_dir, style_weight: float) -> dict[str, tuple[float, fl
         f"train.steps={STEPS}", "train.batch_size=4", "train.device=cpu", "train.checkpoint_every=1000",
         "loss.content_weight=1.0", f"loss.style_weight={style_weight}",
     ])  # fmt: skip
-    model = load_checkpoint(train_from_config(config).checkpoint).eval()
+    model = load_model(train_from_config(config).model).eval()
     images = load_content_images("skimage", SIZE).float().div(255)
     style = resize_crop(load_image(STYLE), SIZE).float().div(255)
     judge = LossNetwork(load_vgg16_features("random", seed=1234), ["relu1_2"])  # training used seed 0
@@ -76,7 +76,7 @@ class _Fixed(torch.nn.Module):
 def test_the_final_models_style_measure_is_1_for_no_change_and_0_for_the_style_itself():
     from types import SimpleNamespace
 
-    from stylepipe.stages import measure_style
+    from stylepipe.showcase import measure_style
 
     config = load_config(DEMO, [f"data.style_image={STYLE}"])
     data = SimpleNamespace(val_images=load_content_images("skimage", SIZE)[:8])

@@ -6,6 +6,8 @@ into a tensor (on the GPU when asked and it fits). Training never decodes JPEGs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +38,16 @@ def load_split(
     if device is not None:
         images = images.to(device)
     return images
+
+
+def shard_fingerprint(folder: str | Path) -> str:
+    """What a prepared folder's training and validation images are, without reading the pixels:
+    the kept files' content hashes in shard order with their split, and the shard's shape (the
+    size they were prepared at). ``prepare`` rewriting the folder with other images changes it;
+    a copy of the folder elsewhere does not."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    kept = manifest[manifest["status"] == "kept"].sort_values("shard_row")
+    shape = list(np.load(folder / "shard.npy", mmap_mode="r").shape)
+    rows = list(zip(kept["sha256"], kept["split"], strict=True))
+    return hashlib.sha256(json.dumps({"shape": shape, "rows": rows}).encode()).hexdigest()

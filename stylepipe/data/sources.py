@@ -10,6 +10,7 @@ Specs used in configs:
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image, ImageOps
 
 from stylepipe.data.decode import resize_crop
 from stylepipe.errors import StylepipeError
-from stylepipe.files import atomic_path
+from stylepipe.files import atomic_path, file_sha256
 
 # scikit-image's bundled colour photos (each ships inside the package: no download).
 SKIMAGE_COLOUR = (
@@ -193,6 +194,27 @@ def load_content_images(spec: str, size: int) -> torch.Tensor:
             raise SourceError(f"no images found under {folder}")
         images = [open_rgb(p) for p in files]
     return torch.stack([resize_crop(img, size) for img in images])
+
+
+def images_fingerprint(images: torch.Tensor) -> str:
+    """The SHA-256 of an image tensor's shape and bytes."""
+    digest = hashlib.sha256(str(tuple(images.shape)).encode())
+    digest.update(images.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(content: str, style_image: str, size: int) -> str:
+    """What a run trains on, as one hash: the content images (a prepared folder by its manifest,
+    anything else by the pixels as loaded at ``size``) and the style image (a file by its bytes;
+    a bundled or generated one by its name, which fixes it)."""
+    from stylepipe.data.shard import is_prepared, shard_fingerprint
+
+    images = shard_fingerprint(content) if is_prepared(content) else images_fingerprint(
+        load_content_images(content, size))  # fmt: skip
+    kind, _, name = style_image.partition(":")
+    bundled = kind in ("skimage", "generated") and name
+    style = file_sha256(style_image) if not bundled and Path(style_image).is_file() else style_image
+    return hashlib.sha256(f"{images}|{style}".encode()).hexdigest()
 
 
 class RandomBatches:

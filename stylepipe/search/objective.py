@@ -23,7 +23,7 @@ from stylepipe import cores
 from stylepipe.config import Config
 from stylepipe.data.shard import is_prepared, load_split
 from stylepipe.data.sources import RandomBatches
-from stylepipe.errors import StylepipeError
+from stylepipe.errors import StylepipeError, failure_text
 from stylepipe.nets.losses import PerceptualLoss
 from stylepipe.nets.transformer import TransformerNet
 from stylepipe.search.space import apply, suggest
@@ -200,13 +200,6 @@ def run_candidate(
                            result.model)  # fmt: skip
     run.recoveries = long_run.recoveries if long_run else []
     return run
-
-
-def failure_text(err: BaseException) -> str:
-    """What stopped a run, in one line: ``OSError: disk full``, or ``interrupted`` for Ctrl-C."""
-    if isinstance(err, KeyboardInterrupt):
-        return "interrupted (Ctrl-C or SIGINT)"
-    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
 def worker_id() -> str:

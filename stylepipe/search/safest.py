@@ -19,7 +19,8 @@ from typing import Any
 import optuna
 
 from stylepipe.config import Config
-from stylepipe.search.objective import StudyData, failure_text, run_candidate
+from stylepipe.errors import failure_text
+from stylepipe.search.objective import StudyData, run_candidate
 from stylepipe.search.space import apply, params_from_trial
 from stylepipe.tracking import Tracker
 
@@ -149,7 +150,20 @@ def confirm_safest(
     if base is not None and base.number not in [t.number for t in candidates]:
         candidates.append(base)
     plan = replay_plan(config.train.seed, search.replay_seeds, search.lr_margin)
-    verdicts = [_verdict(config, data, trial, plan, horizon, tracker, parent_run_id) for trial in candidates]
+    # A candidate replayed before (the study then grew) keeps its verdict: the same trial, plan
+    # and horizon replay the same way, and the study's settings cannot change (study.py).
+    earlier = {v["trial"]: v for v in study.user_attrs.get("safety") or []
+               if v.get("plan") == plan and v.get("horizon") == horizon}  # fmt: skip
+    verdicts = []
+    for trial in candidates:
+        if trial.number in earlier:
+            log.info(
+                "trial %d: its verdict from before is kept (%s)", trial.number, earlier[trial.number]["why"]
+            )
+            verdicts.append(earlier[trial.number])
+        else:
+            verdicts.append({**_verdict(config, data, trial, plan, horizon, tracker, parent_run_id),
+                             "plan": plan, "horizon": horizon})  # fmt: skip
     study.set_user_attr("safety", verdicts)
     baseline = next((v for v in verdicts if base is not None and v["trial"] == base.number), None)
     safe = [v for v in verdicts if v["safe"]]

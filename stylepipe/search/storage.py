@@ -24,6 +24,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from stylepipe.config import Config
 from stylepipe.errors import StylepipeError
+from stylepipe.files import writable_folder
 from stylepipe.stores import is_sqlite, probe, redact_url, scrub, sqlite_path, use_write_ahead_log
 from stylepipe.tracking import end_killed_run
 
@@ -112,8 +113,16 @@ class SingleWorkerGuard:
         if self.lock_path in self._held:
             self._held[self.lock_path][1] += 1
             return self
-        Path(self.lock_path).parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.lock_path, "w")  # noqa: SIM115  (held until __exit__)
+        where = f"cannot open the Optuna storage {redact_url(self.url)}"
+        try:  # a file where its folder should be, a read-only disk, ...
+            writable_folder(Path(self.lock_path).parent, "folder of the SQLite file")
+            handle = open(self.lock_path, "w")  # noqa: SIM115  (held until __exit__)
+        except StylepipeError as err:
+            raise StorageError(f"{where}: {err}") from None
+        except OSError as err:  # the lock file itself: a folder of that name, ...
+            raise StorageError(
+                f"{where}: cannot write its lock file {self.lock_path}: {err.strerror or err}"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
+import logging
 import time
 import warnings
 from collections import Counter
@@ -15,17 +17,87 @@ import pandas as pd
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from stylepipe.config import Config
+from stylepipe.data.sources import data_fingerprint
+from stylepipe.errors import StylepipeError
 from stylepipe.search.objective import Objective
 from stylepipe.search.space import baseline_params, trial_values
 from stylepipe.search.storage import SingleWorkerGuard, StudyLock, open_storage
+from stylepipe.train.lifecycle import NOT_FINGERPRINTED
+
+log = logging.getLogger(__name__)
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 # What counts towards search.n_trials: a failed trial (a crash, a killed worker) does not.
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
+# What a study may be resumed with changed: where it runs and is recorded, how many trials it
+# holds, how fast a machine computes. Everything else decides its answer: a study answers for
+# the settings it was created with, and other settings are refused (``check_settings``).
+STUDY_MAY_CHANGE = ("name", "run_dir", "prepare.", "schedule.", "search.n_trials", "search.storage",
+                    "search.study_name", "search.heartbeat_interval", "search.grace_period", "search.max_retry",
+                    "search.workers_per_device", "search.val_batch_size", "tracking.uri", "tracking.experiment",
+                    "tracking.registered_model", "tracking.log_every", "tracking.mirror_checkpoints",
+                    "tracking.showcase_image", "tracking.showcase_size", "tracking.train_final_model",
+                    *NOT_FINGERPRINTED)  # fmt: skip
+SETTINGS_ATTR = "settings"  # the study's user attribute: the settings it answers for
+
+
+class StudySettingsError(StylepipeError):
+    """A study opened with settings other than those it was created with."""
+
+
+def study_settings(config: Config) -> dict[str, Any]:
+    """The settings a study answers for, flat (``search.space.lr``: [1e-4, 3]); ``data.content``
+    is what the images are (their fingerprint), not where they are."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        elif not any(prefix == k or (k.endswith(".") and prefix.startswith(k)) for k in STUDY_MAY_CHANGE):
+            flat[prefix] = value
+
+    walk("", config.model_dump(mode="json"))
+    data = config.data
+    flat["data.content"] = data_fingerprint(data.content, data.style_image, data.image_size)
+    return flat
+
+
+def check_settings(study: optuna.Study, config: Config) -> None:
+    """Record a new study's settings; refuse, naming the keys, to go on with other ones."""
+    settings = study_settings(config)
+    recorded = study.user_attrs.get(SETTINGS_ATTR)
+    if recorded is None:
+        if study.get_trials(deepcopy=False):
+            log.warning("study %s was made by an earlier stylepipe that did not record its settings: it now "
+                        "answers for these", study.study_name)  # fmt: skip
+        study.set_user_attr(SETTINGS_ATTR, settings)
+        return
+    if recorded != settings:
+
+        def shown(value: Any) -> str:
+            text = json.dumps(value)
+            return text if len(text) <= 40 else text[:13] + '..."'
+
+        keys = [k for k in sorted({*recorded, *settings}) if recorded.get(k) != settings.get(k)]
+        differ = ", ".join(f"{k} ({shown(recorded.get(k))} -> {shown(settings.get(k))})" for k in keys)
+        raise StudySettingsError(
+            f"study {study.study_name} was made with other settings: {differ}. A study answers for the settings it "
+            f"was made with: go back to them, or start a new study (--set search.study_name={study.study_name}-2)"
+        )
+
+
 def open_study(config: Config) -> optuna.Study:
-    """Create the study, or load it when it exists (re-running resumes)."""
+    """Create the study, or load it when it exists (re-running resumes); other settings than
+    those it was made with are refused (``StudySettingsError``)."""
+    study = _create_or_load(config)
+    check_settings(study, config)
+    return study
+
+
+def _create_or_load(config: Config) -> optuna.Study:
     search = config.search
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     return optuna.create_study(

@@ -48,7 +48,7 @@ class Callback:
 
 class CSVMetricsWriter(Callback):
     """Writes every metric row to a CSV file as the chunks arrive, flushed (a crash loses
-    nothing written). A writer starts the file afresh, unless ``on_resume`` was called: then
+    nothing written); a long run's ``RunSink``. A writer starts the file afresh, unless ``on_resume`` was called: then
     it goes on with the file a resumed run left, and skips the steps it already holds."""
 
     def __init__(self, path: str | Path):
@@ -82,6 +82,12 @@ class CSVMetricsWriter(Callback):
         self._writer.writerows(rows)
         self._file.flush()
         self.logged_through = int(rows[-1]["step"])
+
+    def flush(self) -> None:
+        """Each chunk is flushed as it is written: nothing waits."""
+
+    def on_recovery(self, event: dict[str, Any]) -> None:
+        """The CSV file holds the rows; the recovery events go to the run's record (run.json)."""
 
     def close(self) -> None:
         if self._file is not None:

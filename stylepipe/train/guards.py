@@ -138,6 +138,17 @@ class Autopsy:
         """JSON-safe: non-finite numbers become the strings "nan", "inf" and "-inf"."""
         return _finite_json(asdict(self))
 
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Autopsy:
+        """An autopsy read back from its JSON (``to_dict``); other keys beside it are ignored."""
+        number = lambda v: None if v is None else float(v)  # noqa: E731  ("nan" and "inf" come back)
+        fields = {k: record[k] for k in cls.__dataclass_fields__ if k in record}
+        fields["lr"] = number(fields["lr"])
+        fields["clip_norm"] = number(fields.get("clip_norm"))
+        fields["last_finite_losses"] = {k: number(v) for k, v in fields.get("last_finite_losses", {}).items()}
+        fields["grad_norm_tail"] = [number(v) for v in fields.get("grad_norm_tail", [])]
+        return cls(**fields)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
@@ -279,6 +290,20 @@ class RunGuard:
         if where is not None:
             return "nonfinite", where
         return self.monitor.observe(int(row["step"]), row["loss/total"], row["grad_norm/total"]), None
+
+    def late_autopsy(self, history: list[dict[str, float]], after_step: int) -> Autopsy:
+        """The autopsy of a run whose parameters were found non-finite at a checkpoint, with the
+        guards off (nothing stopped it at the time): the first step after ``after_step`` with a
+        non-finite value, from the rows as they are; the parameters at the last step when every
+        row looks finite (with the guards off the rows carry no parameter norm)."""
+        stretch = [i for i, row in enumerate(history) if row["step"] > after_step]
+        bad = next((i for i in stretch if self.first_nonfinite(history[i]) is not None), None)
+        if bad is None:
+            autopsy = self.autopsy(history, "params", "nonfinite")
+        else:
+            autopsy = self.autopsy(history[: bad + 1], self.first_nonfinite(history[bad]), "nonfinite")
+        autopsy.reason += " (the guards were off: found when the checkpoint was checked)"
+        return autopsy
 
     def autopsy(self, history: list[dict[str, float]], where: str | None, trigger: str) -> Autopsy:
         """The autopsy of the last row of ``history`` (the bad step), from the rows before it."""

@@ -2,102 +2,62 @@
 
 ``LongRun`` drives ``Trainer.fit`` for the runs users pay for (``stylepipe train``, the final
 model); search trials and replays never use it: a trial that needs rescue is not stable.
+Where its files live and what state the run is in: ``lifecycle.py``.
 
 * **Good checkpoints.** At the first check at or after every ``train.checkpoint_every``
   steps (or ``train.checkpoint_minutes`` minutes after the last checkpoint, when set), when
   the guards have read every step so far and found them finite, the trainer's whole state
-  (``Trainer.state_dict``) and the recoveries so far are written atomically to
-  ``<folder>/step-NNNNNNNN.pt``; the newest ``train.keep_checkpoints`` are kept. The state
-  at step 0 is written too, so a recovery can always go back to the start.
-* **Resume.** A folder that holds checkpoints is resumed from the newest, when its settings
-  fingerprint matches; otherwise ``ResumeRefused`` names the keys that differ.
+  (``Trainer.state_dict``) and the recoveries so far are written by the run's
+  ``CheckpointSaver``. The state at step 0 is written too, so a recovery can always go back
+  to the start. A state that is not finite is never written: with the guards off that is how
+  a run that went NaN is found, and it halts there as if a guard had stopped it.
+* **Resume.** A run with a usable checkpoint goes on from the newest one.
 * **Metrics stay whole.** The sinks (the CSV file, the MLflow run) get metric rows only
   when a checkpoint is written, after the rows up to it: rows of a stretch that a crash or
   a recovery throws away never reach them. A crash between the two leaves rows the next
   checkpoint does not cover; sinks skip steps they already hold (``on_resume``).
 * **Recovery** (``train.recovery``, the ``recovery`` section). When a guard halts the run:
   load the newest checkpoint before the bad step (one further back at each attempt), skip
-  the batches from there up to and including the bad step (PaLM-style), multiply the
-  learning rate by ``recovery.lr_factor`` and the clip norm by ``recovery.clip_factor``
-  (compounded per attempt), and go on. After ``recovery.max_attempts`` the run stops with
-  its autopsy, as without recovery, carrying the autopsies of every attempt.
+  the batches from there up to and including the bad step (PaLM-style), and go on with the
+  run's own learning rate times ``recovery.lr_factor ** attempt`` and its clip norm times
+  ``recovery.clip_factor ** attempt`` (with clipping off: that factor of the median gradient
+  norm of the good steps before the halt). Both are computed from the run's settings, not
+  from whatever the checkpoint it goes back to was trained with, and the clip never loosens
+  from one attempt to the next. After ``recovery.max_attempts`` the run stops with its
+  autopsy, as without recovery, carrying every attempt.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import math
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from stylepipe.config import Config
-from stylepipe.errors import StylepipeError
-from stylepipe.files import atomic_path
 from stylepipe.train.callbacks import Callback, TrainState
 from stylepipe.train.guards import Autopsy, TrainingHalted
+from stylepipe.train.lifecycle import CheckpointSaver, NonFiniteState, RunSink
 from stylepipe.train.trainer import Trainer, TrainResult
-
-# Knobs that do not change what a run computes: a run may resume with them changed.
-NOT_FINGERPRINTED = ("train.steps", "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints",
-                     "train.recovery", "train.device", "train.compile", "train.compile_mode", "train.channels_last",
-                     "train.tf32", "train.check_every")  # fmt: skip
-
-
-class ResumeRefused(StylepipeError):
-    """A run folder's checkpoints were written with other settings."""
-
-
-def training_settings(config: Config) -> dict[str, Any]:
-    """The settings that decide what a run computes, flat (``train.lr``: 0.001, ...)."""
-    flat: dict[str, Any] = {}
-    for section in ("data", "loss", "train", "guard"):
-        for key, value in getattr(config, section).model_dump(mode="json").items():
-            if f"{section}.{key}" not in NOT_FINGERPRINTED:
-                flat[f"{section}.{key}"] = value
-    return flat
-
-
-def _step_of(path: Path) -> int:
-    return int(path.stem.removeprefix("step-"))
-
-
-def write_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
-    """A long run's state (``LongRun``'s, with its ``step``) as ``<folder>/step-NNNNNNNN.pt``, atomically."""
-    path = Path(folder) / f"step-{state['step']:08d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return path
-
-
-def checkpoints(folder: Path) -> list[Path]:
-    """The checkpoints in a folder, oldest first."""
-    return sorted(folder.glob("step-*.pt"), key=_step_of) if folder.is_dir() else []
 
 
 class LongRun(Callback):
     """Checkpoints, resume and recovery around ``Trainer.fit`` (see the module doc).
 
-    ``sinks`` receive the metric rows (only when a checkpoint commits them) and, when they
-    have the methods, ``on_recovery(event)`` and ``on_checkpoint(state, step)``. Pass the
-    LongRun last among the trainer's callbacks, so that rows other callbacks add at a check
-    (an evaluation) are committed too.
+    ``sinks`` receive the metric rows only when a checkpoint commits them, and the run's
+    resume and recovery events. Pass the LongRun last among the trainer's callbacks, so that
+    rows other callbacks add at a check (an evaluation) are committed too.
     """
 
-    def __init__(
-        self, folder: str | Path, config: Config, sinks: Sequence[Callback] = (), recovery: bool = True
-    ):
-        self.folder = Path(folder)
+    def __init__(self, saver: CheckpointSaver, config: Config, sinks: Sequence[RunSink] = (),
+                 recovery: bool = True):  # fmt: skip
+        self.saver = saver
         self.every = config.train.checkpoint_every
         minutes = config.train.checkpoint_minutes
         self.every_seconds = None if minutes is None else minutes * 60
-        self.keep = config.train.keep_checkpoints
         self.policy = config.recovery if (recovery and config.train.recovery) else None
-        self.settings = training_settings(config)
+        self.lr, self.clip_norm = config.train.lr, config.train.clip_norm  # what recoveries compound from
         self.sinks = list(sinks)
         self.pending: list[dict[str, float]] = []
         self.recoveries: list[dict[str, Any]] = []
@@ -108,48 +68,46 @@ class LongRun(Callback):
 
     # ------------------------------------------------------------------ the driver
     def fit(self, trainer: Trainer) -> TrainResult:
-        """Train to the end, resuming from the folder's newest checkpoint and recovering from
+        """Train to the end, resuming from the newest usable checkpoint and recovering from
         halts; a halt after the last attempt raises ``TrainingHalted`` (``.recoveries`` set)."""
         self.trainer = trainer
-        found = checkpoints(self.folder)
-        if found:
-            self.resumed_from = self._load(found[-1])
-            self.recoveries = list(self._loaded["recoveries"])  # the recoveries before the crash
+        state = self.saver.load()
+        if state is not None:
+            self.resumed_from = self._load(state)
+            self.recoveries = list(state["recoveries"])  # the recoveries before the crash
             for sink in self.sinks:
-                if hasattr(sink, "on_resume"):
-                    sink.on_resume(self.resumed_from)
+                sink.on_resume(self.resumed_from)
         else:
             self._save()  # the start: a recovery can always go back this far
         while True:
             try:
                 result = trainer.fit()
+                if trainer.step > self.last_saved:  # (a run resumed at its last step is there already)
+                    self._checkpoint()
+                for sink in self.sinks:
+                    sink.flush()
+                return result
             except TrainingHalted as halted:
-                if self.policy is None or len(self.recoveries) >= self.policy.max_attempts:
+                attempts_left = self.policy is not None and len(self.recoveries) < self.policy.max_attempts
+                if not (attempts_left and self._recover(halted.autopsy)):
                     self._commit()  # the rows up to the bad step: the sinks show the halt
                     halted.recoveries = self.recoveries
                     raise
-                self._recover(halted.autopsy)
-            else:
-                self._commit()
-                self._save()
-                return result
 
-    def _recover(self, autopsy: Autopsy) -> None:
+    def _recover(self, autopsy: Autopsy) -> bool:
+        """Go back before the halt and go on more gently; False when no checkpoint is usable."""
         trainer = self.trainer
         attempt = len(self.recoveries) + 1
-        before = [path for path in checkpoints(self.folder) if _step_of(path) < autopsy.step]
-        source = before[max(0, len(before) - attempt)]  # one further back at each attempt
         lr_before, clip_before = trainer.scheduler.base_lrs[0], trainer.clip_norm  # the schedule's peak
-        tail = [row["grad_norm/total"] for row in trainer.history[-50:]]
-        resumed = self._load(source)
+        stretch = [row for row in trainer.history if row["step"] < autopsy.step]  # before the bad step
+        state = self.saver.load(before=autopsy.step, back=attempt - 1)  # one further back at each attempt
+        if state is None:
+            return False
+        resumed = self._load(state)
         self.pending.clear()  # the abandoned stretch never reaches the sinks
         trainer.skip_batches(autopsy.step - resumed)
-        trainer.scale_lr(self.policy.lr_factor**attempt)
-        clip = trainer.clip_norm
-        if self.policy.clip_factor is not None:
-            finite = [g for g in tail if g == g and g != float("inf")]
-            base = clip if clip is not None else (statistics.median(finite) if finite else None)
-            clip = None if base is None else base * self.policy.clip_factor**attempt
+        trainer.set_lr(self.lr * self.policy.lr_factor**attempt)
+        clip, clip_base = self._recovery_clip(attempt, stretch)
         trainer.set_clip_norm(clip)
         event = {
             "attempt": attempt,
@@ -161,12 +119,36 @@ class LongRun(Callback):
             "skipped_batches": autopsy.step - resumed,
             "lr": [lr_before, trainer.scheduler.base_lrs[0]],
             "clip_norm": [clip_before, clip],
+            "clip_base": clip_base,
             "autopsy": autopsy.to_dict(),
         }
         self.recoveries.append(event)
         for sink in self.sinks:
-            if hasattr(sink, "on_recovery"):
-                sink.on_recovery(event)
+            sink.on_recovery(event)
+        return True
+
+    def _recovery_clip(
+        self, attempt: int, stretch: list[dict[str, float]]
+    ) -> tuple[float | None, float | None]:
+        """The clip norm of this attempt, and what it was derived from: the run's clip norm or,
+        with clipping off, the median gradient norm of the good steps (the first attempt's,
+        kept for every later one). Never looser than the last attempt's."""
+        factor = self.policy.clip_factor
+        if factor is None:
+            return self.clip_norm, self.clip_norm
+        base = self.clip_norm
+        if base is None:
+            base = next((e["clip_base"] for e in self.recoveries if e.get("clip_base") is not None), None)
+        if base is None:
+            # the checkpoint's steps were all verified; without any, the stretch before the halt
+            good = self.trainer.history[-50:] or stretch[-50:]
+            norms = [r["grad_norm/total"] for r in good if math.isfinite(r["grad_norm/total"])]
+            base = statistics.median(norms) if norms else None
+        if base is None:
+            return None, None
+        clip = base * factor**attempt
+        earlier = [e["clip_norm"][1] for e in self.recoveries if e["clip_norm"][1] is not None]
+        return (min(clip, *earlier) if earlier else clip), base
 
     # ------------------------------------------------------------------ the trainer's callbacks
     def on_metrics(self, rows: list[dict[str, float]]) -> None:
@@ -175,57 +157,39 @@ class LongRun(Callback):
     def on_check(self, state: TrainState) -> None:
         overdue = self.every_seconds is not None and time.monotonic() - self.saved_at >= self.every_seconds
         if state.step - self.last_saved >= self.every or (overdue and state.step > self.last_saved):
-            self._commit()
-            self._save()
+            self._checkpoint()
 
     # ------------------------------------------------------------------ files
+    def _checkpoint(self) -> None:
+        """The rows so far to the sinks, then a good checkpoint. A state that is not finite (the
+        guards were off) is neither committed nor written: the run halts at its first bad step."""
+        state = self._state()
+        try:
+            self.saver.verify(state)
+        except NonFiniteState:
+            raise TrainingHalted(
+                self.trainer.guard.late_autopsy(self.trainer.history, self.last_saved)
+            ) from None
+        self._commit()
+        self._save(state)
+
     def _commit(self) -> None:
-        """The rows so far go to the sinks, and are on disk (or in MLflow) when this returns."""
+        """The rows so far go to the sinks, and are stored (on disk, in MLflow) when this returns."""
         rows, self.pending = self.pending, []
         for sink in self.sinks:
             if rows:
                 sink.on_metrics(rows)
-            if hasattr(sink, "flush"):
-                sink.flush()
+            sink.flush()
 
-    def _save(self) -> None:
-        trainer = self.trainer
-        state = {**trainer.state_dict(), "settings": self.settings, "recoveries": self.recoveries}
-        write_checkpoint(self.folder, state)
-        self.last_saved, self.saved_at = trainer.step, time.monotonic()
-        for sink in self.sinks:
-            if hasattr(sink, "on_checkpoint"):
-                sink.on_checkpoint(state, trainer.step)
-        for old in checkpoints(self.folder)[: -self.keep]:
-            old.unlink()
+    def _state(self) -> dict[str, Any]:
+        return {**self.trainer.state_dict(), "settings": self.saver.settings, "recoveries": self.recoveries}
 
-    def _load(self, path: Path) -> int:
-        """Load a checkpoint into the trainer; returns its step."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # stylepipe wrote it; anything else in its place is not loaded
-            raise ResumeRefused(f"cannot read the checkpoint {path}: {type(err).__name__}; "
-                                "remove it, or start afresh") from None  # fmt: skip
-        differ = {
-            k: (state["settings"].get(k), v)
-            for k, v in self.settings.items()
-            if state["settings"].get(k) != v
-        }
-        differ.update({k: (v, None) for k, v in state["settings"].items() if k not in self.settings})
-        if differ:
-            shown = ", ".join(
-                f"{k} ({json.dumps(old)} -> {json.dumps(new)})" for k, (old, new) in sorted(differ.items())
-            )
-            raise ResumeRefused(
-                f"the checkpoints in {self.folder} were written with other settings: {shown}. "
-                "Go back to those settings to resume, or start afresh (stylepipe train --fresh)."
-            )
+    def _save(self, state: dict[str, Any] | None = None) -> None:
+        self.saver.save(state or self._state())
+        self.last_saved, self.saved_at = self.trainer.step, time.monotonic()
+
+    def _load(self, state: dict[str, Any]) -> int:
+        """Load a checkpoint's state into the trainer; returns its step."""
         self.trainer.load_state_dict(state)
-        self._loaded = state
         self.last_saved, self.saved_at = self.trainer.step, time.monotonic()
         return self.trainer.step
-
-
-def start_afresh(folder: str | Path) -> None:
-    """Remove a run's checkpoints (``--fresh``)."""
-    shutil.rmtree(folder, ignore_errors=True)

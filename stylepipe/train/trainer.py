@@ -332,11 +332,12 @@ class Trainer:
         for _ in range(count):
             next(self.batches)
 
-    def scale_lr(self, factor: float) -> None:
-        """The learning rate, and the schedule it follows, times ``factor`` from now on."""
+    def set_lr(self, lr: float) -> None:
+        """The schedule's peak learning rate from now on (the warm-up still scales it)."""
+        factor = lr / self.scheduler.base_lrs[0]
         for group in self.optimizer.param_groups:
             group["lr"] *= factor
-        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
 
     def set_clip_norm(self, clip_norm: float | None) -> None:
         self.clip_norm = self.guard.clip_norm = clip_norm

@@ -1,0 +1,243 @@
+"""A study's final model: the safest configuration trained as a long run, with a state that
+every machine of the study sees.
+
+Its identity is the final settings (the safest parameters, ``tracking.final_steps``, the final
+image size), the images and the study; its folder is ``<run_dir>/final/<study>-<fingerprint>``
+(``lifecycle.py``). Its state is written in three places, each after the one before, so that
+whichever command runs next reads it right:
+
+1. the run folder's ``run.json`` (this machine): running, interrupted, halted, finished;
+2. its MLflow run (every machine): the model logged, then the tag ``stylepipe.state`` set to
+   ``finished`` and the run ended: **that tag is the commit point** of a finished final run;
+3. the study's ``final_runs`` attribute (every worker): fingerprint -> MLflow run and state.
+
+A finished final run is never reopened, resumed or rewritten: the next command (the study
+extended and certified again with the same safest configuration, a registration cut short)
+reuses its model and says so. An interrupted one resumes in the same MLflow run, from this
+machine's checkpoints or, on another machine, from the copy mirrored to that run; a copy that
+cannot be used is one warning, the abandoned MLflow run is ended KILLED with the reason, and
+the final run starts over. A halted one is reported again, not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from stylepipe.config import Config
+from stylepipe.data.sources import data_fingerprint
+from stylepipe.errors import StylepipeError, failure_text
+from stylepipe.files import file_sha256, write_json
+from stylepipe.registry import LOGGED_MODEL_TAG, log_model
+from stylepipe.search.objective import run_candidate
+from stylepipe.search.space import apply
+from stylepipe.showcase import measure_style, write_samples, write_triptych
+from stylepipe.tracking import RunArtifacts, end_killed_run
+from stylepipe.train.lifecycle import (
+    FINISHED,
+    HALTED,
+    INTERRUPTED,
+    RUNNING,
+    CheckpointSaver,
+    RunFolder,
+    RunStateError,
+    fetch_mirrored,
+    run_identity,
+)
+from stylepipe.train.long_run import LongRun
+from stylepipe.train.model_file import save_model
+
+log = logging.getLogger(__name__)
+
+STATE_TAG = "stylepipe.state"  # on the final MLflow run: "finished" once its model is logged
+FINGERPRINT_TAG = "stylepipe.fingerprint"
+SHA_TAG = "stylepipe.model_sha256"
+FINAL_RUNS = "final_runs"  # the study's attribute: fingerprint -> {run_id, state}
+
+
+class FinalRunHalted(StylepipeError):
+    """The safest configuration halted in its final run after every recovery attempt."""
+
+
+def final_settings(config: Config, safest: dict) -> Config:
+    """The safest configuration at the final model's length and image size."""
+    steps = config.tracking.final_steps or config.train.steps
+    size = config.tracking.final_image_size or config.data.image_size
+    return apply(config, safest["params"], **{"train.steps": steps, "data.image_size": size})
+
+
+class FinalRun:
+    """The final run of one safest configuration of one study (see the module doc)."""
+
+    def __init__(self, config: Config, safest: dict, session: Any):
+        """``session``: the stages' ``StudySession`` (its study, tracker, parent run, data, run folder)."""
+        self.config = config
+        self.safest = safest
+        self.session = session
+        self.final_config = final_settings(config, safest)
+        data = data_fingerprint(
+            config.data.content, config.data.style_image, self.final_config.data.image_size
+        )
+        settings, fingerprint = run_identity(self.final_config, data, study=config.study_name)
+        self.folder = RunFolder(session.run_dir / "final", config.study_name, settings, fingerprint)
+        self.fingerprint = fingerprint
+        self.client = session.tracker.client
+
+    # ------------------------------------------------------------------ the shared record
+    def shared(self) -> dict[str, Any]:
+        return dict((self.session.study.user_attrs.get(FINAL_RUNS) or {}).get(self.fingerprint) or {})
+
+    def share(self, **record: Any) -> None:
+        runs = dict(self.session.study.user_attrs.get(FINAL_RUNS) or {})
+        runs[self.fingerprint] = {**(runs.get(self.fingerprint) or {}), **record}
+        self.session.study.set_user_attr(FINAL_RUNS, runs)
+
+    def _mlflow_run(self, run_id: str | None):
+        if not run_id:
+            return None
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:  # deleted, or another tracking store: as if it never was
+            return None
+
+    # ------------------------------------------------------------------ the stage
+    def run(self) -> dict[str, Any]:
+        """Train it, resume it, or reuse it when it is finished; the final model's record."""
+        run_id = self.shared().get("run_id")
+        mlflow_run = self._mlflow_run(run_id)
+        recorded = mlflow_run.data.tags.get(STATE_TAG) if mlflow_run is not None else None
+        if recorded == FINISHED:
+            return self._reuse(mlflow_run)
+        if recorded == HALTED:  # the same settings halt the same way
+            tags = mlflow_run.data.tags
+            record = self.folder.record() if self.folder.record_path.is_file() else {}
+            raise FinalRunHalted(self._halted_text(tags.get("outcome"), tags.get("cause"), record.get("recoveries") or [],
+                                                   run_id) + "; recorded before, not trained again")  # fmt: skip
+        with self.folder.claimed():
+            if self.folder.state() == FINISHED:
+                raise RunStateError(f"the final run in {self.folder.path} is finished here, but its MLflow run "
+                                    f"{run_id} does not say so (another tracking store?): remove that folder to "
+                                    "train it again")  # fmt: skip
+            return self._train(run_id if mlflow_run is not None else None)
+
+    def _train(self, run_id: str | None) -> dict[str, Any]:
+        config, s = self.final_config, self.session
+        saver = CheckpointSaver(self.folder.checkpoints, config.train.keep_checkpoints, self.folder.settings)
+        resumable = saver.load() is not None
+        mirror_on = self.config.tracking.mirror_checkpoints
+        why = "no checkpoint to resume it from, here or on its MLflow run"
+        if run_id and not resumable and mirror_on:  # it was interrupted on another machine
+            state, unusable = fetch_mirrored(RunArtifacts(self.client, run_id), self.folder.settings)
+            why = f"its checkpoint copy cannot be used: {unusable}" if unusable else why
+            if state is not None:
+                saver.adopt(state)
+                log.warning("the final run's checkpoint at step %d was fetched from its MLflow run %s",
+                            state["step"], run_id)  # fmt: skip
+                resumable = True
+            elif unusable is not None:
+                log.warning("the checkpoint copy on MLflow run %s cannot be used: %s", run_id, unusable)
+        if run_id and resumable:
+            logger = s.tracker.reopen_run(run_id, self.config.tracking.log_every)
+        else:
+            if run_id:  # nothing to resume it from: it is abandoned, and says why
+                end_killed_run(
+                    self.client, run_id, f"abandoned: {why}; the final run started over in a new MLflow run"
+                )
+            logger = s.tracker.child_run(s.parent, "final model", "final", self.safest["params"],
+                                         {"safest.trial": self.safest["trial"], FINGERPRINT_TAG: self.fingerprint},
+                                         self.config.tracking.log_every)  # fmt: skip
+            run_id = logger.run_id
+        self.share(run_id=run_id, state=RUNNING)
+        self.folder.write(RUNNING, mlflow_run_id=run_id, steps=config.train.steps)
+        if mirror_on:
+            saver.mirror = RunArtifacts(self.client, run_id)
+        long_run = LongRun(saver, config, sinks=[logger])
+        try:
+            run = run_candidate(config, s.data, logger=logger, long_run=long_run)
+        except BaseException as err:  # Ctrl-C too: the run says why it stopped (and resumes later)
+            logger.errors.extend(saver.mirror_errors)
+            s.tracker.finish_run(run_id, "failed", logger=logger, failure=failure_text(err))
+            self.folder.write(INTERRUPTED, reason=failure_text(err)[:2000])
+            raise
+        logger.errors.extend(saver.mirror_errors)
+        if run.outcome != "complete":
+            raise self._halted(run, logger)
+        return self._finish(run, logger, long_run.resumed_from)
+
+    def _halted(self, run, logger) -> FinalRunHalted:
+        cause = run.autopsy.cause if run.autopsy else None
+        self.session.tracker.finish_run(logger.run_id, run.outcome, cause, run.autopsy, logger=logger)
+        self.client.set_tag(logger.run_id, STATE_TAG, HALTED)
+        autopsy = (
+            run.autopsy.to_dict() if run.autopsy else {"outcome": run.outcome, "why": "non-finite quality"}
+        )
+        write_json(self.folder.autopsy, {**autopsy, "recoveries": run.recoveries})
+        self.folder.write(HALTED, recoveries=run.recoveries, outcome=run.outcome, cause=cause)
+        self.share(state=HALTED)
+        return FinalRunHalted(self._halted_text(run.outcome, cause, run.recoveries, logger.run_id))
+
+    @staticmethod
+    def _halted_text(outcome, cause, recoveries: list[dict], run_id) -> str:
+        attempts = "; ".join(f"attempt {e['attempt']}: halted at step {e['halted_at_step']} ({e['cause']}), lr "
+                             f"{e['lr'][1]:.3g}, clip {e['clip_norm'][1]}" for e in recoveries)  # fmt: skip
+        return (f"the safest configuration went {outcome} ({cause}) in its final training run after "
+                f"{len(recoveries)} recoveries{': ' + attempts if attempts else ''}; the autopsies are on its "
+                f"MLflow run {run_id}")  # fmt: skip
+
+    def _finish(self, run, logger, resumed_from: int | None) -> dict[str, Any]:
+        """The model on disk, its pictures and measures, the MLflow run ended with the model logged
+        and then marked finished, the run folder and the study told: in that order."""
+        s, config, safest = self.session, self.config, self.safest
+        steps = self.final_config.train.steps
+        if run.recoveries:  # the final run is the certificate's last and longest test
+            why = f"its {steps}-step final run needed {len(run.recoveries)} recoveries"
+            safest = {**safest, "certificate": {**safest["certificate"], "weakened": why}}
+            s.study.set_user_attr("safest", safest)
+            write_json(s.run_dir / "safest.json", safest)
+            write_json(s.run_dir / "last_safest.json", safest)
+        model = save_model(run.model, self.folder.model, {"safest": safest})
+        samples = write_samples(run.model, s.data, self.folder.path / "samples")
+        samples.append(write_triptych(run.model, config, self.folder.path / "triptych.png"))
+        style = measure_style(run.model, s.data, config)
+        s.tracker.log_artifacts(logger.run_id, samples, "samples")
+        s.tracker.finish_run(logger.run_id, "complete", logger=logger, end=False, metrics={
+            "final/quality": run.quality, "recoveries": len(run.recoveries),
+            **{f"final/style_{key}": value for key, value in style.items()}})  # fmt: skip
+        sha = file_sha256(model)
+        model_uri = log_model(config.tracking_uri, logger.run_id, model, {SHA_TAG: sha, STATE_TAG: FINISHED,
+                              "stylepipe.safest": json.dumps(safest["certificate"])[:5000]})  # fmt: skip
+        self.folder.write(FINISHED, model=model.name, model_sha256=sha, model_uri=model_uri,
+                          recoveries=run.recoveries)  # fmt: skip
+        self.share(state=FINISHED)
+        return {"run_id": logger.run_id, "model": str(model), "model_uri": model_uri, "model_sha256": sha,
+                "quality": run.quality, "samples": [str(p) for p in samples], "recoveries": len(run.recoveries),
+                "style": style, "resumed_from": resumed_from, "steps": steps, "safest": safest,
+                "folder": str(self.folder.path), "reused": False}  # fmt: skip
+
+    def _reuse(self, mlflow_run) -> dict[str, Any]:
+        """A finished final run, as it was recorded: nothing is trained or written again."""
+        run_id, tags, metrics = mlflow_run.info.run_id, mlflow_run.data.tags, mlflow_run.data.metrics
+        if mlflow_run.info.status == "RUNNING":  # marked finished, then cut short before it ended
+            self.client.set_terminated(run_id, status="FINISHED")
+        self.share(run_id=run_id, state=FINISHED)
+        recoveries = int(metrics.get("recoveries", 0))
+        safest = self.safest
+        if recoveries:
+            why = f"its {self.final_config.train.steps}-step final run needed {recoveries} recoveries"
+            safest = {**safest, "certificate": {**safest["certificate"], "weakened": why}}
+        local = self.folder.model
+        here = local.is_file() and file_sha256(local) == tags.get(SHA_TAG)
+        samples = sorted((self.folder.path / "samples").glob("*.png")) if here else []
+        style = {
+            k.removeprefix("final/style_"): v for k, v in metrics.items() if k.startswith("final/style_")
+        }
+        log.info("the final run of this safest configuration finished before (MLflow run %s): reused, not trained",
+                 run_id)  # fmt: skip
+        return {"run_id": run_id, "model": str(local) if here else None, "model_uri": tags.get(LOGGED_MODEL_TAG),
+                "model_sha256": tags.get(SHA_TAG), "quality": metrics.get("final/quality"),
+                "samples": [str(p) for p in samples], "recoveries": recoveries, "style": style or None,
+                "resumed_from": None, "steps": self.final_config.train.steps, "safest": safest,
+                "folder": str(self.folder.path), "reused": True}  # fmt: skip
