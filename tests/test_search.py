@@ -27,8 +27,8 @@ from stylepipe.nets import TransformerNet
 from stylepipe.search.objective import evaluate_quality, load_study_data
 from stylepipe.stages import run_search
 from stylepipe.stylize import stylize_tensor
-from stylepipe.train.model_file import load_model
 from stylepipe.train.guards import CAUSES
+from stylepipe.train.model_file import load_model
 from tests.conftest import DEMO, another_process_holds_sqlite
 
 TINY_SEARCH = [
