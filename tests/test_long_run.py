@@ -425,7 +425,9 @@ def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_
     assert (after.data.tags, after.data.metrics, after.info.end_time) == before
 
 
-def test_a_mirrored_copy_that_cannot_be_used_is_said_and_the_abandoned_run_is_ended(tmp_path, prepared, monkeypatch):  # noqa: F811
+def test_a_mirrored_copy_that_cannot_be_used_is_said_and_the_abandoned_run_is_ended(
+    tmp_path, prepared, monkeypatch
+):  # noqa: F811
     """Before: a pickle in the slot was a traceback, and the old final run stayed RUNNING forever."""
     import hashlib
 
