@@ -139,6 +139,9 @@ class FinalRun:
                 resumable = True
             elif unusable is not None:
                 log.warning("the checkpoint copy on MLflow run %s cannot be used: %s", run_id, unusable)
+        if not resumable and saver.skipped:  # before anything is abandoned or started
+            raise RunStateError(f"no checkpoint in {saver.folder} can be used ({saver.skipped[0]}): move them "
+                                f"away, or remove {self.folder.path} to start the final run over")  # fmt: skip
         if run_id and resumable:
             logger = s.tracker.reopen_run(run_id, self.config.tracking.log_every)
         else:
@@ -154,7 +157,8 @@ class FinalRun:
         self.folder.write(RUNNING, mlflow_run_id=run_id, steps=config.train.steps)
         if mirror_on:
             saver.mirror = RunArtifacts(self.client, run_id)
-        long_run = LongRun(saver, config, sinks=[logger])
+        long_run = LongRun(saver, config, sinks=[logger], start_over=f"remove {self.folder.path} to start the "
+                           "final run over")  # fmt: skip
         try:
             run = run_candidate(config, s.data, logger=logger, long_run=long_run)
         except BaseException as err:  # Ctrl-C too: the run says why it stopped (and resumes later)

@@ -152,6 +152,55 @@ def _registered_model(tmp: Path) -> None:
 _TEXT_PID = ('{"folder": "x", "optuna_url": "a", "mlflow_db_url": "b", "prefect_db_url": "c", "services": '
              '[{"name": "mlflow", "pid": "nobody", "command": ["no-such-program"], "log": "l"}]}')  # fmt: skip
 
+
+def _run_folder(tmp: Path) -> Path:
+    """The folder of the run ``train *settings(tmp)`` makes."""
+    from stylepipe.config import load_config
+    from stylepipe.train.recipe import train_run_folder
+
+    args = settings(tmp)
+    return train_run_folder(load_config(DEMO, [args[i + 1] for i, a in enumerate(args) if a == "--set"])).path
+
+
+def _in_checkpoints(name: str, body: Callable[[Path], None]) -> Callable[[Path], Path]:
+    def setup(tmp: Path) -> Path:
+        folder = _run_folder(tmp) / "checkpoints"
+        folder.mkdir(parents=True)
+        body(folder / name)
+        return folder / name
+
+    return setup
+
+
+def _foreign_checkpoint(path: Path) -> None:
+    torch.save({"weights": torch.ones(3)}, path)  # tensors only: torch reads it, but it is nobody's state
+
+
+def _checkpoints_is_a_file(tmp: Path) -> None:
+    _run_folder(tmp).mkdir(parents=True)
+    (_run_folder(tmp) / "checkpoints").write_text("not a folder\n")
+
+
+def _untouched(path_of: Callable[[Path], Path], body: bytes) -> Callable[[Path], None]:
+    def check(tmp: Path) -> None:
+        assert path_of(tmp).read_bytes() == body, "a file stylepipe did not write was changed"
+
+    return check
+
+
+def _nan_model(tmp: Path) -> Path:
+    net = TransformerNet()
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("nan"))
+    path = tmp / "nan.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, str(path)
+    )  # as a bad run once wrote it
+    return path
+
+
 MISTAKES = {
     # ---- settings
     "steps=true is not one step": Mistake(
@@ -264,6 +313,23 @@ MISTAKES = {
     "a run folder that cannot be written": Mistake(
         lambda t, p: ["train", *settings(t), "--set", f"run_dir={garbage(t / 'f') / 'run'}"],
         "cannot write to the run folder"),
+    # ---- a run's files read back are untrusted
+    "a foreign step-00000050.pt among a run's checkpoints": Mistake(
+        lambda t, p: ["train", *settings(t)], "no checkpoint in",
+        setup=_in_checkpoints("step-00000050.pt", _foreign_checkpoint),
+        check=lambda t: (_run_folder(t) / "checkpoints" / "step-00000050.pt").is_file() or pytest.fail("deleted")),
+    "a step-latest.pt among a run's checkpoints is not read": Mistake(
+        lambda t, p: ["train", *settings(t)], "trained 2 steps", code=0,
+        setup=_in_checkpoints("step-latest.pt", lambda path: path.write_bytes(b"mine")),
+        check=_untouched(lambda t: _run_folder(t) / "checkpoints" / "step-latest.pt", b"mine")),
+    "a run's checkpoints folder that is a file": Mistake(
+        lambda t, p: ["train", *settings(t)], "cannot write the checkpoint", setup=_checkpoints_is_a_file),
+    "a folder given as the model": Mistake(
+        lambda t, p: ["stylize", "--model", str((t / "empty").mkdir() or t / "empty"), str(photo(t / "in.png")),
+                      str(t / "o.png")], "is a folder without a model.safetensors"),
+    "a model whose weights are NaN": Mistake(
+        lambda t, p: ["stylize", "--model", str(_nan_model(t)), str(photo(t / "in.png")), str(t / "o.png")],
+        "hold NaN or Inf", check=lambda t: not (t / "o.png").exists() or pytest.fail("an image was written")),
     # ---- stack: a stack.json stylepipe did not write is refused before anything starts or stops
     "stack down with a stack.json that is not JSON": Mistake(
         lambda t, p: ["stack", "down", "--folder", str(t / "stack")], "stack.json is not a stack record stylepipe wrote",
@@ -342,3 +408,24 @@ def test_a_users_mistake_prints_no_library_warning(name, tmp_path):
     assert "Warning" not in done.stderr and "warnings.warn" not in done.stderr, done.stderr
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), done.stderr
     assert mistake.fragment in lines[0], done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes_later(tmp_path):
+    """Before: a traceback (exit 1), and the cut-short temporary stayed beside the checkpoints."""
+    import resource
+
+    limit = 4 * 2**20  # room for the code's caches and the metrics, not for a 20 MB checkpoint
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [Path(sys.executable).with_name("stylepipe"), *["train", *settings(tmp_path)]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=280, preexec_fn=small_disk)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(errors) == 1 and "cannot write the checkpoint" in errors[0] and "File too large" in errors[0]
+    folder = _run_folder(tmp_path)
+    assert not [p.name for p in (folder / "checkpoints").iterdir()]  # no temporary left
+    assert '"state": "interrupted"' in (folder / "run.json").read_text()
+    assert main(["train", *settings(tmp_path)]) == 0  # with room again, the same command trains it

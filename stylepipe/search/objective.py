@@ -194,7 +194,8 @@ def run_candidate(
     except TrainingHalted as halted:
         run = CandidateRun(halted.autopsy.outcome, None, halted.autopsy, trainer.history)
     else:
-        quality = reporter.final
+        # a long run resumed at its last step (cut short while finishing) trained nothing more
+        quality = reporter.final if reporter.final is not None else evaluate_quality(result.model, data)
         finite = quality is not None and math.isfinite(quality)
         run = CandidateRun("complete" if finite else "nan", quality if finite else None, None, result.metrics,
                            result.model)  # fmt: skip

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import re
@@ -383,6 +384,7 @@ class CheckpointSaver:
         self.mirror = mirror
         self.slot: str | None = None  # the mirror slot the pointer names
         self.skipped: list[str] = []  # why checkpoints found here were not used
+        self.unusable: set[Path] = set()  # those files: never rotated away (they may not be ours)
         self.mirror_errors: list[str] = []
 
     def paths(self) -> list[Path]:
@@ -398,7 +400,7 @@ class CheckpointSaver:
         ``NonFiniteState`` when it holds NaN or Inf: nothing is written."""
         self.verify(state)
         path = self._write(state)
-        for old in self.paths()[: -self.keep]:
+        for old in [p for p in self.paths() if p not in self.unusable][: -self.keep]:
             old.unlink()
         if self.mirror is not None:
             self._mirror(state)
@@ -417,12 +419,15 @@ class CheckpointSaver:
 
     def _write(self, state: dict[str, Any]) -> Path:
         path = self.folder / f"step-{state['step']:08d}.pt"
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # in memory first: torch reports a failed write without its cause
         try:
             with atomic_path(path) as tmp:
-                torch.save(state, tmp)
+                tmp.write_bytes(buffer.getbuffer())
         except OSError as err:  # a full disk, a folder in the way: the run stops where it was good
-            raise RunStateError(f"cannot write the checkpoint {path}: {err.strerror or err}. The run keeps its "
-                                "last good checkpoint: make room and run the same command to resume") from None  # fmt: skip
+            raise RunStateError(f"cannot write the checkpoint {path}: {err.strerror or err}. The run stopped at its "
+                                "last good checkpoint: fix that (free space, a file in the way) and run the same "
+                                "command to resume") from None  # fmt: skip
         return path
 
     def _mirror(self, state: dict[str, Any]) -> None:
@@ -455,7 +460,8 @@ class CheckpointSaver:
                 continue
             state, why = self._read(path)
             if why is not None:
-                if why not in self.skipped:
+                if path not in self.unusable:
+                    self.unusable.add(path)
                     self.skipped.append(why)
                     log.warning("%s", why)
                 continue

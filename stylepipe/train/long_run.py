@@ -38,7 +38,7 @@ from typing import Any
 from stylepipe.config import Config
 from stylepipe.train.callbacks import Callback, TrainState
 from stylepipe.train.guards import Autopsy, TrainingHalted
-from stylepipe.train.lifecycle import CheckpointSaver, NonFiniteState, RunSink
+from stylepipe.train.lifecycle import CheckpointSaver, NonFiniteState, RunSink, RunStateError
 from stylepipe.train.trainer import Trainer, TrainResult
 
 
@@ -51,8 +51,9 @@ class LongRun(Callback):
     """
 
     def __init__(self, saver: CheckpointSaver, config: Config, sinks: Sequence[RunSink] = (),
-                 recovery: bool = True):  # fmt: skip
+                 recovery: bool = True, start_over: str = "pass --fresh to start the run over"):  # fmt: skip
         self.saver = saver
+        self.start_over = start_over  # how a user starts this run over (said when it cannot resume)
         self.every = config.train.checkpoint_every
         minutes = config.train.checkpoint_minutes
         self.every_seconds = None if minutes is None else minutes * 60
@@ -72,6 +73,9 @@ class LongRun(Callback):
         halts; a halt after the last attempt raises ``TrainingHalted`` (``.recoveries`` set)."""
         self.trainer = trainer
         state = self.saver.load()
+        if state is None and self.saver.skipped:  # never start over on top of files it cannot use
+            raise RunStateError(f"no checkpoint in {self.saver.folder} can be used ({self.saver.skipped[0]}): "
+                                f"move them away, or {self.start_over}")  # fmt: skip
         if state is not None:
             self.resumed_from = self._load(state)
             self.recoveries = list(state["recoveries"])  # the recoveries before the crash

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from stylepipe.errors import StylepipeError
 from stylepipe.files import atomic_path, read_state_dict
@@ -36,8 +36,12 @@ def save_model(model: TransformerNet, path: str | Path, metadata: dict | None = 
     if bad:
         raise ModelFileError(f"the model was not written to {path}: {len(bad)} of its {len(state)} tensors hold "
                              f"NaN or Inf (such as {bad[0]})")  # fmt: skip
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"stylepipe": json.dumps(metadata or {}, default=str)})
+    body = save(state, metadata={"stylepipe": json.dumps(metadata or {}, default=str)})
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(body)
+    except OSError as err:
+        raise ModelFileError(f"cannot write the model {path}: {err.strerror or err}") from None
     return Path(path)
 
 
