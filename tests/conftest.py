@@ -37,6 +37,20 @@ def tiny_config(tmp_path, *overrides: str) -> Config:
     return load_config(DEMO, [*base, *overrides])
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A tiny prepared shard of scikit-image's photos (32 px), one per test module."""
+    from stylepipe.config import PrepareConfig
+    from stylepipe.data.prepare import prepare
+    from stylepipe.data.sources import export_skimage
+
+    root = tmp_path_factory.mktemp("data")
+    source = export_skimage(root / "source")
+    settings = PrepareConfig(image_size=32, min_size=32, val_fraction=0.25, workers=1)
+    prepare(source, root / "prepared", settings, progress=False)
+    return root / "prepared"
+
+
 @pytest.fixture
 def tiny(tmp_path):
     return lambda *overrides: tiny_config(tmp_path, *overrides)

@@ -32,7 +32,7 @@ from stylepipe.train.lifecycle import (
 )
 from stylepipe.train.recipe import train_from_config, train_run_folder
 from tests.conftest import DEMO
-from tests.test_search import prepared, search_command, search_config, search_overrides  # noqa: F401
+from tests.test_search import search_command, search_config, search_overrides
 
 STYLEPIPE = str(Path(sys.executable).parent / "stylepipe")
 LONG = ["data.image_size=32", "train.batch_size=2", "train.steps=60", "train.check_every=5",
@@ -392,7 +392,7 @@ FINAL = (
 )
 
 
-def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_path, prepared, monkeypatch):  # noqa: F811
+def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_path, prepared, monkeypatch):
     """The final run's checkpoints are mirrored to its MLflow run: a retry on another machine
     (here: the same stores, the run folder gone) resumes it in the same run."""
     from mlflow import MlflowClient
@@ -426,8 +426,10 @@ def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_
 
 
 def test_a_mirrored_copy_that_cannot_be_used_is_said_and_the_abandoned_run_is_ended(
-    tmp_path, prepared, monkeypatch
-):  # noqa: F811
+    tmp_path,
+    prepared,
+    monkeypatch,
+):
     """Before: a pickle in the slot was a traceback, and the old final run stayed RUNNING forever."""
     import hashlib
 
@@ -457,7 +459,7 @@ def test_a_mirrored_copy_that_cannot_be_used_is_said_and_the_abandoned_run_is_en
                                                      "is not a state written by stylepipe")  # fmt: skip
 
 
-def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_path, prepared, monkeypatch):  # noqa: F811
+def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_path, prepared, monkeypatch):
     from mlflow import MlflowClient
 
     from stylepipe import stages
@@ -501,7 +503,7 @@ def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_p
 
 
 @pytest.mark.slow
-def test_a_killed_final_run_resumes_in_the_same_mlflow_run(tmp_path, prepared):  # noqa: F811
+def test_a_killed_final_run_resumes_in_the_same_mlflow_run(tmp_path, prepared):
     from mlflow import MlflowClient
 
     overrides = search_overrides(tmp_path, prepared, "search.n_trials=2", "search.space.lr=[1e-4,3e-4]",

@@ -26,7 +26,6 @@ from stylepipe.data.prepare import load_manifest
 from stylepipe.nets import TransformerNet
 from stylepipe.train.model_file import save_model
 from tests.conftest import DEMO
-from tests.test_search import prepared  # noqa: F401  (module fixture: a tiny prepared shard)
 
 TINY = [
     "data.image_size=32",
@@ -357,7 +356,7 @@ def _text(path: Path) -> Path:
 
 @pytest.mark.timeout(180)  # a hang (a FIFO opened for reading) fails instead of stalling the suite
 @pytest.mark.parametrize("name", [pytest.param(n, marks=m.marks) for n, m in MISTAKES.items()])
-def test_a_users_mistake_is_one_line_and_exit_2(name, tmp_path, prepared, capsys):  # noqa: F811
+def test_a_users_mistake_is_one_line_and_exit_2(name, tmp_path, prepared, capsys):
     mistake = MISTAKES[name]
     if mistake.setup is not None:
         mistake.setup(tmp_path)

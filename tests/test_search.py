@@ -20,9 +20,7 @@ import torch
 from mlflow import MlflowClient
 
 from stylepipe.cli import main
-from stylepipe.config import PrepareConfig, load_config
-from stylepipe.data.prepare import prepare
-from stylepipe.data.sources import export_skimage
+from stylepipe.config import load_config
 from stylepipe.nets import TransformerNet
 from stylepipe.search.objective import evaluate_quality, load_study_data
 from stylepipe.stages import run_search
@@ -47,15 +45,6 @@ TINY_SEARCH = [
     "tracking.final_steps=4",
     "search.confirm_steps=8",  # the demo's 60-step replays would dominate these tests' time
 ]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    source = export_skimage(root / "source")
-    settings = PrepareConfig(image_size=32, min_size=32, val_fraction=0.25, workers=1)
-    prepare(source, root / "prepared", settings, progress=False)
-    return root / "prepared"
 
 
 def search_overrides(run_dir: Path, prepared: Path, *extra: str) -> list[str]:

@@ -20,7 +20,6 @@ import pytest
 from stylepipe.config import Config, load_config
 from stylepipe.stores import redact_url
 from tests.conftest import DEMO
-from tests.test_search import prepared  # noqa: F401  (module fixture: a tiny prepared shard)
 from tests.test_workers import POSTGRES, databases, needs_postgres  # noqa: F401
 
 PASSWORD = "S3cretPW-stylepipe"

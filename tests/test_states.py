@@ -25,7 +25,7 @@ from stylepipe.data.sources import export_skimage
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.recipe import train_from_config, train_run_folder
 from tests.conftest import DEMO
-from tests.test_search import prepared, search_config, search_overrides  # noqa: F401
+from tests.test_search import search_config, search_overrides
 
 SMALL = ["data.image_size=32", "train.batch_size=2", "train.steps=10", "train.check_every=5",
          "train.checkpoint_every=5", "train.device=cpu", "train.warmup_steps=0"]  # fmt: skip
@@ -241,7 +241,7 @@ def search_args(run_dir: Path, data: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished_study(tmp_path_factory, prepared):  # noqa: F811
+def finished_study(tmp_path_factory, prepared):
     run_dir = tmp_path_factory.mktemp("study")
     assert main(search_args(run_dir, prepared)) == 0
     return run_dir
@@ -267,7 +267,7 @@ def _record(config):
     return len(study.trials), sorted(v.version for v in versions), finals
 
 
-def test_study_finished_the_same_command_again_reports_its_recorded_result(finished_study, prepared, capsys):  # noqa: F811
+def test_study_finished_the_same_command_again_reports_its_recorded_result(finished_study, prepared, capsys):
     config = search_config(finished_study, prepared, *STUDY)
     before = _record(config)
     final = next(iter(before[2].values()))
@@ -283,8 +283,12 @@ def test_study_finished_the_same_command_again_reports_its_recorded_result(finis
                                          ("search.space.lr=[1e-5,1e-4]", "search.space.lr"),
                                          ("search.n_trials=3", None)])  # fmt: skip
 def test_study_finished_with_other_settings_is_refused_naming_them(
-    finished_study, prepared, capsys, change, key
-):  # noqa: F811
+    finished_study,
+    prepared,
+    capsys,
+    change,
+    key,
+):
     """Before: --set train.lr=0.02 printed "your settings (the config file's) are the safest
     configuration: keep them" beside a safest lr of 0.001; another seed or space gave the old answer."""
     config = search_config(finished_study, prepared, *STUDY)
@@ -296,7 +300,7 @@ def test_study_finished_with_other_settings_is_refused_naming_them(
     assert _record(config) == before
 
 
-def test_study_searching_with_other_settings_is_refused(tmp_path, prepared, capsys, monkeypatch):  # noqa: F811
+def test_study_searching_with_other_settings_is_refused(tmp_path, prepared, capsys, monkeypatch):
     from stylepipe.search import objective
     from stylepipe.stages import run_search
 
@@ -321,8 +325,11 @@ def test_study_searching_with_other_settings_is_refused(tmp_path, prepared, caps
 
 
 def test_study_finished_with_more_trials_is_certified_again_and_reuses_its_final_model(
-    finished_study, prepared, tmp_path, capsys
-):  # noqa: F811
+    finished_study,
+    prepared,
+    tmp_path,
+    capsys,
+):
     """Before (a study extended from 3 to 6 trials): exit 2, "the safest configuration went nan";
     the finished final run was "resumed" at its last step and its MLflow record rewritten."""
     run_dir = tmp_path / "copy"
@@ -338,7 +345,7 @@ def test_study_finished_with_more_trials_is_certified_again_and_reuses_its_final
     assert study.user_attrs["finished"]["for_trials"] == 3 and study.user_attrs["state"] == "finished"
 
 
-def test_study_another_safest_configuration_gets_its_own_final_run_and_version(tmp_path, prepared):  # noqa: F811
+def test_study_another_safest_configuration_gets_its_own_final_run_and_version(tmp_path, prepared):
     from stylepipe import stages
     from tests.test_long_run import SAFEST
 
@@ -354,8 +361,11 @@ def test_study_another_safest_configuration_gets_its_own_final_run_and_version(t
 
 
 def test_study_cut_short_after_its_final_model_completes_without_training_it_again(
-    tmp_path, prepared, monkeypatch, capsys
-):  # noqa: F811
+    tmp_path,
+    prepared,
+    monkeypatch,
+    capsys,
+):
     """Before: a kill after the final model was written and before its registration left the study
     stuck: every rerun exited 2, "the safest configuration went nan (None) ... after 0 recoveries"."""
     from stylepipe import final, stages
@@ -396,7 +406,7 @@ def test_study_cut_short_after_its_final_model_completes_without_training_it_aga
     )
 
 
-def test_study_whose_only_trial_went_nan_says_nothing_was_replayed(tmp_path, prepared, capsys):  # noqa: F811
+def test_study_whose_only_trial_went_nan_says_nothing_was_replayed(tmp_path, prepared, capsys):
     """Before: "every candidate went NaN or diverged under the stress replays" when nothing was replayed."""
     args = ["search", "--quiet", "--config", str(DEMO)]
     for override in search_overrides(
@@ -408,7 +418,7 @@ def test_study_whose_only_trial_went_nan_says_nothing_was_replayed(tmp_path, pre
     assert "no candidate completed its trial, so none was replayed" in err and "stress replay" not in err
 
 
-def test_train_fresh_in_a_searchs_run_folder_touches_only_its_own_run(finished_study, prepared, tmp_path):  # noqa: F811
+def test_train_fresh_in_a_searchs_run_folder_touches_only_its_own_run(finished_study, prepared, tmp_path):
     """Before: it deleted the study's final-run checkpoints and overwrote the search's model."""
     run_dir = tmp_path / "copy"
     shutil.copytree(finished_study, run_dir)

@@ -24,7 +24,6 @@ from PIL import Image
 
 from stylepipe import stack as stack_tools
 from tests.conftest import DEMO
-from tests.test_search import prepared  # noqa: F401  (module fixture: a tiny prepared shard)
 from tests.test_workers import POSTGRES, needs_postgres
 
 pytestmark = [pytest.mark.slow, needs_postgres]
@@ -136,7 +135,7 @@ def test_the_scheduled_deployment_runs_on_the_pool_and_the_next_run_warm_starts_
 
 def test_workers_sharing_only_the_services_finish_one_study_whose_model_loads_anywhere(
     services,
-    prepared,  # noqa: F811
+    prepared,
     tmp_path,
 ):
     study = "shared"
@@ -213,7 +212,7 @@ def test_workers_sharing_only_the_services_finish_one_study_whose_model_loads_an
     assert all(causes[t["number"]] in t["note"]["body"] for t in shown), [t["note"] for t in shown]
 
 
-def test_a_trial_survives_the_mlflow_server_restarting_and_loses_no_step(services, prepared, tmp_path):  # noqa: F811
+def test_a_trial_survives_the_mlflow_server_restarting_and_loses_no_step(services, prepared, tmp_path):
     """Last in this module: it restarts the stack's MLflow server."""
     study = "restart"
     overrides = [*TINY, "search.n_trials=1", f"search.study_name={study}", "train.steps=150",

@@ -22,7 +22,6 @@ from mlflow import MlflowClient
 from stylepipe.config import load_config
 from stylepipe.search.storage import EndKilledRunThenRetry, SingleWorkerGuard, StorageError, open_storage
 from tests.conftest import DEMO, another_process_holds_sqlite
-from tests.test_search import prepared  # noqa: F401  (module fixture: a tiny prepared shard)
 
 POSTGRES = os.environ.get("STYLEPIPE_TEST_POSTGRES_URL")
 needs_postgres = pytest.mark.skipif(
@@ -99,7 +98,7 @@ def mlflow_trial_runs(config):
 
 @pytest.mark.slow
 @needs_postgres
-def test_three_workers_complete_exactly_n_trials_with_one_mlflow_run_each(tmp_path, prepared, databases):  # noqa: F811
+def test_three_workers_complete_exactly_n_trials_with_one_mlflow_run_each(tmp_path, prepared, databases):
     optuna_url, mlflow_url = databases
     extra = ("search.n_trials=5", "train.steps=8", "train.check_every=4")
     args = worker_args(tmp_path, prepared, optuna_url, mlflow_url, *extra)
@@ -135,7 +134,7 @@ def test_three_workers_complete_exactly_n_trials_with_one_mlflow_run_each(tmp_pa
 @needs_postgres
 def test_a_killed_worker_s_trial_is_failed_retried_and_its_run_not_left_running(
     tmp_path,
-    prepared,  # noqa: F811
+    prepared,
     databases,
 ):
     optuna_url, mlflow_url = databases
@@ -257,7 +256,7 @@ def test_several_worker_processes_on_sqlite_are_refused_before_any_work(tmp_path
     assert not (tmp_path / "optuna.db").exists()
 
 
-def test_worker_command_reports_an_unreachable_storage_without_a_traceback(tmp_path, prepared, capsys):  # noqa: F811
+def test_worker_command_reports_an_unreachable_storage_without_a_traceback(tmp_path, prepared, capsys):
     from stylepipe.cli import main
 
     url = "postgresql://user:hunter2@127.0.0.1:1/db"
@@ -270,7 +269,7 @@ def test_worker_command_reports_an_unreachable_storage_without_a_traceback(tmp_p
 
 @pytest.mark.slow
 @needs_postgres
-def test_worker_processes_on_one_machine_share_the_study(tmp_path, prepared, databases):  # noqa: F811
+def test_worker_processes_on_one_machine_share_the_study(tmp_path, prepared, databases):
     """``--processes 2``: two trials at a time on one device, exactly n trials in the study."""
     optuna_url, mlflow_url = databases
     # trials long enough (~1 s) that the first process to start cannot take them all
@@ -293,7 +292,7 @@ def test_worker_processes_on_one_machine_share_the_study(tmp_path, prepared, dat
 
 @pytest.mark.slow
 @needs_postgres
-def test_two_searches_on_one_postgresql_study_finish_it_once(tmp_path, prepared, databases):  # noqa: F811
+def test_two_searches_on_one_postgresql_study_finish_it_once(tmp_path, prepared, databases):
     """Whatever the timing: one confirm, one final model, one registered version."""
     optuna_url, mlflow_url = databases
     extra = ("search.n_trials=3", "train.steps=8", "train.check_every=4", "tracking.train_final_model=true",
@@ -369,7 +368,7 @@ def test_a_peer_s_trial_finishing_while_this_worker_counts_does_not_start_one_to
 @needs_postgres
 def test_workers_opening_an_empty_study_at_the_same_instant_enqueue_one_baseline(
     tmp_path, databases, monkeypatch
-):  # noqa: F811
+):
     """Each worker reads the study empty before either enqueues (a barrier holds the first one
     read until the second has read too, or for 3 s): the lock makes the second read wait."""
     import threading
