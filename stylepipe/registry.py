@@ -72,6 +72,12 @@ def log_model(uri: str, run_id: str, weights: str | Path, tags: dict[str, str]) 
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    from stylepipe.train.model_file import ModelFileError, load_model
+
+    try:
+        load_model(weights)  # a stylepipe model, and finite: nothing else goes into the registry
+    except ModelFileError as err:
+        raise RegistryError(f"not logged to MLflow run {run_id}: {err}") from None
     images = Schema([TensorSpec(np.dtype("float32"), (-1, 3, -1, -1))])  # any size
     example = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
     mlflow.set_tracking_uri(uri)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from stylepipe.config import Config, load_config
+from stylepipe.train.callbacks import Callback
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,14 +58,31 @@ def tiny(tmp_path):
 
 
 @contextlib.contextmanager
-def another_process_holds_sqlite(url: str):
-    """Another process holds the SQLite database's one-process lock while the block runs."""
-    code = ("import sys, time\nfrom stylepipe.search.storage import SingleWorkerGuard\n"
-            "SingleWorkerGuard(sys.argv[1]).__enter__()\nprint('held', flush=True)\ntime.sleep(600)")  # fmt: skip
-    holder = subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, text=True)
+def another_process_holds(code: str, *args: str):
+    """Another process runs ``code`` (which prints ``held`` once it holds what it takes, then
+    sleeps) while the block runs; killed after it."""
+    holder = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         yield
     finally:
         holder.kill()
         holder.wait()
+
+
+def another_process_holds_sqlite(url: str):
+    """Another process holds the SQLite database's one-process lock while the block runs."""
+    code = ("import sys, time\nfrom stylepipe.search.storage import SingleWorkerGuard\n"
+            "SingleWorkerGuard(sys.argv[1]).__enter__()\nprint('held', flush=True)\ntime.sleep(600)")  # fmt: skip
+    return another_process_holds(code, url)
+
+
+class StopAt(Callback):
+    """Ctrl-C at the first check at or past ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_check(self, state):
+        if state.step >= self.step:
+            raise KeyboardInterrupt

@@ -26,12 +26,13 @@ from stylepipe.train.callbacks import Callback
 from stylepipe.train.lifecycle import (
     MIRROR_POINTER,
     MIRROR_SLOTS,
+    RunStateError,
     fetch_mirrored,
     nonfinite_tensors,
     write_state,
 )
 from stylepipe.train.recipe import train_from_config, train_run_folder
-from tests.conftest import DEMO
+from tests.conftest import DEMO, StopAt
 from tests.test_search import search_command, search_config, search_overrides
 
 STYLEPIPE = str(Path(sys.executable).parent / "stylepipe")
@@ -234,17 +235,6 @@ def test_with_the_guards_off_a_run_that_goes_nan_writes_no_model_and_no_bad_chec
     assert json.loads((folder / "run.json").read_text())["state"] == "halted"
 
 
-class StopAt(Callback):
-    """Ctrl-C at the first check at or past ``step``."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_check(self, state):
-        if state.step >= self.step:
-            raise KeyboardInterrupt
-
-
 def test_a_broken_newest_checkpoint_falls_back_to_the_one_before_and_stale_temporaries_go(tmp_path, caplog):
     config = long_config(tmp_path, "train.steps=30")
     with pytest.raises(KeyboardInterrupt):
@@ -336,6 +326,27 @@ def test_a_mirrored_checkpoint_is_used_only_when_it_is_whole_and_one_of_this_run
         assert set(mirror.asked) <= {MIRROR_POINTER, *MIRROR_SLOTS}  # never a name read from the pointer
 
 
+def test_the_registry_takes_no_model_that_is_not_finite(tmp_path):
+    from mlflow import MlflowClient
+    from safetensors.torch import save_file
+
+    from stylepipe.nets import TransformerNet
+    from stylepipe.registry import RegistryError, log_model
+
+    state = {k: v.clone() for k, v in TransformerNet().state_dict().items()}
+    state["encoder_in.1.weight"][0] = math.inf
+    save_file(state, str(tmp_path / "inf.safetensors"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri()))
+    with pytest.raises(RegistryError, match="hold NaN or Inf"):
+        log_model(uri, run.info.run_id, tmp_path / "inf.safetensors", {})
+    assert (
+        not client.list_artifacts(run.info.run_id)
+        and client.get_run(run.info.run_id).info.status == "RUNNING"
+    )
+
+
 def test_the_mlflow_mirror_takes_only_plain_file_names():
     from stylepipe.tracking import RunArtifacts
 
@@ -403,6 +414,21 @@ def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_
     first = _interrupted_final_run(config, monkeypatch)
     client = MlflowClient(tracking_uri=config.tracking_uri)
     assert client.get_run(first).info.status == "FAILED"
+
+    # its checkpoints here cut short, and no copy to fetch: refused, saying how to start over
+    [folder] = (tmp_path / "final").iterdir()
+    for saved in (folder / "checkpoints").glob("*.pt"):
+        saved.write_bytes(b"cut short")
+    unmirrored = config.with_overrides({"tracking.mirror_checkpoints": False})
+    with (
+        pytest.raises(RunStateError, match=f"remove {folder} to start the final run over"),
+        stages.StudySession(unmirrored) as session,
+    ):
+        stages.train_final(unmirrored, SAFEST, session)
+    assert (
+        len(client.search_runs([client.get_run(first).info.experiment_id])) == 2
+    )  # no new run: study, final
+
     shutil.rmtree(tmp_path / "final")  # another machine: none of this one's files
 
     with stages.StudySession(config) as session:

@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -22,9 +19,8 @@ from stylepipe.cli import main
 from stylepipe.config import PrepareConfig, load_config
 from stylepipe.data.prepare import prepare
 from stylepipe.data.sources import export_skimage
-from stylepipe.train.callbacks import Callback
 from stylepipe.train.recipe import train_from_config, train_run_folder
-from tests.conftest import DEMO
+from tests.conftest import DEMO, StopAt, another_process_holds
 from tests.test_search import search_config, search_overrides
 
 SMALL = ["data.image_size=32", "train.batch_size=2", "train.steps=10", "train.check_every=5",
@@ -54,17 +50,6 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
 
 def state_of(folder: Path) -> str:
     return json.loads((folder / "run.json").read_text())["state"]
-
-
-class StopAt(Callback):
-    """Ctrl-C at the first check at or past ``step``."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_check(self, state):
-        if state.step >= self.step:
-            raise KeyboardInterrupt
 
 
 def interrupted(config, at: int = 7) -> Path:
@@ -153,24 +138,12 @@ with run.claimed():
 """
 
 
-@contextlib.contextmanager
-def another_process_runs(config_args: list[str]):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(DEMO), *config_args], stdout=subprocess.PIPE,
-                              text=True)  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        yield
-    finally:
-        holder.kill()
-        holder.wait()
-
-
 def test_train_running_in_another_process_is_refused_with_or_without_fresh(tmp_path, capsys):
     """Before: two `stylepipe train` on one run folder were both accepted; metrics.csv ended with NUL
     bytes and steps 21-40 twice."""
     folder = interrupted(config_of(tmp_path))
     before = snapshot(folder)
-    with another_process_runs([f"run_dir={tmp_path}", *SMALL]):
+    with another_process_holds(HOLD, str(DEMO), f"run_dir={tmp_path}", *SMALL):
         for extra in ([], ["--fresh"]):
             assert main([*train_args(tmp_path), *extra]) == 2
             assert "another process is running this run" in capsys.readouterr().err

@@ -182,6 +182,8 @@ class RunFolder:
             raise ValueError(f"unknown run state {state!r}")
         record = {**(self.record() or {}), **fields, "state": state, "fingerprint": self.fingerprint,
                   "settings": self.settings, "updated": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+        if state != INTERRUPTED:
+            record.pop("reason", None)  # why it stopped before: no longer so
         write_json(self.path / RECORD, record)
         return record
 
