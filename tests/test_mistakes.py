@@ -392,8 +392,7 @@ def test_a_prefect_server_that_is_not_there_is_one_line_naming_it(command, tmp_p
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("name", ["stylize from a registered model that does not exist",
-                                  "stylize from a version that is not registered"])  # fmt: skip
+@pytest.mark.parametrize("name", ["stylize from a version that is not registered"])
 def test_a_users_mistake_prints_no_library_warning(name, tmp_path):
     """As a user runs it: a fresh process (Python shows a warning once per process, so the rows
     above, in this one, may not see it). MLflow's UserWarning on importing its PythonModel came
