@@ -36,16 +36,10 @@ def load_settings(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
-def recovery_line(event: dict) -> str:
-    lr, clip = event["lr"], event["clip_norm"]
-    return (f"attempt {event['attempt']}: halted at step {event['halted_at_step']} ({event['cause']}); back to step "
-            f"{event['resumed_from_step']}, skipped {event['skipped_batches']} batches, lr {lr[0]:.3g} -> {lr[1]:.3g}, "
-            f"clip {clip[0] if clip[0] is None else f'{clip[0]:.3g}'} -> {clip[1] if clip[1] is None else f'{clip[1]:.3g}'}")  # fmt: skip
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from stylepipe import stages
     from stylepipe.train import TrainingHalted
+    from stylepipe.train.long_run import describe_recovery
 
     try:
         trained = stages.train(load_settings(args), fresh=args.fresh)
@@ -58,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if output.recoveries:
             console.print(f"[bold red]gave up after {len(output.recoveries)} recoveries:")
             for event in output.recoveries:
-                console.print(f"  {recovery_line(event)}")
+                console.print(f"  {describe_recovery(event)}")
         console.print(f"autopsy: {output.autopsy_json}\nmetrics: {output.metrics_csv}")
         return 3
     if trained["already"]:
@@ -68,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trained["resumed_from"] is not None:
         console.print(f"resumed from the checkpoint at step {trained['resumed_from']} (--fresh starts over)")
     for event in trained["recoveries"]:
-        console.print(f"[yellow]recovered from a halt: {recovery_line(event)}")
+        console.print(f"[yellow]recovered from a halt: {describe_recovery(event)}")
     out.print(
         f"[green]trained {trained['steps']} steps in {trained['seconds']:.1f} s; "
         f"final total loss {trained['final_loss']:.4g}; {len(trained['recoveries'])} recoveries"

@@ -47,7 +47,7 @@ from stylepipe.train.lifecycle import (
     fetch_mirrored,
     run_identity,
 )
-from stylepipe.train.long_run import LongRun
+from stylepipe.train.long_run import LongRun, describe_recovery
 from stylepipe.train.model_file import save_model
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,7 @@ class FinalRun:
 
     @staticmethod
     def _halted_text(outcome, cause, recoveries: list[dict], run_id) -> str:
-        attempts = "; ".join(f"attempt {e['attempt']}: halted at step {e['halted_at_step']} ({e['cause']}), lr "
-                             f"{e['lr'][1]:.3g}, clip {e['clip_norm'][1]}" for e in recoveries)  # fmt: skip
+        attempts = "; ".join(describe_recovery(e) for e in recoveries)
         return (f"the safest configuration went {outcome} ({cause}) in its final training run after "
                 f"{len(recoveries)} recoveries{': ' + attempts if attempts else ''}; the autopsies are on its "
                 f"MLflow run {run_id}")  # fmt: skip

@@ -329,7 +329,7 @@ def promote(config: Config, version: str) -> dict:
     champion = registry.alias_version("champion")
     if champion is None:
         registry.set_alias("champion", version)
-        return {"promoted": True, "version": version, "why": "there was no champion yet"}
+        return {"promoted": True, "version": version, "why": f"version {version} is now the champion; there was none"}
     if champion == version:
         return {"promoted": False, "version": version, "why": "it already is the champion"}
     data = load_study_data(config)

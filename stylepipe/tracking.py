@@ -30,6 +30,7 @@ from stylepipe.errors import StylepipeError
 from stylepipe.stores import probe, redact_url, scrub, use_write_ahead_log
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
+from stylepipe.train.long_run import describe_recovery
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,7 @@ class RunLogger(Callback):
         """A long run recovered from a halt: the event as an artifact, tags a person reads in the
         MLflow UI, and the ``recovery/count`` metric at the step it halted."""
         n = event["attempt"]
-        lr, clip = event["lr"], event["clip_norm"]
-        summary = (f"halted at step {event['halted_at_step']}: {event['outcome']}, cause {event['cause']}, first "
-                   f"non-finite {event['first_nonfinite']}; back to step {event['resumed_from_step']}, skipped "
-                   f"{event['skipped_batches']} batches, lr {lr[0]:.3g} -> {lr[1]:.3g}, clip {clip[0]} -> {clip[1]}")  # fmt: skip
+        summary = describe_recovery(event)
         self.client.log_dict(self.run_id, event, f"recoveries/attempt-{n}.json")
         self.client.log_batch(self.run_id, metrics=[Metric("recovery/count", n, int(time.time() * 1000),
                                                            event["halted_at_step"])],

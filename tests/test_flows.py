@@ -94,7 +94,10 @@ def test_the_flow_completes_registers_a_champion_and_leaves_artifacts(first_run)
     assert state.is_completed()
     result = state.result()
     assert result["safest"] is not None and result["model"]["version"] == "1"
-    assert result["promotion"]["promoted"] and result["promotion"]["why"] == "there was no champion yet"
+    assert (
+        result["promotion"]["promoted"]
+        and result["promotion"]["why"] == "version 1 is now the champion; there was none"
+    )
     assert Path(result["stability_map"]).is_file() and (run_dir / "prepared" / "report.md").is_file()
     config = load_config(DEMO, overrides)
     client = MlflowClient(tracking_uri=config.tracking_uri)

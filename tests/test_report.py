@@ -307,8 +307,15 @@ def test_the_summary_says_plainly_when_your_own_settings_win():
     )
     better = {"trial": 4, "quality": 0.75, "safe": True}
     assert compare_with_baseline(better, yours) == (
-        "quality 0.75 against 1 for your settings (the config file's): 25% lower (lower is better); yours were safe"
+        "the safest configuration (trial 4) reaches quality 0.75, 25% lower than the 1 of your settings "
+        "(the config file's) (lower is better); yours are safe"
     )
     unsafe = {**yours, "safe": False, "why": "seed 1, lr x2 went nan (parameter_blowup) at step 7"}
-    assert "were not safe: seed 1, lr x2 went nan" in compare_with_baseline(better, unsafe)
+    assert "yours are not safe: seed 1, lr x2 went nan" in compare_with_baseline(better, unsafe)
     assert compare_with_baseline(None, unsafe).startswith("nothing was safe; your settings")
+    # your own trial diverged: two configurations, each named (not "quality ..., safe; yours were not safe")
+    diverged = {**unsafe, "quality": None, "why": "its trial ended diverged (divergence)"}
+    assert compare_with_baseline(better, diverged) == (
+        "the safest configuration (trial 4) reaches quality 0.75; your settings (the config file's) are not safe: "
+        "its trial ended diverged (divergence)"
+    )

@@ -21,11 +21,13 @@ from mlflow import MlflowClient
 
 from stylepipe.config import load_config
 from stylepipe.search.storage import EndKilledRunThenRetry, SingleWorkerGuard, StorageError, open_storage
-from tests.conftest import DEMO, another_process_holds_sqlite
+from tests.conftest import DEMO, LOCAL_POSTGRES, POSTGRES_ENV, another_process_holds_sqlite
 
-POSTGRES = os.environ.get("STYLEPIPE_TEST_POSTGRES_URL")
+POSTGRES = os.environ.get(POSTGRES_ENV)
 needs_postgres = pytest.mark.skipif(
-    not POSTGRES, reason="STYLEPIPE_TEST_POSTGRES_URL is not set (.ci/run sets it to the local PostgreSQL)"
+    not POSTGRES,
+    reason=f"no PostgreSQL: none answers at {LOCAL_POSTGRES} and {POSTGRES_ENV} is not set (set it to a server "
+    "these tests may create databases on; .ci/run does)",
 )
 WORKER = [str(Path(sys.executable).parent / "stylepipe"), "worker", "--quiet", "--config", str(DEMO)]
 TINY = [

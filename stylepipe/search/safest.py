@@ -118,20 +118,22 @@ def certificate(replays: list[dict[str, Any]], horizon: int) -> dict[str, Any]:
 
 
 def compare_with_baseline(best: dict | None, baseline: dict | None) -> str:
-    """The answer to "why not keep my own settings?", in numbers; plain when the baseline wins."""
+    """The answer to "why not keep my own settings?", in numbers, each configuration named; plain
+    when the baseline wins."""
     if baseline is None:
         return "no baseline trial in this study"
     mine = "your settings (the config file's)"
-    verdict = "safe" if baseline["safe"] else f"not safe: {baseline['why']}"
+    verdict = "are safe" if baseline["safe"] else f"are not safe: {baseline['why']}"
     if best is None:
-        return f"nothing was safe; {mine} were {verdict}"
+        return f"nothing was safe; {mine} {verdict}"
     if best["trial"] == baseline["trial"]:
         return f"{mine} are the safest configuration: keep them"
+    safest = f"the safest configuration (trial {best['trial']}) reaches quality {best['quality']:.4g}"
     if baseline["quality"] is None:
-        return f"quality {best['quality']:.4g}, safe; {mine} were {verdict}"
+        return f"{safest}; {mine} {verdict}"
     gain = (baseline["quality"] - best["quality"]) / abs(baseline["quality"]) if baseline["quality"] else 0.0
-    return (f"quality {best['quality']:.4g} against {baseline['quality']:.4g} for {mine}: {gain:.0%} lower "
-            f"(lower is better); yours were {verdict}")  # fmt: skip
+    return (f"{safest}, {gain:.0%} lower than the {baseline['quality']:.4g} of {mine} (lower is better); "
+            f"yours {verdict}")  # fmt: skip
 
 
 def confirm_safest(

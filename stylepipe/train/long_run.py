@@ -42,6 +42,15 @@ from stylepipe.train.lifecycle import CheckpointSaver, NonFiniteState, RunSink, 
 from stylepipe.train.trainer import Trainer, TrainResult
 
 
+def describe_recovery(event: dict[str, Any]) -> str:
+    """One recovery in a line a person reads (numbers rounded to three figures)."""
+    lr, clip = event["lr"], event["clip_norm"]
+    shown = ["off" if c is None else f"{c:.3g}" for c in clip]
+    return (f"attempt {event['attempt']}: halted at step {event['halted_at_step']} ({event['outcome']}, "
+            f"{event['cause']}); back to step {event['resumed_from_step']}, skipped {event['skipped_batches']} "
+            f"batches, lr {lr[0]:.3g} -> {lr[1]:.3g}, clip {shown[0]} -> {shown[1]}")  # fmt: skip
+
+
 class LongRun(Callback):
     """Checkpoints, resume and recovery around ``Trainer.fit`` (see the module doc).
 
