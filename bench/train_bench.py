@@ -237,7 +237,7 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
     from stylepipe.config import TrackingConfig
     from stylepipe.search.objective import Objective, load_study_data, run_candidate
     from stylepipe.search.space import trial_values
-    from stylepipe.stages import StudySession
+    from stylepipe.session import StudySession
 
     base = config.with_overrides({"data.content": str(prepared), "train.steps": steps,
                                   "search.eval_every": steps, "search.pruner_startup_trials": 10**6})  # fmt: skip

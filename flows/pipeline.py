@@ -1,5 +1,6 @@
-"""The ``style_pipeline`` flow: prepare -> search -> confirm safest -> train final -> register ->
-promote -> report. Thin: every task is one call to a stage in ``stylepipe.stages``.
+"""The ``style_pipeline`` flow: prepare -> search, then the study finished in chain.py's order
+(confirm safest -> train final -> register -> promote -> record -> report). Thin: every task is
+one call to a stage in ``stylepipe.stages``.
 
 Retries where the work is I/O (reading images, the registry) and for the final training,
 which resumes from its checkpoints; never for a user's mistake, nor for a NaN, which is an
@@ -17,9 +18,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
-from stylepipe import stages
+from stylepipe import chain, stages
 from stylepipe.config import Config, load_config
 from stylepipe.errors import StylepipeError
+from stylepipe.search.storage import StudyLock
 
 
 class _UsersMistakeInOneLine(logging.Filter):
@@ -73,6 +75,11 @@ def confirm_task(config_json: str) -> dict | None:
     return stages.confirm(_settings(config_json))
 
 
+@task(name="record finished")
+def record_task(config_json: str, safest: dict | None, model: dict | None) -> dict:
+    return stages.record_finished(_settings(config_json), safest, model)
+
+
 @task(name="train final", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_users_mistake)
 def train_final_task(config_json: str, safest: dict) -> dict[str, Any]:
     return stages.train_final(_settings(config_json), safest)
@@ -95,8 +102,16 @@ def report_task(config_json: str, safest: dict | None, model: dict | None, promo
                              description="stylepipe run summary")  # fmt: skip
     create_table_artifact(reported["top_trials"], key="stylepipe-top-trials",
                           description="the best complete trials")  # fmt: skip
-    return {"stability_map": reported["stability_map"], "safest_json": reported["safest_json"],
-            "runs_table": reported["runs_table"]}  # fmt: skip
+    return reported
+
+
+STEP_TASKS = {"confirm": confirm_task, "train final": train_final_task, "register": register_task,
+              "promote": promote_task, "record": record_task, "report": report_task}  # fmt: skip
+
+
+def as_task(step: str, config: Config, *args: Any) -> Any:
+    """chain.finish's steps, each a Prefect task run (its own retries, logs and state in the UI)."""
+    return STEP_TASKS[step](config.model_dump_json(), *args)
 
 
 @flow(name="style_pipeline", log_prints=True)
@@ -118,16 +133,10 @@ def style_pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] 
     if warm:
         logger.info("warm start: enqueuing the previous safest configuration %s", warm)
     search = search_task(config_json, warm)
-    safest = confirm_task(config_json)
-    model = promotion = None
-    if safest is None:
+    with StudyLock(config, "finish"):  # whoever finishes a study holds it (chain.py), the flow too
+        finished = chain.finish(config, as_task)
+    if finished["safest"] is None:
         logger.warning("no safe configuration: nothing is registered and the champion stays")
-    else:
-        final = train_final_task(config_json, safest)
-        safest = final["safest"]  # its certificate says whether the final run needed recoveries
-        model = register_task(config_json, final)
-        promotion = promote_task(config_json, model["version"])
-        logger.info("promotion: %s", promotion["why"])
-    paths = report_task(config_json, safest, model, promotion)
-    return {"study": search["study"], "prepared": prepared, "safest": safest, "model": model,
-            "promotion": promotion, **paths}  # fmt: skip
+    elif finished["promotion"] is not None:
+        logger.info("promotion: %s", finished["promotion"]["why"])
+    return {"prepared": prepared, **finished, "study": search["study"]}

@@ -16,15 +16,15 @@ from typing import Any
 
 from prefect import flow
 
-from stylepipe import stages
 from stylepipe.config import load_config
+from stylepipe.ops.workers import run_worker
 
 
 @flow(name="search_worker")
 def search_worker(config_path: str, storage: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Join the study in ``storage`` as one worker; the last one to finish confirms the safest."""
     config = load_config(config_path, [*(overrides or []), f"search.storage={storage}"])
-    result = stages.run_worker(config)
+    result = run_worker(config)
     return {k: v for k, v in result.items() if k in ("trials_run", "finished_study")}
 
 

@@ -86,10 +86,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from stylepipe import stages
+    from stylepipe.chain import run_search
     from stylepipe.showcase import style_summary
 
-    result = stages.run_search(load_settings(args), progress=not args.quiet)
+    result = run_search(load_settings(args), progress=not args.quiet)
     counts = result["outcomes"]
     out.print(
         f"study {result['study']}: {sum(counts.values())} trials "
@@ -125,11 +125,13 @@ def cmd_search(args: argparse.Namespace) -> int:
             out.print(f"model file: {model['model']}")
         if model["style"]:
             out.print(f"style: {style_summary(model['style'])}")
+    if result["promotion"]:
+        out.print(f"champion: {result['promotion']['why']}")
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from stylepipe import stages
+    from stylepipe.ops.workers import run_worker, run_worker_processes
 
     overrides = list(args.overrides)
     if args.storage:
@@ -139,10 +141,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if processes < 1:
         raise UsageError(f"--processes {processes}: give 1 or more worker processes")
     if processes == 1:
-        result = stages.run_worker(config, progress=not args.quiet)
+        result = run_worker(config, progress=not args.quiet)
         out.print(f"worker ran {result['trials_run']} trials; finished the study: {result['finished_study']}")
         return 0
-    codes = stages.run_worker_processes(config, processes)
+    codes = run_worker_processes(config, processes)
     out.print(f"{processes} worker processes done; exit codes {codes}")
     return 1 if any(codes) else 0
 

@@ -32,7 +32,7 @@ from stylepipe.data.sources import data_fingerprint
 from stylepipe.errors import StylepipeError, failure_text
 from stylepipe.files import file_sha256, write_json
 from stylepipe.registry import LOGGED_MODEL_TAG, log_model
-from stylepipe.search.objective import run_candidate
+from stylepipe.search.objective import QualityReporter, candidate_trainer, train_candidate
 from stylepipe.search.space import apply
 from stylepipe.showcase import measure_style, write_samples, write_triptych
 from stylepipe.tracking import RunArtifacts, end_killed_run
@@ -159,14 +159,19 @@ class FinalRun:
             saver.mirror = RunArtifacts(self.client, run_id)
         long_run = LongRun(saver, config, sinks=[logger], start_over=f"remove {self.folder.path} to start the "
                            "final run over")  # fmt: skip
+        reporter = QualityReporter(
+            s.data, config.train.steps, logger=long_run
+        )  # its rows go through the long run
+        trainer = candidate_trainer(config, s.data, [reporter, long_run])
         try:
-            run = run_candidate(config, s.data, logger=logger, long_run=long_run)
+            run = train_candidate(trainer, lambda: long_run.fit(trainer), reporter, s.data)
         except BaseException as err:  # Ctrl-C too: the run says why it stopped (and resumes later)
             logger.errors.extend(saver.mirror_errors)
             s.tracker.finish_run(run_id, "failed", logger=logger, failure=failure_text(err))
             self.folder.write(INTERRUPTED, reason=failure_text(err)[:2000])
             raise
         logger.errors.extend(saver.mirror_errors)
+        run.recoveries = long_run.recoveries
         if run.outcome != "complete":
             raise self._halted(run, logger)
         return self._finish(run, logger, long_run.resumed_from)

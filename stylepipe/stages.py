@@ -1,45 +1,31 @@
 """The pipeline's stages, each a plain function of validated settings that returns JSON-friendly
 values:
 
-    prepare -> search -> confirm -> train_final -> register -> promote -> report
+    prepare -> search -> confirm -> train_final -> register -> promote -> record -> report
 
 A stage reopens what it needs from disk and the stores (the shard, the Optuna study, the
 MLflow runs), so an orchestrator can run, retry or cache each on its own, and it loads only
-that: the report stage never builds the loss network. ``run_search`` and ``run_worker`` chain
-the stages for the ``search`` and ``worker`` commands, sharing one ``StudySession``.
-The commands (cli.py) and the Prefect flows (flows/) call only what is here.
+that: the report stage never builds the loss network. A stage given a ``StudySession``
+(session.py) shares it. The order they run in is chain.py's, for the commands and the Prefect
+flows alike.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
-import multiprocessing
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from stylepipe import cores
 from stylepipe.config import Config
-from stylepipe.errors import failure_text
-from stylepipe.files import writable_folder, write_json
+from stylepipe.files import write_json
 from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
-from stylepipe.search.objective import (
-    Objective,
-    StudyData,
-    check_prepared,
-    evaluate_quality,
-    load_study_data,
-)
-from stylepipe.search.safest import confirm_safest
-from stylepipe.search.storage import SingleWorkerGuard, StorageError, StudyLock
-from stylepipe.search.study import COUNTED, open_study, run_trials, trials_table
-from stylepipe.stores import is_sqlite, redact_url, sqlite_path
-from stylepipe.tracking import Tracker
+from stylepipe.search.objective import Objective, check_prepared, evaluate_quality, load_study_data
+from stylepipe.search.safest import confirm_safest, nothing_safe_because
+from stylepipe.search.study import COUNTED, run_trials, set_study_state, trials_table
+from stylepipe.session import StudySession, study_session
+from stylepipe.stores import sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -145,52 +131,6 @@ def stylize(model_path: str, source: str, target: str, max_size: int | None, ove
 # ------------------------------------------------------------------ the study's stages
 
 
-class StudySession:
-    """What the stages of one study share: the Optuna study, the MLflow tracker and the study's
-    parent run, and, loaded on first use only, the shard and the loss network (``data``).
-
-    As a context manager the parent run is RUNNING inside and ended FINISHED on the way out,
-    or FAILED when the stage raised. A worker among many (``owns_parent=False``) leaves the
-    parent run to whoever finishes the study.
-    """
-
-    def __init__(self, config: Config, owns_parent: bool = True):
-        self.config = config
-        self.owns_parent = owns_parent
-        self.run_dir = writable_folder(config.run_dir, "run folder")
-        with StudyLock(config, "setup"):  # one experiment, one study, one parent run
-            self.tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.study_name,
-                                   artifact_root=self.run_dir / "mlartifacts")  # fmt: skip
-            self.study = open_study(config)
-            self.parent = self.tracker.study_run(
-                config.study_name, {"storage": redact_url(config.storage_url)}
-            )
-        self.study.set_user_attr("mlflow_parent_run_id", self.parent)
-
-    @functools.cached_property
-    def data(self) -> StudyData:
-        return load_study_data(self.config)
-
-    def __enter__(self) -> StudySession:
-        return self
-
-    def __exit__(self, kind, error, traceback) -> None:
-        if self.owns_parent:
-            failure = None if error is None else failure_text(error)
-            self.tracker.end_study(self.parent, "FINISHED" if kind is None else "FAILED", failure)
-
-
-@contextmanager
-def _session(config: Config, session: StudySession | None) -> Iterator[StudySession]:
-    """The caller's session, or one of this stage's own (on SQLite, after taking the database's
-    one-process lock: a second process is refused before it touches the study)."""
-    if session is not None:
-        yield session
-        return
-    with SingleWorkerGuard(config.storage_url), StudySession(config) as own:
-        yield own
-
-
 def previous_safest(config: Config) -> dict[str, Any] | None:
     """The safest parameters an earlier run in this run folder found, for a warm start.
 
@@ -236,7 +176,7 @@ def search(
 ) -> dict:
     """Run (or resume) the study's trials until it holds ``search.n_trials`` finished ones."""
     check_prepared(config.data.content)  # before any study or run exists
-    with _session(config, session) as s:
+    with study_session(config, session) as s:
         if len(s.study.get_trials(deepcopy=False, states=COUNTED)) < config.search.n_trials:
             set_study_state(s.study, "searching")
         objective = Objective(s.data, s.tracker, s.parent)
@@ -245,12 +185,18 @@ def search(
 
 
 def confirm(config: Config, session: StudySession | None = None) -> dict | None:
-    """Replay the best trials under stress; write ``safest.json``; None when nothing is safe.
+    """Replay the best trials under stress; write ``safest.json``; None when nothing is safe. The
+    caller holds the study's ``finish`` lock (chain.py).
 
     Runs once per study state: a verdict the study already holds for its current trials
     (from another worker, or an earlier run) is reused.
     """
-    with _session(config, session) as s:
+    with study_session(config, session) as s:
+        # Replay runs still RUNNING belong to a process that died: only the holder of the study's
+        # finish lock confirms. (A final run that died is resumed by train_final, in the same run.)
+        s.tracker.end_orphaned_runs(
+            s.parent, ("replay",), "its process stopped (killed or lost) before the run ended"
+        )
         study = s.study
         done = len(study.get_trials(deepcopy=False, states=COUNTED))
         attrs = study.user_attrs
@@ -281,17 +227,20 @@ def train_final(config: Config, safest: dict, session: StudySession | None = Non
     ``FinalRunHalted`` again."""
     from stylepipe.final import FinalRun
 
-    with _session(config, session) as s:
+    with study_session(config, session) as s:
+        set_study_state(s.study, "training the final model")
         return FinalRun(config, safest, s).run()
 
 
-def register(config: Config, final: dict) -> dict:
+def register(config: Config, final: dict, session: StudySession | None = None) -> dict:
     """Register the final run's logged model: a version tagged safe with its quality, the
     weights' SHA-256, the certificate and the recoveries, aliased ``safest``. A version already
     registered from that run is completed and reused (``reused``), never registered twice."""
     from stylepipe.registry import SAFEST_SETTINGS_TAG, Registry
     from stylepipe.showcase import style_summary
 
+    if session is not None:
+        set_study_state(session.study, "registering")
     registry = Registry(config.tracking_uri, config.tracking.registered_model)
     certificate = final["safest"]["certificate"]
     weakened = f"; weakened: {certificate['weakened']}" if certificate["weakened"] else ""
@@ -315,7 +264,7 @@ def register(config: Config, final: dict) -> dict:
     }
 
 
-def promote(config: Config, version: str) -> dict:
+def promote(config: Config, version: str, session: StudySession | None = None) -> dict:
     """Give ``version`` the alias ``champion`` when it is safe and beats the current champion.
 
     Both models are scored now, on this run's validation split, with the study's reference
@@ -329,10 +278,14 @@ def promote(config: Config, version: str) -> dict:
     champion = registry.alias_version("champion")
     if champion is None:
         registry.set_alias("champion", version)
-        return {"promoted": True, "version": version, "why": f"version {version} is now the champion; there was none"}
+        return {
+            "promoted": True,
+            "version": version,
+            "why": f"version {version} is now the champion; there was none",
+        }
     if champion == version:
         return {"promoted": False, "version": version, "why": "it already is the champion"}
-    data = load_study_data(config)
+    data = session.data if session is not None else load_study_data(config)
     new_quality = evaluate_quality(registry.load(version).to(data.device), data)
     old_quality = evaluate_quality(registry.load(champion).to(data.device), data)
     decision = {"version": version, "champion_before": champion, "quality": new_quality,
@@ -346,6 +299,18 @@ def promote(config: Config, version: str) -> dict:
     return {**decision, "promoted": False, "why": why}
 
 
+def record_finished(config: Config, safest: dict | None, model: dict | None,
+                    session: StudySession | None = None) -> dict:  # fmt: skip
+    """Record on the study that it is finished for its current trials, with its answer: the next
+    command with the same settings reports it and runs nothing (chain.py)."""
+    with study_session(config, session) as s:
+        done = len(s.study.get_trials(deepcopy=False, states=COUNTED))
+        record = {"for_trials": done, "safest": safest, "model": model}
+        s.study.set_user_attr("finished", record)
+        set_study_state(s.study, "finished")
+        return record
+
+
 def report(
     config: Config,
     safest: dict | None,
@@ -355,7 +320,7 @@ def report(
 ) -> dict:
     """The trials table, the stability map and the causes summary, in run_dir and on the
     study's MLflow run; the summary a person reads first, and the best trials."""
-    with _session(config, session) as s:
+    with study_session(config, session) as s:
         trials = trials_table(s.study, safest)
         picture = stability_map(trials, s.run_dir / "stability_map.png",
                                 safest_number=safest["trial"] if safest else None,
@@ -378,127 +343,3 @@ def report(
             "top_trials": json.loads(top_trials(trials, k=10).to_json(orient="records")),
             "nothing_safe": None if safest else nothing_safe_because(s.study.user_attrs.get("safety") or []),
         }
-
-
-# ------------------------------------------------------------------ the stages chained
-
-
-STUDY_STATES = ("searching", "certifying", "training the final model", "registering", "finished")
-
-
-def set_study_state(study, state: str) -> None:
-    """The study's recorded state (its ``state`` attribute, shown by optuna-dashboard)."""
-    if state not in STUDY_STATES:
-        raise ValueError(f"unknown study state {state!r}")
-    if study.user_attrs.get("state") != state:
-        study.set_user_attr("state", state)
-
-
-def nothing_safe_because(verdicts: list[dict]) -> str:
-    """Why a study has no safe configuration, as its verdicts tell it."""
-    if not verdicts:
-        return "no trial completed: there was nothing to replay"
-    if not any(v["replays"] for v in verdicts):
-        return f"no candidate completed its trial, so none was replayed ({verdicts[0]['why']})"
-    return "no candidate stayed finite under every stress replay"
-
-
-def _finished(config: Config, session: StudySession) -> dict | None:
-    """What finishing the study recorded (safest, model), if it was done for its current trials
-    (and with a final model, when one is asked for now and there was a safe configuration)."""
-    record = session.study.user_attrs.get("finished")
-    done = len(session.study.get_trials(deepcopy=False, states=COUNTED))
-    if not record or record.get("for_trials") != done:
-        return None
-    wants_model = config.tracking.train_final_model and record.get("safest") is not None
-    return None if wants_model and record.get("model") is None else record
-
-
-def _finish(config: Config, session: StudySession) -> dict:
-    """Confirm the safest configuration, train and register its model, report: once per study
-    state, whichever process gets here first (the caller holds the study's ``finish`` lock).
-    Each step keeps its own record, so a finish cut short goes on where it stopped: verdicts
-    are kept, a finished final run is reused (final.py), a registration is completed."""
-    # Replay runs still RUNNING belong to a process that died: only the holder of the finish
-    # lock runs them. (A final run that died is resumed by train_final, in the same run.)
-    session.tracker.end_orphaned_runs(session.parent, ("replay",),
-                                      "its process stopped (killed or lost) before the run ended")  # fmt: skip
-    study = session.study
-    safest = confirm(config, session)
-    model = None
-    if safest is not None and config.tracking.train_final_model:
-        set_study_state(study, "training the final model")
-        final = train_final(config, safest, session)
-        safest = final["safest"]  # its certificate says whether the final run needed recoveries
-        set_study_state(study, "registering")
-        model = register(config, final)
-    done = len(study.get_trials(deepcopy=False, states=COUNTED))
-    study.set_user_attr("finished", {"for_trials": done, "safest": safest, "model": model})
-    set_study_state(study, "finished")
-    return {"study": config.study_name, "safest": safest, "model": model, "recorded_before": False,
-            **report(config, safest, model, session=session)}  # fmt: skip
-
-
-def run_search(config: Config, progress: bool = True, warm_start: dict | None = None) -> dict:
-    """The ``search`` command: run (or resume) the study, then confirm, train, register, report.
-
-    Another process on the same study (PostgreSQL) may run trials too; the study is finished
-    once: a process that finds it finished for its current trials reports that result.
-    """
-    check_prepared(config.data.content)
-    with SingleWorkerGuard(config.storage_url), StudySession(config) as session:
-        search(config, warm_start, progress, session)
-        with StudyLock(config, "finish"):
-            record = _finished(config, session)
-            if record is None:
-                return _finish(config, session)
-            return {"study": config.study_name, "safest": record["safest"], "model": record["model"],
-                    "recorded_before": True, **report(config, record["safest"], record["model"], session=session)}  # fmt: skip
-
-
-def run_worker(config: Config, progress: bool = False) -> dict:
-    """One worker of a (possibly shared) study: run trials, then, once per study, finish it.
-
-    The worker that takes the ``finish`` lock first confirms the safest configuration,
-    trains and registers the final model, reports and ends the MLflow parent run; the others
-    find the study finished and leave.
-    """
-    check_prepared(config.data.content)
-    with SingleWorkerGuard(config.storage_url), cores.CoreShare():  # counted among this machine's workers
-        session = StudySession(config, owns_parent=False)
-        ran = search(config, progress=progress, session=session)["trials_run"]  # each trial applies its share
-        with StudyLock(config, "finish"):
-            if _finished(config, session) is not None:
-                return {"trials_run": ran, "finished_study": False}
-            session.owns_parent = True
-            cores.apply()  # workers that left give their cores to the replays and the final run
-            with session:
-                return {"trials_run": ran, "finished_study": True, **_finish(config, session)}
-
-
-def run_worker_processes(config: Config, processes: int) -> list[int]:
-    """``processes`` workers on this machine, each its own process (and CUDA context), sharing
-    one PostgreSQL study: several trials at once on one GPU. Returns their exit codes."""
-    if processes > 1 and is_sqlite(config.storage_url):
-        raise StorageError(
-            f"{processes} worker processes cannot share {redact_url(config.storage_url)}: SQLite serves one worker. "
-            "Put the study in PostgreSQL (--storage postgresql://...) or use --processes 1."
-        )
-    context = multiprocessing.get_context("spawn")
-    # All register before any starts a trial, so the first trials already share the cores.
-    ready = context.Barrier(processes)
-    workers = [context.Process(target=_worker_process, args=(config, ready)) for _ in range(processes)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return [worker.exitcode for worker in workers]
-
-
-def _worker_process(config: Config, ready) -> None:
-    """One of run_worker_processes' workers; run_worker's registration is this same one."""
-    with cores.CoreShare():
-        # A sibling that failed to start breaks the barrier; shares are recounted each trial.
-        with suppress(threading.BrokenBarrierError):
-            ready.wait(timeout=120)
-        run_worker(config)

@@ -1,7 +1,10 @@
 """The shape of the code: imports point down the layers, and no module imports itself back.
 
     flows, stylepipe.cli                      the commands and the Prefect flows
-    stylepipe.stages, final, showcase         the pipeline's stages; the final model; its pictures
+    stylepipe.ops                             operations: worker processes, the stack, probes
+    stylepipe.chain                           the one order the stages run in
+    stylepipe.stages, session, final,         the pipeline's stages, what they share, the final
+    showcase                                  model, its pictures
     search, train, tracking, registry, data,  the parts the stages wire together
     report, stylize
     nets                                      the networks and losses
@@ -20,7 +23,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("flows", "stylepipe.cli"),
-    ("stylepipe.stages", "stylepipe.final", "stylepipe.showcase"),
+    ("stylepipe.ops",),
+    ("stylepipe.chain",),
+    ("stylepipe.stages", "stylepipe.session", "stylepipe.final", "stylepipe.showcase"),
     (
         "stylepipe.search",
         "stylepipe.train",

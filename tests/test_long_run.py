@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from stylepipe.cli import main
 from stylepipe.config import load_config
 from stylepipe.data.sources import RandomBatches, load_content_images
+from stylepipe.session import StudySession
 from stylepipe.train import TrainingHalted
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.lifecycle import (
@@ -392,7 +393,7 @@ def _interrupted_final_run(config, monkeypatch) -> str:
     with monkeypatch.context() as patched:
         patched.setattr(objective, "RandomBatches",
                         lambda images, batch_size, seed: DyingBatches(images, batch_size, at=23))  # fmt: skip
-        with pytest.raises(KeyboardInterrupt), stages.StudySession(config) as session:
+        with pytest.raises(KeyboardInterrupt), StudySession(config) as session:
             stages.train_final(config, SAFEST, session)
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
     [record] = study.user_attrs["final_runs"].values()
@@ -426,7 +427,7 @@ def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_
     unmirrored = config.with_overrides({"tracking.mirror_checkpoints": False})
     with (
         pytest.raises(RunStateError, match=f"remove {folder} to start the final run over"),
-        stages.StudySession(unmirrored) as session,
+        StudySession(unmirrored) as session,
     ):
         stages.train_final(unmirrored, SAFEST, session)
     assert (
@@ -435,7 +436,7 @@ def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_
 
     shutil.rmtree(tmp_path / "final")  # another machine: none of this one's files
 
-    with stages.StudySession(config) as session:
+    with StudySession(config) as session:
         final = stages.train_final(config, SAFEST, session)
     assert final["run_id"] == first and final["resumed_from"] == 20 and not final["reused"]
     run = client.get_run(first)
@@ -448,7 +449,7 @@ def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_
 
     # finished: the stage again trains nothing and rewrites nothing
     before = (run.data.tags, run.data.metrics, run.info.end_time)
-    with stages.StudySession(config) as session:
+    with StudySession(config) as session:
         again = stages.train_final(config, SAFEST, session)
     assert again["reused"] and again["run_id"] == first and again["model_sha256"] == final["model_sha256"]
     after = client.get_run(first)
@@ -480,7 +481,7 @@ def test_a_mirrored_copy_that_cannot_be_used_is_said_and_the_abandoned_run_is_en
                                    "sha256": hashlib.sha256(evil.read_bytes()).hexdigest()}))  # fmt: skip
     client.log_artifact(first, str(pointer), "checkpoint")
 
-    with stages.StudySession(config) as session:
+    with StudySession(config) as session:
         final = stages.train_final(config, SAFEST, session)
     assert final["run_id"] != first and final["resumed_from"] is None  # started over, in a new run
     abandoned = client.get_run(first)
@@ -498,7 +499,7 @@ def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_p
     config = search_config(tmp_path, prepared, *FINAL, "tracking.registered_model=spiky")
     monkeypatch.setattr(objective, "RandomBatches",
                         lambda images, batch_size, seed: PoisonedBatches(images, batch_size, {17}))  # fmt: skip
-    with stages.StudySession(config) as session:
+    with StudySession(config) as session:
         final = stages.train_final(config, SAFEST, session)
     assert final["recoveries"] == 1
     client = MlflowClient(tracking_uri=config.tracking_uri)

@@ -19,11 +19,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from stylepipe.chain import run_search
 from stylepipe.cli import main
 from stylepipe.config import load_config
 from stylepipe.nets import TransformerNet
 from stylepipe.search.objective import evaluate_quality, load_study_data
-from stylepipe.stages import run_search
 from stylepipe.stylize import stylize_tensor
 from stylepipe.train.guards import CAUSES
 from stylepipe.train.model_file import load_model

@@ -19,6 +19,7 @@ from stylepipe.cli import main
 from stylepipe.config import PrepareConfig, load_config
 from stylepipe.data.prepare import prepare
 from stylepipe.data.sources import export_skimage
+from stylepipe.session import StudySession
 from stylepipe.train.recipe import train_from_config, train_run_folder
 from tests.conftest import DEMO, StopAt, another_process_holds
 from tests.test_search import search_config, search_overrides
@@ -274,8 +275,8 @@ def test_study_finished_with_other_settings_is_refused_naming_them(
 
 
 def test_study_searching_with_other_settings_is_refused(tmp_path, prepared, capsys, monkeypatch):
+    from stylepipe.chain import run_search
     from stylepipe.search import objective
-    from stylepipe.stages import run_search
 
     original = objective.QualityReporter.on_check
 
@@ -324,7 +325,7 @@ def test_study_another_safest_configuration_gets_its_own_final_run_and_version(t
 
     config = search_config(tmp_path, prepared, "tracking.final_steps=4", "tracking.registered_model=two")
     other = {**SAFEST, "trial": 3, "params": {**SAFEST["params"], "lr": 5e-4}}
-    with stages.StudySession(config) as session:
+    with StudySession(config) as session:
         first = stages.train_final(config, SAFEST, session)
         second = stages.train_final(config, other, session)
     assert first["run_id"] != second["run_id"] and first["folder"] != second["folder"]
@@ -341,10 +342,10 @@ def test_study_cut_short_after_its_final_model_completes_without_training_it_aga
 ):
     """Before: a kill after the final model was written and before its registration left the study
     stuck: every rerun exited 2, "the safest configuration went nan (None) ... after 0 recoveries"."""
-    from stylepipe import final, stages
+    from stylepipe import chain, final
 
     config = search_config(tmp_path, prepared, *STUDY)
-    real_log_model, real_register = final.log_model, stages.register
+    real_log_model, real_register = final.log_model, chain.STEPS["register"]
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -356,7 +357,7 @@ def test_study_cut_short_after_its_final_model_completes_without_training_it_aga
     assert run.data.tags.get("stylepipe.state") != "finished"
     monkeypatch.setattr(final, "log_model", real_log_model)
     # 2. stopped between the finished final run and its registration
-    monkeypatch.setattr(stages, "register", killed)
+    monkeypatch.setitem(chain.STEPS, "register", killed)
     assert main(search_args(tmp_path, prepared)) == 130
     [run] = _final_runs(config)
     assert run.info.status == "FINISHED" and run.data.tags["stylepipe.state"] == "finished"
@@ -364,7 +365,7 @@ def test_study_cut_short_after_its_final_model_completes_without_training_it_aga
     client = MlflowClient(tracking_uri=config.tracking_uri)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == [1, 2, 3, 4]
     assert not client.search_model_versions("name='states'")
-    monkeypatch.setattr(stages, "register", real_register)
+    monkeypatch.setitem(chain.STEPS, "register", real_register)
     committed = (run.info.end_time, run.data.tags, run.data.metrics)
     # 3. the same command completes the registration; the finished final run is reused as it is
     capsys.readouterr()

@@ -11,7 +11,7 @@ import math
 import os
 import socket
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import optuna
@@ -29,9 +29,8 @@ from stylepipe.nets.transformer import TransformerNet
 from stylepipe.search.space import apply, suggest
 from stylepipe.stores import redact_url, scrub
 from stylepipe.tracking import RunLogger, Tracker, TrackingError
-from stylepipe.train import Callback, Trainer, TrainingHalted, TrainState, resolve_device
+from stylepipe.train import Callback, Trainer, TrainingHalted, TrainResult, TrainState, resolve_device
 from stylepipe.train.guards import Autopsy
-from stylepipe.train.long_run import LongRun
 from stylepipe.train.recipe import build_criterion
 
 
@@ -168,39 +167,42 @@ class CandidateRun:
         return spikiness(self.metrics)
 
 
+def candidate_trainer(config: Config, data: StudyData, callbacks: Sequence[Callback]) -> Trainer:
+    """A trainer of one configuration on the study's training images, seeded by its settings."""
+    batches = RandomBatches(data.train_images_at(config.data.image_size), config.train.batch_size,
+                            seed=config.train.seed)  # fmt: skip
+    torch.manual_seed(config.train.seed)
+    return Trainer(config, data.criterion, batches, model=TransformerNet(), device=data.device,
+                   callbacks=list(callbacks))  # fmt: skip
+
+
+def train_candidate(trainer: Trainer, fit: Callable[[], TrainResult], reporter: QualityReporter,
+                    data: StudyData) -> CandidateRun:  # fmt: skip
+    """Train with ``fit``; a guard's halt becomes an outcome, not an exception. A run that trained
+    no step (a long run resumed at its last step) is evaluated here."""
+    try:
+        result = fit()
+    except TrainingHalted as halted:
+        return CandidateRun(halted.autopsy.outcome, None, halted.autopsy, trainer.history)
+    quality = reporter.final if reporter.final is not None else evaluate_quality(result.model, data)
+    finite = quality is not None and math.isfinite(quality)
+    return CandidateRun("complete" if finite else "nan", quality if finite else None, None, result.metrics,
+                        result.model)  # fmt: skip
+
+
 def run_candidate(
     config: Config,
     data: StudyData,
     callbacks: Sequence[Callback] = (),
     trial: optuna.Trial | None = None,
     logger: RunLogger | None = None,
-    long_run: LongRun | None = None,
 ) -> CandidateRun:
-    """Train one configuration; a guard's halt becomes an outcome, not an exception.
-
-    With ``long_run`` (the final model: never a trial or replay) the run checkpoints, resumes
-    and recovers; its rows, evaluations included, reach ``logger`` through it.
-    ``optuna.TrialPruned`` (from the pruner) and any other exception propagate.
-    """
+    """Train one configuration of the search (a trial, a replay); a guard's halt becomes an
+    outcome. ``optuna.TrialPruned`` (from the pruner) and any other exception propagate."""
     eval_every = config.search.eval_every if trial is not None else config.train.steps
-    reporter = QualityReporter(data, eval_every, trial, long_run or logger)
-    batches = RandomBatches(data.train_images_at(config.data.image_size), config.train.batch_size,
-                            seed=config.train.seed)  # fmt: skip
-    torch.manual_seed(config.train.seed)
-    trainer = Trainer(config, data.criterion, batches, model=TransformerNet(), device=data.device,
-                      callbacks=[*callbacks, reporter, *([long_run] if long_run else [])])  # fmt: skip
-    try:
-        result = long_run.fit(trainer) if long_run else trainer.fit()
-    except TrainingHalted as halted:
-        run = CandidateRun(halted.autopsy.outcome, None, halted.autopsy, trainer.history)
-    else:
-        # a long run resumed at its last step (cut short while finishing) trained nothing more
-        quality = reporter.final if reporter.final is not None else evaluate_quality(result.model, data)
-        finite = quality is not None and math.isfinite(quality)
-        run = CandidateRun("complete" if finite else "nan", quality if finite else None, None, result.metrics,
-                           result.model)  # fmt: skip
-    run.recoveries = long_run.recoveries if long_run else []
-    return run
+    reporter = QualityReporter(data, eval_every, trial, logger)
+    trainer = candidate_trainer(config, data, [*callbacks, reporter])
+    return train_candidate(trainer, trainer.fit, reporter, data)
 
 
 def worker_id() -> str:

@@ -136,6 +136,15 @@ def compare_with_baseline(best: dict | None, baseline: dict | None) -> str:
             f"yours {verdict}")  # fmt: skip
 
 
+def nothing_safe_because(verdicts: list[dict]) -> str:
+    """Why a study has no safe configuration, as its verdicts tell it."""
+    if not verdicts:
+        return "no trial completed: there was nothing to replay"
+    if not any(v["replays"] for v in verdicts):
+        return f"no candidate completed its trial, so none was replayed ({verdicts[0]['why']})"
+    return "no candidate stayed finite under every stress replay"
+
+
 def confirm_safest(
     study: optuna.Study, data: StudyData, tracker: Tracker | None = None, parent_run_id: str | None = None
 ) -> dict[str, Any] | None:

@@ -89,6 +89,17 @@ def check_settings(study: optuna.Study, config: Config) -> None:
         )
 
 
+STUDY_STATES = ("searching", "certifying", "training the final model", "registering", "finished")
+
+
+def set_study_state(study: optuna.Study, state: str) -> None:
+    """The study's recorded state (its ``state`` attribute, which optuna-dashboard shows)."""
+    if state not in STUDY_STATES:
+        raise ValueError(f"unknown study state {state!r}")
+    if study.user_attrs.get("state") != state:
+        study.set_user_attr("state", state)
+
+
 def open_study(config: Config) -> optuna.Study:
     """Create the study, or load it when it exists (re-running resumes); other settings than
     those it was made with are refused (``StudySettingsError``)."""

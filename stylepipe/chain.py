@@ -1,0 +1,118 @@
+"""The stages chained: the one order a study is searched and finished in, for the commands
+(``search``, ``worker``) and the Prefect flow alike.
+
+    search -> confirm -> train final -> register -> promote -> record -> report
+
+``finish`` runs the steps after the search through a ``StepRunner``: the commands run each stage
+in this process, sharing one ``StudySession`` (``in_process``); the flow runs each as a Prefect
+task (flows/pipeline.py). Whoever finishes a study holds its ``finish`` lock. Every step keeps its
+own record, so a finish cut short goes on where it stopped: verdicts are kept, a finished final
+run is reused (final.py), a registration is completed, and a study finished for its current
+trials is reported, not finished again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from stylepipe import stages
+from stylepipe.config import Config
+from stylepipe.search.objective import check_prepared
+from stylepipe.search.storage import SingleWorkerGuard, StudyLock
+from stylepipe.search.study import COUNTED
+from stylepipe.session import StudySession
+
+# (step, config, *the stage's other arguments) -> what the stage returns
+StepRunner = Callable[..., Any]
+
+STEPS: dict[str, Callable[..., Any]] = {
+    "confirm": stages.confirm,
+    "train final": stages.train_final,
+    "register": stages.register,
+    "promote": stages.promote,
+    "record": stages.record_finished,
+    "report": stages.report,
+}
+
+
+def in_process(session: StudySession) -> StepRunner:
+    """Each step as a plain call in this process, sharing ``session``."""
+
+    def run(step: str, config: Config, *args: Any) -> Any:
+        return STEPS[step](config, *args, session=session)
+
+    return run
+
+
+def finish(config: Config, run: StepRunner) -> dict[str, Any]:
+    """Confirm the safest configuration, train and register its final model, promote it, record
+    the study finished, report: the study's answer (``safest``, ``model``, ``promotion``) and
+    the report's paths and summary."""
+    safest = run("confirm", config)
+    model = promotion = None
+    if safest is not None and config.tracking.train_final_model:
+        final = run("train final", config, safest)
+        safest = final["safest"]  # its certificate says whether the final run needed recoveries
+        model = run("register", config, final)
+        promotion = run("promote", config, model["version"])
+    run("record", config, safest, model)
+    reported = run("report", config, safest, model, promotion)
+    return {"study": config.study_name, "safest": safest, "model": model, "promotion": promotion,
+            "recorded_before": False, **reported}  # fmt: skip
+
+
+def finished(config: Config, session: StudySession) -> dict | None:
+    """What finishing the study recorded (safest, model), if it was done for its current trials
+    (and with a final model, when one is asked for now and there was a safe configuration)."""
+    record = session.study.user_attrs.get("finished")
+    done = len(session.study.get_trials(deepcopy=False, states=COUNTED))
+    if not record or record.get("for_trials") != done:
+        return None
+    wants_model = config.tracking.train_final_model and record.get("safest") is not None
+    return None if wants_model and record.get("model") is None else record
+
+
+def _finish_once(config: Config, session: StudySession) -> dict[str, Any]:
+    """Under the study's finish lock: finish it, or report what finishing it recorded."""
+    record = finished(config, session)
+    if record is None:
+        return finish(config, in_process(session))
+    reported = stages.report(config, record["safest"], record["model"], session=session)
+    return {"study": config.study_name, "safest": record["safest"], "model": record["model"], "promotion": None,
+            "recorded_before": True, **reported}  # fmt: skip
+
+
+def run_search(config: Config, progress: bool = True, warm_start: dict | None = None) -> dict:
+    """The ``search`` command: run (or resume) the study, then finish it, or report it finished.
+
+    Another process on the same study (PostgreSQL) may run trials too; the study is finished
+    once: a process that finds it finished for its current trials reports that result.
+    """
+    check_prepared(config.data.content)
+    with SingleWorkerGuard(config.storage_url), StudySession(config) as session:
+        stages.search(config, warm_start, progress, session)
+        with StudyLock(config, "finish"):
+            return _finish_once(config, session)
+
+
+def run_worker(
+    config: Config, progress: bool = False, before_finish: Callable[[], Any] | None = None
+) -> dict:
+    """One worker of a (possibly shared) study: run trials, then, once per study, finish it.
+
+    The worker that takes the ``finish`` lock first finishes the study in a session of its own,
+    which ends the MLflow parent run (``before_finish`` runs first: the worker processes on a
+    machine hand over their cores); the others find it finished and leave.
+    """
+    check_prepared(config.data.content)
+    with SingleWorkerGuard(config.storage_url):
+        worker = StudySession(config, owns_parent=False)
+        ran = stages.search(config, progress=progress, session=worker)["trials_run"]
+        with StudyLock(config, "finish"):
+            if finished(config, worker) is not None:
+                return {"trials_run": ran, "finished_study": False}
+            if before_finish is not None:
+                before_finish()
+            with StudySession(config, data=worker.data_if_built) as finisher:
+                return {"trials_run": ran, "finished_study": True, **_finish_once(config, finisher)}

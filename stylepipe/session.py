@@ -1,0 +1,70 @@
+"""What the stages of one study share: its Optuna study, its MLflow tracker and parent run, and,
+built on first use only, the shard and the loss network."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from stylepipe.config import Config
+from stylepipe.errors import failure_text
+from stylepipe.files import writable_folder
+from stylepipe.search.objective import StudyData, load_study_data
+from stylepipe.search.storage import SingleWorkerGuard, StudyLock
+from stylepipe.search.study import open_study
+from stylepipe.stores import redact_url
+from stylepipe.tracking import Tracker
+
+
+class StudySession:
+    """One study's stores, opened once for the stages that run together.
+
+    As a context manager the study's MLflow parent run is RUNNING inside and ended FINISHED on
+    the way out, or FAILED when a stage raised. A worker among many (``owns_parent=False``)
+    leaves the parent run to whoever finishes the study; that one opens a session of its own,
+    handing over the ``data`` already built.
+    """
+
+    def __init__(self, config: Config, owns_parent: bool = True, data: StudyData | None = None):
+        self.config = config
+        self.owns_parent = owns_parent
+        self.run_dir = writable_folder(config.run_dir, "run folder")
+        if data is not None:
+            self.__dict__["data"] = data  # the cached property, already built
+        with StudyLock(config, "setup"):  # one experiment, one study, one parent run
+            self.tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.study_name,
+                                   artifact_root=self.run_dir / "mlartifacts")  # fmt: skip
+            self.study = open_study(config)
+            self.parent = self.tracker.study_run(
+                config.study_name, {"storage": redact_url(config.storage_url)}
+            )
+        self.study.set_user_attr("mlflow_parent_run_id", self.parent)
+
+    @functools.cached_property
+    def data(self) -> StudyData:
+        return load_study_data(self.config)
+
+    @property
+    def data_if_built(self) -> StudyData | None:
+        """``data`` when a stage already built it, else None (nothing is loaded to ask)."""
+        return self.__dict__.get("data")
+
+    def __enter__(self) -> StudySession:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.owns_parent:
+            failure = None if error is None else failure_text(error)
+            self.tracker.end_study(self.parent, "FINISHED" if kind is None else "FAILED", failure)
+
+
+@contextmanager
+def study_session(config: Config, session: StudySession | None) -> Iterator[StudySession]:
+    """The caller's session, or one of this stage's own (on SQLite, after taking the database's
+    one-process lock: a second process is refused before it touches the study)."""
+    if session is not None:
+        yield session
+        return
+    with SingleWorkerGuard(config.storage_url), StudySession(config) as own:
+        yield own
