@@ -17,6 +17,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.utils.data import DataLoader
@@ -25,6 +26,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from bench.prepare_bench import make_corpus
+from stylepipe import tracking
 from stylepipe.config import PrepareConfig, load_config
 from stylepipe.data.prepare import prepare
 from stylepipe.data.shard import load_split
@@ -257,12 +259,12 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
         for (writer, logger_cls), every in itertools.product(writers.items(), every_values):
             session = StudySession(base.with_overrides({"run_dir": f"{tmp}/{writer}{every}",
                                                         "tracking.log_every": every}))  # fmt: skip
-            session.tracker.run_logger = logger_cls
             objective = Objective(session.data, session.tracker, session.parent)
 
-            def one_trial(session=session, objective=objective) -> None:
+            def one_trial(session=session, objective=objective, logger_cls=logger_cls) -> None:
                 session.study.enqueue_trial(trial_values(params))
-                session.study.optimize(objective, n_trials=1)
+                with mock.patch.object(tracking, "RunLogger", logger_cls):  # the run's writer, swapped
+                    session.study.optimize(objective, n_trials=1)
                 if session.study.trials[-1].state != optuna.trial.TrialState.COMPLETE:
                     raise RuntimeError(f"the benchmark trial did not complete: {session.study.trials[-1]}")
 

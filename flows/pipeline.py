@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 from stylepipe import chain, stages
 from stylepipe.config import Config, load_config
 from stylepipe.errors import StylepipeError
+from stylepipe.ops.cores import MACHINE
 from stylepipe.search.storage import StudyLock
 
 
@@ -62,12 +63,12 @@ def _prepare_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 @task(name="prepare", retries=2, retry_delay_seconds=5, cache_key_fn=_prepare_cache_key,
       retry_condition_fn=_retry_unless_users_mistake)  # fmt: skip
 def prepare_task(config_json: str) -> dict[str, Any]:
-    return stages.prepare(_settings(config_json))
+    return stages.prepare(_settings(config_json), cores=MACHINE)
 
 
 @task(name="search")
 def search_task(config_json: str, warm_start: dict | None) -> dict[str, Any]:
-    return stages.search(_settings(config_json), warm_start)
+    return stages.search(_settings(config_json), warm_start, cores=MACHINE)
 
 
 @task(name="confirm safest")

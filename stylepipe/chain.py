@@ -22,6 +22,7 @@ from stylepipe.search.objective import check_prepared
 from stylepipe.search.storage import SingleWorkerGuard, StudyLock
 from stylepipe.search.study import COUNTED
 from stylepipe.session import StudySession
+from stylepipe.threads import ALONE, Cores
 
 # (step, config, *the stage's other arguments) -> what the stage returns
 StepRunner = Callable[..., Any]
@@ -83,7 +84,9 @@ def _finish_once(config: Config, session: StudySession) -> dict[str, Any]:
             "recorded_before": True, **reported}  # fmt: skip
 
 
-def run_search(config: Config, progress: bool = True, warm_start: dict | None = None) -> dict:
+def run_search(
+    config: Config, progress: bool = True, warm_start: dict | None = None, cores: Cores = ALONE
+) -> dict:
     """The ``search`` command: run (or resume) the study, then finish it, or report it finished.
 
     Another process on the same study (PostgreSQL) may run trials too; the study is finished
@@ -91,28 +94,25 @@ def run_search(config: Config, progress: bool = True, warm_start: dict | None = 
     """
     check_prepared(config.data.content)
     with SingleWorkerGuard(config.storage_url), StudySession(config) as session:
-        stages.search(config, warm_start, progress, session)
+        stages.search(config, warm_start, progress, session, cores)
         with StudyLock(config, "finish"):
             return _finish_once(config, session)
 
 
-def run_worker(
-    config: Config, progress: bool = False, before_finish: Callable[[], Any] | None = None
-) -> dict:
+def run_worker(config: Config, progress: bool = False, cores: Cores = ALONE) -> dict:
     """One worker of a (possibly shared) study: run trials, then, once per study, finish it.
 
     The worker that takes the ``finish`` lock first finishes the study in a session of its own,
-    which ends the MLflow parent run (``before_finish`` runs first: the worker processes on a
-    machine hand over their cores); the others find it finished and leave.
+    which ends the MLflow parent run, with the cores the workers that left gave back; the others
+    find it finished and leave.
     """
     check_prepared(config.data.content)
     with SingleWorkerGuard(config.storage_url):
         worker = StudySession(config, owns_parent=False)
-        ran = stages.search(config, progress=progress, session=worker)["trials_run"]
+        ran = stages.search(config, progress=progress, session=worker, cores=cores)["trials_run"]
         with StudyLock(config, "finish"):
             if finished(config, worker) is not None:
                 return {"trials_run": ran, "finished_study": False}
-            if before_finish is not None:
-                before_finish()
+            cores.set_threads()
             with StudySession(config, data=worker.data_if_built) as finisher:
                 return {"trials_run": ran, "finished_study": True, **_finish_once(config, finisher)}

@@ -73,8 +73,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from stylepipe import stages
+    from stylepipe.ops.cores import MACHINE
 
-    prepared = stages.prepare(load_settings(args), args.source, args.out, progress=not args.quiet)
+    prepared = stages.prepare(load_settings(args), args.source, args.out, not args.quiet, MACHINE)
     out.print(
         f"[green]{prepared['files']} files: {prepared['kept']} kept, {prepared['quarantined']} quarantined "
         f"({prepared['decoded']} decoded, {prepared['reused']} reused)"
@@ -87,9 +88,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from stylepipe.chain import run_search
+    from stylepipe.ops.cores import MACHINE
     from stylepipe.showcase import style_summary
 
-    result = run_search(load_settings(args), progress=not args.quiet)
+    result = run_search(load_settings(args), progress=not args.quiet, cores=MACHINE)
     counts = result["outcomes"]
     out.print(
         f"study {result['study']}: {sum(counts.values())} trials "
@@ -161,7 +163,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from stylepipe import stack
+    from stylepipe.ops import stack
 
     if args.action == "down":
         stopped = stack.down(args.folder)

@@ -126,7 +126,7 @@ class PrepareConfig(Section):
     outlier_min_images: int = Field(20, ge=3)  # the whole-set statistics need this many images
     background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited on this colour
     val_fraction: float = Field(0.1, ge=0, lt=1)
-    workers: int = Field(0, ge=0)  # 0: this process's share of the cores (stylepipe/cores.py)
+    workers: int = Field(0, ge=0)  # 0: this process's share of the cores (stylepipe/ops/cores.py)
 
 
 class LossConfig(Section):

@@ -25,7 +25,7 @@ from mlflow.pyfunc import PythonModel
 from stylepipe.errors import StylepipeError
 from stylepipe.files import file_sha256
 from stylepipe.nets.transformer import TransformerNet
-from stylepipe.stores import probe, redact_url, use_write_ahead_log
+from stylepipe.stores import open_store, redact_url
 
 WEIGHTS = "model.safetensors"
 # The model's code as MLflow stores it ("models from code", not a pickled object): two lines
@@ -105,11 +105,7 @@ class Registry:
     """One registered model's versions and aliases in the tracking store at ``uri``."""
 
     def __init__(self, uri: str, name: str):
-        try:  # a corrupted or unreachable store in one line, not after MLflow's ~100 s of retries
-            probe(uri)
-        except ValueError as err:
-            raise RegistryError(f"cannot use the MLflow tracking store {redact_url(uri)}: {err}") from None
-        use_write_ahead_log(uri)
+        open_store(uri, "cannot use the MLflow tracking store", RegistryError)
         self.uri = uri
         self.name = name
         self.client = MlflowClient(tracking_uri=uri)

@@ -26,6 +26,7 @@ from stylepipe.search.safest import confirm_safest, nothing_safe_because
 from stylepipe.search.study import COUNTED, run_trials, set_study_state, trials_table
 from stylepipe.session import StudySession, study_session
 from stylepipe.stores import sqlite_path
+from stylepipe.threads import ALONE, Cores
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,11 @@ def prepare_fingerprint(config: Config) -> str:
 
 
 def prepare(
-    config: Config, source: str | None = None, out: str | None = None, progress: bool = False
+    config: Config,
+    source: str | None = None,
+    out: str | None = None,
+    progress: bool = False,
+    cores: Cores = ALONE,
 ) -> dict:
     """Prepare ``source`` (default data.content) into ``out`` (default <run_dir>/prepared); only
     files not seen before are decoded. A data.content that is already prepared is used as is."""
@@ -67,7 +72,7 @@ def prepare(
     if source is None and is_prepared(config.data.content):
         return {"prepared": config.data.content, "skipped": "data.content is already prepared"}
     target = Path(out) if out else prepared_dir(config)
-    result = prepare_folder(source_dir(config, source, target), target, config.prepare, progress=progress)
+    result = prepare_folder(source_dir(config, source, target), target, config.prepare, progress, cores)
     return {
         "prepared": str(target),
         "files": len(result.manifest),
@@ -173,13 +178,15 @@ def search(
     warm_start: dict | None = None,
     progress: bool = False,
     session: StudySession | None = None,
+    cores: Cores = ALONE,
 ) -> dict:
-    """Run (or resume) the study's trials until it holds ``search.n_trials`` finished ones."""
+    """Run (or resume) the study's trials until it holds ``search.n_trials`` finished ones, each
+    with ``cores``' share of the machine."""
     check_prepared(config.data.content)  # before any study or run exists
     with study_session(config, session) as s:
         if len(s.study.get_trials(deepcopy=False, states=COUNTED)) < config.search.n_trials:
             set_study_state(s.study, "searching")
-        objective = Objective(s.data, s.tracker, s.parent)
+        objective = Objective(s.data, s.tracker, s.parent, cores)
         ran = run_trials(config, s.study, objective, progress, warm_start)
         return {"study": config.study_name, "trials_run": ran}
 

@@ -141,9 +141,26 @@ def probe(url: str) -> None:
         finally:
             engine.dispose()
     except Exception as err:  # an unknown dialect, an unreachable server, a missing database
-        cause = getattr(err, "orig", None) or err
-        text = str(cause).strip()
-        raise ValueError(scrub(text.splitlines()[0], url) if text else type(cause).__name__) from None
+        raise ValueError(first_line(err, url)) from None
+
+
+def first_line(err: BaseException, *urls: str | None) -> str:
+    """An error in one line for a person: the first line of what the driver (or MLflow) said,
+    or the error's kind when it said nothing, with every password of ``urls`` masked (they may
+    quote the URL)."""
+    cause = getattr(err, "orig", None) or err
+    text = str(cause).strip()
+    return scrub(text.splitlines()[0], *urls) if text else type(cause).__name__
+
+
+def open_store(url: str, refusal: str, error: type[Exception]) -> None:
+    """Before a store is used: one plain line (``error``: ``refusal`` URL: why) when it cannot be,
+    not a traceback after ~100 s of retries; then SQLite's write-ahead log for the files we own."""
+    try:
+        probe(url)
+    except ValueError as err:
+        raise error(f"{refusal} {redact_url(url)}: {err}") from None
+    use_write_ahead_log(url)
 
 
 def _probe_server(url: str, timeout: float = 10.0) -> None:

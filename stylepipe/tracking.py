@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from stylepipe.errors import StylepipeError
-from stylepipe.stores import probe, redact_url, scrub, use_write_ahead_log
+from stylepipe.stores import first_line, open_store, redact_url, scrub
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
 from stylepipe.train.long_run import describe_recovery
@@ -204,14 +204,11 @@ def is_server(uri: str) -> bool:
 class Tracker:
     """One study's MLflow bookkeeping."""
 
-    run_logger: type[RunLogger] = RunLogger  # what child_run hands out (the benchmark swaps it)
-
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
         self.uri = uri
         self.experiment = experiment
+        open_store(uri, "cannot use the MLflow tracking store", TrackingError)
         try:
-            probe(uri)
-            use_write_ahead_log(uri)
             mlflow.set_tracking_uri(uri)
             self.client = MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
@@ -228,8 +225,9 @@ class Tracker:
                     if found.tags.get(key) != value:
                         self.client.set_experiment_tag(self.experiment_id, key, value)
         except Exception as err:  # MLflow's own text may quote the URL, password and all
-            text = scrub(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__, uri)
-            raise TrackingError(f"cannot use the MLflow tracking store {redact_url(uri)}: {text}") from None
+            raise TrackingError(
+                f"cannot use the MLflow tracking store {redact_url(uri)}: {first_line(err, uri)}"
+            ) from None
 
     def runs_table_url(self, ui: str = "http://127.0.0.1:5000") -> str:
         """The MLflow UI's runs table of this study, on the trials' columns (the server's own
@@ -267,7 +265,7 @@ class Tracker:
             run_name=name,
             tags={"mlflow.parentRunId": parent_id, ROLE_TAG: role, **{k: str(v) for k, v in tags.items()}},
         )
-        logger = self.run_logger(self.client, run.info.run_id, every=log_every)
+        logger = RunLogger(self.client, run.info.run_id, every=log_every)
         logger.log_params(params)
         return logger
 
@@ -276,7 +274,7 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         if "failure" in self.client.get_run(run_id).data.tags:  # why it stopped: no longer so
             self.client.delete_tag(run_id, "failure")
-        return self.run_logger(self.client, run_id, every=log_every)
+        return RunLogger(self.client, run_id, every=log_every)
 
     def finish_run(
         self,

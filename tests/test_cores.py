@@ -1,6 +1,6 @@
 """Processes on one machine share its CPU cores, even when each was started on its own.
 
-Each "worker" below is a real process that registers with stylepipe.cores and answers
+Each "worker" below is a real process that registers with stylepipe.ops.cores and answers
 commands on stdin; TEST_CPUS sets the core count that process sees. The tests of torch's
 thread count use this test's own process as the worker that applies its share.
 """
@@ -18,15 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
-from stylepipe import cores
+from stylepipe.config import PrepareConfig
 from stylepipe.data import prepare as prepare_module
-from stylepipe.data.prepare import PrepareSettings, prepare
+from stylepipe.data.prepare import prepare
+from stylepipe.ops import cores
 
 DRIVER = """
 import os, sys
 if os.environ.get("TEST_CPUS"):
     os.cpu_count = lambda: int(os.environ["TEST_CPUS"])
-from stylepipe import cores
+from stylepipe.ops import cores
 with cores.CoreShare():
     print("ready", flush=True)
     for line in sys.stdin:
@@ -122,21 +123,21 @@ def this_process(tmp_path, monkeypatch):
 
 def test_the_first_worker_gives_cores_back_when_others_join_and_takes_them_back(workers, this_process):
     torch.set_num_threads(4)
-    assert cores.apply() == torch.get_num_threads() == 4
+    assert cores.set_torch_threads() == torch.get_num_threads() == 4
     second = workers(cpus=4)
-    assert cores.apply() == torch.get_num_threads() == 2
+    assert cores.set_torch_threads() == torch.get_num_threads() == 2
     third = workers(cpus=4)
-    assert cores.apply() == torch.get_num_threads() == 1
+    assert cores.set_torch_threads() == torch.get_num_threads() == 1
     assert second.share() == third.share() == 1
     second.leave()
     third.kill()
-    assert cores.apply() == torch.get_num_threads() == 4
+    assert cores.set_torch_threads() == torch.get_num_threads() == 4
 
 
 def test_never_more_threads_than_torch_had_before_stylepipe_changed_them(this_process):
     torch.set_num_threads(1)  # MKL_NUM_THREADS=1, or torch's default where cores are hyperthreads
     assert cores.share() == 4
-    assert cores.apply() == torch.get_num_threads() == 1
+    assert cores.set_torch_threads() == torch.get_num_threads() == 1
 
 
 def test_omp_num_threads_set_by_the_user_leaves_torch_alone(workers, this_process, monkeypatch):
@@ -144,7 +145,7 @@ def test_omp_num_threads_set_by_the_user_leaves_torch_alone(workers, this_proces
     torch.set_num_threads(3)
     workers(cpus=4)
     assert cores.share() == 2
-    assert cores.apply() == torch.get_num_threads() == 3
+    assert cores.set_torch_threads() == torch.get_num_threads() == 3
 
 
 def test_one_process_counts_once_and_a_forked_child_counts_on_its_own(tmp_path, monkeypatch):
@@ -192,10 +193,9 @@ def test_prepare_decodes_with_its_share_of_the_cores_while_workers_train(workers
     monkeypatch.setattr(prepare_module, "ProcessPoolExecutor", RecordingPool)
     RecordingPool.sizes = []
     workers(cpus=6)  # a worker training on this machine
-    settings = PrepareSettings(image_size=32, min_size=32, val_fraction=0.2)
-    prepare(photos(tmp_path / "photos", 6), tmp_path / "out", settings, progress=False)
+    settings = PrepareConfig(image_size=32, min_size=32, val_fraction=0.2)
+    prepare(photos(tmp_path / "photos", 6), tmp_path / "out", settings, progress=False, cores=cores.MACHINE)
     assert RecordingPool.sizes == [3]  # prepare and the worker: 6 cores // 2
-    prepare(
-        tmp_path / "photos", tmp_path / "again", settings.model_copy(update={"workers": 4}), progress=False
-    )
+    prepare(tmp_path / "photos", tmp_path / "again", settings.model_copy(update={"workers": 4}), progress=False,
+            cores=cores.MACHINE)  # fmt: skip
     assert RecordingPool.sizes == [3, 4]  # prepare.workers, set by the user, wins

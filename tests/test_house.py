@@ -34,10 +34,9 @@ LAYERS = [
         "stylepipe.data",
         "stylepipe.report",
         "stylepipe.stylize",
-        "stylepipe.stack",
     ),  # fmt: skip
     ("stylepipe.nets",),
-    ("stylepipe.config", "stylepipe.errors", "stylepipe.files", "stylepipe.stores", "stylepipe.cores"),
+    ("stylepipe.config", "stylepipe.errors", "stylepipe.files", "stylepipe.stores", "stylepipe.threads"),
 ]
 LAYER_OF = {unit: len(LAYERS) - depth for depth, units in enumerate(LAYERS) for unit in units}
 
@@ -147,3 +146,16 @@ def test_the_checks_see_a_cycle_and_an_upward_import():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert "stylepipe.stages" in GRAPH["stylepipe.cli"]  # lazy imports inside functions are seen
     assert LAYER_OF[unit_of("stylepipe.search.objective")] < LAYER_OF[unit_of("stylepipe.stages")]
+
+
+LIBRARY = ("stylepipe.nets", "stylepipe.data", "stylepipe.train", "stylepipe.search", "stylepipe.stages",
+           "stylepipe.session", "stylepipe.chain", "stylepipe.final", "stylepipe.showcase", "stylepipe.tracking",
+           "stylepipe.registry", "stylepipe.report", "stylepipe.stylize")  # fmt: skip
+
+
+def test_the_library_never_imports_ops():
+    """Service supervision and the machine's processes (stylepipe/ops) are wired in by the commands."""
+    reaching = {module: sorted(t for t in GRAPH[module] if t.startswith("stylepipe.ops"))
+                for module in MODULES if module.startswith(LIBRARY)}  # fmt: skip
+    assert {module: targets for module, targets in reaching.items() if targets} == {}
+    assert "stylepipe.ops.cores" in GRAPH["stylepipe.ops.workers"]  # the check sees ops' own imports

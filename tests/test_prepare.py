@@ -14,7 +14,8 @@ import pytest
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
-from stylepipe.data.prepare import PrepareSettings, load_manifest, prepare
+from stylepipe.config import PrepareConfig
+from stylepipe.data.prepare import load_manifest, prepare
 from tests.corpus import IMAGE_SIZE, Expect, extra_photos, make_corpus, many_photos
 
 S = IMAGE_SIZE
@@ -27,11 +28,11 @@ MANIFEST_COLUMNS = [
 ]  # fmt: skip
 
 
-def settings(**overrides) -> PrepareSettings:
+def settings(**overrides) -> PrepareConfig:
     values = dict(
         image_size=S, min_size=32, max_aspect=4.0, max_pixels=1_000_000, val_fraction=0.2, workers=2
     )
-    return PrepareSettings(**{**values, **overrides})
+    return PrepareConfig(**{**values, **overrides})
 
 
 def snapshot(*folders: Path) -> dict[str, tuple[str, str]]:

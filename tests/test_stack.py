@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stylepipe import stack as stack_tools
+from stylepipe.ops import stack as stack_tools
 
 # A stand-in for a server: exits with code 3 on its first start (a crash while starting),
 # serves /health on the next, and prints its database URL's password state on start.
@@ -41,16 +41,16 @@ def _recorded_stack(folder: Path, script: Path, *extra: str) -> stack_tools.Stac
     command = [sys.executable, str(script), str(port), db, *extra]
     stack.services.append(stack_tools.Service("mlflow", 999_999_999, command, str(folder / "x.log"),
                                               f"http://127.0.0.1:{port}"))  # fmt: skip
-    stack_tools._save(stack)
+    stack_tools.save(stack)
     return stack
 
 
 def test_a_service_that_exits_while_starting_is_named_with_its_exit_code(tmp_path):
     stack = stack_tools.Stack(folder=str(tmp_path), optuna_url="", mlflow_db_url="", prefect_db_url="")
-    service = stack_tools._start(stack, "mlflow", [sys.executable, "-c", "import sys; sys.exit(3)"], {},
+    service = stack_tools.start_service(stack, "mlflow", [sys.executable, "-c", "import sys; sys.exit(3)"], {},
                                  "http://127.0.0.1:9")  # fmt: skip
     with pytest.raises(stack_tools.StackError, match=r"mlflow exited while starting \(exit code 3\)"):
-        stack_tools._wait_healthy(service, service.url + "/health", timeout=30)
+        stack_tools.wait_healthy(service, service.url + "/health", timeout=30)
 
 
 def test_restart_starts_again_a_service_that_exits_while_starting_and_gives_it_its_password(tmp_path, capsys):
@@ -61,7 +61,7 @@ def test_restart_starts_again_a_service_that_exits_while_starting_and_gives_it_i
 
     new = stack_tools.restart(tmp_path, "mlflow", admin_url="postgresql://postgres:s3cret@127.0.0.1:5432/x")
     try:
-        assert stack_tools._runs(new)
+        assert stack_tools.is_running(new)
         assert (
             "mlflow exited while starting (exit code 3); starting it again (2/3)" in capsys.readouterr().err
         )
@@ -72,7 +72,7 @@ def test_restart_starts_again_a_service_that_exits_while_starting_and_gives_it_i
         assert "s3cret" not in (tmp_path / "stack.json").read_text()
     finally:
         stack_tools.down(tmp_path)
-    assert not stack_tools._runs(new)
+    assert not stack_tools.is_running(new)
 
 
 def test_restart_gives_up_after_its_attempts_and_says_how_the_last_one_ended(tmp_path):

@@ -22,7 +22,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from stylepipe import stack as stack_tools
+from stylepipe.ops import stack as stack_tools
 from tests.conftest import DEMO
 from tests.test_workers import POSTGRES, needs_postgres
 
@@ -36,6 +36,16 @@ TINY = [
     "search.max_val_images=4", "search.confirm_steps=8", "tracking.final_steps=8",
 ]  # fmt: skip
 MODEL = "topology-style"
+
+
+def drop_databases(admin_url: str, names: list[str]) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        for name in names:
+            conn.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
+    engine.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +67,7 @@ def services(tmp_path_factory):
         pids = [s.pid for s in stack_tools.load(folder).services] if (folder / "stack.json").is_file() else []
         stopped = subprocess.run([str(BIN / "stylepipe"), "stack", "down", "--folder", str(folder)],
                                  capture_output=True, text=True, timeout=120)  # fmt: skip
-        stack_tools.drop_databases(POSTGRES, [f"{prefix}_{kind}" for kind in ("optuna", "mlflow", "prefect")])
+        drop_databases(POSTGRES, [f"{prefix}_{kind}" for kind in ("optuna", "mlflow", "prefect")])
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and _not_zombie(pid)]
         assert not alive, f"still running after stack down: {alive}"

@@ -31,14 +31,12 @@ import pandas as pd
 import torch
 from rich.progress import Progress
 
-from stylepipe import cores
 from stylepipe.config import PrepareConfig
 from stylepipe.data.decode import decode, resize_crop
 from stylepipe.data.stats import STAT_COLUMNS, image_checks, image_statistics
 from stylepipe.errors import StylepipeError
 from stylepipe.files import atomic_path, writable_folder, write_json, write_text
-
-PrepareSettings = PrepareConfig  # the settings this stage takes (the config's `prepare` section)
+from stylepipe.threads import ALONE, Cores
 
 MANIFEST_COLUMNS = (
     ["path", "size_bytes", "sha256", "format", "mode", "width", "height", "status", "reasons", "notes"]
@@ -231,9 +229,14 @@ def _whole_set_checks(frame: pd.DataFrame, settings: PrepareConfig) -> None:
 
 
 def prepare(
-    source: str | Path, out: str | Path, settings: PrepareConfig | None = None, progress: bool = True
+    source: str | Path,
+    out: str | Path,
+    settings: PrepareConfig | None = None,
+    progress: bool = True,
+    cores: Cores = ALONE,
 ) -> PrepareResult:
-    """Prepare every file under ``source`` into ``out`` (see the module doc)."""
+    """Prepare every file under ``source`` into ``out`` (see the module doc), decoding with
+    ``cores``' share of the machine."""
     settings = settings or PrepareConfig()
     source, out = Path(source).resolve(), Path(out)
     if not source.is_dir():
@@ -296,7 +299,7 @@ def prepare(
             cache_file = str(cache / f"{row['sha256']}.npy")
             jobs.append((len(rows) - 1, (str(path), row["sha256"], settings_dict, cache_file)))
 
-    processed = _run_jobs(rows, jobs, settings, progress)
+    processed = _run_jobs(rows, jobs, settings, progress, cores)
     for index, earlier in same_bytes.items():
         rows[index].update({k: v for k, v in rows[earlier].items() if k not in ("path", "size_bytes")})
     _save_cached_rows(cache, rows)
@@ -314,10 +317,10 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
-def decode_workers(settings: PrepareConfig) -> int:
+def decode_workers(settings: PrepareConfig, cores: Cores = ALONE) -> int:
     """How many processes decode: ``prepare.workers``, or if that is 0, this process's share
-    of the cores, which it splits with any stylepipe workers training on this machine
-    (stylepipe/cores.py)."""
+    of the cores (which the commands split with any stylepipe workers training on this machine:
+    ops/cores.py)."""
     return settings.workers or cores.share()
 
 
@@ -329,18 +332,18 @@ def _one_torch_thread() -> None:
 
 
 def _run_jobs(
-    rows: list[dict], jobs: list[tuple[int, tuple]], settings: PrepareConfig, progress: bool
+    rows: list[dict], jobs: list[tuple[int, tuple]], settings: PrepareConfig, progress: bool, cores: Cores
 ) -> int:
     if not jobs:
         return 0
     with ExitStack() as stack:
         # registered while decoding, so that workers starting trials now leave cores to the pool
-        stack.enter_context(cores.CoreShare())
-        workers = decode_workers(settings)
+        stack.enter_context(cores.counted())
+        workers = decode_workers(settings, cores)
         bar = stack.enter_context(Progress(disable=not progress, transient=False))
         task = bar.add_task("preparing images", total=len(jobs))
         if workers == 1:
-            cores.apply()  # decoding here: torch takes this process's share
+            cores.set_threads()  # decoding here: torch takes this process's share
             results = map(_analyse, (job for _, job in jobs))
         else:
             pool = stack.enter_context(

@@ -7,8 +7,9 @@ import multiprocessing
 import threading
 from contextlib import suppress
 
-from stylepipe import chain, cores
+from stylepipe import chain
 from stylepipe.config import Config
+from stylepipe.ops import cores
 from stylepipe.search.storage import StorageError
 from stylepipe.stores import is_sqlite, redact_url
 
@@ -17,7 +18,7 @@ def run_worker(config: Config, progress: bool = False) -> dict:
     """``chain.run_worker``, counted among this machine's workers: each trial takes its share of
     the cores, and the one that finishes the study takes the cores the others gave back."""
     with cores.CoreShare():
-        return chain.run_worker(config, progress=progress, before_finish=cores.apply)
+        return chain.run_worker(config, progress=progress, cores=cores.MACHINE)
 
 
 def run_worker_processes(config: Config, processes: int) -> list[int]:

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from optuna_dashboard import save_note
 
-from stylepipe import cores
 from stylepipe.config import Config
 from stylepipe.data.shard import is_prepared, load_split
 from stylepipe.data.sources import RandomBatches
@@ -27,7 +26,8 @@ from stylepipe.errors import StylepipeError, failure_text
 from stylepipe.nets.losses import PerceptualLoss
 from stylepipe.nets.transformer import TransformerNet
 from stylepipe.search.space import apply, suggest
-from stylepipe.stores import redact_url, scrub
+from stylepipe.stores import first_line, redact_url, scrub
+from stylepipe.threads import ALONE, Cores
 from stylepipe.tracking import RunLogger, Tracker, TrackingError
 from stylepipe.train import Callback, Trainer, TrainingHalted, TrainResult, TrainState, resolve_device
 from stylepipe.train.guards import Autopsy
@@ -220,16 +220,17 @@ def run_title(number: int, params: dict, outcome: str) -> str:
 class Objective:
     """Optuna's objective: one MLflow run per trial, NaN trials pruned with their autopsy."""
 
-    def __init__(self, data: StudyData, tracker: Tracker, parent_run_id: str):
+    def __init__(self, data: StudyData, tracker: Tracker, parent_run_id: str, cores: Cores = ALONE):
         self.data = data
         self.tracker = tracker
         self.parent_run_id = parent_run_id
+        self.cores = cores
         self.fatal: TrackingError | None = None  # set when this worker must stop (see __call__)
 
     def __call__(self, trial: optuna.Trial) -> float:
         # Workers on this machine come and go: count them again, so this trial gets its share
-        # of the cores (stylepipe/cores.py).
-        cores.apply()
+        # of the cores (ops/cores.py, when the commands share them).
+        self.cores.set_threads()
         base = self.data.config
         params = suggest(trial, base.search.space)
         config = apply(base, params)
@@ -244,7 +245,7 @@ class Objective:
             # stops, rather than failing one trial after another until the store is back.
             self.fatal = TrackingError(
                 f"trial {trial.number} could not start its MLflow run at {redact_url(base.tracking_uri)}: "
-                f"{scrub(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__, base.tracking_uri)}. "
+                f"{first_line(err, base.tracking_uri)}. "
                 "The study is intact (the trial is marked failed and not counted); run the same command "
                 "when the tracking server is back"
             )

@@ -25,19 +25,18 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from stylepipe.config import Config
 from stylepipe.errors import StylepipeError
 from stylepipe.files import writable_folder
-from stylepipe.stores import is_sqlite, probe, redact_url, scrub, sqlite_path, use_write_ahead_log
+from stylepipe.stores import (
+    first_line,
+    is_sqlite,
+    open_store,
+    redact_url,
+    sqlite_path,
+)
 from stylepipe.tracking import end_killed_run
 
 
 class StorageError(StylepipeError):
     """The study storage cannot be used; the message names the URL without its password."""
-
-
-def _reason(err: Exception, url: str) -> str:
-    """The driver's first line, without the URL's password (drivers may quote the URL)."""
-    cause = getattr(err, "orig", None) or err
-    text = str(cause).strip()
-    return scrub(text.splitlines()[0], url) if text else type(cause).__name__
 
 
 class EndKilledRunThenRetry:
@@ -75,11 +74,7 @@ def _with_room_for_its_params(trial: optuna.trial.FrozenTrial) -> optuna.trial.F
 def open_storage(config: Config) -> RDBStorage:
     url = config.storage_url
     search = config.search
-    try:
-        probe(url)
-    except ValueError as err:
-        raise StorageError(f"cannot open the Optuna storage {redact_url(url)}: {err}") from None
-    use_write_ahead_log(url)
+    open_store(url, "cannot open the Optuna storage", StorageError)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -91,7 +86,9 @@ def open_storage(config: Config) -> RDBStorage:
                 engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None,
             )
     except Exception as err:  # unknown dialect, unreachable server, bad credentials, ...
-        raise StorageError(f"cannot open the Optuna storage {redact_url(url)}: {_reason(err, url)}") from None
+        raise StorageError(
+            f"cannot open the Optuna storage {redact_url(url)}: {first_line(err, url)}"
+        ) from None
 
 
 class SingleWorkerGuard:
@@ -166,7 +163,7 @@ class StudyLock:
             self._connection = self._engine.connect()
         except Exception as err:  # unknown dialect, unreachable server, bad credentials, ...
             raise StorageError(
-                f"cannot open the Optuna storage {redact_url(self.url)}: {_reason(err, self.url)}"
+                f"cannot open the Optuna storage {redact_url(self.url)}: {first_line(err, self.url)}"
             ) from None
         self._connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
 

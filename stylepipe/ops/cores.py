@@ -36,10 +36,10 @@ _PARTIAL_STALE_S = 60.0
 _guard = threading.RLock()
 _held: _Registration | None = None  # this process's registration
 _depth = 0  # nested CoreShare blocks in this process: one registration for them all
-_torch_start: int | None = None  # torch's thread count before apply() first changed it
+_torch_start: int | None = None  # torch's thread count before set_torch_threads() first changed it
 
 
-def registry_folder() -> Path:
+def sharing_folder() -> Path:
     """Where the live processes' files are: $STYLEPIPE_CORES_DIR, or a private folder of this
     user's in the temporary folder (local to the machine, like the cores being counted)."""
     override = os.environ.get(FOLDER_ENV)
@@ -49,9 +49,9 @@ def registry_folder() -> Path:
 
 
 def _folder() -> Path:
-    """The registry folder, created if needed. If someone else owns it, its files cannot be
+    """The sharing folder, created if needed. If someone else owns it, its files cannot be
     trusted, so this raises OSError."""
-    folder = registry_folder()
+    folder = sharing_folder()
     checked = [folder]
     if not os.environ.get(FOLDER_ENV):  # in the shared temporary folder: ours alone, both levels
         folder.parent.mkdir(mode=0o700, exist_ok=True)
@@ -83,12 +83,12 @@ def _is_held(path: Path) -> bool:
 def live_processes() -> int:
     """How many stylepipe processes on this machine are registered now, this one included when
     it is registered. Files of dead processes are removed along the way. This is 0 when the
-    registry cannot be used."""
+    sharing folder cannot be used."""
     try:
         folder = _folder()
         entries = list(folder.iterdir())
     except OSError as err:
-        log.debug("core registry unavailable (%s): counting this process alone", err)
+        log.debug("cores' sharing folder unavailable (%s): counting this process alone", err)
         return 0
     live = 0
     for path in entries:
@@ -125,7 +125,7 @@ def share() -> int:
     return max(1, cores() // _sharers())
 
 
-def apply() -> int:
+def set_torch_threads() -> int:
     """Set torch's thread count to this process's share and return the count torch now uses.
 
     The count is never raised above what torch used before stylepipe first changed it (its
@@ -190,7 +190,7 @@ class CoreShare:
     """Counts this process among the machine's stylepipe processes while the block runs.
 
     Nested blocks in one process share a single registration, so a process counts once. If
-    the registry cannot be used (for example a read-only temporary folder), the block runs
+    the sharing folder cannot be used (for example a read-only temporary folder), the block runs
     unregistered and logs why.
     """
 
@@ -201,7 +201,7 @@ class CoreShare:
                 try:
                     _held = _Registration(_folder())
                 except OSError as err:
-                    log.warning("cannot register in the core registry (%s): this process counts "
+                    log.warning("cannot register in the cores' sharing folder (%s): this process counts "
                                 "as one but others will not see it", err)  # fmt: skip
                     _held = None
             _depth += 1
@@ -219,5 +219,19 @@ class CoreShare:
                 _held.close()
                 _held = None
 
-    share = staticmethod(share)
-    apply = staticmethod(apply)
+
+class MachineCores:
+    """The library's ``threads.Cores``, answered for this machine: its cores shared with every
+    stylepipe process registered on it."""
+
+    def share(self) -> int:
+        return share()
+
+    def set_threads(self) -> int:
+        return set_torch_threads()
+
+    def counted(self) -> CoreShare:
+        return CoreShare()
+
+
+MACHINE = MachineCores()

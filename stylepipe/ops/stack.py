@@ -33,7 +33,7 @@ from pathlib import Path
 
 from stylepipe.errors import StylepipeError
 from stylepipe.files import write_json, write_text
-from stylepipe.stores import http_problem, redact_url
+from stylepipe.stores import first_line, http_problem, redact_url
 
 ADMIN_ENV = "STYLEPIPE_STACK_POSTGRES"
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -126,21 +126,11 @@ def create_databases(admin_url: str, names: list[str]) -> None:
                     conn.execute(sqlalchemy.text(f'create database "{name}"'))
         engine.dispose()
     except sqlalchemy.exc.SQLAlchemyError as err:
-        first = str(getattr(err, "orig", err)).strip().splitlines()[0]
-        raise StackError(f"cannot create the stack's databases on {redact_url(admin_url)}: {first}") from None
+        raise StackError(f"cannot create the stack's databases on {redact_url(admin_url)}: "
+                         f"{first_line(err, admin_url)}") from None  # fmt: skip
 
 
-def drop_databases(admin_url: str, names: list[str]) -> None:
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        for name in names:
-            conn.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
-    engine.dispose()
-
-
-def _start(stack: Stack, name: str, command: list[str], env: dict[str, str], url: str = "") -> Service:
+def start_service(stack: Stack, name: str, command: list[str], env: dict[str, str], url: str = "") -> Service:
     logs = Path(stack.folder) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{name}.log"
@@ -150,14 +140,14 @@ def _start(stack: Stack, name: str, command: list[str], env: dict[str, str], url
     _STARTED[process.pid] = process
     service = Service(name, process.pid, command, str(log), url)
     stack.services.append(service)
-    _save(stack)  # recorded at once: a failed start is still stopped by `down`
+    save(stack)  # recorded at once: a failed start is still stopped by `down`
     return service
 
 
-def _wait_healthy(service: Service, probe_url: str, timeout: float = STARTUP_SECONDS) -> None:
+def wait_healthy(service: Service, probe_url: str, timeout: float = STARTUP_SECONDS) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _runs(service):
+        if not is_running(service):
             raise StackError(
                 f"{service.name} exited while starting ({_how_it_ended(service)}); its log: {service.log}\n"
                 f"{_tail(service.log)}"
@@ -201,7 +191,7 @@ def _tail(log: str, lines: int = 15) -> str:
         return ""
 
 
-def _runs(service: Service) -> bool:
+def is_running(service: Service) -> bool:
     """The pid is alive and still runs the command it was started with (pids get reused). For
     a child of this process, its own exit status says: reading /proc/PID/cmdline can come back
     empty for a process that runs (a restarted MLflow server was once taken for dead)."""
@@ -216,7 +206,7 @@ def _runs(service: Service) -> bool:
                for part in cmdline)  # fmt: skip
 
 
-def _save(stack: Stack) -> None:
+def save(stack: Stack) -> None:
     # The admin URL's password (if any) never reaches this file: the database URLs are
     # written masked and rebuilt from the environment by whoever needs them.
     record = asdict(stack)
@@ -284,7 +274,7 @@ def up(folder: str | Path, admin_url: str | None = None, prefix: str = "stylepip
     """Start the stack in ``folder`` (logs, the artifact store, Prefect's home) and return it."""
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    if (folder / "stack.json").is_file() and any(_runs(s) for s in load(folder).services):
+    if (folder / "stack.json").is_file() and any(is_running(s) for s in load(folder).services):
         raise StackError(f"a stack already runs from {folder}; stop it first: stylepipe stack down")
     admin_url = admin_url or os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN_URL
     names = [f"{prefix}_optuna", f"{prefix}_mlflow", f"{prefix}_prefect"]
@@ -337,11 +327,11 @@ def _start_services(stack: Stack, dashboard: bool) -> None:
     stack.tracking_uri = f"http://127.0.0.1:{mlflow_port}"
     stack.prefect_api_url = f"http://127.0.0.1:{prefect_port}/api"
     # Both servers migrate their databases on first start: start them together.
-    started = [_start(stack, "mlflow", [
+    started = [start_service(stack, "mlflow", [
         _program("mlflow"), "server", "--serve-artifacts", "--artifacts-destination", str(folder / "artifact-store"),
         "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
     ], _service_env(stack, "mlflow"), stack.tracking_uri)]  # fmt: skip
-    started.append(_start(stack, "prefect-server", [
+    started.append(start_service(stack, "prefect-server", [
         _program("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port),
     ], _service_env(stack, "prefect-server"), stack.prefect_api_url))  # fmt: skip
     if dashboard:
@@ -350,18 +340,18 @@ def _start_services(stack: Stack, dashboard: bool) -> None:
         optuna.storages.RDBStorage(stack.optuna_url)  # its tables: the dashboard only reads
         port = free_port()
         stack.dashboard_url = f"http://127.0.0.1:{port}"
-        started.append(_start(stack, "optuna-dashboard", [
+        started.append(start_service(stack, "optuna-dashboard", [
             _program("optuna-dashboard"), stack.optuna_url, "--host", "127.0.0.1", "--port", str(port),
         ], {}, stack.dashboard_url))  # fmt: skip
     for service in started:
-        _wait_healthy(service, service.url + HEALTH[service.name])
+        wait_healthy(service, service.url + HEALTH[service.name])
     subprocess.run([_program("prefect"), "work-pool", "create", stack.pool, "--type", "process", "--overwrite"],
                    env={**os.environ, **_service_env(stack, "prefect-server")}, check=True, capture_output=True,
                    timeout=120)  # fmt: skip
     crash_zombie_flow_runs(stack.prefect_api_url)
-    _start(stack, "prefect-worker", [_program("prefect"), "worker", "start", "--pool", stack.pool],
+    start_service(stack, "prefect-worker", [_program("prefect"), "worker", "start", "--pool", stack.pool],
            _service_env(stack, "prefect-worker"))  # fmt: skip
-    _save(stack)
+    save(stack)
 
 
 def restart(folder: str | Path, name: str, timeout: float = 20.0, attempts: int = 3,
@@ -382,13 +372,13 @@ def restart(folder: str | Path, name: str, timeout: float = 20.0, attempts: int 
         setattr(stack, key, _with_password(getattr(stack, key), admin_url))
     command = [_with_password(part, admin_url) for part in old.command]
     for attempt in range(1, attempts + 1):
-        new = _start(stack, name, command, _service_env(stack, name), old.url)
+        new = start_service(stack, name, command, _service_env(stack, name), old.url)
         if name not in HEALTH:
             return new
         try:
-            _wait_healthy(new, new.url + HEALTH[name])
+            wait_healthy(new, new.url + HEALTH[name])
         except StackError:
-            if _runs(new) or attempt == attempts:  # it runs but does not answer, or out of tries
+            if is_running(new) or attempt == attempts:  # it runs but does not answer, or out of tries
                 raise
             print(f"{name} exited while starting ({_how_it_ended(new)}); starting it again "
                   f"({attempt + 1}/{attempts}), its log: {new.log}", file=sys.stderr)  # fmt: skip
@@ -411,7 +401,7 @@ def _with_password(part: str, admin_url: str) -> str:
 def _stop(services: list[Service], timeout: float) -> list[str]:
     stopped = []
     for service in services:
-        if not _runs(service):
+        if not is_running(service):
             continue
         try:
             os.killpg(service.pid, signal.SIGTERM)
@@ -420,9 +410,9 @@ def _stop(services: list[Service], timeout: float) -> list[str]:
         stopped.append(service.name)
     deadline = time.monotonic() + timeout
     for service in services:
-        while _runs(service) and time.monotonic() < deadline:
+        while is_running(service) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _runs(service):
+        if is_running(service):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(service.pid, signal.SIGKILL)
     return stopped
