@@ -238,13 +238,12 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
 
     from stylepipe.config import TrackingConfig
     from stylepipe.search.objective import Objective, load_study_data, run_candidate
-    from stylepipe.search.space import trial_values
+    from stylepipe.search.space import baseline_params, trial_values
     from stylepipe.session import StudySession
 
     base = config.with_overrides({"data.content": str(prepared), "train.steps": steps,
                                   "search.eval_every": steps, "search.pruner_startup_trials": 10**6})  # fmt: skip
-    params = {"lr": base.train.lr, "clip_norm": base.train.clip_norm, "content_weight": base.loss.content_weight,
-              "style_weight": base.loss.style_weight, "tv_weight": base.loss.tv_weight}  # fmt: skip
+    params = baseline_params(base)
     every_values = sorted({1, TrackingConfig().log_every})
     with tempfile.TemporaryDirectory() as tmp:
         base = base.with_overrides({"run_dir": tmp})

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from stylepipe.search import space
+
 OUTCOMES = ("complete", "nan", "diverged", "pruned", "failed")
 FAILURE_OUTCOMES = ("nan", "diverged")
 
@@ -39,7 +41,6 @@ CAUSE_ABBREV = {
     "unknown": "?",
 }
 
-TOP_COLUMNS = ("number", "value", "lr", "clip_norm", "content_weight", "style_weight", "tv_weight")
 _STATE_TO_OUTCOME = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
 
 
@@ -135,7 +136,10 @@ def causes_markdown(trials: pd.DataFrame) -> str:
 
 def top_trials(trials: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     """The ``k`` best complete trials by ``value`` (lower is better), with the settings that matter."""
-    columns = [c for c in (*TOP_COLUMNS, "safe") if c in trials.columns]
+    # Every parameter of the search's table, less those this study did not search at all.
+    searched = [p.name for p in space.PARAMETERS if p.name in trials.columns
+                and (p.unset == "off" or trials[p.name].notna().any())]  # fmt: skip
+    columns = [c for c in ("number", "value", *searched, "safe") if c in trials.columns]
     if len(trials) == 0 or "value" not in trials.columns:
         return pd.DataFrame(columns=columns)
     values = pd.to_numeric(trials["value"], errors="coerce")

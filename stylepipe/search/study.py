@@ -19,8 +19,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from stylepipe.config import Config
 from stylepipe.data.sources import data_fingerprint
 from stylepipe.errors import StylepipeError
+from stylepipe.search import space
 from stylepipe.search.objective import Objective
-from stylepipe.search.space import baseline_params, trial_values
+from stylepipe.search.space import Parameter, baseline_params, params_from_trial, trial_values
 from stylepipe.search.storage import SingleWorkerGuard, StudyLock, open_storage
 from stylepipe.train.lifecycle import NOT_FINGERPRINTED
 
@@ -138,19 +139,14 @@ def trials_table(study: optuna.Study, safest: dict | None = None) -> pd.DataFram
     verdicts = {v["trial"]: v["safe"] for v in study.user_attrs.get("safety") or []}
     rows = []
     for t in study.get_trials(deepcopy=False):
-        p = t.params
-        clipped = p.get("clipping", True) and "clip_norm" in p
+        params = params_from_trial(t)
         rows.append({
             "number": t.number,
             "state": t.state.name,
             "outcome": t.user_attrs.get("outcome", t.state.name.lower()),
             "cause": t.user_attrs.get("cause"),
             "value": t.value if t.value is not None else float("nan"),
-            "lr": p.get("lr"),
-            "clip_norm": p["clip_norm"] if clipped else float("nan"),
-            "content_weight": p.get("content_weight"),
-            "style_weight": p.get("style_weight"),
-            "tv_weight": p.get("tv_weight"),
+            **{p.name: _cell(params.get(p.name), p) for p in space.PARAMETERS},
             "nan_step": t.user_attrs.get("nan_step", float("nan")),
             "first_nonfinite": t.user_attrs.get("first_nonfinite"),
             "duration_s": t.duration.total_seconds() if t.duration else float("nan"),
@@ -159,6 +155,11 @@ def trials_table(study: optuna.Study, safest: dict | None = None) -> pd.DataFram
             "is_baseline": bool(t.user_attrs.get("baseline")),
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _cell(value: Any, parameter: Parameter) -> Any:
+    """A parameter's table cell: a number column holds NaN where the parameter is off or unset."""
+    return float("nan") if value is None and parameter.scale != "choice" else value
 
 
 class StudyProgress:
