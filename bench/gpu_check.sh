@@ -30,10 +30,11 @@ if python3 -c "import optuna, mlflow" 2>/dev/null; then
   python3 - "$study" <<'PY' 2>&1 | tee "$out/gpu_study.txt"
 import json, sys, time
 from pathlib import Path
+import pandas as pd
 from bench.prepare_bench import make_corpus
+from stylepipe.chain import run_search
 from stylepipe.config import PrepareConfig, load_config
 from stylepipe.data.prepare import prepare
-from stylepipe.search.study import run_search
 
 root = Path(sys.argv[1])
 make_corpus(root / "source", 96)
@@ -42,15 +43,17 @@ prepare(root / "source", root / "prepared", PrepareConfig(image_size=256, near_d
 config = load_config("configs/demo.yaml", [f"run_dir={root / 'run'}", f"data.content={root / 'prepared'}",
     "data.image_size=256", "train.batch_size=16", "train.precision=bf16", "train.steps=150",
     "train.check_every=25", "search.n_trials=4", "search.eval_every=50", "search.pruner_warmup_steps=50",
-    "search.top_k=2", "search.replay_seeds=1", "search.max_val_images=16", "tracking.final_steps=150",
+    "search.top_k=2", "search.replay_seeds=1", "search.max_val_images=16", "final.steps=150",
     "search.space.lr=[1e-4,3.0]"])
 started = time.perf_counter()
 result = run_search(config, progress=False)
+trials = pd.read_csv(result["trials_csv"])
+safest = result["safest"]
 summary = {"seconds": time.perf_counter() - started,
-           "outcomes": result.trials["outcome"].value_counts().to_dict(),
-           "causes": result.trials["cause"].dropna().value_counts().to_dict(),
-           "safest": result.safest and {k: result.safest[k] for k in ("trial", "quality", "params")},
-           "model": result.model and result.model["model_uri"]}
+           "outcomes": result["outcomes"],
+           "causes": trials["cause"].dropna().value_counts().to_dict(),
+           "safest": safest and {"trial": safest.trial, "quality": safest.quality, "params": safest.params},
+           "model": result["model"] and result["model"]["model_uri"]}
 Path(sys.argv[1], "..", "gpu_study.json").resolve().write_text(json.dumps(summary, indent=2, default=str))
 print(json.dumps(summary, indent=2, default=str))
 PY

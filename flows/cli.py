@@ -17,10 +17,10 @@ from pathlib import Path
 
 from stylepipe.cli import add_config_args, console, load_settings, out
 from stylepipe.cli import run as run_command
-from stylepipe.config import SECRET_ENV, parse_override
+from stylepipe.config import parse_override
 from stylepipe.errors import StylepipeError
 from stylepipe.files import writable_folder
-from stylepipe.stores import http_problem, redact_url
+from stylepipe.stores import SECRET_ENV, http_problem, redact_url
 
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
@@ -91,11 +91,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.print(f"  stability map:     {result['stability_map']}")
     out.print(f"  safest settings:   {result['safest_json']}")
     if result["safest"]:
-        certificate = result["safest"]["certificate"]
-        out.print(f"  certificate:       {certificate['text']}")
-        if certificate["weakened"]:
-            out.print(f"                     weakened: {certificate['weakened']}")
-        out.print(f"  your settings:     {result['safest']['versus_baseline']}")
+        certificate = result["safest"].certificate
+        out.print(f"  certificate:       {certificate.text}")
+        if certificate.weakened:
+            out.print(f"                     weakened: {certificate.weakened}")
+        out.print(f"  your settings:     {result['safest'].versus_baseline}")
     if result["model"]:
         model = result["model"]
         out.print(f"  registered model:  {model['model_uri']} (version {model['version']})")
@@ -127,8 +127,10 @@ def require_prefect_server() -> str:
     """PREFECT_API_URL, checked to answer before anything is registered."""
     url = os.environ.get("PREFECT_API_URL", "")
     if not url:
-        raise PrefectServerError("set PREFECT_API_URL to your Prefect server (e.g. http://127.0.0.1:4200/api; "
-                                 "`stylepipe stack up` starts one)")  # fmt: skip
+        raise PrefectServerError(
+            "set PREFECT_API_URL to your Prefect server (e.g. http://127.0.0.1:4200/api; "
+            "`stylepipe stack up` starts one)"
+        )
     problem = http_problem(f"{url.rstrip('/')}/health")
     if problem:
         raise PrefectServerError(
@@ -145,9 +147,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     deployment_id = deploy(args.config, args.pool, overrides, args.source)
     cron = config.schedule.cron or "no schedule: manual runs only"
-    out.print(f"deployed style_pipeline/{config.schedule.deployment} ({cron}) for work pool {args.pool}; "
-              f"id {deployment_id}")  # fmt: skip
-    out.print(f"run it now: prefect deployment run style_pipeline/{config.schedule.deployment}")
+    name = f"style_pipeline/{config.schedule.deployment}"
+    out.print(f"deployed {name} ({cron}) for work pool {args.pool}; id {deployment_id}")
+    out.print(f"run it now: prefect deployment run {name}")
     return 0
 
 
@@ -162,8 +164,9 @@ def cmd_deploy_worker(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stylepipe-flow", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="stylepipe-flow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -43,10 +43,17 @@ def deploy(config_path: str, pool: str, overrides: list[str] | None = None, sour
     remote = style_pipeline.from_source(
         source=source or str(root), entrypoint="flows/pipeline.py:style_pipeline"
     )
-    return str(remote.deploy(
-        name=runner.name, work_pool_name=pool, schedules=runner.schedules, parameters=runner.parameters,
-        description=runner.description, tags=runner.tags, print_next_steps=False,
-    ))  # fmt: skip
+    return str(
+        remote.deploy(
+            name=runner.name,
+            work_pool_name=pool,
+            schedules=runner.schedules,
+            parameters=runner.parameters,
+            description=runner.description,
+            tags=runner.tags,
+            print_next_steps=False,
+        )
+    )
 
 
 def serve(config_path: str, overrides: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from stylepipe import chain, stages
 from stylepipe.config import Config, load_config
 from stylepipe.errors import StylepipeError
 from stylepipe.ops.cores import MACHINE
+from stylepipe.records import FinalRun, Safest
 from stylepipe.search.storage import StudyLock
 
 
@@ -60,8 +61,13 @@ def _prepare_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
     return f"stylepipe-prepare-{stages.prepare_fingerprint(_settings(parameters['config_json']))}"
 
 
-@task(name="prepare", retries=2, retry_delay_seconds=5, cache_key_fn=_prepare_cache_key,
-      retry_condition_fn=_retry_unless_users_mistake)  # fmt: skip
+@task(
+    name="prepare",
+    retries=2,
+    retry_delay_seconds=5,
+    cache_key_fn=_prepare_cache_key,
+    retry_condition_fn=_retry_unless_users_mistake,
+)
 def prepare_task(config_json: str) -> dict[str, Any]:
     return stages.prepare(_settings(config_json), cores=MACHINE)
 
@@ -72,22 +78,22 @@ def search_task(config_json: str, warm_start: dict | None) -> dict[str, Any]:
 
 
 @task(name="confirm safest")
-def confirm_task(config_json: str) -> dict | None:
+def confirm_task(config_json: str) -> Safest | None:
     return stages.confirm(_settings(config_json))
 
 
 @task(name="record finished")
-def record_task(config_json: str, safest: dict | None, model: dict | None) -> dict:
+def record_task(config_json: str, safest: Safest | None, model: dict | None) -> dict:
     return stages.record_finished(_settings(config_json), safest, model)
 
 
 @task(name="train final", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_users_mistake)
-def train_final_task(config_json: str, safest: dict) -> dict[str, Any]:
+def train_final_task(config_json: str, safest: Safest) -> FinalRun:
     return stages.train_final(_settings(config_json), safest)
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_users_mistake)
-def register_task(config_json: str, final: dict) -> dict[str, Any]:
+def register_task(config_json: str, final: FinalRun) -> dict[str, Any]:
     return stages.register(_settings(config_json), final)
 
 
@@ -97,17 +103,25 @@ def promote_task(config_json: str, version: str) -> dict[str, Any]:
 
 
 @task(name="report")
-def report_task(config_json: str, safest: dict | None, model: dict | None, promotion: dict | None) -> dict:
+def report_task(config_json: str, safest: Safest | None, model: dict | None, promotion: dict | None) -> dict:
     reported = stages.report(_settings(config_json), safest, model, promotion)
-    create_markdown_artifact(reported["summary_markdown"], key="stylepipe-summary",
-                             description="stylepipe run summary")  # fmt: skip
-    create_table_artifact(reported["top_trials"], key="stylepipe-top-trials",
-                          description="the best complete trials")  # fmt: skip
+    create_markdown_artifact(
+        reported["summary_markdown"], key="stylepipe-summary", description="stylepipe run summary"
+    )
+    create_table_artifact(
+        reported["top_trials"], key="stylepipe-top-trials", description="the best complete trials"
+    )
     return reported
 
 
-STEP_TASKS = {"confirm": confirm_task, "train final": train_final_task, "register": register_task,
-              "promote": promote_task, "record": record_task, "report": report_task}  # fmt: skip
+STEP_TASKS = {
+    "confirm": confirm_task,
+    "train final": train_final_task,
+    "register": register_task,
+    "promote": promote_task,
+    "record": record_task,
+    "report": report_task,
+}
 
 
 def as_task(step: str, config: Config, *args: Any) -> Any:
@@ -116,8 +130,9 @@ def as_task(step: str, config: Config, *args: Any) -> Any:
 
 
 @flow(name="style_pipeline", log_prints=True)
-def style_pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
-                   study_name: str | None = None) -> dict[str, Any]:  # fmt: skip
+def style_pipeline(
+    config_path: str = "configs/demo.yaml", overrides: list[str] | None = None, study_name: str | None = None
+) -> dict[str, Any]:
     """Run the whole pipeline once. Each run is its own study, warm-started from the last safest."""
     logger = get_run_logger()
     config = load_config(config_path, overrides)

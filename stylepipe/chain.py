@@ -18,8 +18,9 @@ from typing import Any
 
 from stylepipe import stages
 from stylepipe.config import Config
+from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import check_prepared
-from stylepipe.search.storage import SingleWorkerGuard, StudyLock
+from stylepipe.search.storage import SqliteWorkerLock, StudyLock
 from stylepipe.search.study import COUNTED
 from stylepipe.session import StudySession
 from stylepipe.threads import ALONE, Cores
@@ -52,26 +53,32 @@ def finish(config: Config, run: StepRunner) -> dict[str, Any]:
     the report's paths and summary."""
     safest = run("confirm", config)
     model = promotion = None
-    if safest is not None and config.tracking.train_final_model:
+    if safest is not None and config.final.train:
         final = run("train final", config, safest)
-        safest = final["safest"]  # its certificate says whether the final run needed recoveries
+        safest = final.safest  # its certificate says whether the final run needed recoveries
         model = run("register", config, final)
         promotion = run("promote", config, model["version"])
     run("record", config, safest, model)
     reported = run("report", config, safest, model, promotion)
-    return {"study": config.study_name, "safest": safest, "model": model, "promotion": promotion,
-            "recorded_before": False, **reported}  # fmt: skip
+    return {
+        "study": config.study_name,
+        "safest": safest,
+        "model": model,
+        "promotion": promotion,
+        "recorded_before": False,
+        **reported,
+    }
 
 
 def finished(config: Config, session: StudySession) -> dict | None:
     """What finishing the study recorded (safest, model), if it was done for its current trials
     (and with a final model, when one is asked for now and there was a safe configuration)."""
-    record = session.study.user_attrs.get("finished")
+    record = StudyRecord(session.study).finished
     done = len(session.study.get_trials(deepcopy=False, states=COUNTED))
-    if not record or record.get("for_trials") != done:
+    if record is None or record["for_trials"] != done:
         return None
-    wants_model = config.tracking.train_final_model and record.get("safest") is not None
-    return None if wants_model and record.get("model") is None else record
+    wants_model = config.final.train and record["safest"] is not None
+    return None if wants_model and record["model"] is None else record
 
 
 def _finish_once(config: Config, session: StudySession) -> dict[str, Any]:
@@ -80,8 +87,14 @@ def _finish_once(config: Config, session: StudySession) -> dict[str, Any]:
     if record is None:
         return finish(config, in_process(session))
     reported = stages.report(config, record["safest"], record["model"], session=session)
-    return {"study": config.study_name, "safest": record["safest"], "model": record["model"], "promotion": None,
-            "recorded_before": True, **reported}  # fmt: skip
+    return {
+        "study": config.study_name,
+        "safest": record["safest"],
+        "model": record["model"],
+        "promotion": None,
+        "recorded_before": True,
+        **reported,
+    }
 
 
 def run_search(
@@ -93,7 +106,7 @@ def run_search(
     once: a process that finds it finished for its current trials reports that result.
     """
     check_prepared(config.data.content)
-    with SingleWorkerGuard(config.storage_url), StudySession(config) as session:
+    with SqliteWorkerLock(config.storage_url), StudySession(config) as session:
         stages.search(config, warm_start, progress, session, cores)
         with StudyLock(config, "finish"):
             return _finish_once(config, session)
@@ -107,7 +120,7 @@ def run_worker(config: Config, progress: bool = False, cores: Cores = ALONE) -> 
     find it finished and leave.
     """
     check_prepared(config.data.content)
-    with SingleWorkerGuard(config.storage_url):
+    with SqliteWorkerLock(config.storage_url):
         worker = StudySession(config, owns_parent=False)
         ran = stages.search(config, progress=progress, session=worker, cores=cores)["trials_run"]
         with StudyLock(config, "finish"):

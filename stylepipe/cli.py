@@ -25,9 +25,13 @@ class UsageError(StylepipeError):
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="settings file (YAML); defaults apply when omitted")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one setting, e.g. --set train.lr=0.01 (repeatable)",
-    )  # fmt: skip
+    )
 
 
 def load_settings(args: argparse.Namespace):
@@ -46,8 +50,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingHalted as halted:
         output = halted.output
         if output.already:
-            console.print(f"[bold red]this run halted for good before; nothing was trained now (the same settings "
-                          f"halt the same way: change them, or --fresh to try again). Its folder: {output.folder}")  # fmt: skip
+            console.print(
+                f"[bold red]this run halted for good before; nothing was trained now (the same settings "
+                f"halt the same way: change them, or --fresh to try again). Its folder: {output.folder}"
+            )
         console.print(f"[bold red]{halted.autopsy.explain()}")
         if output.recoveries:
             console.print(f"[bold red]gave up after {len(output.recoveries)} recoveries:")
@@ -56,8 +62,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.print(f"autopsy: {output.autopsy_json}\nmetrics: {output.metrics_csv}")
         return 3
     if trained["already"]:
-        out.print(f"[green]already finished: {trained['model']}[/] ({trained['steps']} steps; nothing was trained "
-                  "or written. Other settings make another run)")  # fmt: skip
+        out.print(
+            f"[green]already finished: {trained['model']}[/] ({trained['steps']} steps; nothing was trained "
+            "or written. Other settings make another run)"
+        )
         return 0
     if trained["resumed_from"] is not None:
         console.print(f"resumed from the checkpoint at step {trained['resumed_from']} (--fresh starts over)")
@@ -104,25 +112,34 @@ def cmd_search(args: argparse.Namespace) -> int:
             "this study was finished before with these settings: its recorded result (nothing was run again)"
         )
     if result["safest"] is None:
-        console.print(f"[bold red]No safe configuration: {result['nothing_safe']}. Nothing was registered. "
-                      f"Details: {result['safest_json']}")  # fmt: skip
+        console.print(
+            f"[bold red]No safe configuration: {result['nothing_safe']}. Nothing was registered. "
+            f"Details: {result['safest_json']}"
+        )
         return 4
     s = result["safest"]
-    out.print(f"[green]safest: trial {s['trial']}, quality {s['quality']:.4g}, params {s['params']}")
-    out.print(f"certificate: {s['certificate']['text']}")
-    if s["certificate"]["weakened"]:
-        out.print(f"[yellow]certificate weakened: {s['certificate']['weakened']}")
-    out.print(f"your settings: {s['versus_baseline']}")
+    out.print(f"[green]safest: trial {s.trial}, quality {s.quality:.4g}, params {s.params}")
+    out.print(f"certificate: {s.certificate.text}")
+    if s.certificate.weakened:
+        out.print(f"[yellow]certificate weakened: {s.certificate.weakened}")
+    out.print(f"your settings: {s.versus_baseline}")
     out.print(f"safest.json: {result['safest_json']}")
     if result["model"]:
         model = result["model"]
         if model.get("final_reused") and not result["recorded_before"]:
-            version = (f"registered version {model['version']} is reused" if model["reused"] else
-                       f"its registration, cut short before, was completed: version {model['version']}")  # fmt: skip
-            out.print(f"the safest configuration's final run finished before (MLflow run {model['run_id']}): its "
-                      f"model is reused, not trained again; {version}")  # fmt: skip
-        out.print(f"registered model: {model['model_uri']} (version {model['version']}); "
-                  f"its final run needed {model['recoveries']} recoveries")  # fmt: skip
+            version = (
+                f"registered version {model['version']} is reused"
+                if model["reused"]
+                else f"its registration, cut short before, was completed: version {model['version']}"
+            )
+            out.print(
+                f"the safest configuration's final run finished before (MLflow run {model['run_id']}): its "
+                f"model is reused, not trained again; {version}"
+            )
+        out.print(
+            f"registered model: {model['model_uri']} (version {model['version']}); "
+            f"its final run needed {model['recoveries']} recoveries"
+        )
         if model.get("model"):
             out.print(f"model file: {model['model']}")
         if model["style"]:
@@ -184,8 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train one style network with NaN guards (resumes a stopped run)")
     add_config_args(train)
-    train.add_argument("--fresh", action="store_true",
-                       help="start an interrupted or halted run with these settings over (never a finished one)")  # fmt: skip
+    train.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start an interrupted or halted run with these settings over (never a finished one)",
+    )
     train.set_defaults(func=cmd_train)
 
     prep = sub.add_parser("prepare", help="check, normalise and pack an image folder into a shard")
@@ -213,13 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     stylize = sub.add_parser("stylize", help="apply a trained model to an image")
-    stylize.add_argument("--model", required=True,
-                         help="checkpoint (.safetensors or .pt), or a registered model: models:/NAME@ALIAS "
-                              "or models:/NAME/VERSION (from tracking.uri)")  # fmt: skip
+    stylize.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint (.safetensors or .pt), or a registered model: models:/NAME@ALIAS "
+        "or models:/NAME/VERSION (from tracking.uri)",
+    )
     stylize.add_argument("input")
     stylize.add_argument("output")
-    stylize.add_argument("--max-size", type=int, default=2048,
-                         help="shrink a longer side to this first (default 2048; 0: never)")  # fmt: skip
+    stylize.add_argument(
+        "--max-size",
+        type=int,
+        default=2048,
+        help="shrink a longer side to this first (default 2048; 0: never)",
+    )
     stylize.add_argument("--overwrite", action="store_true", help="allow the output to replace the input")
     add_config_args(stylize)
     stylize.set_defaults(func=cmd_stylize)
@@ -271,8 +298,10 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold red]error:[/] {err}")
         return 2
     except KeyboardInterrupt:
-        console.print("[bold yellow]interrupted:[/] the running trial and its runs are marked as stopped; "
-                      "the same command resumes")  # fmt: skip
+        console.print(
+            "[bold yellow]interrupted:[/] the running trial and its runs are marked as stopped; "
+            "the same command resumes"
+        )
         return 130
     finally:
         logging.captureWarnings(False)  # the caller's (a test's) warnings hook again

@@ -6,6 +6,7 @@ file named instead of being silently ignored.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,15 +18,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PlainSerializer,
-    SerializationInfo,
     ValidationError,
     ValidationInfo,
     field_validator,
 )
 
 from stylepipe.errors import StylepipeError
-from stylepipe.stores import is_masked, redact_url
+from stylepipe.stores import SECRET_ENV, StoreUrl, redact_url
+
+log = logging.getLogger(__name__)
 
 # The VGG16 ReLU outputs the losses can use, shallow to deep (nets/vgg.py knows where they are).
 LAYER_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
@@ -43,40 +44,6 @@ def _plain_name(name: str | None) -> str | None:
 
 
 PlainName = Annotated[str, AfterValidator(_plain_name)]
-
-# Where a store URL's password may come from instead of the settings (the settings, as
-# written to any file, parameter or log, show it masked).
-SECRET_ENV = {"search.storage": "STYLEPIPE_SEARCH_STORAGE", "tracking.uri": "STYLEPIPE_TRACKING_URI"}
-
-
-def _show_masked(url: str, info: SerializationInfo) -> str:
-    """Every dump of the settings masks a store URL's password, unless asked in memory to keep it."""
-    return url if (info.context or {}).get("reveal_secrets") else redact_url(url)
-
-
-def _unmask_from_environment(key: str):
-    def unmask(url: str) -> str:
-        """A URL whose password was masked by a dump gets it back from the environment."""
-        if "://" not in url:
-            raise ValueError("expected a URL such as postgresql://user@host/db or http://host:5000")
-        if not is_masked(url):
-            return url
-        full = os.environ.get(SECRET_ENV[key], "")
-        if full and redact_url(full) == url:
-            return full
-        raise ValueError(
-            f"the password in {url} is masked (***); give the full URL by the environment "
-            f"({SECRET_ENV[key]}), or leave the password out of the URL and give it as PostgreSQL "
-            "and MLflow read it (PGPASSWORD or ~/.pgpass; MLFLOW_TRACKING_PASSWORD)"
-        )
-
-    return unmask
-
-
-def StoreUrl(key: str):  # noqa: N802  (a type)
-    """A database or server URL that may carry a password: masked in every serialisation."""
-    return Annotated[str, AfterValidator(_unmask_from_environment(key)),
-                     PlainSerializer(_show_masked, when_used="always")]  # fmt: skip
 
 
 def _is_number(annotation: Any) -> bool:
@@ -279,21 +246,39 @@ class TrackingConfig(Section):
     )
     experiment: str | None = None  # default: the study name
     registered_model: str = "stylepipe-style"
-    train_final_model: bool = True
     # Per-step metric rows sent to MLflow: one in this many (plus step 1, the last step, the
     # step a guard halted at and any row with a non-finite value). Every row costs the
     # tracking store ~60 us of Python per metric.
     log_every: int = Field(10, ge=1)
-    final_steps: int | None = Field(None, ge=1)  # default: train.steps
-    # The final run's good checkpoints are copied to its MLflow run as well, so that a retry on
-    # another machine (a work pool, no shared disk) resumes it instead of starting over.
-    mirror_checkpoints: bool = True
-    # The final model's image size (at most the prepared shard's); trials and replays train at
+
+
+class FinalConfig(Section):
+    """The final model: the safest configuration trained once more, longer, and registered."""
+
+    train: bool = True  # False: a study ends with its safest configuration and no model
+    steps: int | None = Field(None, ge=1)  # default: train.steps
+    # Its image size (at most the prepared shard's); trials and replays train at
     # data.image_size. Default: data.image_size.
-    final_image_size: int | None = Field(None, ge=16)
-    # The photo the final model is shown on: <run_dir>/triptych.png (content | style | result)
+    image_size: int | None = Field(None, ge=16)
+    # Its good checkpoints are copied to its MLflow run as well, so that a retry on another
+    # machine (a work pool, no shared disk) resumes it instead of starting over.
+    mirror_checkpoints: bool = True
+    # The photo it is shown on: triptych.png in its run folder (content | style | result)
     showcase_image: str = "skimage:astronaut"
     showcase_size: int = Field(256, ge=16)  # its longer side, in pixels
+
+
+# Settings that moved: the old dotted key -> its new one. A file or override that uses the old
+# key is read as the new one, with a one-line note; a study recorded with the old key compares
+# as the new one (search/study.py).
+MOVED = {
+    "tracking.train_final_model": "final.train",
+    "tracking.final_steps": "final.steps",
+    "tracking.final_image_size": "final.image_size",
+    "tracking.mirror_checkpoints": "final.mirror_checkpoints",
+    "tracking.showcase_image": "final.showcase_image",
+    "tracking.showcase_size": "final.showcase_size",
+}
 
 
 class ScheduleConfig(Section):
@@ -315,6 +300,7 @@ class Config(Section):
     recovery: RecoveryConfig = RecoveryConfig()
     search: SearchConfig = SearchConfig()
     tracking: TrackingConfig = TrackingConfig()
+    final: FinalConfig = FinalConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
     @property
@@ -322,16 +308,32 @@ class Config(Section):
         return self.search.study_name or self.name
 
     @property
+    def final_run_steps(self) -> int:
+        """How long the final model trains: ``final.steps``, else ``train.steps``."""
+        return self.final.steps or self.train.steps
+
+    @property
+    def final_run_image_size(self) -> int:
+        """The final model's image size: ``final.image_size``, else ``data.image_size``."""
+        return self.final.image_size or self.data.image_size
+
+    @property
     def storage_url(self) -> str:
         """The Optuna storage, password included: never print it (``stores.redact_url``)."""
-        return (self.search.storage or os.environ.get(SECRET_ENV["search.storage"])
-                or f"sqlite:///{Path(self.run_dir).resolve() / 'optuna.db'}")  # fmt: skip
+        return self._store_url("search.storage", self.search.storage, "optuna.db")
 
     @property
     def tracking_uri(self) -> str:
         """The MLflow tracking store, password included: never print it (``stores.redact_url``)."""
-        return (self.tracking.uri or os.environ.get(SECRET_ENV["tracking.uri"])
-                or f"sqlite:///{Path(self.run_dir).resolve() / 'mlflow.db'}")  # fmt: skip
+        return self._store_url("tracking.uri", self.tracking.uri, "mlflow.db")
+
+    def _store_url(self, key: str, setting: str | None, sqlite_file: str) -> str:
+        """The setting, else its environment variable, else a SQLite file in the run folder."""
+        return (
+            setting
+            or os.environ.get(SECRET_ENV[key])
+            or f"sqlite:///{Path(self.run_dir).resolve() / sqlite_file}"
+        )
 
     def secret_urls(self) -> dict[str, str]:
         """The store URLs set in these settings that carry a password, by their dotted key."""
@@ -391,7 +393,22 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return f"invalid settings in {source}:\n" + "\n".join(f"  {line}" for line in lines)
 
 
+def _read_moved(raw: dict[str, Any], source: str) -> None:
+    """Old keys (``MOVED``) read as their new ones, each with a one-line note."""
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if not isinstance(raw.get(section), dict) or key not in raw[section]:
+            continue
+        value = raw[section].pop(key)
+        new_section, new_key = new.split(".")
+        if not isinstance(raw.get(new_section), dict):
+            raw[new_section] = {}
+        raw[new_section][new_key] = value
+        log.warning("%s is now %s: read as such (rename it in %s)", old, new, source)
+
+
 def _validate(raw: dict[str, Any], source: str) -> Config:
+    _read_moved(raw, source)
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

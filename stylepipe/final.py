@@ -1,7 +1,7 @@
 """A study's final model: the safest configuration trained as a long run, with a state that
 every machine of the study sees.
 
-Its identity is the final settings (the safest parameters, ``tracking.final_steps``, the final
+Its identity is the final settings (the safest parameters, ``final.steps``, the final
 image size), the images and the study; its folder is ``<run_dir>/final/<study>-<fingerprint>``
 (``lifecycle.py``). Its state is written in three places, each after the one before, so that
 whichever command runs next reads it right:
@@ -31,20 +31,21 @@ from stylepipe.config import Config
 from stylepipe.data.sources import data_fingerprint
 from stylepipe.errors import StylepipeError, failure_text
 from stylepipe.files import file_sha256, write_json
+from stylepipe.records import FinalRun, Safest
 from stylepipe.registry import LOGGED_MODEL_TAG, log_model
+from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import QualityReporter, candidate_trainer, train_candidate
 from stylepipe.search.space import apply
 from stylepipe.showcase import measure_style, write_samples, write_triptych
 from stylepipe.tracking import RunArtifacts, end_killed_run
+from stylepipe.train.checkpoints import CheckpointSaver, fetch_mirrored
 from stylepipe.train.lifecycle import (
     FINISHED,
     HALTED,
     INTERRUPTED,
     RUNNING,
-    CheckpointSaver,
     RunFolder,
     RunStateError,
-    fetch_mirrored,
     run_identity,
 )
 from stylepipe.train.long_run import LongRun, describe_recovery
@@ -55,24 +56,22 @@ log = logging.getLogger(__name__)
 STATE_TAG = "stylepipe.state"  # on the final MLflow run: "finished" once its model is logged
 FINGERPRINT_TAG = "stylepipe.fingerprint"
 SHA_TAG = "stylepipe.model_sha256"
-FINAL_RUNS = "final_runs"  # the study's attribute: fingerprint -> {run_id, state}
 
 
 class FinalRunHalted(StylepipeError):
     """The safest configuration halted in its final run after every recovery attempt."""
 
 
-def final_settings(config: Config, safest: dict) -> Config:
+def final_settings(config: Config, safest: Safest) -> Config:
     """The safest configuration at the final model's length and image size."""
-    steps = config.tracking.final_steps or config.train.steps
-    size = config.tracking.final_image_size or config.data.image_size
-    return apply(config, safest["params"], **{"train.steps": steps, "data.image_size": size})
+    steps, size = config.final_run_steps, config.final_run_image_size
+    return apply(config, safest.params, **{"train.steps": steps, "data.image_size": size})
 
 
-class FinalRun:
+class FinalTraining:
     """The final run of one safest configuration of one study (see the module doc)."""
 
-    def __init__(self, config: Config, safest: dict, session: Any):
+    def __init__(self, config: Config, safest: Safest, session: Any):
         """``session``: the stages' ``StudySession`` (its study, tracker, parent run, data, run folder)."""
         self.config = config
         self.safest = safest
@@ -85,15 +84,14 @@ class FinalRun:
         self.folder = RunFolder(session.run_dir / "final", config.study_name, settings, fingerprint)
         self.fingerprint = fingerprint
         self.client = session.tracker.client
+        self.study = StudyRecord(session.study)
 
     # ------------------------------------------------------------------ the shared record
     def shared(self) -> dict[str, Any]:
-        return dict((self.session.study.user_attrs.get(FINAL_RUNS) or {}).get(self.fingerprint) or {})
+        return self.study.final_run(self.fingerprint)
 
     def share(self, **record: Any) -> None:
-        runs = dict(self.session.study.user_attrs.get(FINAL_RUNS) or {})
-        runs[self.fingerprint] = {**(runs.get(self.fingerprint) or {}), **record}
-        self.session.study.set_user_attr(FINAL_RUNS, runs)
+        self.study.share_final_run(self.fingerprint, **record)
 
     def _mlflow_run(self, run_id: str | None):
         if not run_id:
@@ -104,7 +102,7 @@ class FinalRun:
             return None
 
     # ------------------------------------------------------------------ the stage
-    def run(self) -> dict[str, Any]:
+    def run(self) -> FinalRun:
         """Train it, resume it, or reuse it when it is finished; the final model's record."""
         run_id = self.shared().get("run_id")
         mlflow_run = self._mlflow_run(run_id)
@@ -114,34 +112,45 @@ class FinalRun:
         if recorded == HALTED:  # the same settings halt the same way
             tags = mlflow_run.data.tags
             record = self.folder.record() if self.folder.record_path.is_file() else {}
-            raise FinalRunHalted(self._halted_text(tags.get("outcome"), tags.get("cause"), record.get("recoveries") or [],
-                                                   run_id) + "; recorded before, not trained again")  # fmt: skip
+            raise FinalRunHalted(
+                self._halted_text(
+                    tags.get("outcome"), tags.get("cause"), record.get("recoveries") or [], run_id
+                )
+                + "; recorded before, not trained again"
+            )
         with self.folder.claimed():
             if self.folder.state() == FINISHED:
-                raise RunStateError(f"the final run in {self.folder.path} is finished here, but its MLflow run "
-                                    f"{run_id} does not say so (another tracking store?): remove that folder to "
-                                    "train it again")  # fmt: skip
+                raise RunStateError(
+                    f"the final run in {self.folder.path} is finished here, but its MLflow run "
+                    f"{run_id} does not say so (another tracking store?): remove that folder to "
+                    "train it again"
+                )
             return self._train(run_id if mlflow_run is not None else None)
 
-    def _train(self, run_id: str | None) -> dict[str, Any]:
+    def _train(self, run_id: str | None) -> FinalRun:
         config, s = self.final_config, self.session
         saver = CheckpointSaver(self.folder.checkpoints, config.train.keep_checkpoints, self.folder.settings)
         resumable = saver.load() is not None
-        mirror_on = self.config.tracking.mirror_checkpoints
+        mirror_on = self.config.final.mirror_checkpoints
         why = "no checkpoint to resume it from, here or on its MLflow run"
         if run_id and not resumable and mirror_on:  # it was interrupted on another machine
             state, unusable = fetch_mirrored(RunArtifacts(self.client, run_id), self.folder.settings)
             why = f"its checkpoint copy cannot be used: {unusable}" if unusable else why
             if state is not None:
                 saver.adopt(state)
-                log.warning("the final run's checkpoint at step %d was fetched from its MLflow run %s",
-                            state["step"], run_id)  # fmt: skip
+                log.warning(
+                    "the final run's checkpoint at step %d was fetched from its MLflow run %s",
+                    state["step"],
+                    run_id,
+                )
                 resumable = True
             elif unusable is not None:
                 log.warning("the checkpoint copy on MLflow run %s cannot be used: %s", run_id, unusable)
         if not resumable and saver.skipped:  # before anything is abandoned or started
-            raise RunStateError(f"no checkpoint in {saver.folder} can be used ({saver.skipped[0]}): move them "
-                                f"away, or remove {self.folder.path} to start the final run over")  # fmt: skip
+            raise RunStateError(
+                f"no checkpoint in {saver.folder} can be used ({saver.skipped[0]}): move them "
+                f"away, or remove {self.folder.path} to start the final run over"
+            )
         if run_id and resumable:
             logger = s.tracker.reopen_run(run_id, self.config.tracking.log_every)
         else:
@@ -149,16 +158,19 @@ class FinalRun:
                 end_killed_run(
                     self.client, run_id, f"abandoned: {why}; the final run started over in a new MLflow run"
                 )
-            logger = s.tracker.child_run(s.parent, "final model", "final", self.safest["params"],
-                                         {"safest.trial": self.safest["trial"], FINGERPRINT_TAG: self.fingerprint},
-                                         self.config.tracking.log_every)  # fmt: skip
+            tags = {"safest.trial": self.safest.trial, FINGERPRINT_TAG: self.fingerprint}
+            params = self.safest.params
+            logger = s.tracker.child_run(
+                s.parent, "final model", "final", params, tags, self.config.tracking.log_every
+            )
             run_id = logger.run_id
         self.share(run_id=run_id, state=RUNNING)
         self.folder.write(RUNNING, mlflow_run_id=run_id, steps=config.train.steps)
         if mirror_on:
             saver.mirror = RunArtifacts(self.client, run_id)
-        long_run = LongRun(saver, config, sinks=[logger], start_over=f"remove {self.folder.path} to start the "
-                           "final run over")  # fmt: skip
+        long_run = LongRun(
+            saver, config, sinks=[logger], start_over=f"remove {self.folder.path} to start the final run over"
+        )
         reporter = QualityReporter(
             s.data, config.train.steps, logger=long_run
         )  # its rows go through the long run
@@ -191,41 +203,69 @@ class FinalRun:
     @staticmethod
     def _halted_text(outcome, cause, recoveries: list[dict], run_id) -> str:
         attempts = "; ".join(describe_recovery(e) for e in recoveries)
-        return (f"the safest configuration went {outcome} ({cause}) in its final training run after "
-                f"{len(recoveries)} recoveries{': ' + attempts if attempts else ''}; the autopsies are on its "
-                f"MLflow run {run_id}")  # fmt: skip
+        return (
+            f"the safest configuration went {outcome} ({cause}) in its final training run after "
+            f"{len(recoveries)} recoveries{': ' + attempts if attempts else ''}; the autopsies are on its "
+            f"MLflow run {run_id}"
+        )
 
-    def _finish(self, run, logger, resumed_from: int | None) -> dict[str, Any]:
+    def _finish(self, run, logger, resumed_from: int | None) -> FinalRun:
         """The model on disk, its pictures and measures, the MLflow run ended with the model logged
         and then marked finished, the run folder and the study told: in that order."""
         s, config, safest = self.session, self.config, self.safest
         steps = self.final_config.train.steps
         if run.recoveries:  # the final run is the certificate's last and longest test
             why = f"its {steps}-step final run needed {len(run.recoveries)} recoveries"
-            safest = {**safest, "certificate": {**safest["certificate"], "weakened": why}}
-            s.study.set_user_attr("safest", safest)
-            write_json(s.run_dir / "safest.json", safest)
-            write_json(s.run_dir / "last_safest.json", safest)
-        model = save_model(run.model, self.folder.model, {"safest": safest})
+            safest = safest.weakened_by(why)
+            self.study.record_safest(safest)
+            safest.save_in(s.run_dir)
+        model = save_model(run.model, self.folder.model, {"safest": safest.to_json()})
         samples = write_samples(run.model, s.data, self.folder.path / "samples")
         samples.append(write_triptych(run.model, config, self.folder.path / "triptych.png"))
         style = measure_style(run.model, s.data, config)
         s.tracker.log_artifacts(logger.run_id, samples, "samples")
-        s.tracker.finish_run(logger.run_id, "complete", logger=logger, end=False, metrics={
-            "final/quality": run.quality, "recoveries": len(run.recoveries),
-            **{f"final/style_{key}": value for key, value in style.items()}})  # fmt: skip
+        s.tracker.finish_run(
+            logger.run_id,
+            "complete",
+            logger=logger,
+            end=False,
+            metrics={
+                "final/quality": run.quality,
+                "recoveries": len(run.recoveries),
+                **{f"final/style_{key}": value for key, value in style.items()},
+            },
+        )
         sha = file_sha256(model)
-        model_uri = log_model(config.tracking_uri, logger.run_id, model, {SHA_TAG: sha, STATE_TAG: FINISHED,
-                              "stylepipe.safest": json.dumps(safest["certificate"])[:5000]})  # fmt: skip
-        self.folder.write(FINISHED, model=model.name, model_sha256=sha, model_uri=model_uri,
-                          recoveries=run.recoveries)  # fmt: skip
+        model_uri = log_model(
+            config.tracking_uri,
+            logger.run_id,
+            model,
+            {
+                SHA_TAG: sha,
+                STATE_TAG: FINISHED,
+                "stylepipe.safest": json.dumps(safest.certificate.to_json())[:5000],
+            },
+        )
+        self.folder.write(
+            FINISHED, model=model.name, model_sha256=sha, model_uri=model_uri, recoveries=run.recoveries
+        )
         self.share(state=FINISHED)
-        return {"run_id": logger.run_id, "model": str(model), "model_uri": model_uri, "model_sha256": sha,
-                "quality": run.quality, "samples": [str(p) for p in samples], "recoveries": len(run.recoveries),
-                "style": style, "resumed_from": resumed_from, "steps": steps, "safest": safest,
-                "folder": str(self.folder.path), "reused": False}  # fmt: skip
+        return FinalRun(
+            run_id=logger.run_id,
+            model=str(model),
+            model_uri=model_uri,
+            model_sha256=sha,
+            quality=run.quality,
+            samples=[str(p) for p in samples],
+            recoveries=len(run.recoveries),
+            style=style,
+            resumed_from=resumed_from,
+            steps=steps,
+            safest=safest,
+            folder=str(self.folder.path),
+        )
 
-    def _reuse(self, mlflow_run) -> dict[str, Any]:
+    def _reuse(self, mlflow_run) -> FinalRun:
         """A finished final run, as it was recorded: nothing is trained or written again."""
         run_id, tags, metrics = mlflow_run.info.run_id, mlflow_run.data.tags, mlflow_run.data.metrics
         if mlflow_run.info.status == "RUNNING":  # marked finished, then cut short before it ended
@@ -235,17 +275,28 @@ class FinalRun:
         safest = self.safest
         if recoveries:
             why = f"its {self.final_config.train.steps}-step final run needed {recoveries} recoveries"
-            safest = {**safest, "certificate": {**safest["certificate"], "weakened": why}}
+            safest = safest.weakened_by(why)
         local = self.folder.model
         here = local.is_file() and file_sha256(local) == tags.get(SHA_TAG)
         samples = sorted((self.folder.path / "samples").glob("*.png")) if here else []
         style = {
             k.removeprefix("final/style_"): v for k, v in metrics.items() if k.startswith("final/style_")
         }
-        log.info("the final run of this safest configuration finished before (MLflow run %s): reused, not trained",
-                 run_id)  # fmt: skip
-        return {"run_id": run_id, "model": str(local) if here else None, "model_uri": tags.get(LOGGED_MODEL_TAG),
-                "model_sha256": tags.get(SHA_TAG), "quality": metrics.get("final/quality"),
-                "samples": [str(p) for p in samples], "recoveries": recoveries, "style": style or None,
-                "resumed_from": None, "steps": self.final_config.train.steps, "safest": safest,
-                "folder": str(self.folder.path), "reused": True}  # fmt: skip
+        log.info(
+            "the final run of this safest configuration finished before (MLflow run %s): reused, not trained",
+            run_id,
+        )
+        return FinalRun(
+            run_id=run_id,
+            model=str(local) if here else None,
+            model_uri=tags.get(LOGGED_MODEL_TAG),
+            model_sha256=tags.get(SHA_TAG),
+            quality=metrics.get("final/quality"),
+            samples=[str(p) for p in samples],
+            recoveries=recoveries,
+            style=style or None,
+            steps=self.final_config.train.steps,
+            safest=safest,
+            folder=str(self.folder.path),
+            reused=True,
+        )

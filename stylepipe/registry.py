@@ -12,6 +12,7 @@ the artifact store still has it, and never runs anything from the store.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from mlflow.pyfunc import PythonModel
 from stylepipe.errors import StylepipeError
 from stylepipe.files import file_sha256
 from stylepipe.nets.transformer import TransformerNet
+from stylepipe.records import RecordError, WarmStart
 from stylepipe.stores import open_store, redact_url
 
 WEIGHTS = "model.safetensors"
@@ -110,8 +112,9 @@ class Registry:
         self.name = name
         self.client = MlflowClient(tracking_uri=uri)
 
-    def register(self, run_id: str, model_uri: str, weights_sha256: str, quality: float,
-                 tags: dict | None = None) -> dict:  # fmt: skip
+    def register(
+        self, run_id: str, model_uri: str, weights_sha256: str, quality: float, tags: dict | None = None
+    ) -> dict:
         """The final run's logged model (``log_model``) as a version tagged safe, with its quality,
         its weights' SHA-256 and ``tags``, aliased ``safest``. Idempotent: a version already
         registered from that run (a registration cut short, a study certified again with the same
@@ -122,8 +125,12 @@ class Registry:
         else:
             mlflow.set_tracking_uri(self.uri)
             version, reused = str(mlflow.register_model(model_uri, self.name).version), False
-        tags = {"quality": str(quality), "safe": "true", "weights_sha256": weights_sha256,
-                **{k: str(v) for k, v in (tags or {}).items()}}  # fmt: skip
+        tags = {
+            "quality": str(quality),
+            "safe": "true",
+            "weights_sha256": weights_sha256,
+            **{k: str(v) for k, v in (tags or {}).items()},
+        }
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, key, value)
         self.set_alias("safest", version)
@@ -165,8 +172,10 @@ class Registry:
             except MlflowException as err:
                 missing = "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "not found" in str(err).lower()
                 if not missing:
-                    raise RegistryError(f"cannot read version {version} of {self.name} from {store}: "
-                                        f"{str(err).splitlines()[0]}") from None  # fmt: skip
+                    raise RegistryError(
+                        f"cannot read version {version} of {self.name} from {store}: "
+                        f"{str(err).splitlines()[0]}"
+                    ) from None
             try:
                 self.client.get_registered_model(self.name)
             except MlflowException as err:
@@ -176,23 +185,29 @@ class Registry:
         try:
             found = self.alias_version(version[1:])
         except MlflowException as err:
-            raise RegistryError(f"cannot read {self.name}{version} from {redact_url(self.uri)}: "
-                                f"{str(err).splitlines()[0]}") from None  # fmt: skip
+            raise RegistryError(
+                f"cannot read {self.name}{version} from {redact_url(self.uri)}: {str(err).splitlines()[0]}"
+            ) from None
         if found is None:
             raise RegistryError(
                 f"{self.name} has no version with the alias {version[1:]} in {redact_url(self.uri)}"
             )
         return found
 
-    def safest_settings(self) -> dict | None:
+    def safest_settings(self) -> WarmStart | None:
         """The settings recorded with the version aliased ``safest``, or None."""
-        import json
-
         version = self.alias_version("safest")
         if version is None:
             return None
         text = self.client.get_model_version(self.name, version).tags.get(SAFEST_SETTINGS_TAG)
-        return json.loads(text) if text else None
+        if not text:
+            return None
+        source = f"model {self.name} version {version}'s tag {SAFEST_SETTINGS_TAG}"
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RecordError(f"{source} is not JSON: {error}") from None
+        return WarmStart.from_json(raw, source)
 
     def set_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, version)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from stylepipe.records import Safest
 from stylepipe.search import space
 
 OUTCOMES = ("complete", "nan", "diverged", "pruned", "failed")
@@ -137,8 +138,11 @@ def causes_markdown(trials: pd.DataFrame) -> str:
 def top_trials(trials: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     """The ``k`` best complete trials by ``value`` (lower is better), with the settings that matter."""
     # Every parameter of the search's table, less those this study did not search at all.
-    searched = [p.name for p in space.PARAMETERS if p.name in trials.columns
-                and (p.unset == "off" or trials[p.name].notna().any())]  # fmt: skip
+    searched = [
+        p.name
+        for p in space.PARAMETERS
+        if p.name in trials.columns and (p.unset == "off" or trials[p.name].notna().any())
+    ]
     columns = [c for c in ("number", "value", *searched, "safe") if c in trials.columns]
     if len(trials) == 0 or "value" not in trials.columns:
         return pd.DataFrame(columns=columns)
@@ -202,37 +206,82 @@ def stability_figure(
         for a in axes:
             sel = df[rows & (df["on"] == (a is ax))]
             if len(sel):
-                a.scatter(sel["lr"], sel["y"], s=55, alpha=0.9, c=COLORS.get(outcome, OTHER_COLOR),
-                          marker=MARKERS.get(outcome, OTHER_MARKER), edgecolors="white", linewidths=0.6,
-                          zorder=3, label=label)  # fmt: skip
+                a.scatter(
+                    sel["lr"],
+                    sel["y"],
+                    s=55,
+                    alpha=0.9,
+                    c=COLORS.get(outcome, OTHER_COLOR),
+                    marker=MARKERS.get(outcome, OTHER_MARKER),
+                    edgecolors="white",
+                    linewidths=0.6,
+                    zorder=3,
+                    label=label,
+                )
                 label = None
 
     failures = df[df["outcome"].isin(FAILURE_OUTCOMES)].sort_values("lr")
     if annotate_causes and 0 < len(failures) <= 25:
         for i, t in enumerate(failures.itertuples()):  # tags alternate below/above: neighbours stay apart
             (ax if t.on else band).annotate(
-                CAUSE_ABBREV.get(t.cause, t.cause[:5]), (t.lr, t.y), xytext=(5, -9 if i % 2 == 0 else 4),
-                textcoords="offset points", fontsize=7, color=COLORS[t.outcome], zorder=4,
-            )  # fmt: skip
+                CAUSE_ABBREV.get(t.cause, t.cause[:5]),
+                (t.lr, t.y),
+                xytext=(5, -9 if i % 2 == 0 else 4),
+                textcoords="offset points",
+                fontsize=7,
+                color=COLORS[t.outcome],
+                zorder=4,
+            )
         key = ", ".join(f"{a} = {c}" for c, a in CAUSE_ABBREV.items() if c in set(failures["cause"]))
         fig.text(0.01, 0.005, f"cause: {key}", fontsize=7, color="#444444", va="bottom")
         fig.get_layout_engine().set(rect=(0, 0.03, 1, 0.97))  # room for that line
 
     if "is_baseline" in trials.columns:  # the user's own settings
         for t in df[trials.loc[df.index, "is_baseline"].fillna(False).astype(bool)].itertuples():
-            (ax if t.on else band).annotate("yours", (t.lr, t.y), xytext=(-14, 9), textcoords="offset points",
-                                            fontsize=8, color="#444444", zorder=4)  # fmt: skip
+            (ax if t.on else band).annotate(
+                "yours",
+                (t.lr, t.y),
+                xytext=(-14, 9),
+                textcoords="offset points",
+                fontsize=8,
+                color="#444444",
+                zorder=4,
+            )
     for t in df[df["number"] == safest_number].head(1).itertuples():
         a = ax if t.on else band
         if lr_margin and lr_margin > 1:  # where its certified margin ends
             a.plot([t.lr, t.lr * lr_margin], [t.y, t.y], color=SAFEST_COLOR, linewidth=2, zorder=4)
-            a.annotate(f"x{lr_margin:g} ok", (t.lr * lr_margin, t.y), xytext=(3, -12), textcoords="offset points",
-                       fontsize=7, color=SAFEST_COLOR, zorder=4)  # fmt: skip
-        a.scatter([t.lr], [t.y], marker="*", s=650, facecolors="none", edgecolors=SAFEST_COLOR,
-                  linewidths=1.8, zorder=5, label=f"safest (#{safest_number})")  # fmt: skip
-        a.annotate("safest", (t.lr, t.y), xytext=(12, 12), textcoords="offset points", fontsize=10,
-                   fontweight="bold", color=SAFEST_COLOR, zorder=2,
-                   bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.7})  # fmt: skip
+            a.annotate(
+                f"x{lr_margin:g} ok",
+                (t.lr * lr_margin, t.y),
+                xytext=(3, -12),
+                textcoords="offset points",
+                fontsize=7,
+                color=SAFEST_COLOR,
+                zorder=4,
+            )
+        a.scatter(
+            [t.lr],
+            [t.y],
+            marker="*",
+            s=650,
+            facecolors="none",
+            edgecolors=SAFEST_COLOR,
+            linewidths=1.8,
+            zorder=5,
+            label=f"safest (#{safest_number})",
+        )
+        a.annotate(
+            "safest",
+            (t.lr, t.y),
+            xytext=(12, 12),
+            textcoords="offset points",
+            fontsize=10,
+            fontweight="bold",
+            color=SAFEST_COLOR,
+            zorder=2,
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.7},
+        )
 
     # At least about one decade of learning rate, with 10% margins.
     lo, hi = df["lr"].min(), df["lr"].max()
@@ -240,10 +289,20 @@ def stability_figure(
     axes[0].set_xlim(mid / 10**half, mid * 10**half)
     # One legend over the top axes (fig.legend's "outside" spot would cover the title), from
     # the labels: outcomes in their usual order, the safest star last.
-    handles = sorted((h for a in axes for h in a.collections if not h.get_label().startswith("_")),
-                     key=lambda h: (h.zorder, _order(h.get_label().split(" (")[0])))  # fmt: skip
-    shown = axes[-1].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0),
-                            ncols=6, frameon=False, fontsize=8, handletextpad=0.3, columnspacing=1.0)  # fmt: skip
+    handles = sorted(
+        (h for a in axes for h in a.collections if not h.get_label().startswith("_")),
+        key=lambda h: (h.zorder, _order(h.get_label().split(" (")[0])),
+    )
+    shown = axes[-1].legend(
+        handles=handles,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncols=6,
+        frameon=False,
+        fontsize=8,
+        handletextpad=0.3,
+        columnspacing=1.0,
+    )
     for handle in shown.legend_handles:
         handle.set_sizes([min(handle.get_sizes()[0], 150)])  # the star at legend size
     return fig
@@ -257,8 +316,9 @@ def triptych(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(10.5, 3.9), layout="constrained")
-    for ax, image, title in zip(fig.subplots(1, 3), (content, style, result), ("content", "style", "result"),
-                                strict=True):  # fmt: skip
+    for ax, image, title in zip(
+        fig.subplots(1, 3), (content, style, result), ("content", "style", "result"), strict=True
+    ):
         ax.imshow(image)
         ax.set_title(title, fontsize=11)
         ax.set_axis_off()
@@ -285,7 +345,7 @@ def stability_map(
 
 def pipeline_markdown(
     trials: pd.DataFrame,
-    safest: dict | None,
+    safest: Safest | None,
     model: dict | None = None,
     promotion: dict | None = None,
     versus_baseline: str | None = None,
@@ -294,31 +354,44 @@ def pipeline_markdown(
     their margin ends, how they compare with the user's own settings, NaN causes, the model."""
     lines = ["# stylepipe run", ""]
     if safest is None:
-        lines += ["**No safe configuration**: every candidate went NaN or diverged under the stress",
-                  "replays. Nothing was registered; the champion stays.", ""]  # fmt: skip
+        lines += [
+            "**No safe configuration**: every candidate went NaN or diverged under the stress",
+            "replays. Nothing was registered; the champion stays.",
+            "",
+        ]
     else:
-        lines += [f"## Safest configuration: trial {safest['trial']}", "", "| setting | value |", "|---|---|"]
-        for key, value in safest["params"].items():
+        lines += [f"## Safest configuration: trial {safest.trial}", "", "| setting | value |", "|---|---|"]
+        for key, value in safest.params.items():
             shown = "off" if value is None else (f"{value:.4g}" if isinstance(value, float) else value)
             lines.append(f"| {key} | {shown} |")
-        certificate = safest["certificate"]
-        lines += [f"| quality | {safest['quality']:.4g} |", "",
-                  f"**Certificate**: {certificate['text']}; {safest['safe_candidates']} of "
-                  f"{safest['candidates']} candidates were safe.", ""]  # fmt: skip
-        if certificate["weakened"]:
-            lines += [f"**Weakened**: {certificate['weakened']}.", ""]
-        lr, margin = safest["params"]["lr"], certificate["lr_margin"]
-        failing = safest.get("lowest_failing_lr")
-        end = (f"the lowest learning rate that failed in this study is {failing['lr']:.3g} (trial {failing['trial']}, "
-               f"{failing['outcome']}: {failing['cause']})" if failing else "no trial above it failed")  # fmt: skip
+        certificate = safest.certificate
+        safe_of = f"{safest.safe_candidates} of {safest.candidates} candidates were safe"
+        lines += [
+            f"| quality | {safest.quality:.4g} |",
+            "",
+            f"**Certificate**: {certificate.text}; {safe_of}.",
+            "",
+        ]
+        if certificate.weakened:
+            lines += [f"**Weakened**: {certificate.weakened}.", ""]
+        lr, margin = safest.params["lr"], certificate.lr_margin
+        failing = safest.lowest_failing_lr
+        if failing:
+            how = f"trial {failing['trial']}, {failing['outcome']}: {failing['cause']}"
+            end = f"the lowest learning rate that failed in this study is {failing['lr']:.3g} ({how})"
+        else:
+            end = "no trial above it failed"
         lines += [f"**Margin**: safe up to lr {lr * margin:.3g} (x{margin:g}); {end}.", ""]
-    versus = versus_baseline or (safest or {}).get("versus_baseline")
+    versus = versus_baseline or (safest.versus_baseline if safest else None)
     if versus:
         lines += [f"**Against your own settings** (the baseline trial): {versus}.", ""]
     if model:
         recoveries = model.get("recoveries", 0)
-        lines += [f"Registered model: `{model['model_uri']}` (version {model['version']}); its final run needed "
-                  f"{recoveries} recover{'y' if recoveries == 1 else 'ies'}.", ""]  # fmt: skip
+        lines += [
+            f"Registered model: `{model['model_uri']}` (version {model['version']}); its final run needed "
+            f"{recoveries} recover{'y' if recoveries == 1 else 'ies'}.",
+            "",
+        ]
     if promotion:
         verdict = "promoted to **champion**" if promotion["promoted"] else "not promoted"
         lines += [f"Champion: {verdict}: {promotion['why']}.", ""]

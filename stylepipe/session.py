@@ -10,8 +10,9 @@ from contextlib import contextmanager
 from stylepipe.config import Config
 from stylepipe.errors import failure_text
 from stylepipe.files import writable_folder
+from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import StudyData, load_study_data
-from stylepipe.search.storage import SingleWorkerGuard, StudyLock
+from stylepipe.search.storage import SqliteWorkerLock, StudyLock
 from stylepipe.search.study import open_study
 from stylepipe.stores import redact_url
 from stylepipe.tracking import Tracker
@@ -33,13 +34,16 @@ class StudySession:
         if data is not None:
             self.__dict__["data"] = data  # the cached property, already built
         with StudyLock(config, "setup"):  # one experiment, one study, one parent run
-            self.tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.study_name,
-                                   artifact_root=self.run_dir / "mlartifacts")  # fmt: skip
+            self.tracker = Tracker(
+                config.tracking_uri,
+                config.tracking.experiment or config.study_name,
+                artifact_root=self.run_dir / "mlartifacts",
+            )
             self.study = open_study(config)
             self.parent = self.tracker.study_run(
                 config.study_name, {"storage": redact_url(config.storage_url)}
             )
-        self.study.set_user_attr("mlflow_parent_run_id", self.parent)
+        StudyRecord(self.study).record_parent_run(self.parent)
 
     @functools.cached_property
     def data(self) -> StudyData:
@@ -66,5 +70,5 @@ def study_session(config: Config, session: StudySession | None) -> Iterator[Stud
     if session is not None:
         yield session
         return
-    with SingleWorkerGuard(config.storage_url), StudySession(config) as own:
+    with SqliteWorkerLock(config.storage_url), StudySession(config) as own:
         yield own

@@ -43,8 +43,9 @@ def measure_style(model, data: StudyData, config: Config, count: int = 16) -> di
 
     device = next(model.parameters()).device
     weights = config.loss.vgg_weights
-    judge = LossNetwork(load_vgg16_features(weights, seed=config.train.seed + JUDGE_SEED_OFFSET, warn=False),
-                        ["relu1_2"]).to(device)  # fmt: skip
+    judge = LossNetwork(
+        load_vgg16_features(weights, seed=config.train.seed + JUDGE_SEED_OFFSET, warn=False), ["relu1_2"]
+    ).to(device)
     images = data.val_images[:count].to(device).float().div(255)
     style = resize_crop(load_image(config.data.style_image), images.shape[-1]).to(device).float().div(255)
     with torch.no_grad():
@@ -53,8 +54,10 @@ def measure_style(model, data: StudyData, config: Config, count: int = 16) -> di
 
 
 def style_summary(style: dict[str, float]) -> str:
-    return (f"texture x{style['texture_ratio']:.2f}, palette x{style['palette_ratio']:.2f} of the inputs' "
-            "distance to the style image (1: unchanged; lower: more stylised)")  # fmt: skip
+    return (
+        f"texture x{style['texture_ratio']:.2f}, palette x{style['palette_ratio']:.2f} of the inputs' "
+        "distance to the style image (1: unchanged; lower: more stylised)"
+    )
 
 
 def write_triptych(model, config: Config, path: Path) -> Path:
@@ -67,15 +70,16 @@ def write_triptych(model, config: Config, path: Path) -> Path:
     from stylepipe.report import triptych
     from stylepipe.stylize import stylize_tensor
 
-    size = config.tracking.showcase_size
-    content = load_image(config.tracking.showcase_image)
+    size = config.final.showcase_size
+    content = load_image(config.final.showcase_image)
     content.thumbnail((size, size))
     style = load_image(config.data.style_image).resize(content.size)
     device = next(model.parameters()).device
     with torch.no_grad():
         result = stylize_tensor(model.eval(), to_tensor(content).unsqueeze(0).to(device))[0].cpu()
     styled = np.asarray(to_pil_image(result))
-    caption = (f"{config.name}: final model, {config.tracking.final_steps or config.train.steps} steps at "
-               f"{config.tracking.final_image_size or config.data.image_size} px, "
-               f"loss network {config.loss.vgg_weights}")  # fmt: skip
+    caption = (
+        f"{config.name}: final model, {config.final_run_steps} steps at {config.final_run_image_size} px, "
+        f"loss network {config.loss.vgg_weights}"
+    )
     return triptych(np.asarray(content), np.asarray(style), styled, path, caption)

@@ -1,5 +1,5 @@
 """The pipeline's stages, each a plain function of validated settings that returns JSON-friendly
-values:
+values or typed records (records.py, each with one JSON form):
 
     prepare -> search -> confirm -> train_final -> register -> promote -> record -> report
 
@@ -20,10 +20,12 @@ from typing import Any
 
 from stylepipe.config import Config
 from stylepipe.files import write_json
+from stylepipe.records import FinalRun, Safest, WarmStart
 from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
+from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import Objective, check_prepared, evaluate_quality, load_study_data
 from stylepipe.search.safest import confirm_safest, nothing_safe_because
-from stylepipe.search.study import COUNTED, run_trials, set_study_state, trials_table
+from stylepipe.search.study import COUNTED, run_trials, trials_table
 from stylepipe.session import StudySession, study_session
 from stylepipe.stores import sqlite_path
 from stylepipe.threads import ALONE, Cores
@@ -111,8 +113,14 @@ def train(config: Config, progress: bool = True, fresh: bool = False) -> dict:
     }
 
 
-def stylize(model_path: str, source: str, target: str, max_size: int | None, overwrite: bool = False,
-            tracking_uri: str | None = None) -> dict:  # fmt: skip
+def stylize(
+    model_path: str,
+    source: str,
+    target: str,
+    max_size: int | None,
+    overwrite: bool = False,
+    tracking_uri: str | None = None,
+) -> dict:
     """Apply a trained model to one image file: the written path, and a note when the image was
     shrunk to ``max_size``. The model is a stylepipe checkpoint, or a registered version
     (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) in the tracking store at ``tracking_uri``,
@@ -142,16 +150,16 @@ def previous_safest(config: Config) -> dict[str, Any] | None:
     When its certificate was weakened (its final run needed recoveries), the warm start
     re-checks it at a lower learning rate first: times ``recovery.lr_factor``.
     """
-    record = _registered_safest(config) or _local_safest(config)
-    if record is None:
+    start = _registered_safest(config) or _local_safest(config)
+    if start is None:
         return None
-    params = dict(record["params"])
-    if record.get("weakened"):
+    params = dict(start.params)
+    if start.weakened:
         params["lr"] *= config.recovery.lr_factor
     return params
 
 
-def _registered_safest(config: Config) -> dict | None:
+def _registered_safest(config: Config) -> WarmStart | None:
     """The ``safest`` version's settings in the MLflow registry: what every machine sees when
     they share a tracking server and no disk. None where there is no such version (yet)."""
     from stylepipe.registry import Registry
@@ -164,13 +172,10 @@ def _registered_safest(config: Config) -> dict | None:
     return Registry(uri, config.tracking.registered_model).safest_settings()
 
 
-def _local_safest(config: Config) -> dict | None:
+def _local_safest(config: Config) -> WarmStart | None:
     """``last_safest.json`` in the run folder (a registry without the record: older versions)."""
     path = Path(config.run_dir) / "last_safest.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    return {"params": record["params"], "weakened": (record.get("certificate") or {}).get("weakened")}
+    return Safest.load(path).warm_start() if path.is_file() else None
 
 
 def search(
@@ -185,13 +190,13 @@ def search(
     check_prepared(config.data.content)  # before any study or run exists
     with study_session(config, session) as s:
         if len(s.study.get_trials(deepcopy=False, states=COUNTED)) < config.search.n_trials:
-            set_study_state(s.study, "searching")
+            StudyRecord(s.study).set_state("searching")
         objective = Objective(s.data, s.tracker, s.parent, cores)
         ran = run_trials(config, s.study, objective, progress, warm_start)
         return {"study": config.study_name, "trials_run": ran}
 
 
-def confirm(config: Config, session: StudySession | None = None) -> dict | None:
+def confirm(config: Config, session: StudySession | None = None) -> Safest | None:
     """Replay the best trials under stress; write ``safest.json``; None when nothing is safe. The
     caller holds the study's ``finish`` lock (chain.py).
 
@@ -204,42 +209,42 @@ def confirm(config: Config, session: StudySession | None = None) -> dict | None:
         s.tracker.end_orphaned_runs(
             s.parent, ("replay",), "its process stopped (killed or lost) before the run ended"
         )
-        study = s.study
-        done = len(study.get_trials(deepcopy=False, states=COUNTED))
-        attrs = study.user_attrs
-        if attrs.get("safest_for_trials") == done and "safest" in attrs:
-            safest = attrs["safest"]
-        else:
-            set_study_state(study, "certifying")
-            safest = confirm_safest(study, s.data, s.tracker, s.parent)
-            study.set_user_attr("safest_for_trials", done)
+        record = StudyRecord(s.study)
+        done = len(s.study.get_trials(deepcopy=False, states=COUNTED))
+        answered, safest = record.safest_for(done)
+        if not answered:
+            record.set_state("certifying")
+            safest = confirm_safest(s.study, s.data, s.tracker, s.parent)
+            record.record_safest(safest, for_trials=done)
         if safest is None:
-            write_json(s.run_dir / "safest.json", {"study": study.study_name, "safest": None,
-                       "why": nothing_safe_because(study.user_attrs.get("safety") or []),
-                       "baseline": study.user_attrs.get("baseline"),
-                       "versus_baseline": study.user_attrs.get("versus_baseline")})  # fmt: skip
+            nothing = {
+                "study": s.study.study_name,
+                "safest": None,
+                "why": nothing_safe_because(record.verdicts),
+                "baseline": record.baseline,
+                "versus_baseline": record.versus_baseline,
+            }
+            write_json(s.run_dir / "safest.json", nothing)
         else:
-            write_json(s.run_dir / "safest.json", safest)
-            # survives later studies that find nothing safe: the warm start of the next run
-            write_json(s.run_dir / "last_safest.json", safest)
+            safest.save_in(s.run_dir)
         return safest
 
 
-def train_final(config: Config, safest: dict, session: StudySession | None = None) -> dict:
-    """Train the safest configuration for ``tracking.final_steps`` as a long run (final.py): in
+def train_final(config: Config, safest: Safest, session: StudySession | None = None) -> FinalRun:
+    """Train the safest configuration for ``final.steps`` as a long run (final.py): in
     ``<run_dir>/final/<study>-<fingerprint>``, with good checkpoints (mirrored to its MLflow run),
     recovery from halts and, when the stage runs again (a Prefect retry, the same command again,
     another machine), a resume in the same MLflow run. A final run that finished before is
     reused (``reused``), never trained or rewritten again; one that halted raises
     ``FinalRunHalted`` again."""
-    from stylepipe.final import FinalRun
+    from stylepipe.final import FinalTraining
 
     with study_session(config, session) as s:
-        set_study_state(s.study, "training the final model")
-        return FinalRun(config, safest, s).run()
+        StudyRecord(s.study).set_state("training the final model")
+        return FinalTraining(config, safest, s).run()
 
 
-def register(config: Config, final: dict, session: StudySession | None = None) -> dict:
+def register(config: Config, final: FinalRun, session: StudySession | None = None) -> dict:
     """Register the final run's logged model: a version tagged safe with its quality, the
     weights' SHA-256, the certificate and the recoveries, aliased ``safest``. A version already
     registered from that run is completed and reused (``reused``), never registered twice."""
@@ -247,27 +252,27 @@ def register(config: Config, final: dict, session: StudySession | None = None) -
     from stylepipe.showcase import style_summary
 
     if session is not None:
-        set_study_state(session.study, "registering")
+        StudyRecord(session.study).set_state("registering")
     registry = Registry(config.tracking_uri, config.tracking.registered_model)
-    certificate = final["safest"]["certificate"]
-    weakened = f"; weakened: {certificate['weakened']}" if certificate["weakened"] else ""
-    tags = {"recoveries": final["recoveries"], "certificate": certificate["text"] + weakened,
-            SAFEST_SETTINGS_TAG: json.dumps({"params": final["safest"]["params"],
-                                             "weakened": certificate["weakened"]})}  # fmt: skip
-    if final.get("style"):
-        tags["style"] = style_summary(final["style"])
-    record = registry.register(
-        final["run_id"], final["model_uri"], final["model_sha256"], final["quality"], tags
-    )
+    certificate = final.safest.certificate
+    weakened = f"; weakened: {certificate.weakened}" if certificate.weakened else ""
+    tags = {
+        "recoveries": final.recoveries,
+        "certificate": certificate.text + weakened,
+        SAFEST_SETTINGS_TAG: json.dumps(final.safest.warm_start().to_json()),
+    }
+    if final.style:
+        tags["style"] = style_summary(final.style)
+    record = registry.register(final.run_id, final.model_uri, final.model_sha256, final.quality, tags)
     return {
         **record,
-        "quality": final["quality"],
-        "samples": final["samples"],
-        "recoveries": tags["recoveries"],
-        "style": final.get("style"),
-        "model": final.get("model"),
-        "folder": final.get("folder"),
-        "final_reused": final.get("reused", False),  # its final run finished before
+        "quality": final.quality,
+        "samples": final.samples,
+        "recoveries": final.recoveries,
+        "style": final.style,
+        "model": final.model,
+        "folder": final.folder,
+        "final_reused": final.reused,  # its final run finished before
     }
 
 
@@ -295,32 +300,37 @@ def promote(config: Config, version: str, session: StudySession | None = None) -
     data = session.data if session is not None else load_study_data(config)
     new_quality = evaluate_quality(registry.load(version).to(data.device), data)
     old_quality = evaluate_quality(registry.load(champion).to(data.device), data)
-    decision = {"version": version, "champion_before": champion, "quality": new_quality,
-                "champion_quality": old_quality, "val_images": len(data.val_images)}  # fmt: skip
+    decision = {
+        "version": version,
+        "champion_before": champion,
+        "quality": new_quality,
+        "champion_quality": old_quality,
+        "val_images": len(data.val_images),
+    }
     if new_quality < old_quality:
         registry.set_alias("champion", version)
         why = f"quality {new_quality:.4g} beats the champion's {old_quality:.4g} on the same validation split"
         return {**decision, "promoted": True, "why": why}
-    why = (f"quality {new_quality:.4g} does not beat champion version {champion} "
-           f"({old_quality:.4g}) on the same validation split; the champion stays")  # fmt: skip
+    why = (
+        f"quality {new_quality:.4g} does not beat champion version {champion} "
+        f"({old_quality:.4g}) on the same validation split; the champion stays"
+    )
     return {**decision, "promoted": False, "why": why}
 
 
-def record_finished(config: Config, safest: dict | None, model: dict | None,
-                    session: StudySession | None = None) -> dict:  # fmt: skip
+def record_finished(
+    config: Config, safest: Safest | None, model: dict | None, session: StudySession | None = None
+) -> dict:
     """Record on the study that it is finished for its current trials, with its answer: the next
     command with the same settings reports it and runs nothing (chain.py)."""
     with study_session(config, session) as s:
         done = len(s.study.get_trials(deepcopy=False, states=COUNTED))
-        record = {"for_trials": done, "safest": safest, "model": model}
-        s.study.set_user_attr("finished", record)
-        set_study_state(s.study, "finished")
-        return record
+        return StudyRecord(s.study).record_finished(done, safest, model)
 
 
 def report(
     config: Config,
-    safest: dict | None,
+    safest: Safest | None,
     model: dict | None = None,
     promotion: dict | None = None,
     session: StudySession | None = None,
@@ -328,25 +338,27 @@ def report(
     """The trials table, the stability map and the causes summary, in run_dir and on the
     study's MLflow run; the summary a person reads first, and the best trials."""
     with study_session(config, session) as s:
+        record = StudyRecord(s.study)
         trials = trials_table(s.study, safest)
-        picture = stability_map(trials, s.run_dir / "stability_map.png",
-                                safest_number=safest["trial"] if safest else None,
-                                title=f"Stability map: {config.study_name}",
-                                lr_margin=safest["certificate"]["lr_margin"] if safest else None)  # fmt: skip
+        picture = stability_map(
+            trials,
+            s.run_dir / "stability_map.png",
+            safest_number=safest.trial if safest else None,
+            title=f"Stability map: {config.study_name}",
+            lr_margin=safest.certificate.lr_margin if safest else None,
+        )
         trials.to_csv(s.run_dir / "trials.csv", index=False)
         s.tracker.log_study_summary(s.parent, trials, picture, causes_markdown(trials), safest)
         safest_path = s.run_dir / "safest.json"
         if safest is not None and model is not None:
-            write_json(safest_path, {**safest, "model": model})
+            write_json(safest_path, {**safest.to_json(), "model": model})
         return {
             "runs_table": s.tracker.runs_table_url(),
             "stability_map": str(picture),
             "safest_json": str(safest_path),
             "trials_csv": str(s.run_dir / "trials.csv"),
             "outcomes": {str(k): int(v) for k, v in trials["outcome"].value_counts().items()},
-            "summary_markdown": pipeline_markdown(
-                trials, safest, model, promotion, s.study.user_attrs.get("versus_baseline")
-            ),  # fmt: skip
+            "summary_markdown": pipeline_markdown(trials, safest, model, promotion, record.versus_baseline),
             "top_trials": json.loads(top_trials(trials, k=10).to_json(orient="records")),
-            "nothing_safe": None if safest else nothing_safe_because(s.study.user_attrs.get("safety") or []),
+            "nothing_safe": None if safest else nothing_safe_because(record.verdicts),
         }

@@ -1,5 +1,5 @@
-"""The stores' URLs: shown without their password, SQLite files found as SQLAlchemy finds them,
-and faster commits for the SQLite files stylepipe writes (the default Optuna and MLflow stores).
+"""The stores' URLs: shown without their password (and masked in every dump of the settings:
+``StoreUrl``), SQLite files found as SQLAlchemy finds them, and faster commits for the SQLite files stylepipe writes (the default Optuna and MLflow stores).
 
 A trial commits to its stores a few dozen times (ask, user attributes, reports, the MLflow
 run, tell). In SQLite's default rollback-journal mode each commit waits for the disk
@@ -19,8 +19,10 @@ import contextlib
 import os
 import re
 import sqlite3
+from typing import Annotated
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from pydantic import AfterValidator, PlainSerializer, SerializationInfo
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 
@@ -210,3 +212,41 @@ def _on_connect(dbapi_connection, connection_record) -> None:
     # SQLite may keep the old mode without an error; NORMAL is only safe in WAL mode.
     if str(mode).lower() == "wal":
         dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+
+# ------------------------------------------------------------------ store URLs in the settings
+
+# Where a store URL's password may come from instead of the settings (the settings, as
+# written to any file, parameter or log, show it masked).
+SECRET_ENV = {"search.storage": "STYLEPIPE_SEARCH_STORAGE", "tracking.uri": "STYLEPIPE_TRACKING_URI"}
+
+
+def _show_masked(url: str, info: SerializationInfo) -> str:
+    """Every dump of the settings masks a store URL's password, unless asked in memory to keep it."""
+    return url if (info.context or {}).get("reveal_secrets") else redact_url(url)
+
+
+def _unmask_from_environment(key: str):
+    def unmask(url: str) -> str:
+        """A URL whose password was masked by a dump gets it back from the environment."""
+        if "://" not in url:
+            raise ValueError("expected a URL such as postgresql://user@host/db or http://host:5000")
+        if not is_masked(url):
+            return url
+        full = os.environ.get(SECRET_ENV[key], "")
+        if full and redact_url(full) == url:
+            return full
+        raise ValueError(
+            f"the password in {url} is masked (***); give the full URL by the environment "
+            f"({SECRET_ENV[key]}), or leave the password out of the URL and give it as PostgreSQL "
+            "and MLflow read it (PGPASSWORD or ~/.pgpass; MLFLOW_TRACKING_PASSWORD)"
+        )
+
+    return unmask
+
+
+def StoreUrl(key: str):  # noqa: N802  (a type)
+    """A database or server URL that may carry a password: masked in every serialisation."""
+    return Annotated[
+        str, AfterValidator(_unmask_from_environment(key)), PlainSerializer(_show_masked, when_used="always")
+    ]

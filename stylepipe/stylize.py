@@ -39,13 +39,17 @@ def stylize_tensor(model: TransformerNet, images: torch.Tensor) -> torch.Tensor:
 def check_output(source: Path, target: Path, overwrite: bool) -> None:
     """Everything that would make the write fail, checked before any compute."""
     if target.suffix.lower() not in Image.registered_extensions():
-        raise StylizeError(f"cannot write {target}: {target.suffix or 'no extension'} is not an image type "
-                           "PIL writes (use .png, .jpg, .webp or .tif)")  # fmt: skip
+        raise StylizeError(
+            f"cannot write {target}: {target.suffix or 'no extension'} is not an image type "
+            "PIL writes (use .png, .jpg, .webp or .tif)"
+        )
     if target.is_dir():
         raise StylizeError(f"the output {target} is a folder; name the image file to write")
     if target.exists() and os.path.samefile(source, target) and not overwrite:
-        raise StylizeError(f"the output {target} is the input image: refusing to overwrite the original "
-                           "(--overwrite to replace it)")  # fmt: skip
+        raise StylizeError(
+            f"the output {target} is the input image: refusing to overwrite the original "
+            "(--overwrite to replace it)"
+        )
     try:
         writable_folder(target.parent, "output folder")
     except StylepipeError as err:
@@ -76,8 +80,10 @@ def stylize_file(
     if max_size and max(image.size) > max_size:
         before = image.size
         image.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
-        note = (f"shrunk from {before[0]}x{before[1]} to {image.size[0]}x{image.size[1]} "
-                "(--max-size 0 keeps the full size, at about 170 bytes of memory a pixel)")  # fmt: skip
+        note = (
+            f"shrunk from {before[0]}x{before[1]} to {image.size[0]}x{image.size[1]} "
+            "(--max-size 0 keeps the full size, at about 170 bytes of memory a pixel)"
+        )
     device = next(model.parameters()).device
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1).unsqueeze(0).to(device)
     styled = stylize_tensor(model.eval(), x)[0].permute(1, 2, 0).mul(255).round().byte().cpu().numpy()

@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from stylepipe.errors import StylepipeError
+from stylepipe.records import Safest
 from stylepipe.stores import first_line, open_store, redact_url, scrub
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
@@ -87,9 +88,11 @@ class RunLogger(Callback):
         n = event["attempt"]
         summary = describe_recovery(event)
         self.client.log_dict(self.run_id, event, f"recoveries/attempt-{n}.json")
-        self.client.log_batch(self.run_id, metrics=[Metric("recovery/count", n, int(time.time() * 1000),
-                                                           event["halted_at_step"])],
-                              tags=[RunTag("stylepipe.recoveries", str(n)), RunTag(f"stylepipe.recovery.{n}", summary)])  # fmt: skip
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric("recovery/count", n, int(time.time() * 1000), event["halted_at_step"])],
+            tags=[RunTag("stylepipe.recoveries", str(n)), RunTag(f"stylepipe.recovery.{n}", summary)],
+        )
 
     def _keep(self, row: dict[str, float], last_of_chunk: bool) -> bool:
         # Evaluations are always kept, and so is each chunk's last row: the trainer sends a
@@ -165,19 +168,28 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 # experiment tag the UI reads, opened by ?viewStateShareKey=...) picks what a person looks
 # for first: each trial's outcome, cause, lr, clip norm and quality.
 RUNS_VIEW = "stylepipe-trials"
-RUNS_VIEW_STATE = {"selectedColumns": ["tags.`outcome`", "tags.`cause`", "params.`lr`", "params.`clip_norm`",
-                                       "metrics.`final/quality`"]}  # fmt: skip
-EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development",
-                   f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(RUNS_VIEW_STATE)}  # fmt: skip
+RUNS_VIEW_STATE = {
+    "selectedColumns": [
+        "tags.`outcome`",
+        "tags.`cause`",
+        "params.`lr`",
+        "params.`clip_norm`",
+        "metrics.`final/quality`",
+    ]
+}
+EXPERIMENT_TAGS = {
+    EXPERIMENT_KIND: "custom_model_development",
+    f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(RUNS_VIEW_STATE),
+}
 
 
-CHECKPOINT_DIR = "checkpoint"  # a run's mirrored checkpoint: two slots and latest.json (lifecycle.py)
+CHECKPOINT_DIR = "checkpoint"  # a run's mirrored checkpoint: two slots and latest.json (train/checkpoints.py)
 
 
 class RunArtifacts:
-    """A long run's checkpoint mirror (``lifecycle.Mirror``) on its MLflow run: the files go to
+    """A long run's checkpoint mirror (``checkpoints.Mirror``) on its MLflow run: the files go to
     the run's ``checkpoint/`` artifact folder, through the tracking server when there is one.
-    The names are the lifecycle's own (two slots and a pointer), never a path read back."""
+    The names are the checkpoints module's own (two slots and a pointer), never a path read back."""
 
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
@@ -217,8 +229,9 @@ class Tracker:
                 # folder of ours would put this machine's artifacts out of every other's reach.
                 local = artifact_root and not is_server(uri)
                 location = artifact_root.resolve().as_uri() if local else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
-                                                                   tags=EXPERIMENT_TAGS)  # fmt: skip
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=location, tags=EXPERIMENT_TAGS
+                )
             else:
                 self.experiment_id = found.experiment_id
                 for key, value in EXPERIMENT_TAGS.items():
@@ -233,8 +246,10 @@ class Tracker:
         """The MLflow UI's runs table of this study, on the trials' columns (the server's own
         address when tracking goes to one; else the UI that `make dashboards` starts)."""
         base = redact_url(self.uri) if is_server(self.uri) else ui
-        return (f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
-                f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW}")  # fmt: skip
+        return (
+            f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW}"
+        )
 
     # ------------------------------------------------------------ runs
     def study_run(self, study_name: str, tags: dict[str, str] | None = None) -> str:
@@ -333,7 +348,7 @@ class Tracker:
 
     # ------------------------------------------------------------ study artifacts
     def log_study_summary(
-        self, run_id: str, trials, stability_map: Path | None, causes_markdown: str, safest: dict | None
+        self, run_id: str, trials, stability_map: Path | None, causes_markdown: str, safest: Safest | None
     ) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -348,19 +363,19 @@ class Tracker:
             self.client.set_tag(run_id, "safest", "none: no candidate survived the stress replays")
             return
         # Tags, not params: a resumed study may find a different safest configuration.
-        tags = [RunTag(f"safest.{k}", "off" if v is None else str(v)) for k, v in safest["params"].items()]
-        certificate = safest["certificate"]
+        tags = [RunTag(f"safest.{k}", "off" if v is None else str(v)) for k, v in safest.params.items()]
+        certificate = safest.certificate
         tags += [
-            RunTag("safest.trial", str(safest["trial"])),
-            RunTag("safest.quality", str(safest["quality"])),
-            RunTag("safest.certificate", certificate["text"]),
-            RunTag("safest.horizon_steps", str(certificate["horizon_steps"])),
-            RunTag("safest.versus_baseline", safest["versus_baseline"]),
+            RunTag("safest.trial", str(safest.trial)),
+            RunTag("safest.quality", str(safest.quality)),
+            RunTag("safest.certificate", certificate.text),
+            RunTag("safest.horizon_steps", str(certificate.horizon_steps)),
+            RunTag("safest.versus_baseline", safest.versus_baseline),
         ]
-        if certificate["weakened"]:
-            tags.append(RunTag("safest.certificate_weakened", certificate["weakened"]))
+        if certificate.weakened:
+            tags.append(RunTag("safest.certificate_weakened", certificate.weakened))
         self.client.log_batch(run_id, tags=tags)
-        self.client.log_dict(run_id, safest, "safest.json")
+        self.client.log_dict(run_id, safest.to_json(), "safest.json")
 
 
 def end_killed_run(client: MlflowClient | str, run_id: str, why: str) -> None:

@@ -13,11 +13,29 @@ import pytest
 import torch
 
 from stylepipe.config import Config, load_config
+from stylepipe.records import Certificate, Safest
 from stylepipe.train.callbacks import Callback
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
+
+# A safest configuration as the certificate stage records it, for the final-run tests.
+SAFEST = Safest(
+    study="demo",
+    trial=0,
+    quality=1.0,
+    params={"lr": 1e-3, "clip_norm": 10.0, "content_weight": 1.0, "style_weight": 1e5, "tv_weight": 1e-6},
+    settings={},
+    certificate=Certificate(
+        seeds=[1],
+        lr_margin=1.0,
+        horizon_steps=8,
+        text="stayed finite and did not diverge for 8 steps with seed 1 at its learning rate",
+    ),
+    candidates=1,
+    safe_candidates=1,
+)
 
 # The multi-worker tests need a real PostgreSQL: STYLEPIPE_TEST_POSTGRES_URL names it (.ci/run
 # sets it; set but unreachable, they fail). Unset, `make test` uses the local default address
@@ -93,8 +111,8 @@ def another_process_holds(code: str, *args: str):
 
 def another_process_holds_sqlite(url: str):
     """Another process holds the SQLite database's one-process lock while the block runs."""
-    code = ("import sys, time\nfrom stylepipe.search.storage import SingleWorkerGuard\n"
-            "SingleWorkerGuard(sys.argv[1]).__enter__()\nprint('held', flush=True)\ntime.sleep(600)")  # fmt: skip
+    code = ("import sys, time\nfrom stylepipe.search.storage import SqliteWorkerLock\n"
+            "SqliteWorkerLock(sys.argv[1]).__enter__()\nprint('held', flush=True)\ntime.sleep(600)")  # fmt: skip
     return another_process_holds(code, url)
 
 

@@ -64,3 +64,30 @@ def test_bad_override_is_refused_with_the_key(override: str, fragment: str):
 def test_missing_config_file_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_the_final_models_settings_have_their_own_section(tmp_path: Path):
+    config = load_config(DEMO, ["train.steps=30"])
+    assert (config.final.steps, config.final.image_size) == (300, 64)  # configs/demo.yaml's final:
+    assert (config.final_run_steps, config.final_run_image_size) == (300, 64)
+    unset = load_config(
+        DEMO, ["final.steps=null", "final.image_size=null", "train.steps=7", "data.image_size=48"]
+    )
+    assert (unset.final_run_steps, unset.final_run_image_size) == (7, 48)  # the trials' own
+
+
+def test_a_moved_setting_is_read_as_its_new_key_with_a_one_line_note(tmp_path: Path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "tracking:\n  final_steps: 40\n  final_image_size: 32\n  train_final_model: false\n"
+        "  mirror_checkpoints: false\n  registered_model: mine\n"
+    )
+    with caplog.at_level("WARNING", logger="stylepipe.config"):
+        config = load_config(old, ["tracking.showcase_size=128"])
+    assert (config.final.steps, config.final.image_size, config.final.train) == (40, 32, False)
+    assert not config.final.mirror_checkpoints and config.final.showcase_size == 128
+    assert config.tracking.registered_model == "mine"
+    notes = [r.getMessage() for r in caplog.records]
+    assert f"tracking.final_steps is now final.steps: read as such (rename it in {old})" in notes
+    assert any(n.startswith("tracking.showcase_size is now final.showcase_size") for n in notes)
+    assert len(notes) == 5 and all("\n" not in n for n in notes)  # one line per moved key, once

@@ -82,7 +82,7 @@ def test_a_state_round_trips_through_safetensors_without_pickle(tmp_path):
 
     import torch
 
-    from stylepipe.train.lifecycle import read_state, write_state
+    from stylepipe.train.checkpoints import read_state, write_state
 
     weight = torch.randn(3, 4)
     state = {"model": {"w": weight, "view": weight[0]}, "optimizer": {"state": {0: {"step": torch.tensor(5.0)}},

@@ -49,7 +49,7 @@ TINY = [
     "search.replay_seeds=0",
     "search.max_val_images=4",
     "search.confirm_steps=8",
-    "tracking.final_steps=8",
+    "final.steps=8",
     "tracking.registered_model=flow-style",
     "schedule.cron=15 4 * * 1",
 ]
@@ -115,9 +115,7 @@ def test_a_second_run_warm_starts_and_keeps_a_better_champion(first_run):
     previous = load_config(DEMO, overrides)
     safest_before = (run_dir / "last_safest.json").read_text()
     # A final model trained for one step cannot beat the 8-step champion on the same images.
-    state = style_pipeline(
-        str(DEMO), [*overrides, "tracking.final_steps=1"], study_name="second", return_state=True
-    )
+    state = style_pipeline(str(DEMO), [*overrides, "final.steps=1"], study_name="second", return_state=True)
     result = state.result()
     # the images did not change: prepare is a cache hit, not a second decode
     assert _task_states(state.state_details.flow_run_id)["prepare"] == "Cached"

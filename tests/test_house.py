@@ -8,7 +8,7 @@
     search, train, tracking, registry, data,  the parts the stages wire together
     report, stylize
     nets                                      the networks and losses
-    config, errors, files, stores             settings and small helpers
+    config, errors, files, stores, records    settings, small helpers, the study's typed records
 
 Every import counts, including those inside functions and under TYPE_CHECKING.
 """
@@ -36,7 +36,14 @@ LAYERS = [
         "stylepipe.stylize",
     ),  # fmt: skip
     ("stylepipe.nets",),
-    ("stylepipe.config", "stylepipe.errors", "stylepipe.files", "stylepipe.stores", "stylepipe.threads"),
+    (
+        "stylepipe.config",
+        "stylepipe.errors",
+        "stylepipe.files",
+        "stylepipe.stores",
+        "stylepipe.threads",
+        "stylepipe.records",
+    ),
 ]
 LAYER_OF = {unit: len(LAYERS) - depth for depth, units in enumerate(LAYERS) for unit in units}
 

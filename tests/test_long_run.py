@@ -24,17 +24,17 @@ from stylepipe.data.sources import RandomBatches, load_content_images
 from stylepipe.session import StudySession
 from stylepipe.train import TrainingHalted
 from stylepipe.train.callbacks import Callback
-from stylepipe.train.lifecycle import (
+from stylepipe.train.checkpoints import (
     MIRROR_POINTER,
     MIRROR_SLOTS,
-    RunStateError,
     fetch_mirrored,
     nonfinite_tensors,
     write_state,
 )
+from stylepipe.train.lifecycle import RunStateError
 from stylepipe.train.long_run import describe_recovery
 from stylepipe.train.recipe import train_from_config, train_run_folder
-from tests.conftest import DEMO, StopAt
+from tests.conftest import DEMO, SAFEST, StopAt
 from tests.test_search import search_command, search_config, search_overrides
 
 STYLEPIPE = str(Path(sys.executable).parent / "stylepipe")
@@ -289,7 +289,7 @@ def _mirrored(tmp_path, state, slot="a.safetensors", sha=None) -> FakeMirror:
 
 
 def test_a_mirrored_checkpoint_is_used_only_when_it_is_whole_and_one_of_this_runs(tmp_path):
-    from stylepipe.train.lifecycle import STATE_KEYS
+    from stylepipe.train.checkpoints import STATE_KEYS
 
     settings = {"train.lr": 0.001}
     state = {key: None for key in STATE_KEYS} | {"step": 20, "settings": settings, "recoveries": [],
@@ -363,11 +363,6 @@ def test_the_mlflow_mirror_takes_only_plain_file_names():
 
 # ---------------------------------------------------------------- the final model of a study
 
-SAFEST = {"trial": 0, "params": {"lr": 1e-3, "clip_norm": 10.0, "content_weight": 1.0, "style_weight": 1e5,
-                                 "tv_weight": 1e-6},
-          "certificate": {"text": "stayed finite and did not diverge for 8 steps with seed 1 at its learning rate",
-                          "seeds": [1], "lr_margin": 1.0, "horizon_steps": 8, "weakened": None}}  # fmt: skip
-
 
 class DyingBatches(RandomBatches):
     """Real batches until the given draw, where the process dies (as by Ctrl-C)."""
@@ -401,7 +396,7 @@ def _interrupted_final_run(config, monkeypatch) -> str:
 
 
 FINAL = (
-    "tracking.final_steps=30",
+    "final.steps=30",
     "train.checkpoint_every=10",
     "train.check_every=5",
     "tracking.log_every=1",
@@ -424,7 +419,7 @@ def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_
     [folder] = (tmp_path / "final").iterdir()
     for saved in (folder / "checkpoints").glob("*.pt"):
         saved.write_bytes(b"cut short")
-    unmirrored = config.with_overrides({"tracking.mirror_checkpoints": False})
+    unmirrored = config.with_overrides({"final.mirror_checkpoints": False})
     with (
         pytest.raises(RunStateError, match=f"remove {folder} to start the final run over"),
         StudySession(unmirrored) as session,
@@ -438,7 +433,7 @@ def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_
 
     with StudySession(config) as session:
         final = stages.train_final(config, SAFEST, session)
-    assert final["run_id"] == first and final["resumed_from"] == 20 and not final["reused"]
+    assert final.run_id == first and final.resumed_from == 20 and not final.reused
     run = client.get_run(first)
     assert run.info.status == "FINISHED" and run.data.tags["stylepipe.resumed_at_step"] == "20"
     assert run.data.tags["stylepipe.state"] == "finished" and "failure" not in run.data.tags
@@ -451,7 +446,7 @@ def test_a_final_run_that_died_resumes_on_a_machine_without_its_checkpoints(tmp_
     before = (run.data.tags, run.data.metrics, run.info.end_time)
     with StudySession(config) as session:
         again = stages.train_final(config, SAFEST, session)
-    assert again["reused"] and again["run_id"] == first and again["model_sha256"] == final["model_sha256"]
+    assert again.reused and again.run_id == first and again.model_sha256 == final.model_sha256
     after = client.get_run(first)
     assert (after.data.tags, after.data.metrics, after.info.end_time) == before
 
@@ -483,7 +478,7 @@ def test_a_mirrored_copy_that_cannot_be_used_is_said_and_the_abandoned_run_is_en
 
     with StudySession(config) as session:
         final = stages.train_final(config, SAFEST, session)
-    assert final["run_id"] != first and final["resumed_from"] is None  # started over, in a new run
+    assert final.run_id != first and final.resumed_from is None  # started over, in a new run
     abandoned = client.get_run(first)
     assert abandoned.info.status == "KILLED"
     assert abandoned.data.tags["failure"].startswith("abandoned: its checkpoint copy cannot be used: a.safetensors "
@@ -501,9 +496,9 @@ def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_p
                         lambda images, batch_size, seed: PoisonedBatches(images, batch_size, {17}))  # fmt: skip
     with StudySession(config) as session:
         final = stages.train_final(config, SAFEST, session)
-    assert final["recoveries"] == 1
+    assert final.recoveries == 1
     client = MlflowClient(tracking_uri=config.tracking_uri)
-    run = client.get_run(final["run_id"])
+    run = client.get_run(final.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["stylepipe.recoveries"] == "1"
     summary = run.data.tags["stylepipe.recovery.1"]
     assert "halted at step 17" in summary and "bad_input" in summary and "back to step 10" in summary
@@ -516,7 +511,7 @@ def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_p
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")]
     assert steps == list(range(1, 31))  # each step once: the abandoned stretch 11-17 is not there
     # the final run is the certificate's last test: it needed a recovery, so it is weakened
-    weakened = final["safest"]["certificate"]["weakened"]
+    weakened = final.safest.certificate.weakened
     assert weakened == "its 30-step final run needed 1 recoveries"
     assert json.loads((tmp_path / "safest.json").read_text())["certificate"]["weakened"] == weakened
     # how far the model moves images toward the style, on the run and on its registered version
@@ -538,7 +533,7 @@ def test_a_killed_final_run_resumes_in_the_same_mlflow_run(tmp_path, prepared):
     from mlflow import MlflowClient
 
     overrides = search_overrides(tmp_path, prepared, "search.n_trials=2", "search.space.lr=[1e-4,3e-4]",
-                                 "search.top_k=1", "search.replay_seeds=0", "tracking.final_steps=80",
+                                 "search.top_k=1", "search.replay_seeds=0", "final.steps=80",
                                  "train.checkpoint_every=10", "train.check_every=5", "tracking.log_every=1",
                                  "tracking.registered_model=resumed-style")  # fmt: skip
     config = load_config(DEMO, overrides)

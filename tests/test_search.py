@@ -23,6 +23,7 @@ from stylepipe.chain import run_search
 from stylepipe.cli import main
 from stylepipe.config import load_config
 from stylepipe.nets import TransformerNet
+from stylepipe.records import Safest
 from stylepipe.search.objective import evaluate_quality, load_study_data
 from stylepipe.stylize import stylize_tensor
 from stylepipe.train.guards import CAUSES
@@ -42,7 +43,7 @@ TINY_SEARCH = [
     "search.top_k=2",
     "search.replay_seeds=1",
     "search.max_val_images=4",
-    "tracking.final_steps=4",
+    "final.steps=4",
     "search.confirm_steps=8",  # the demo's 60-step replays would dominate these tests' time
 ]
 
@@ -101,22 +102,24 @@ def test_nan_trials_are_pruned_with_a_cause_and_a_nan_intermediate_value(searche
 @pytest.mark.slow
 def test_safest_is_a_complete_trial_whose_replays_all_stayed_finite(searched):
     config, result = searched
-    safest = json.loads((Path(config.run_dir) / "safest.json").read_text())
+    safest = Safest.load(Path(config.run_dir) / "safest.json")  # the file is a record that loads
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
-    trial = study.trials[safest["trial"]]
+    trial = study.trials[safest.trial]
     assert trial.state == optuna.trial.TrialState.COMPLETE
-    assert safest["quality"] == pytest.approx(trial.value)
-    assert len(safest["replays"]) == 2  # one more seed, one at lr x 2
-    assert all(r["outcome"] == "complete" and math.isfinite(r["quality"]) for r in safest["replays"])
-    assert any(r["lr_factor"] == 2.0 for r in safest["replays"])
-    assert safest["settings"]["train"]["lr"] == pytest.approx(safest["params"]["lr"])
-    assert study.user_attrs["safest"]["trial"] == safest["trial"]
+    assert safest.quality == pytest.approx(trial.value)
+    assert len(safest.replays) == 2  # one more seed, one at lr x 2
+    assert all(r["outcome"] == "complete" and math.isfinite(r["quality"]) for r in safest.replays)
+    assert any(r["lr_factor"] == 2.0 for r in safest.replays)
+    assert safest.settings["train"]["lr"] == pytest.approx(safest.params["lr"])
+    assert study.user_attrs["safest"]["trial"] == safest.trial
     assert (Path(config.run_dir) / "stability_map.png").stat().st_size > 10_000
 
-    certificate = safest["certificate"]
-    assert (certificate["horizon_steps"], certificate["lr_margin"], certificate["seeds"]) == (12, 2.0, [1])
-    assert certificate["text"] == ("stayed finite and did not diverge for 12 steps with seed 1 at its learning "
-                                   "rate and seed 0 at its learning rate x2")  # fmt: skip
+    certificate = safest.certificate
+    assert (certificate.horizon_steps, certificate.lr_margin, certificate.seeds) == (12, 2.0, [1])
+    assert certificate.text == (
+        "stayed finite and did not diverge for 12 steps with seed 1 at its learning rate and seed 0 at its "
+        "learning rate x2"
+    )
     client = MlflowClient(tracking_uri=config.tracking_uri)
     replays = [r for r in client.search_runs([client.get_experiment_by_name(config.study_name).experiment_id])
                if r.data.tags.get("stylepipe.role") == "replay"]  # fmt: skip
@@ -128,7 +131,7 @@ def test_safest_is_a_complete_trial_whose_replays_all_stayed_finite(searched):
     assert baseline.user_attrs["baseline"] is True
     assert baseline.params["lr"] == pytest.approx(config.train.lr)
     assert baseline.params["clip_norm"] == pytest.approx(config.train.clip_norm)
-    assert safest["baseline"]["trial"] == 0 and "your settings" in safest["versus_baseline"]
+    assert safest.baseline["trial"] == 0 and "your settings" in safest.versus_baseline
     assert {v["trial"] for v in study.user_attrs["safety"]} >= {0}
 
 
@@ -159,14 +162,14 @@ def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(sear
 
     summary = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "trials.parquet", "nan_causes.md", "stability_map.png", "safest.json"} <= summary
-    assert float(parent.data.tags["safest.lr"]) == pytest.approx(result["safest"]["params"]["lr"])
-    assert parent.data.tags["safest.certificate"] == result["safest"]["certificate"]["text"]
+    assert float(parent.data.tags["safest.lr"]) == pytest.approx(result["safest"].params["lr"])
+    assert parent.data.tags["safest.certificate"] == result["safest"].certificate.text
     assert parent.data.tags["safest.horizon_steps"] == "12"
-    assert parent.data.tags["safest.versus_baseline"] == result["safest"]["versus_baseline"]
+    assert parent.data.tags["safest.versus_baseline"] == result["safest"].versus_baseline
 
     version = client.get_model_version_by_alias("tiny-style", "safest")
     assert str(version.version) == result["model"]["version"]
-    assert version.tags["certificate"] == result["safest"]["certificate"]["text"]
+    assert version.tags["certificate"] == result["safest"].certificate.text
     assert version.tags["recoveries"] == "0"
     final = client.get_run(version.run_id)
     assert any(a.path == "samples" for a in client.list_artifacts(final.info.run_id))
@@ -225,7 +228,7 @@ def test_the_report_stage_reads_the_study_without_loading_images_or_the_loss_net
     reported = stages.report(config, result["safest"], result["model"])
     assert Path(reported["stability_map"]).is_file()
     assert sum(reported["outcomes"].values()) == 6
-    assert f"trial {result['safest']['trial']}" in reported["summary_markdown"]
+    assert f"trial {result['safest'].trial}" in reported["summary_markdown"]
 
 
 def test_quality_does_not_depend_on_the_trials_loss_weights(tmp_path, prepared):
@@ -248,7 +251,7 @@ def test_an_interrupted_study_resumes_without_duplicate_trial_numbers(tmp_path, 
     from stylepipe.search import objective
 
     extra = ("search.n_trials=3", "search.top_k=1", "search.replay_seeds=0", "search.lr_margin=1",
-             "tracking.train_final_model=false", "search.space.lr=[1e-3,1e-2]")  # fmt: skip
+             "final.train=false", "search.space.lr=[1e-3,1e-2]")  # fmt: skip
     config = search_config(tmp_path, prepared, *extra)
     original = objective.QualityReporter.on_check
 
@@ -395,7 +398,7 @@ def _wait_for_run(process, config, role: str, timeout: float = 240.0):
 
 LONG_REPLAYS = ("search.n_trials=2", "search.space.lr=[1e-4,3e-4]", "train.steps=40", "train.check_every=5",
                 "search.eval_every=20", "search.top_k=1", "search.replay_seeds=3", "search.confirm_steps=20", "search.lr_margin=1",
-                "tracking.train_final_model=false", "search.heartbeat_interval=1", "search.grace_period=3")  # fmt: skip
+                "final.train=false", "search.heartbeat_interval=1", "search.grace_period=3")  # fmt: skip
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from stylepipe.ops import services as service_tools
 from stylepipe.ops import stack as stack_tools
 
 # A stand-in for a server: exits with code 3 on its first start (a crash while starting),
@@ -35,12 +36,12 @@ STAND_IN = textwrap.dedent("""
 
 def _recorded_stack(folder: Path, script: Path, *extra: str) -> stack_tools.Stack:
     """A stack.json as `stack up` leaves it, with one 'mlflow' service (a stand-in) recorded."""
-    port = stack_tools.free_port()
+    port = service_tools.free_port()
     db = "postgresql://stylepipe:s3cret@127.0.0.1:5432/sp_mlflow"
     stack = stack_tools.Stack(folder=str(folder), optuna_url=db, mlflow_db_url=db, prefect_db_url=db)
     command = [sys.executable, str(script), str(port), db, *extra]
-    stack.services.append(stack_tools.Service("mlflow", 999_999_999, command, str(folder / "x.log"),
-                                              f"http://127.0.0.1:{port}"))  # fmt: skip
+    stack.services.append(service_tools.Service("mlflow", 999_999_999, command, str(folder / "x.log"),
+                                                f"http://127.0.0.1:{port}"))  # fmt: skip
     stack_tools.save(stack)
     return stack
 
@@ -49,8 +50,8 @@ def test_a_service_that_exits_while_starting_is_named_with_its_exit_code(tmp_pat
     stack = stack_tools.Stack(folder=str(tmp_path), optuna_url="", mlflow_db_url="", prefect_db_url="")
     service = stack_tools.start_service(stack, "mlflow", [sys.executable, "-c", "import sys; sys.exit(3)"], {},
                                  "http://127.0.0.1:9")  # fmt: skip
-    with pytest.raises(stack_tools.StackError, match=r"mlflow exited while starting \(exit code 3\)"):
-        stack_tools.wait_healthy(service, service.url + "/health", timeout=30)
+    with pytest.raises(service_tools.StackError, match=r"mlflow exited while starting \(exit code 3\)"):
+        service_tools.wait_healthy(service, service.url + "/health", timeout=30)
 
 
 def test_restart_starts_again_a_service_that_exits_while_starting_and_gives_it_its_password(tmp_path, capsys):
@@ -61,7 +62,7 @@ def test_restart_starts_again_a_service_that_exits_while_starting_and_gives_it_i
 
     new = stack_tools.restart(tmp_path, "mlflow", admin_url="postgresql://postgres:s3cret@127.0.0.1:5432/x")
     try:
-        assert stack_tools.is_running(new)
+        assert service_tools.is_running(new)
         assert (
             "mlflow exited while starting (exit code 3); starting it again (2/3)" in capsys.readouterr().err
         )
@@ -72,14 +73,14 @@ def test_restart_starts_again_a_service_that_exits_while_starting_and_gives_it_i
         assert "s3cret" not in (tmp_path / "stack.json").read_text()
     finally:
         stack_tools.down(tmp_path)
-    assert not stack_tools.is_running(new)
+    assert not service_tools.is_running(new)
 
 
 def test_restart_gives_up_after_its_attempts_and_says_how_the_last_one_ended(tmp_path):
     script = tmp_path / "server.py"
     script.write_text("import sys; sys.exit(4)")
     _recorded_stack(tmp_path, script)
-    with pytest.raises(stack_tools.StackError, match=r"exited while starting \(exit code 4\)"):
+    with pytest.raises(service_tools.StackError, match=r"exited while starting \(exit code 4\)"):
         stack_tools.restart(tmp_path, "mlflow", attempts=2)
     assert len(stack_tools.load(tmp_path).services) == 1  # the last try stays recorded for `down`
 
@@ -108,6 +109,6 @@ def test_the_health_probe_tells_an_answer_from_none_and_keeps_the_password_out()
     finally:
         server.shutdown()
         server.server_close()
-    closed = stack_tools.free_port()
+    closed = service_tools.free_port()
     problem = http_problem(f"http://me:s3cret@127.0.0.1:{closed}/health", timeout=5)
     assert problem and "s3cret" not in problem

@@ -21,7 +21,7 @@ from stylepipe.data.prepare import prepare
 from stylepipe.data.sources import export_skimage
 from stylepipe.session import StudySession
 from stylepipe.train.recipe import train_from_config, train_run_folder
-from tests.conftest import DEMO, StopAt, another_process_holds
+from tests.conftest import DEMO, SAFEST, StopAt, another_process_holds
 from tests.test_search import search_config, search_overrides
 
 SMALL = ["data.image_size=32", "train.batch_size=2", "train.steps=10", "train.check_every=5",
@@ -204,7 +204,7 @@ IDENTICAL = ("search.space.lr=[1e-3,1e-3]", "search.space.clip_norm=[10,10]", "s
              "search.space.tv_weight=[1e-6,1e-6]")  # fmt: skip
 # every trial is the baseline's settings: the safest is trial 0 however many trials the study holds
 STUDY = ("search.n_trials=1", "search.top_k=1", "search.replay_seeds=0", "search.lr_margin=1",
-         "tracking.final_steps=4", "tracking.registered_model=states", *IDENTICAL)  # fmt: skip
+         "final.steps=4", "tracking.registered_model=states", *IDENTICAL)  # fmt: skip
 
 
 def search_args(run_dir: Path, data: Path, *extra: str) -> list[str]:
@@ -321,15 +321,14 @@ def test_study_finished_with_more_trials_is_certified_again_and_reuses_its_final
 
 def test_study_another_safest_configuration_gets_its_own_final_run_and_version(tmp_path, prepared):
     from stylepipe import stages
-    from tests.test_long_run import SAFEST
 
-    config = search_config(tmp_path, prepared, "tracking.final_steps=4", "tracking.registered_model=two")
-    other = {**SAFEST, "trial": 3, "params": {**SAFEST["params"], "lr": 5e-4}}
+    config = search_config(tmp_path, prepared, "final.steps=4", "tracking.registered_model=two")
+    other = SAFEST.model_copy(update={"trial": 3, "params": {**SAFEST.params, "lr": 5e-4}})
     with StudySession(config) as session:
         first = stages.train_final(config, SAFEST, session)
         second = stages.train_final(config, other, session)
-    assert first["run_id"] != second["run_id"] and first["folder"] != second["folder"]
-    assert not first["reused"] and not second["reused"]
+    assert first.run_id != second.run_id and first.folder != second.folder
+    assert not first.reused and not second.reused
     versions = [stages.register(config, final)["version"] for final in (first, second)]
     assert versions == ["1", "2"]
 

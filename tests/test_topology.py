@@ -33,7 +33,7 @@ TINY = [
     "data.image_size=32", "prepare.image_size=32", "prepare.workers=1", "prepare.val_fraction=0.25",
     "train.steps=8", "train.batch_size=2", "train.warmup_steps=0", "train.check_every=4", "train.device=cpu",
     "search.eval_every=4", "search.space.lr=[1e-3,1e-2]", "search.top_k=1", "search.replay_seeds=0",
-    "search.max_val_images=4", "search.confirm_steps=8", "tracking.final_steps=8",
+    "search.max_val_images=4", "search.confirm_steps=8", "final.steps=8",
 ]  # fmt: skip
 MODEL = "topology-style"
 
@@ -226,7 +226,7 @@ def test_a_trial_survives_the_mlflow_server_restarting_and_loses_no_step(service
     """Last in this module: it restarts the stack's MLflow server."""
     study = "restart"
     overrides = [*TINY, "search.n_trials=1", f"search.study_name={study}", "train.steps=150",
-                 "tracking.log_every=1", "tracking.train_final_model=false", "run_dir=run",
+                 "tracking.log_every=1", "final.train=false", "run_dir=run",
                  f"data.content={prepared}"]  # fmt: skip
     args = [str(BIN / "stylepipe"), "worker", "--quiet", "--config", str(DEMO)]
     for override in overrides:

@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 from stylepipe.config import load_config
-from stylepipe.search.storage import EndKilledRunThenRetry, SingleWorkerGuard, StorageError, open_storage
+from stylepipe.search.storage import EndKilledRunThenRetry, SqliteWorkerLock, StorageError, open_storage
 from tests.conftest import DEMO, LOCAL_POSTGRES, POSTGRES_ENV, another_process_holds_sqlite
 
 POSTGRES = os.environ.get(POSTGRES_ENV)
@@ -41,7 +41,7 @@ TINY = [
     "search.replay_seeds=0",
     "search.max_val_images=4",
     "search.confirm_steps=8",
-    "tracking.train_final_model=false",
+    "final.train=false",
 ]
 
 
@@ -237,11 +237,11 @@ def test_bad_or_unreachable_storage_is_a_clear_error_without_the_password(tmp_pa
 def test_a_second_process_on_sqlite_is_refused_and_one_process_may_nest_the_lock(tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     with another_process_holds_sqlite(url), pytest.raises(StorageError, match="SQLite serves one worker"):
-        SingleWorkerGuard(url).__enter__()
-    try_it = ("import sys\nfrom stylepipe.search.storage import EndKilledRunThenRetry, SingleWorkerGuard, StorageError\ntry:\n"
-              "    SingleWorkerGuard(sys.argv[1]).__enter__()\nexcept StorageError:\n    print('refused')")  # fmt: skip
-    with SingleWorkerGuard(url):
-        with SingleWorkerGuard(url):  # stages nest it in one process
+        SqliteWorkerLock(url).__enter__()
+    try_it = ("import sys\nfrom stylepipe.search.storage import EndKilledRunThenRetry, SqliteWorkerLock, StorageError\ntry:\n"
+              "    SqliteWorkerLock(sys.argv[1]).__enter__()\nexcept StorageError:\n    print('refused')")  # fmt: skip
+    with SqliteWorkerLock(url):
+        with SqliteWorkerLock(url):  # stages nest it in one process
             pass
         still_held = subprocess.run([sys.executable, "-c", try_it, url], capture_output=True, text=True)
         assert still_held.stdout.strip() == "refused"  # the inner exit did not release it
@@ -297,8 +297,8 @@ def test_worker_processes_on_one_machine_share_the_study(tmp_path, prepared, dat
 def test_two_searches_on_one_postgresql_study_finish_it_once(tmp_path, prepared, databases):
     """Whatever the timing: one confirm, one final model, one registered version."""
     optuna_url, mlflow_url = databases
-    extra = ("search.n_trials=3", "train.steps=8", "train.check_every=4", "tracking.train_final_model=true",
-             "tracking.final_steps=4", "tracking.registered_model=once-style")  # fmt: skip
+    extra = ("search.n_trials=3", "train.steps=8", "train.check_every=4", "final.train=true",
+             "final.steps=4", "tracking.registered_model=once-style")  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     searches = []
     for name in ("a", "b"):

@@ -23,9 +23,15 @@ from stylepipe.files import atomic_path, file_sha256
 
 # scikit-image's bundled colour photos (each ships inside the package: no download).
 SKIMAGE_COLOUR = (
-    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-    "retina", "colorwheel",
-)  # fmt: skip
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -37,10 +43,25 @@ class SourceError(StylepipeError):
 # the colour photos plus grayscale, RGBA and binary ones. Only these: ``skimage.data`` also
 # holds functions that download data sets or do other things.
 SKIMAGE_DEMO = (
-    *SKIMAGE_COLOUR, "camera", "brick", "grass", "gravel", "moon", "page", "text", "coins",
-    "horse", "logo", "cell", "clock", "checkerboard", "binary_blobs", "microaneurysms",
-    "shepp_logan_phantom", "cat",
-)  # fmt: skip
+    *SKIMAGE_COLOUR,
+    "camera",
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "page",
+    "text",
+    "coins",
+    "horse",
+    "logo",
+    "cell",
+    "clock",
+    "checkerboard",
+    "binary_blobs",
+    "microaneurysms",
+    "shepp_logan_phantom",
+    "cat",
+)
 
 
 def _skimage_array(name: str) -> np.ndarray:
@@ -85,10 +106,20 @@ def export_skimage(folder: str | Path, names: tuple[str, ...] = SKIMAGE_DEMO) ->
 GENERATED = ("strokes", "swirl")
 
 # A night-sky palette: deep blues, ultramarine, teal, ochre and cream (the strokes' colours).
-PALETTE = np.array([
-    (18, 32, 84), (30, 60, 140), (52, 98, 176), (88, 140, 200), (40, 110, 120),
-    (214, 176, 64), (238, 214, 120), (246, 236, 200), (170, 120, 50),
-], dtype=np.float32)  # fmt: skip
+PALETTE = np.array(
+    [
+        (18, 32, 84),
+        (30, 60, 140),
+        (52, 98, 176),
+        (88, 140, 200),
+        (40, 110, 120),
+        (214, 176, 64),
+        (238, 214, 120),
+        (246, 236, 200),
+        (170, 120, 50),
+    ],
+    dtype=np.float32,
+)
 
 
 def generated_image(name: str, size: int = 256, seed: int = 0) -> Image.Image:
@@ -209,8 +240,11 @@ def data_fingerprint(content: str, style_image: str, size: int) -> str:
     a bundled or generated one by its name, which fixes it)."""
     from stylepipe.data.shard import is_prepared, shard_fingerprint
 
-    images = shard_fingerprint(content) if is_prepared(content) else images_fingerprint(
-        load_content_images(content, size))  # fmt: skip
+    images = (
+        shard_fingerprint(content)
+        if is_prepared(content)
+        else images_fingerprint(load_content_images(content, size))
+    )
     kind, _, name = style_image.partition(":")
     bundled = kind in ("skimage", "generated") and name
     style = file_sha256(style_image) if not bundled and Path(style_image).is_file() else style_image

@@ -11,10 +11,22 @@ from torchvision.transforms.v2 import functional as TF
 from stylepipe.config import PrepareConfig
 
 STAT_COLUMNS = (
-    "mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b",
-    "lum_p01", "lum_p50", "lum_p99", "lum_std", "dark_fraction", "bright_fraction",
-    "sharpness", "colourfulness", "phash",
-)  # fmt: skip
+    "mean_r",
+    "mean_g",
+    "mean_b",
+    "std_r",
+    "std_g",
+    "std_b",
+    "lum_p01",
+    "lum_p50",
+    "lum_p99",
+    "lum_std",
+    "dark_fraction",
+    "bright_fraction",
+    "sharpness",
+    "colourfulness",
+    "phash",
+)
 
 
 def luminance(chw: np.ndarray) -> np.ndarray:
@@ -38,15 +50,22 @@ def image_statistics(chw: np.ndarray, config: PrepareConfig) -> dict[str, float 
     colourfulness = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
     p01, p50, p99 = np.percentile(lum, [1, 50, 99])
     return {
-        "mean_r": r.mean(), "mean_g": g.mean(), "mean_b": b.mean(),
-        "std_r": r.std(), "std_g": g.std(), "std_b": b.std(),
-        "lum_p01": p01, "lum_p50": p50, "lum_p99": p99, "lum_std": lum.std(),
+        "mean_r": r.mean(),
+        "mean_g": g.mean(),
+        "mean_b": b.mean(),
+        "std_r": r.std(),
+        "std_g": g.std(),
+        "std_b": b.std(),
+        "lum_p01": p01,
+        "lum_p50": p50,
+        "lum_p99": p99,
+        "lum_std": lum.std(),
         "dark_fraction": float((lum < config.dark_level).mean()),
         "bright_fraction": float((lum > config.bright_level).mean()),
         "sharpness": float(laplace(lum).var()),
         "colourfulness": float(colourfulness),
         "phash": perceptual_hash(lum),
-    }  # fmt: skip
+    }
 
 
 def image_checks(width: int, height: int, stats: dict, config: PrepareConfig) -> list[str]:

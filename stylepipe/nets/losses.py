@@ -121,8 +121,9 @@ def colour_distance(images: torch.Tensor, style: torch.Tensor, directions: int =
 
 
 @torch.no_grad()
-def style_distances(inputs: torch.Tensor, outputs: torch.Tensor, style: torch.Tensor,
-                    judge: LossNetwork) -> dict[str, float]:  # fmt: skip
+def style_distances(
+    inputs: torch.Tensor, outputs: torch.Tensor, style: torch.Tensor, judge: LossNetwork
+) -> dict[str, float]:
     """How far a model moved its inputs toward the style image: the texture and palette
     distances of the inputs and of the outputs, and their ratio (outputs / inputs: 1 is
     unchanged, lower is closer to the style). Images in [0, 1]."""
@@ -132,6 +133,9 @@ def style_distances(inputs: torch.Tensor, outputs: torch.Tensor, style: torch.Te
     }
     found = {}
     for measure, (before, after) in distances.items():
-        found |= {f"{measure}_inputs": before, f"{measure}_outputs": after,
-                  f"{measure}_ratio": after / before if before > 0 else float("nan")}  # fmt: skip
+        found |= {
+            f"{measure}_inputs": before,
+            f"{measure}_outputs": after,
+            f"{measure}_ratio": after / before if before > 0 else float("nan"),
+        }
     return found

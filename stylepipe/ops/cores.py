@@ -145,8 +145,8 @@ def set_torch_threads() -> int:
         threads = min(max(1, cores() // sharers), _torch_start)
         if threads != before:
             torch.set_num_threads(threads)
-            log.info("torch threads %d -> %d: %d stylepipe processes share %d cores",
-                     before, threads, sharers, cores())  # fmt: skip
+            message = "torch threads %d -> %d: %d stylepipe processes share %d cores"
+            log.info(message, before, threads, sharers, cores())
         return threads
 
 
@@ -201,8 +201,11 @@ class CoreShare:
                 try:
                     _held = _Registration(_folder())
                 except OSError as err:
-                    log.warning("cannot register in the cores' sharing folder (%s): this process counts "
-                                "as one but others will not see it", err)  # fmt: skip
+                    log.warning(
+                        "cannot register in the cores' sharing folder (%s): this process counts "
+                        "as one but others will not see it",
+                        err,
+                    )
                     _held = None
             _depth += 1
         return self

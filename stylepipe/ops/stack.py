@@ -16,46 +16,37 @@ after checking that each pid still runs the command it started. ``<folder>/stack
 holds the variables that point stylepipe, MLflow and Prefect at the stack.
 
 Only the servers' command-line programs are run here; nothing imports MLflow or Prefect.
+Starting, health-checking and stopping one service's processes: services.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from stylepipe.errors import StylepipeError
 from stylepipe.files import write_json, write_text
-from stylepipe.stores import first_line, http_problem, redact_url
+from stylepipe.ops.services import (
+    Service,
+    StackError,
+    free_port,
+    how_it_ended,
+    is_running,
+    launch,
+    port_free,
+    program,
+    stop,
+    wait_healthy,
+)
+from stylepipe.stores import first_line, redact_url
 
 ADMIN_ENV = "STYLEPIPE_STACK_POSTGRES"
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 POOL = "stylepipe"
-STARTUP_SECONDS = 180.0  # a Prefect server migrating a fresh database on 2 busy cores: ~40 s
-
-
-class StackError(StylepipeError):
-    """A part of the stack did not start (the message names it and its log)."""
-
-
-# The services this process started, by pid: how one that ended, ended (exit code or signal).
-_STARTED: dict[int, subprocess.Popen] = {}
-
-
-@dataclass
-class Service:
-    name: str
-    pid: int
-    command: list[str]
-    log: str
-    url: str = ""
 
 
 @dataclass
@@ -89,20 +80,6 @@ class Stack:
         ]
 
 
-def _program(name: str) -> str:
-    """A console script of this environment (mlflow, prefect, optuna-dashboard)."""
-    path = Path(sys.executable).with_name(name)
-    if not path.exists():
-        raise StackError(f"{name} is not installed in {path.parent}; run make install")
-    return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def database_url(admin_url: str, name: str, driver: str = "") -> str:
     """``admin_url`` with another database (and, for Prefect's async engine, a driver)."""
     from sqlalchemy.engine import make_url
@@ -126,84 +103,16 @@ def create_databases(admin_url: str, names: list[str]) -> None:
                     conn.execute(sqlalchemy.text(f'create database "{name}"'))
         engine.dispose()
     except sqlalchemy.exc.SQLAlchemyError as err:
-        raise StackError(f"cannot create the stack's databases on {redact_url(admin_url)}: "
-                         f"{first_line(err, admin_url)}") from None  # fmt: skip
+        raise StackError(
+            f"cannot create the stack's databases on {redact_url(admin_url)}: {first_line(err, admin_url)}"
+        ) from None
 
 
 def start_service(stack: Stack, name: str, command: list[str], env: dict[str, str], url: str = "") -> Service:
-    logs = Path(stack.folder) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{name}.log"
-    with log.open("ab") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                   cwd=stack.folder, start_new_session=True)  # fmt: skip
-    _STARTED[process.pid] = process
-    service = Service(name, process.pid, command, str(log), url)
+    service = launch(stack.folder, name, command, env, url)
     stack.services.append(service)
     save(stack)  # recorded at once: a failed start is still stopped by `down`
     return service
-
-
-def wait_healthy(service: Service, probe_url: str, timeout: float = STARTUP_SECONDS) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not is_running(service):
-            raise StackError(
-                f"{service.name} exited while starting ({_how_it_ended(service)}); its log: {service.log}\n"
-                f"{_tail(service.log)}"
-            )
-        if not http_problem(probe_url, timeout=5):
-            return
-        time.sleep(1)
-    raise StackError(
-        f"{service.name} did not answer {probe_url} within {timeout:.0f} s; its log: {service.log}"
-    )
-
-
-def _how_it_ended(service: Service) -> str:
-    process = _STARTED.get(service.pid)
-    if process is None:
-        return "its exit status is unknown: another process started it"
-    try:
-        code = process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        return "it still runs"
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
-
-
-def _port_free(url: str) -> bool:
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _tail(log: str, lines: int = 15) -> str:
-    try:
-        return "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def is_running(service: Service) -> bool:
-    """The pid is alive and still runs the command it was started with (pids get reused). For
-    a child of this process, its own exit status says: reading /proc/PID/cmdline can come back
-    empty for a process that runs (a restarted MLflow server was once taken for dead)."""
-    child = _STARTED.get(service.pid)
-    if child is not None:
-        return child.poll() is None
-    try:
-        cmdline = Path(f"/proc/{service.pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(service.command[0].encode() in part or Path(service.command[0]).name.encode() in part
-               for part in cmdline)  # fmt: skip
 
 
 def save(stack: Stack) -> None:
@@ -257,11 +166,15 @@ def _parse(record: object) -> Stack:
         command = s["command"]
         if not isinstance(command, list) or not command:
             raise ValueError(f"{where}.command is not a list of strings")
-        services.append(Service(
-            text(s["name"], f"{where}.name", empty=False), pid,
-            [text(part, f"{where}.command", empty=False) for part in command],
-            text(s["log"], f"{where}.log"), text(s.get("url", ""), f"{where}.url"),
-        ))  # fmt: skip
+        services.append(
+            Service(
+                text(s["name"], f"{where}.name", empty=False),
+                pid,
+                [text(part, f"{where}.command", empty=False) for part in command],
+                text(s["log"], f"{where}.log"),
+                text(s.get("url", ""), f"{where}.url"),
+            )
+        )
     fields = {key: text(record[key], key) for key in required}
     for key in ("tracking_uri", "prefect_api_url", "dashboard_url", "pool"):
         if key in record:
@@ -269,8 +182,13 @@ def _parse(record: object) -> Stack:
     return Stack(**fields, services=services)
 
 
-def up(folder: str | Path, admin_url: str | None = None, prefix: str = "stylepipe", pool: str = POOL,
-       dashboard: bool = True) -> Stack:  # fmt: skip
+def up(
+    folder: str | Path,
+    admin_url: str | None = None,
+    prefix: str = "stylepipe",
+    pool: str = POOL,
+    dashboard: bool = True,
+) -> Stack:
     """Start the stack in ``folder`` (logs, the artifact store, Prefect's home) and return it."""
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -312,13 +230,26 @@ def _service_env(stack: Stack, name: str) -> dict[str, str]:
             "MLFLOW_BACKEND_STORE_URI": stack.mlflow_db_url,
         }
     if name == "prefect-server":
-        return {**prefect, "PREFECT_API_DATABASE_CONNECTION_URL": stack.prefect_db_url,
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+        return {
+            **prefect,
+            "PREFECT_API_DATABASE_CONNECTION_URL": stack.prefect_db_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
     if name == "prefect-worker":
         # The worker's flow runs inherit its environment: this one points them at the stack,
         # and makes them send heartbeats (crash_zombie_flow_runs marks a silent one crashed).
         return {**prefect, **stack.env(), **WORKER_ENV}
     return {}
+
+
+def _start(stack: Stack, name: str, command: list[str], url: str = "") -> Service:
+    """``start_service`` with the environment the service starts with."""
+    return start_service(stack, name, command, _service_env(stack, name), url)
+
+
+def _on_loopback(port: int) -> list[str]:
+    """A server's arguments to listen on 127.0.0.1 at ``port``."""
+    return ["--host", "127.0.0.1", "--port", str(port)]
 
 
 def _start_services(stack: Stack, dashboard: bool) -> None:
@@ -327,52 +258,53 @@ def _start_services(stack: Stack, dashboard: bool) -> None:
     stack.tracking_uri = f"http://127.0.0.1:{mlflow_port}"
     stack.prefect_api_url = f"http://127.0.0.1:{prefect_port}/api"
     # Both servers migrate their databases on first start: start them together.
-    started = [start_service(stack, "mlflow", [
-        _program("mlflow"), "server", "--serve-artifacts", "--artifacts-destination", str(folder / "artifact-store"),
-        "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-    ], _service_env(stack, "mlflow"), stack.tracking_uri)]  # fmt: skip
-    started.append(start_service(stack, "prefect-server", [
-        _program("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port),
-    ], _service_env(stack, "prefect-server"), stack.prefect_api_url))  # fmt: skip
+    artifacts = ["--serve-artifacts", "--artifacts-destination", str(folder / "artifact-store")]
+    mlflow = [program("mlflow"), "server", *artifacts, *_on_loopback(mlflow_port), "--workers", "1"]
+    started = [_start(stack, "mlflow", mlflow, stack.tracking_uri)]
+    prefect_server = [program("prefect"), "server", "start", *_on_loopback(prefect_port)]
+    started.append(_start(stack, "prefect-server", prefect_server, stack.prefect_api_url))
     if dashboard:
         import optuna
 
         optuna.storages.RDBStorage(stack.optuna_url)  # its tables: the dashboard only reads
         port = free_port()
         stack.dashboard_url = f"http://127.0.0.1:{port}"
-        started.append(start_service(stack, "optuna-dashboard", [
-            _program("optuna-dashboard"), stack.optuna_url, "--host", "127.0.0.1", "--port", str(port),
-        ], {}, stack.dashboard_url))  # fmt: skip
+        optuna_dashboard = [program("optuna-dashboard"), stack.optuna_url, *_on_loopback(port)]
+        started.append(_start(stack, "optuna-dashboard", optuna_dashboard, stack.dashboard_url))
     for service in started:
         wait_healthy(service, service.url + HEALTH[service.name])
-    subprocess.run([_program("prefect"), "work-pool", "create", stack.pool, "--type", "process", "--overwrite"],
-                   env={**os.environ, **_service_env(stack, "prefect-server")}, check=True, capture_output=True,
-                   timeout=120)  # fmt: skip
+    subprocess.run(
+        [program("prefect"), "work-pool", "create", stack.pool, "--type", "process", "--overwrite"],
+        env={**os.environ, **_service_env(stack, "prefect-server")},
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     crash_zombie_flow_runs(stack.prefect_api_url)
-    start_service(stack, "prefect-worker", [_program("prefect"), "worker", "start", "--pool", stack.pool],
-           _service_env(stack, "prefect-worker"))  # fmt: skip
+    _start(stack, "prefect-worker", [program("prefect"), "worker", "start", "--pool", stack.pool])
     save(stack)
 
 
-def restart(folder: str | Path, name: str, timeout: float = 20.0, attempts: int = 3,
-            admin_url: str | None = None) -> Service:  # fmt: skip
+def restart(
+    folder: str | Path, name: str, timeout: float = 20.0, attempts: int = 3, admin_url: str | None = None
+) -> Service:
     """Stop one service of the stack and start it again, same command and port (an upgrade,
     a crash and its supervisor's restart). Like a supervisor, it waits for the old process to
     let go of the port, and starts again a new one that exits while starting, up to
     ``attempts`` times, saying so on stderr."""
     stack = load(folder)
     old = next(s for s in stack.services if s.name == name)
-    _stop([old], timeout)
+    stop([old], timeout)
     stack.services.remove(old)
     deadline = time.monotonic() + timeout
-    while old.url and not _port_free(old.url) and time.monotonic() < deadline:
+    while old.url and not port_free(old.url) and time.monotonic() < deadline:
         time.sleep(0.2)
     admin_url = admin_url or os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN_URL
     for key in ("optuna_url", "mlflow_db_url", "prefect_db_url"):
         setattr(stack, key, _with_password(getattr(stack, key), admin_url))
     command = [_with_password(part, admin_url) for part in old.command]
     for attempt in range(1, attempts + 1):
-        new = start_service(stack, name, command, _service_env(stack, name), old.url)
+        new = _start(stack, name, command, old.url)
         if name not in HEALTH:
             return new
         try:
@@ -380,8 +312,11 @@ def restart(folder: str | Path, name: str, timeout: float = 20.0, attempts: int 
         except StackError:
             if is_running(new) or attempt == attempts:  # it runs but does not answer, or out of tries
                 raise
-            print(f"{name} exited while starting ({_how_it_ended(new)}); starting it again "
-                  f"({attempt + 1}/{attempts}), its log: {new.log}", file=sys.stderr)  # fmt: skip
+            print(
+                f"{name} exited while starting ({how_it_ended(new)}); starting it again "
+                f"({attempt + 1}/{attempts}), its log: {new.log}",
+                file=sys.stderr,
+            )
             stack.services.remove(new)
             continue
         return new
@@ -396,26 +331,6 @@ def _with_password(part: str, admin_url: str) -> str:
 
     masked, admin = make_url(part), make_url(admin_url)
     return masked.set(password=admin.password).render_as_string(hide_password=False)
-
-
-def _stop(services: list[Service], timeout: float) -> list[str]:
-    stopped = []
-    for service in services:
-        if not is_running(service):
-            continue
-        try:
-            os.killpg(service.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        stopped.append(service.name)
-    deadline = time.monotonic() + timeout
-    for service in services:
-        while is_running(service) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if is_running(service):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(service.pid, signal.SIGKILL)
-    return stopped
 
 
 HEARTBEAT_SECONDS = 30  # Prefect's floor
@@ -439,20 +354,34 @@ def crash_zombie_flow_runs(api_url: str) -> None:
             "type": "event",
             "posture": "Proactive",
             "after": ["prefect.flow-run.heartbeat"],
-            "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                       "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"],
+            "expect": [
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            ],
             "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
             "for_each": ["prefect.resource.id"],
             "threshold": 1,
             "within": 3 * HEARTBEAT_SECONDS,
         },
-        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
-                     "message": f"no heartbeat for {3 * HEARTBEAT_SECONDS} s: its worker or machine stopped"}],
-    }  # fmt: skip
+        "actions": [
+            {
+                "type": "change-flow-run-state",
+                "state": "CRASHED",
+                "message": f"no heartbeat for {3 * HEARTBEAT_SECONDS} s: its worker or machine stopped",
+            }
+        ],
+    }
 
     def call(path: str, body: dict) -> object:
-        request = urllib.request.Request(f"{api_url}{path}", data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        request = urllib.request.Request(
+            f"{api_url}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read() or b"null")
 
@@ -463,6 +392,6 @@ def crash_zombie_flow_runs(api_url: str) -> None:
 
 def down(folder: str | Path, timeout: float = 10.0) -> list[str]:
     """Stop the stack's processes (each group by its recorded pid); the names of those stopped."""
-    stopped = _stop(list(reversed(load(folder).services)), timeout)  # the worker first, the servers last
+    stopped = stop(list(reversed(load(folder).services)), timeout)  # the worker first, the servers last
     Path(folder, "stack.json").unlink(missing_ok=True)
     return stopped

@@ -111,8 +111,13 @@ class QualityReporter(Callback):
     last step (the same steps whether or not a run was resumed); reports to Optuna, may prune.
     ``logger`` receives the ``val/quality`` rows."""
 
-    def __init__(self, data: StudyData, eval_every: int, trial: optuna.Trial | None = None,
-                 logger: Callback | None = None):  # fmt: skip
+    def __init__(
+        self,
+        data: StudyData,
+        eval_every: int,
+        trial: optuna.Trial | None = None,
+        logger: Callback | None = None,
+    ):
         self.data = data
         self.eval_every = eval_every
         self.trial = trial
@@ -169,15 +174,18 @@ class CandidateRun:
 
 def candidate_trainer(config: Config, data: StudyData, callbacks: Sequence[Callback]) -> Trainer:
     """A trainer of one configuration on the study's training images, seeded by its settings."""
-    batches = RandomBatches(data.train_images_at(config.data.image_size), config.train.batch_size,
-                            seed=config.train.seed)  # fmt: skip
+    batches = RandomBatches(
+        data.train_images_at(config.data.image_size), config.train.batch_size, seed=config.train.seed
+    )
     torch.manual_seed(config.train.seed)
-    return Trainer(config, data.criterion, batches, model=TransformerNet(), device=data.device,
-                   callbacks=list(callbacks))  # fmt: skip
+    return Trainer(
+        config, data.criterion, batches, model=TransformerNet(), device=data.device, callbacks=list(callbacks)
+    )
 
 
-def train_candidate(trainer: Trainer, fit: Callable[[], TrainResult], reporter: QualityReporter,
-                    data: StudyData) -> CandidateRun:  # fmt: skip
+def train_candidate(
+    trainer: Trainer, fit: Callable[[], TrainResult], reporter: QualityReporter, data: StudyData
+) -> CandidateRun:
     """Train with ``fit``; a guard's halt becomes an outcome, not an exception. A run that trained
     no step (a long run resumed at its last step) is evaluated here."""
     try:
@@ -186,8 +194,9 @@ def train_candidate(trainer: Trainer, fit: Callable[[], TrainResult], reporter: 
         return CandidateRun(halted.autopsy.outcome, None, halted.autopsy, trainer.history)
     quality = reporter.final if reporter.final is not None else evaluate_quality(result.model, data)
     finite = quality is not None and math.isfinite(quality)
-    return CandidateRun("complete" if finite else "nan", quality if finite else None, None, result.metrics,
-                        result.model)  # fmt: skip
+    return CandidateRun(
+        "complete" if finite else "nan", quality if finite else None, None, result.metrics, result.model
+    )
 
 
 def run_candidate(
@@ -236,10 +245,13 @@ class Objective:
         config = apply(base, params)
         try:
             logger = self.tracker.child_run(
-                self.parent_run_id, f"trial {trial.number}", "trial", params,
+                self.parent_run_id,
+                f"trial {trial.number}",
+                "trial",
+                params,
                 {"trial": trial.number, "stylepipe.study": base.study_name, "stylepipe.worker": worker_id()},
                 log_every=base.tracking.log_every,
-            )  # fmt: skip
+            )
         except Exception as err:  # the tracking store went away (after MLflow's own retries)
             # Nothing trained, nothing lost: the trial ends FAIL (not counted) and this worker
             # stops, rather than failing one trial after another until the store is back.
@@ -266,8 +278,13 @@ class Objective:
             trial.set_user_attr("outcome", "failed")
             failure = scrub(failure_text(err), base.storage_url, base.tracking_uri)
             trial.set_user_attr("failure", failure[:2000])
-            self.tracker.finish_run(run_id, "failed", logger=logger, failure=failure,
-                                    title=run_title(trial.number, params, "failed"))  # fmt: skip
+            self.tracker.finish_run(
+                run_id,
+                "failed",
+                logger=logger,
+                failure=failure,
+                title=run_title(trial.number, params, "failed"),
+            )
             raise
 
         if run.outcome != "complete":
@@ -284,12 +301,23 @@ class Objective:
                 save_note(trial, f"**{run.outcome} at step {step}: {cause}**\n\n{autopsy.explain()}")
             # NaN at that step, then pruned: the sampler learns the region is bad (docs/design.md).
             trial.report(float("nan"), step)
-            self.tracker.finish_run(run_id, run.outcome, cause, autopsy, logger=logger,
-                                    title=run_title(trial.number, params, f"{run.outcome}: {cause}"))  # fmt: skip
+            self.tracker.finish_run(
+                run_id,
+                run.outcome,
+                cause,
+                autopsy,
+                logger=logger,
+                title=run_title(trial.number, params, f"{run.outcome}: {cause}"),
+            )
             raise optuna.TrialPruned(f"{run.outcome} at step {step}: {cause}")
 
         trial.set_user_attr("outcome", "complete")
         trial.set_user_attr("spikiness", run.spikiness)
-        self.tracker.finish_run(run_id, "complete", metrics={"final/quality": run.quality}, logger=logger,
-                                title=run_title(trial.number, params, f"complete, quality {run.quality:.4g}"))  # fmt: skip
+        self.tracker.finish_run(
+            run_id,
+            "complete",
+            metrics={"final/quality": run.quality},
+            logger=logger,
+            title=run_title(trial.number, params, f"complete, quality {run.quality:.4g}"),
+        )
         return run.quality

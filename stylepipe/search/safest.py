@@ -20,6 +20,8 @@ import optuna
 
 from stylepipe.config import Config
 from stylepipe.errors import failure_text
+from stylepipe.records import Certificate, Safest
+from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import StudyData, run_candidate
 from stylepipe.search.space import apply, params_from_trial
 from stylepipe.tracking import Tracker
@@ -37,8 +39,7 @@ def confirm_horizon(config: Config) -> int:
     (top_k + 1) x (replay_seeds + 1) runs: at the cap, as much as about 4 x that many trials."""
     if config.search.confirm_steps is not None:
         return config.search.confirm_steps
-    final = config.tracking.final_steps or config.train.steps
-    return max(config.train.steps, min(final, HORIZON_MULTIPLE * config.train.steps))
+    return max(config.train.steps, min(config.final_run_steps, HORIZON_MULTIPLE * config.train.steps))
 
 
 def replay_plan(seed: int, replay_seeds: int, lr_margin: float) -> list[dict[str, Any]]:
@@ -54,13 +55,22 @@ def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def _replay(config, data, trial, params, stress, horizon, tracker, parent_run_id) -> dict[str, Any]:
-    replay_config = apply(config, {**params, "lr": params["lr"] * stress["lr_factor"]},
-                          **{"train.seed": stress["seed"], "train.steps": horizon})  # fmt: skip
+    replay_config = apply(
+        config,
+        {**params, "lr": params["lr"] * stress["lr_factor"]},
+        **{"train.seed": stress["seed"], "train.steps": horizon},
+    )
     logger = None
     if tracker is not None:
         name = f"replay trial {trial.number} seed {stress['seed']} lr x{stress['lr_factor']:g}"
-        logger = tracker.child_run(parent_run_id, name, "replay", {**params, **stress, "steps": horizon},
-                                   {"trial": trial.number}, config.tracking.log_every)  # fmt: skip
+        logger = tracker.child_run(
+            parent_run_id,
+            name,
+            "replay",
+            {**params, **stress, "steps": horizon},
+            {"trial": trial.number},
+            config.tracking.log_every,
+        )
     try:
         run = run_candidate(replay_config, data, [logger] if logger else [])
     except BaseException as err:  # Ctrl-C too: the replay's run says why it stopped
@@ -69,8 +79,14 @@ def _replay(config, data, trial, params, stress, horizon, tracker, parent_run_id
         raise
     if logger is not None:
         metrics = {"final/quality": run.quality} if run.quality is not None else {}
-        tracker.finish_run(logger.run_id, run.outcome, run.autopsy.cause if run.autopsy else None, run.autopsy,
-                           metrics, logger=logger)  # fmt: skip
+        tracker.finish_run(
+            logger.run_id,
+            run.outcome,
+            run.autopsy.cause if run.autopsy else None,
+            run.autopsy,
+            metrics,
+            logger=logger,
+        )
     return {
         **stress,
         "outcome": run.outcome,
@@ -85,23 +101,42 @@ def _verdict(config, data, trial, plan, horizon, tracker, parent_run_id) -> dict
     params = params_from_trial(trial)
     if trial.state != optuna.trial.TrialState.COMPLETE:  # the baseline may not have finished
         outcome = trial.user_attrs.get("outcome", trial.state.name.lower())
-        return {"trial": trial.number, "quality": None, "params": params, "safe": False, "spikiness": None,
-                "replays": [], "why": f"its trial ended {outcome} ({trial.user_attrs.get('cause') or 'no cause'})"}  # fmt: skip
+        return {
+            "trial": trial.number,
+            "quality": None,
+            "params": params,
+            "safe": False,
+            "spikiness": None,
+            "replays": [],
+            "why": f"its trial ended {outcome} ({trial.user_attrs.get('cause') or 'no cause'})",
+        }
     replays = [
         _replay(config, data, trial, params, stress, horizon, tracker, parent_run_id) for stress in plan
     ]
     safe = all(r["outcome"] == "complete" for r in replays)
     spikes = [r["spikiness"] for r in replays if r["spikiness"] is not None]
     failed = [r for r in replays if r["outcome"] != "complete"]
-    why = "every replay stayed finite" if safe else (
-        f"seed {failed[0]['seed']}, lr x{failed[0]['lr_factor']:g} went {failed[0]['outcome']} "
-        f"({failed[0]['cause']}) at step {failed[0]['step']}")  # fmt: skip
+    why = (
+        "every replay stayed finite"
+        if safe
+        else (
+            f"seed {failed[0]['seed']}, lr x{failed[0]['lr_factor']:g} went {failed[0]['outcome']} "
+            f"({failed[0]['cause']}) at step {failed[0]['step']}"
+        )
+    )
     log.info("trial %d: %s", trial.number, "safe" if safe else f"NOT safe: {why}")
-    return {"trial": trial.number, "quality": trial.value, "params": params, "safe": safe,
-            "spikiness": max(spikes) if spikes else None, "replays": replays, "why": why}  # fmt: skip
+    return {
+        "trial": trial.number,
+        "quality": trial.value,
+        "params": params,
+        "safe": safe,
+        "spikiness": max(spikes) if spikes else None,
+        "replays": replays,
+        "why": why,
+    }
 
 
-def certificate(replays: list[dict[str, Any]], horizon: int) -> dict[str, Any]:
+def certificate(replays: list[dict[str, Any]], horizon: int) -> Certificate:
     """What a configuration was shown to survive, in numbers and in plain words."""
     seeds = [r["seed"] for r in replays if r["lr_factor"] == 1.0]
     stressed = [r for r in replays if r["lr_factor"] > 1.0]
@@ -111,10 +146,13 @@ def certificate(replays: list[dict[str, Any]], horizon: int) -> dict[str, Any]:
         else []
     )
     parts += [f"seed {r['seed']} at its learning rate x{r['lr_factor']:g}" for r in stressed]
-    text = (f"stayed finite and did not diverge for {horizon} steps with {' and '.join(parts)}" if parts else
-            "was not replayed (search.replay_seeds=0, search.lr_margin=1): only its trial")  # fmt: skip
+    text = (
+        f"stayed finite and did not diverge for {horizon} steps with {' and '.join(parts)}"
+        if parts
+        else "was not replayed (search.replay_seeds=0, search.lr_margin=1): only its trial"
+    )
     margin = stressed[0]["lr_factor"] if stressed else 1.0
-    return {"seeds": seeds, "lr_margin": margin, "horizon_steps": horizon, "text": text, "weakened": None}
+    return Certificate(seeds=seeds, lr_margin=margin, horizon_steps=horizon, text=text)
 
 
 def compare_with_baseline(best: dict | None, baseline: dict | None) -> str:
@@ -132,8 +170,10 @@ def compare_with_baseline(best: dict | None, baseline: dict | None) -> str:
     if baseline["quality"] is None:
         return f"{safest}; {mine} {verdict}"
     gain = (baseline["quality"] - best["quality"]) / abs(baseline["quality"]) if baseline["quality"] else 0.0
-    return (f"{safest}, {gain:.0%} lower than the {baseline['quality']:.4g} of {mine} (lower is better); "
-            f"yours {verdict}")  # fmt: skip
+    return (
+        f"{safest}, {gain:.0%} lower than the {baseline['quality']:.4g} of {mine} (lower is better); "
+        f"yours {verdict}"
+    )
 
 
 def nothing_safe_because(verdicts: list[dict]) -> str:
@@ -147,7 +187,7 @@ def nothing_safe_because(verdicts: list[dict]) -> str:
 
 def confirm_safest(
     study: optuna.Study, data: StudyData, tracker: Tracker | None = None, parent_run_id: str | None = None
-) -> dict[str, Any] | None:
+) -> Safest | None:
     """Replay the top-K complete trials and the baseline; return the safest record (or None).
 
     The study keeps every verdict (``safety``) and, with or without a safest, what the
@@ -163,8 +203,10 @@ def confirm_safest(
     plan = replay_plan(config.train.seed, search.replay_seeds, search.lr_margin)
     # A candidate replayed before (the study then grew) keeps its verdict: the same trial, plan
     # and horizon replay the same way, and the study's settings cannot change (study.py).
-    earlier = {v["trial"]: v for v in study.user_attrs.get("safety") or []
-               if v.get("plan") == plan and v.get("horizon") == horizon}  # fmt: skip
+    record = StudyRecord(study)
+    earlier = {
+        v["trial"]: v for v in record.verdicts if v.get("plan") == plan and v.get("horizon") == horizon
+    }
     verdicts = []
     for trial in candidates:
         if trial.number in earlier:
@@ -173,48 +215,54 @@ def confirm_safest(
             )
             verdicts.append(earlier[trial.number])
         else:
-            verdicts.append({**_verdict(config, data, trial, plan, horizon, tracker, parent_run_id),
-                             "plan": plan, "horizon": horizon})  # fmt: skip
-    study.set_user_attr("safety", verdicts)
+            verdicts.append(
+                {
+                    **_verdict(config, data, trial, plan, horizon, tracker, parent_run_id),
+                    "plan": plan,
+                    "horizon": horizon,
+                }
+            )
     baseline = next((v for v in verdicts if base is not None and v["trial"] == base.number), None)
     safe = [v for v in verdicts if v["safe"]]
     best = min(safe, key=lambda v: (v["quality"], v["spikiness"] or math.inf)) if safe else None
     versus = compare_with_baseline(best, baseline)
-    study.set_user_attr("baseline", baseline)
-    study.set_user_attr("versus_baseline", versus)
+    record.record_verdicts(verdicts, baseline, versus)
     if best is None:
-        study.set_user_attr("safest", None)
+        record.record_safest(None)
         return None
-    seeds = [r["seed"] for r in best["replays"] if r["lr_factor"] == 1.0] + [config.train.seed]
-    record = {
-        "study": study.study_name,
-        "trial": best["trial"],
-        "quality": best["quality"],
-        "params": best["params"],
-        "settings": apply(config, best["params"]).model_dump(mode="json"),
-        "certificate": certificate(best["replays"], horizon),
-        "seeds_passed": seeds,
-        "lr_margin_passed": search.lr_margin,
-        "horizon_steps": horizon,
-        "spikiness": best["spikiness"],
-        "replays": best["replays"],
-        "candidates": len(verdicts),
-        "safe_candidates": len(safe),
-        "baseline": baseline,
-        "versus_baseline": versus,
-        "lowest_failing_lr": lowest_failing_lr(study, best["params"]["lr"]),
-    }
-    study.set_user_attr("safest", record)
-    return record
+    safest = Safest(
+        study=study.study_name,
+        trial=best["trial"],
+        quality=best["quality"],
+        params=best["params"],
+        settings=apply(config, best["params"]).model_dump(mode="json"),
+        certificate=certificate(best["replays"], horizon),
+        spikiness=best["spikiness"],
+        replays=best["replays"],
+        candidates=len(verdicts),
+        safe_candidates=len(safe),
+        baseline=baseline,
+        versus_baseline=versus,
+        lowest_failing_lr=lowest_failing_lr(study, best["params"]["lr"]),
+    )
+    record.record_safest(safest)
+    return safest
 
 
 def lowest_failing_lr(study: optuna.Study, lr: float) -> dict[str, Any] | None:
     """Where the margin ends, as far as the study saw: the lowest learning rate above ``lr``
     at which a trial went NaN or diverged."""
-    failed = [t for t in study.get_trials(deepcopy=False)
-              if t.user_attrs.get("outcome") in ("nan", "diverged") and t.params.get("lr", 0) > lr]  # fmt: skip
+    failed = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get("outcome") in ("nan", "diverged") and t.params.get("lr", 0) > lr
+    ]
     if not failed:
         return None
     first = min(failed, key=lambda t: t.params["lr"])
-    return {"lr": first.params["lr"], "trial": first.number, "outcome": first.user_attrs["outcome"],
-            "cause": first.user_attrs.get("cause")}  # fmt: skip
+    return {
+        "lr": first.params["lr"],
+        "trial": first.number,
+        "outcome": first.user_attrs["outcome"],
+        "cause": first.user_attrs.get("cause"),
+    }

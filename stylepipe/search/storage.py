@@ -24,7 +24,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from stylepipe.config import Config
 from stylepipe.errors import StylepipeError
-from stylepipe.files import writable_folder
+from stylepipe.files import try_lock, writable_folder
 from stylepipe.stores import (
     first_line,
     is_sqlite,
@@ -91,7 +91,7 @@ def open_storage(config: Config) -> RDBStorage:
         ) from None
 
 
-class SingleWorkerGuard:
+class SqliteWorkerLock:
     """An exclusive file lock beside a SQLite database, held by the one process that works on
     its studies, from before it touches a study to the end of the command: trials, confirm,
     final model and registration. Another process is refused before it reads or writes
@@ -104,7 +104,7 @@ class SingleWorkerGuard:
         path = sqlite_path(url)
         self.lock_path = None if path is None else str(Path(path).with_name(Path(path).name + ".worker.lock"))
 
-    def __enter__(self) -> SingleWorkerGuard:
+    def __enter__(self) -> SqliteWorkerLock:
         if self.lock_path is None:
             return self
         if self.lock_path in self._held:
@@ -120,14 +120,11 @@ class SingleWorkerGuard:
             raise StorageError(
                 f"{where}: cannot write its lock file {self.lock_path}: {err.strerror or err}"
             ) from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
+        if not try_lock(handle):
             raise StorageError(
                 f"another stylepipe process is working on {redact_url(self.url)}. SQLite serves one "
                 "worker; for several, put the study in PostgreSQL (search.storage=postgresql://...)."
-            ) from None
+            )
         self._held[self.lock_path] = [handle, 1]
         return self
 

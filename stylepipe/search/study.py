@@ -16,13 +16,15 @@ import optuna
 import pandas as pd
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stylepipe.config import Config
+from stylepipe.config import MOVED, Config
 from stylepipe.data.sources import data_fingerprint
 from stylepipe.errors import StylepipeError
+from stylepipe.records import Safest
 from stylepipe.search import space
+from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import Objective
 from stylepipe.search.space import Parameter, baseline_params, params_from_trial, trial_values
-from stylepipe.search.storage import SingleWorkerGuard, StudyLock, open_storage
+from stylepipe.search.storage import SqliteWorkerLock, StudyLock, open_storage
 from stylepipe.train.lifecycle import NOT_FINGERPRINTED
 
 log = logging.getLogger(__name__)
@@ -35,13 +37,29 @@ COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # What a study may be resumed with changed: where it runs and is recorded, how many trials it
 # holds, how fast a machine computes. Everything else decides its answer: a study answers for
 # the settings it was created with, and other settings are refused (``check_settings``).
-STUDY_MAY_CHANGE = ("name", "run_dir", "prepare.", "schedule.", "search.n_trials", "search.storage",
-                    "search.study_name", "search.heartbeat_interval", "search.grace_period", "search.max_retry",
-                    "search.workers_per_device", "search.val_batch_size", "tracking.uri", "tracking.experiment",
-                    "tracking.registered_model", "tracking.log_every", "tracking.mirror_checkpoints",
-                    "tracking.showcase_image", "tracking.showcase_size", "tracking.train_final_model",
-                    *NOT_FINGERPRINTED)  # fmt: skip
-SETTINGS_ATTR = "settings"  # the study's user attribute: the settings it answers for
+STUDY_MAY_CHANGE = (
+    "name",
+    "run_dir",
+    "prepare.",
+    "schedule.",
+    "search.n_trials",
+    "search.storage",
+    "search.study_name",
+    "search.heartbeat_interval",
+    "search.grace_period",
+    "search.max_retry",
+    "search.workers_per_device",
+    "search.val_batch_size",
+    "tracking.uri",
+    "tracking.experiment",
+    "tracking.registered_model",
+    "tracking.log_every",
+    "final.mirror_checkpoints",
+    "final.showcase_image",
+    "final.showcase_size",
+    "final.train",
+    *NOT_FINGERPRINTED,
+)
 
 
 class StudySettingsError(StylepipeError):
@@ -69,12 +87,18 @@ def study_settings(config: Config) -> dict[str, Any]:
 def check_settings(study: optuna.Study, config: Config) -> None:
     """Record a new study's settings; refuse, naming the keys, to go on with other ones."""
     settings = study_settings(config)
-    recorded = study.user_attrs.get(SETTINGS_ATTR)
+    record = StudyRecord(study)
+    recorded = record.settings
+    if recorded is not None:  # a study recorded before some settings moved: their new names
+        recorded = {MOVED.get(key, key): value for key, value in recorded.items()}
     if recorded is None:
         if study.get_trials(deepcopy=False):
-            log.warning("study %s was made by an earlier stylepipe that did not record its settings: it now "
-                        "answers for these", study.study_name)  # fmt: skip
-        study.set_user_attr(SETTINGS_ATTR, settings)
+            log.warning(
+                "study %s was made by an earlier stylepipe that did not record its settings: it now "
+                "answers for these",
+                study.study_name,
+            )
+        record.record_settings(settings)
         return
     if recorded != settings:
 
@@ -88,17 +112,6 @@ def check_settings(study: optuna.Study, config: Config) -> None:
             f"study {study.study_name} was made with other settings: {differ}. A study answers for the settings it "
             f"was made with: go back to them, or start a new study (--set search.study_name={study.study_name}-2)"
         )
-
-
-STUDY_STATES = ("searching", "certifying", "training the final model", "registering", "finished")
-
-
-def set_study_state(study: optuna.Study, state: str) -> None:
-    """The study's recorded state (its ``state`` attribute, which optuna-dashboard shows)."""
-    if state not in STUDY_STATES:
-        raise ValueError(f"unknown study state {state!r}")
-    if study.user_attrs.get("state") != state:
-        study.set_user_attr("state", state)
 
 
 def open_study(config: Config) -> optuna.Study:
@@ -134,26 +147,28 @@ def trial_sampler(config: Config, trials_so_far: int) -> optuna.samplers.BaseSam
     return optuna.samplers.TPESampler(seed=config.search.seed + trials_so_far)
 
 
-def trials_table(study: optuna.Study, safest: dict | None = None) -> pd.DataFrame:
+def trials_table(study: optuna.Study, safest: Safest | None = None) -> pd.DataFrame:
     """One row per trial: state, outcome, cause, quality and the flat parameters."""
-    verdicts = {v["trial"]: v["safe"] for v in study.user_attrs.get("safety") or []}
+    verdicts = {v["trial"]: v["safe"] for v in StudyRecord(study).verdicts}
     rows = []
     for t in study.get_trials(deepcopy=False):
         params = params_from_trial(t)
-        rows.append({
-            "number": t.number,
-            "state": t.state.name,
-            "outcome": t.user_attrs.get("outcome", t.state.name.lower()),
-            "cause": t.user_attrs.get("cause"),
-            "value": t.value if t.value is not None else float("nan"),
-            **{p.name: _cell(params.get(p.name), p) for p in space.PARAMETERS},
-            "nan_step": t.user_attrs.get("nan_step", float("nan")),
-            "first_nonfinite": t.user_attrs.get("first_nonfinite"),
-            "duration_s": t.duration.total_seconds() if t.duration else float("nan"),
-            "safe": verdicts.get(t.number),
-            "is_safest": bool(safest) and safest["trial"] == t.number,
-            "is_baseline": bool(t.user_attrs.get("baseline")),
-        })  # fmt: skip
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "outcome": t.user_attrs.get("outcome", t.state.name.lower()),
+                "cause": t.user_attrs.get("cause"),
+                "value": t.value if t.value is not None else float("nan"),
+                **{p.name: _cell(params.get(p.name), p) for p in space.PARAMETERS},
+                "nan_step": t.user_attrs.get("nan_step", float("nan")),
+                "first_nonfinite": t.user_attrs.get("first_nonfinite"),
+                "duration_s": t.duration.total_seconds() if t.duration else float("nan"),
+                "safe": verdicts.get(t.number),
+                "is_safest": safest is not None and safest.trial == t.number,
+                "is_baseline": bool(t.user_attrs.get("baseline")),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -168,22 +183,30 @@ class StudyProgress:
     def __init__(self, study: optuna.Study, total: int, enabled: bool = True):
         self.total = total
         self.progress = Progress(
-            TextColumn("[bold]search"), BarColumn(), TextColumn("{task.completed}/{task.total} trials"),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not enabled,
-        )  # fmt: skip
+            TextColumn("[bold]search"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} trials"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            disable=not enabled,
+        )
         self.task = self.progress.add_task("search", total=total, status="")
         self._update(study)
 
     def _update(self, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False, states=FINISHED)
-        causes = Counter(t.user_attrs.get("cause") or t.user_attrs.get("outcome", "?") for t in trials
-                         if t.state != optuna.trial.TrialState.COMPLETE)  # fmt: skip
+        causes = Counter(
+            t.user_attrs.get("cause") or t.user_attrs.get("outcome", "?")
+            for t in trials
+            if t.state != optuna.trial.TrialState.COMPLETE
+        )
         complete = [t.value for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         best = f"best {min(complete):.4g}" if complete else "no complete trial yet"
         stopped = ", ".join(f"{c} {n}" for c, n in causes.most_common()) or "none"
         counted = sum(t.state in COUNTED for t in trials)
-        self.progress.update(self.task, completed=min(counted, self.total),
-                             status=f"stopped: {stopped} | {best}")  # fmt: skip
+        self.progress.update(
+            self.task, completed=min(counted, self.total), status=f"stopped: {stopped} | {best}"
+        )
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self._update(study)
@@ -200,8 +223,9 @@ def enqueue_first_trials(study: optuna.Study, config: Config, warm_start_params:
     same instant would each see it empty and each enqueue the baseline."""
     with StudyLock(config, "ask"):
         if not study.get_trials(deepcopy=False):
-            study.enqueue_trial(trial_values(baseline_params(config)), user_attrs={"baseline": True},
-                                skip_if_exists=True)  # fmt: skip
+            study.enqueue_trial(
+                trial_values(baseline_params(config)), user_attrs={"baseline": True}, skip_if_exists=True
+            )
         if warm_start_params:
             warm_start(study, warm_start_params)
 
@@ -253,7 +277,7 @@ def run_trials(
     objective = _ReleaseThenRun(objective, gate)
     bar = StudyProgress(study, target, enabled=progress)
     ran = 0
-    with SingleWorkerGuard(config.storage_url), bar.progress, frozen_heap():
+    with SqliteWorkerLock(config.storage_url), bar.progress, frozen_heap():
         while True:
             gate.acquire()
             try:

@@ -254,14 +254,22 @@ class RunGuard:
     def start(self, initial_param_norm: float) -> None:
         """Fresh running statistics for a run whose parameters start at this norm."""
         self.initial_param_norm = initial_param_norm
-        self.monitor = DivergenceMonitor(self.config.divergence_factor, self.config.divergence_warmup,
-                                         self.config.grad_spike_factor, self.config.grad_spike_window)  # fmt: skip
+        self.monitor = DivergenceMonitor(
+            self.config.divergence_factor,
+            self.config.divergence_warmup,
+            self.config.grad_spike_factor,
+            self.config.grad_spike_window,
+        )
         self.fp16_skips = 0
 
     def state_dict(self) -> dict:
         monitor = self.monitor
-        return {"initial_param_norm": self.initial_param_norm, "fp16_skips": self.fp16_skips,
-                "loss_min": monitor.loss_min, "grad_norms": list(monitor.grad_norms)}  # fmt: skip
+        return {
+            "initial_param_norm": self.initial_param_norm,
+            "fp16_skips": self.fp16_skips,
+            "loss_min": monitor.loss_min,
+            "grad_norms": list(monitor.grad_norms),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.start(state["initial_param_norm"])

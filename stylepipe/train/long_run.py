@@ -2,7 +2,8 @@
 
 ``LongRun`` drives ``Trainer.fit`` for the runs users pay for (``stylepipe train``, the final
 model); search trials and replays never use it: a trial that needs rescue is not stable.
-Where its files live and what state the run is in: ``lifecycle.py``.
+Where its files live and what state the run is in: ``lifecycle.py``; its checkpoints:
+``checkpoints.py``.
 
 * **Good checkpoints.** At the first check at or after every ``train.checkpoint_every``
   steps (or ``train.checkpoint_minutes`` minutes after the last checkpoint, when set), when
@@ -37,8 +38,9 @@ from typing import Any
 
 from stylepipe.config import Config
 from stylepipe.train.callbacks import Callback, TrainState
+from stylepipe.train.checkpoints import CheckpointSaver, NonFiniteState
 from stylepipe.train.guards import Autopsy, TrainingHalted
-from stylepipe.train.lifecycle import CheckpointSaver, NonFiniteState, RunSink, RunStateError
+from stylepipe.train.lifecycle import RunSink, RunStateError
 from stylepipe.train.trainer import Trainer, TrainResult
 
 
@@ -46,9 +48,11 @@ def describe_recovery(event: dict[str, Any]) -> str:
     """One recovery in a line a person reads (numbers rounded to three figures)."""
     lr, clip = event["lr"], event["clip_norm"]
     shown = ["off" if c is None else f"{c:.3g}" for c in clip]
-    return (f"attempt {event['attempt']}: halted at step {event['halted_at_step']} ({event['outcome']}, "
-            f"{event['cause']}); back to step {event['resumed_from_step']}, skipped {event['skipped_batches']} "
-            f"batches, lr {lr[0]:.3g} -> {lr[1]:.3g}, clip {shown[0]} -> {shown[1]}")  # fmt: skip
+    return (
+        f"attempt {event['attempt']}: halted at step {event['halted_at_step']} ({event['outcome']}, "
+        f"{event['cause']}); back to step {event['resumed_from_step']}, skipped {event['skipped_batches']} "
+        f"batches, lr {lr[0]:.3g} -> {lr[1]:.3g}, clip {shown[0]} -> {shown[1]}"
+    )
 
 
 class LongRun(Callback):
@@ -59,8 +63,14 @@ class LongRun(Callback):
     rows other callbacks add at a check (an evaluation) are committed too.
     """
 
-    def __init__(self, saver: CheckpointSaver, config: Config, sinks: Sequence[RunSink] = (),
-                 recovery: bool = True, start_over: str = "pass --fresh to start the run over"):  # fmt: skip
+    def __init__(
+        self,
+        saver: CheckpointSaver,
+        config: Config,
+        sinks: Sequence[RunSink] = (),
+        recovery: bool = True,
+        start_over: str = "pass --fresh to start the run over",
+    ):
         self.saver = saver
         self.start_over = start_over  # how a user starts this run over (said when it cannot resume)
         self.every = config.train.checkpoint_every
@@ -83,8 +93,10 @@ class LongRun(Callback):
         self.trainer = trainer
         state = self.saver.load()
         if state is None and self.saver.skipped:  # never start over on top of files it cannot use
-            raise RunStateError(f"no checkpoint in {self.saver.folder} can be used ({self.saver.skipped[0]}): "
-                                f"move them away, or {self.start_over}")  # fmt: skip
+            raise RunStateError(
+                f"no checkpoint in {self.saver.folder} can be used ({self.saver.skipped[0]}): "
+                f"move them away, or {self.start_over}"
+            )
         if state is not None:
             self.resumed_from = self._load(state)
             self.recoveries = list(state["recoveries"])  # the recoveries before the crash

@@ -1,7 +1,7 @@
 """The model file: a trained transformer's weights as safetensors, with its settings beside them.
 
 A *model* is what a finished run leaves (and what ``stylize`` and the registry take); a
-*checkpoint* is only the state a run resumes from (``lifecycle.py``). A model file is written
+*checkpoint* is only the state a run resumes from (``checkpoints.py``). A model file is written
 only when every weight is finite, and one that is not finite is refused when read.
 """
 
@@ -34,8 +34,10 @@ def save_model(model: TransformerNet, path: str | Path, metadata: dict | None = 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     bad = _nonfinite(state)
     if bad:
-        raise ModelFileError(f"the model was not written to {path}: {len(bad)} of its {len(state)} tensors hold "
-                             f"NaN or Inf (such as {bad[0]})")  # fmt: skip
+        raise ModelFileError(
+            f"the model was not written to {path}: {len(bad)} of its {len(state)} tensors hold "
+            f"NaN or Inf (such as {bad[0]})"
+        )
     body = save(state, metadata={"stylepipe": json.dumps(metadata or {}, default=str)})
     try:
         with atomic_path(path) as tmp:
@@ -51,8 +53,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transfor
     path = Path(path)
     if path.is_dir():
         if not (path / MODEL_FILE).is_file():
-            raise ModelFileError(f"{path} is a folder without a {MODEL_FILE}: give the model file (a finished "
-                                 "run's folder holds one)")  # fmt: skip
+            raise ModelFileError(
+                f"{path} is a folder without a {MODEL_FILE}: give the model file (a finished "
+                "run's folder holds one)"
+            )
         path = path / MODEL_FILE
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
@@ -73,6 +77,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transfor
         )
     bad = _nonfinite(state)
     if bad:
-        raise ModelFileError(f"{path} is not a usable model: {len(bad)} of its {len(state)} tensors hold NaN or "
-                             f"Inf (such as {bad[0]}); it would paint every image black")  # fmt: skip
+        raise ModelFileError(
+            f"{path} is not a usable model: {len(bad)} of its {len(state)} tensors hold NaN or "
+            f"Inf (such as {bad[0]}); it would paint every image black"
+        )
     return model.to(device).eval()

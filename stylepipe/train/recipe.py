@@ -22,6 +22,7 @@ from stylepipe.files import file_sha256, writable_folder, write_json
 from stylepipe.nets.losses import PerceptualLoss
 from stylepipe.nets.vgg import LossNetwork, load_vgg16_features
 from stylepipe.train.callbacks import Callback, CSVMetricsWriter
+from stylepipe.train.checkpoints import CheckpointSaver
 from stylepipe.train.guards import Autopsy, TrainingHalted
 from stylepipe.train.lifecycle import (
     FINISHED,
@@ -29,7 +30,6 @@ from stylepipe.train.lifecycle import (
     INTERRUPTED,
     NEW,
     RUNNING,
-    CheckpointSaver,
     RunFolder,
     RunStateError,
     differing_keys,
@@ -107,8 +107,10 @@ def train_from_config(
         state = run.state()
         if state == FINISHED:
             if fresh:
-                raise RunStateError(f"the run with these settings is finished ({run.model}); a finished run is "
-                                    f"never rewritten: to train it again, remove its folder {run.path}")  # fmt: skip
+                raise RunStateError(
+                    f"the run with these settings is finished ({run.model}); a finished run is "
+                    f"never rewritten: to train it again, remove its folder {run.path}"
+                )
             return _finished(run)
         if state == HALTED and not fresh:
             raise _halted_before(run)
@@ -137,34 +139,72 @@ def _train(
         run.write(
             HALTED, step=halted.autopsy.step, cause=halted.autopsy.cause, recoveries=long_run.recoveries
         )
-        halted.output = TrainingOutput(HALTED, run.path, None, run.metrics, halted.autopsy.step,
-                                       autopsy_json=autopsy, resumed_from=long_run.resumed_from,
-                                       recoveries=long_run.recoveries, skipped=saver.skipped)  # fmt: skip
+        halted.output = TrainingOutput(
+            HALTED,
+            run.path,
+            None,
+            run.metrics,
+            halted.autopsy.step,
+            autopsy_json=autopsy,
+            resumed_from=long_run.resumed_from,
+            recoveries=long_run.recoveries,
+            skipped=saver.skipped,
+        )
         raise
     except BaseException as err:  # Ctrl-C, a full disk: it resumes from its last good checkpoint
         run.write(INTERRUPTED, reason=failure_text(err)[:2000])
         raise
     finally:
         metrics.close()
-    meta = {"config": json.loads(config.model_dump_json()), "steps": result.steps,
-            "recoveries": len(long_run.recoveries)}  # fmt: skip
+    meta = {
+        "config": json.loads(config.model_dump_json()),
+        "steps": result.steps,
+        "recoveries": len(long_run.recoveries),
+    }
     model = save_model(result.model, run.model, meta)
     final_loss = result.final["loss/total"] if result.metrics else None
-    run.write(FINISHED, step=result.steps, model=model.name, model_sha256=file_sha256(model),
-              seconds=result.seconds, final_loss=final_loss, recoveries=long_run.recoveries)  # fmt: skip
-    return TrainingOutput(FINISHED, run.path, model, run.metrics, result.steps, result.seconds, final_loss,
-                          resumed_from=long_run.resumed_from, recoveries=long_run.recoveries,
-                          skipped=saver.skipped)  # fmt: skip
+    run.write(
+        FINISHED,
+        step=result.steps,
+        model=model.name,
+        model_sha256=file_sha256(model),
+        seconds=result.seconds,
+        final_loss=final_loss,
+        recoveries=long_run.recoveries,
+    )
+    return TrainingOutput(
+        FINISHED,
+        run.path,
+        model,
+        run.metrics,
+        result.steps,
+        result.seconds,
+        final_loss,
+        resumed_from=long_run.resumed_from,
+        recoveries=long_run.recoveries,
+        skipped=saver.skipped,
+    )
 
 
 def _finished(run: RunFolder) -> TrainingOutput:
     """A finished run as it was recorded; its model checked to be the file it wrote."""
     record = run.record()
     if not run.model.is_file() or file_sha256(run.model) != record.get("model_sha256"):
-        raise RunStateError(f"the run in {run.path} is recorded finished, but its {run.model.name} is missing or "
-                            "not the file it wrote: restore it, or remove the folder to train the run again")  # fmt: skip
-    return TrainingOutput(FINISHED, run.path, run.model, run.metrics, record["step"], record.get("seconds", 0.0),
-                          record.get("final_loss"), already=True, recoveries=record.get("recoveries") or [])  # fmt: skip
+        raise RunStateError(
+            f"the run in {run.path} is recorded finished, but its {run.model.name} is missing or "
+            "not the file it wrote: restore it, or remove the folder to train the run again"
+        )
+    return TrainingOutput(
+        FINISHED,
+        run.path,
+        run.model,
+        run.metrics,
+        record["step"],
+        record.get("seconds", 0.0),
+        record.get("final_loss"),
+        already=True,
+        recoveries=record.get("recoveries") or [],
+    )
 
 
 def _halted_before(run: RunFolder) -> TrainingHalted:
@@ -172,12 +212,22 @@ def _halted_before(run: RunFolder) -> TrainingHalted:
     try:
         autopsy = Autopsy.from_dict(json.loads(run.autopsy.read_text()))
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise RunStateError(f"the run in {run.path} halted, but its autopsy cannot be read ({type(err).__name__}); "
-                            "--fresh starts it over") from None  # fmt: skip
+        raise RunStateError(
+            f"the run in {run.path} halted, but its autopsy cannot be read ({type(err).__name__}); "
+            "--fresh starts it over"
+        ) from None
     halted = TrainingHalted(autopsy)
     halted.recoveries = run.record().get("recoveries") or []
-    halted.output = TrainingOutput(HALTED, run.path, None, run.metrics, autopsy.step, already=True,
-                                   autopsy_json=run.autopsy, recoveries=halted.recoveries)  # fmt: skip
+    halted.output = TrainingOutput(
+        HALTED,
+        run.path,
+        None,
+        run.metrics,
+        autopsy.step,
+        already=True,
+        autopsy_json=run.autopsy,
+        recoveries=halted.recoveries,
+    )
     return halted
 
 

@@ -183,8 +183,9 @@ class Trainer:
         self.clip_norm = tc.clip_norm  # a recovery may tighten it
         self.columns = metric_columns(criterion.style_layers, self.group_names)
         self.guarded = config.guard.enabled  # off: skip the extra finiteness reductions
-        self.guard = RunGuard(config.guard, tc.precision, tc.clip_norm, weights, criterion.style_layers,
-                              self.group_names)  # fmt: skip
+        self.guard = RunGuard(
+            config.guard, tc.precision, tc.clip_norm, weights, criterion.style_layers, self.group_names
+        )
         self.history: list[dict[str, float]] = []
         self.step = 0  # steps done and checked; fit() continues from here
 
@@ -227,8 +228,10 @@ class Trainer:
     def clip_gradients(self) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Gradient norms per parameter group and in total, before clipping, then clipping to
         ``clip_norm``: (group norms, total norm, 1.0 if clipped else 0.0), on the device."""
-        group_norms = [get_total_norm([p.grad for p in group if p.grad is not None], foreach=True)
-                       for group in self.group_params]  # fmt: skip
+        group_norms = [
+            get_total_norm([p.grad for p in group if p.grad is not None], foreach=True)
+            for group in self.group_params
+        ]
         grad_norm = get_total_norm(group_norms, foreach=True)
         clipped = torch.zeros((), device=self.device)
         if self.clip_norm is not None:

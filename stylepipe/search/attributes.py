@@ -1,0 +1,116 @@
+"""Everything stylepipe keeps on an Optuna study, read and written here only.
+
+The study's user attributes (optuna-dashboard shows them) are its shared record: every worker
+and every machine of the study reads them.
+
+    settings            the settings the study answers for (study.py refuses other ones)
+    state               searching, certifying, training the final model, registering, finished
+    mlflow_parent_run_id  the study's MLflow run
+    safety              every candidate's verdict from the stress replays (search/safest.py)
+    baseline            the verdict on the config file's own settings
+    versus_baseline     the comparison with them, in words
+    safest              the safest configuration (records.Safest), or None: nothing was safe
+    safest_for_trials   how many counted trials the safest answers for
+    final_runs          fingerprint -> {run_id, state} of the final runs (final.py)
+    finished            the study's answer once it is finished for its trials (chain.py)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from stylepipe.records import Safest
+
+STUDY_STATES = ("searching", "certifying", "training the final model", "registering", "finished")
+
+
+class StudyRecord:
+    """The attributes of one study (see the module doc)."""
+
+    def __init__(self, study: optuna.Study):
+        self.study = study
+
+    def _get(self, key: str) -> Any:
+        return self.study.user_attrs.get(key)
+
+    def _set(self, key: str, value: Any) -> None:
+        self.study.set_user_attr(key, value)
+
+    def _safest_from(self, raw: Any, key: str) -> Safest | None:
+        return None if raw is None else Safest.from_json(raw, f"study {self.study.study_name}'s {key}")
+
+    # -- what it answers for, and where it is
+    @property
+    def settings(self) -> dict[str, Any] | None:
+        return self._get("settings")
+
+    def record_settings(self, settings: dict[str, Any]) -> None:
+        self._set("settings", settings)
+
+    @property
+    def state(self) -> str | None:
+        return self._get("state")
+
+    def set_state(self, state: str) -> None:
+        if state not in STUDY_STATES:
+            raise ValueError(f"unknown study state {state!r}")
+        if self.state != state:
+            self._set("state", state)
+
+    def record_parent_run(self, run_id: str) -> None:
+        self._set("mlflow_parent_run_id", run_id)
+
+    # -- the certificate
+    @property
+    def verdicts(self) -> list[dict[str, Any]]:
+        return list(self._get("safety") or [])
+
+    @property
+    def baseline(self) -> dict[str, Any] | None:
+        return self._get("baseline")
+
+    @property
+    def versus_baseline(self) -> str | None:
+        return self._get("versus_baseline")
+
+    def record_verdicts(self, verdicts: list[dict[str, Any]], baseline: dict | None, versus: str) -> None:
+        self._set("safety", verdicts)
+        self._set("baseline", baseline)
+        self._set("versus_baseline", versus)
+
+    def safest_for(self, trials: int) -> tuple[bool, Safest | None]:
+        """(whether the study holds a safest answer for ``trials`` counted trials, that answer)."""
+        attrs = self.study.user_attrs
+        if attrs.get("safest_for_trials") != trials or "safest" not in attrs:
+            return False, None
+        return True, self._safest_from(attrs["safest"], "safest")
+
+    def record_safest(self, safest: Safest | None, for_trials: int | None = None) -> None:
+        self._set("safest", safest.to_json() if safest else None)
+        if for_trials is not None:
+            self._set("safest_for_trials", for_trials)
+
+    # -- the final runs and the answer
+    def final_run(self, fingerprint: str) -> dict[str, Any]:
+        return dict((self._get("final_runs") or {}).get(fingerprint) or {})
+
+    def share_final_run(self, fingerprint: str, **record: Any) -> None:
+        runs = dict(self._get("final_runs") or {})
+        runs[fingerprint] = {**(runs.get(fingerprint) or {}), **record}
+        self._set("final_runs", runs)
+
+    @property
+    def finished(self) -> dict[str, Any] | None:
+        """``{for_trials, safest: Safest | None, model}`` once the study was finished, else None."""
+        record = self._get("finished")
+        if not record:
+            return None
+        return {**record, "safest": self._safest_from(record.get("safest"), "finished record")}
+
+    def record_finished(self, for_trials: int, safest: Safest | None, model: dict | None) -> dict[str, Any]:
+        stored = safest.to_json() if safest else None
+        self._set("finished", {"for_trials": for_trials, "safest": stored, "model": model})
+        self.set_state("finished")
+        return {"for_trials": for_trials, "safest": safest, "model": model}
