@@ -5,7 +5,8 @@ values or typed records (records.py, each with one JSON form):
 
 A stage reopens what it needs from disk and the stores (the shard, the Optuna study, the
 MLflow runs), so an orchestrator can run, retry or cache each on its own, and it loads only
-that: the report stage never builds the loss network. A stage given a ``StudySession``
+that, importing its modules when it runs: the report stage never builds the loss network, and
+``train`` never imports Optuna or MLflow (the command starts seconds sooner). A stage given a ``StudySession``
 (session.py) shares it. The order they run in is chain.py's, for the commands and the Prefect
 flows alike.
 """
@@ -16,19 +17,16 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stylepipe.config import Config
 from stylepipe.files import write_json
 from stylepipe.records import FinalRun, Safest, WarmStart
-from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
-from stylepipe.search.attributes import StudyRecord
-from stylepipe.search.objective import Objective, check_prepared, evaluate_quality, load_study_data
-from stylepipe.search.safest import confirm_safest, nothing_safe_because
-from stylepipe.search.study import COUNTED, run_trials, trials_table
-from stylepipe.session import StudySession, study_session
 from stylepipe.stores import sqlite_path
 from stylepipe.threads import ALONE, Cores
+
+if TYPE_CHECKING:
+    from stylepipe.session import StudySession
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +185,11 @@ def search(
 ) -> dict:
     """Run (or resume) the study's trials until it holds ``search.n_trials`` finished ones, each
     with ``cores``' share of the machine."""
+    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.objective import Objective, check_prepared
+    from stylepipe.search.study import COUNTED, run_trials
+    from stylepipe.session import study_session
+
     check_prepared(config.data.content)  # before any study or run exists
     with study_session(config, session) as s:
         if len(s.study.get_trials(deepcopy=False, states=COUNTED)) < config.search.n_trials:
@@ -203,6 +206,11 @@ def confirm(config: Config, session: StudySession | None = None) -> Safest | Non
     Runs once per study state: a verdict the study already holds for its current trials
     (from another worker, or an earlier run) is reused.
     """
+    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.safest import confirm_safest, nothing_safe_because
+    from stylepipe.search.study import COUNTED
+    from stylepipe.session import study_session
+
     with study_session(config, session) as s:
         # Replay runs still RUNNING belong to a process that died: only the holder of the study's
         # finish lock confirms. (A final run that died is resumed by train_final, in the same run.)
@@ -238,6 +246,8 @@ def train_final(config: Config, safest: Safest, session: StudySession | None = N
     reused (``reused``), never trained or rewritten again; one that halted raises
     ``FinalRunHalted`` again."""
     from stylepipe.final import FinalTraining
+    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.session import study_session
 
     with study_session(config, session) as s:
         StudyRecord(s.study).set_state("training the final model")
@@ -249,6 +259,7 @@ def register(config: Config, final: FinalRun, session: StudySession | None = Non
     weights' SHA-256, the certificate and the recoveries, aliased ``safest``. A version already
     registered from that run is completed and reused (``reused``), never registered twice."""
     from stylepipe.registry import SAFEST_SETTINGS_TAG, Registry
+    from stylepipe.search.attributes import StudyRecord
     from stylepipe.showcase import style_summary
 
     if session is not None:
@@ -283,6 +294,7 @@ def promote(config: Config, version: str, session: StudySession | None = None) -
     weights: a champion measured long ago on other images is not a fair comparison.
     """
     from stylepipe.registry import Registry
+    from stylepipe.search.objective import evaluate_quality, load_study_data
 
     registry = Registry(config.tracking_uri, config.tracking.registered_model)
     if not registry.is_safe(version):
@@ -323,6 +335,10 @@ def record_finished(
 ) -> dict:
     """Record on the study that it is finished for its current trials, with its answer: the next
     command with the same settings reports it and runs nothing (chain.py)."""
+    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.study import COUNTED
+    from stylepipe.session import study_session
+
     with study_session(config, session) as s:
         done = len(s.study.get_trials(deepcopy=False, states=COUNTED))
         return StudyRecord(s.study).record_finished(done, safest, model)
@@ -337,6 +353,12 @@ def report(
 ) -> dict:
     """The trials table, the stability map and the causes summary, in run_dir and on the
     study's MLflow run; the summary a person reads first, and the best trials."""
+    from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
+    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.safest import nothing_safe_because
+    from stylepipe.search.study import trials_table
+    from stylepipe.session import study_session
+
     with study_session(config, session) as s:
         record = StudyRecord(s.study)
         trials = trials_table(s.study, safest)

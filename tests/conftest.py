@@ -16,7 +16,9 @@ from stylepipe.config import Config, load_config
 from stylepipe.records import Certificate, Safest
 from stylepipe.train.callbacks import Callback
 
-torch.set_num_threads(2)
+# Two CPU cores: one test process alone uses both; under pytest-xdist (make test runs two
+# workers) each takes one, as the machine's stylepipe processes would share them.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 
@@ -56,6 +58,29 @@ def _answers(url: str) -> bool:
 
 if POSTGRES_ENV not in os.environ and _answers(LOCAL_POSTGRES):
     os.environ[POSTGRES_ENV] = LOCAL_POSTGRES
+
+
+# The files that take longest (servers, worker processes, kills and resumes; measured with
+# --durations), collected first: make test's two pytest-xdist workers take whole files in
+# collection order, and the longest ones first finish together.
+LONGEST_FIRST = (
+    "test_topology",
+    "test_workers",
+    "test_long_run",
+    "test_search",
+    "test_states",
+    "test_flows",
+    "test_secrets",
+    "test_mistakes",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.stem
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, the written order
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ _SUFFIX = ".worker"
 _PARTIAL = ".partial-"  # a file being registered: not counted, removed if left behind by a crash
 _PARTIAL_STALE_S = 60.0
 
-_guard = threading.RLock()
+_threads_lock = threading.RLock()
 _held: _Registration | None = None  # this process's registration
 _depth = 0  # nested CoreShare blocks in this process: one registration for them all
 _torch_start: int | None = None  # torch's thread count before set_torch_threads() first changed it
@@ -137,7 +137,7 @@ def set_torch_threads() -> int:
 
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    with _guard:
+    with _threads_lock:
         before = torch.get_num_threads()
         if _torch_start is None:
             _torch_start = before
@@ -196,7 +196,7 @@ class CoreShare:
 
     def __enter__(self) -> CoreShare:
         global _held, _depth
-        with _guard:
+        with _threads_lock:
             if _depth == 0:
                 try:
                     _held = _Registration(_folder())
@@ -214,7 +214,7 @@ class CoreShare:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         global _held, _depth
-        with _guard:
+        with _threads_lock:
             if _depth == 0:  # a forked child leaving a block its parent entered
                 return
             _depth -= 1

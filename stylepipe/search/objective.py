@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import optuna
 import torch
 import torch.nn.functional as F
-from optuna_dashboard import save_note
 
 from stylepipe.config import Config
 from stylepipe.data.shard import is_prepared, load_split
@@ -296,8 +295,11 @@ class Objective:
             trial.set_user_attr("nan_step", step)
             trial.set_user_attr("first_nonfinite", autopsy.first_nonfinite if autopsy else "val/quality")
             if autopsy is not None:
+                # optuna-dashboard shows a trial's note first, above its attributes. (Imported
+                # here: it pulls in scikit-learn, a second of every worker's start.)
+                from optuna_dashboard import save_note
+
                 trial.set_user_attr("autopsy", autopsy.to_dict())
-                # optuna-dashboard shows a trial's note first, above its attributes.
                 save_note(trial, f"**{run.outcome} at step {step}: {cause}**\n\n{autopsy.explain()}")
             # NaN at that step, then pruned: the sampler learns the region is bad (docs/design.md).
             trial.report(float("nan"), step)
