@@ -19,6 +19,8 @@ from stylepipe.train.callbacks import Callback
 # Two CPU cores: one test process alone uses both; under pytest-xdist (make test runs two
 # workers) each takes one, as the machine's stylepipe processes would share them.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # and every stylepipe process a test starts, one
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 

@@ -71,6 +71,13 @@ class Worker:
         self.process.wait(timeout=30)
 
 
+@pytest.fixture(autouse=True)
+def _threads_not_fixed(monkeypatch):
+    """These tests are about how stylepipe sets the thread count: make test fixes it for its own
+    worker processes (conftest.py), a user here has not."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
 @pytest.fixture
 def workers(tmp_path, monkeypatch):
     """Start workers registered in tmp_path; every one still running is killed afterwards."""

@@ -216,7 +216,7 @@ def test_a_tampered_registered_model_is_refused_and_its_payload_never_runs(searc
 
 @pytest.mark.slow
 def test_the_report_stage_reads_the_study_without_loading_images_or_the_loss_network(searched, monkeypatch):
-    from stylepipe import stages
+    from stylepipe import session, stages
 
     config, result = searched
     (Path(config.run_dir) / "stability_map.png").unlink()
@@ -224,7 +224,7 @@ def test_the_report_stage_reads_the_study_without_loading_images_or_the_loss_net
     def refuse(*args, **kwargs):
         raise AssertionError("the report stage loaded the shard and built the loss network")
 
-    monkeypatch.setattr(stages, "load_study_data", refuse)
+    monkeypatch.setattr(session, "load_study_data", refuse)  # what a StudySession builds its data with
     reported = stages.report(config, result["safest"], result["model"])
     assert Path(reported["stability_map"]).is_file()
     assert sum(reported["outcomes"].values()) == 6
@@ -397,7 +397,7 @@ def _wait_for_run(process, config, role: str, timeout: float = 240.0):
 
 
 LONG_REPLAYS = ("search.n_trials=2", "search.space.lr=[1e-4,3e-4]", "train.steps=40", "train.check_every=5",
-                "search.eval_every=20", "search.top_k=1", "search.replay_seeds=3", "search.confirm_steps=20", "search.lr_margin=1",
+                "search.eval_every=20", "search.top_k=1", "search.replay_seeds=1", "search.confirm_steps=20", "search.lr_margin=1",
                 "final.train=false", "search.heartbeat_interval=1", "search.grace_period=3")  # fmt: skip
 
 
