@@ -238,6 +238,9 @@ class SearchConfig(Section):
     confirm_steps: int | None = Field(None, ge=1)
     replay_seeds: int = Field(2, ge=0)  # more seeds per candidate
     lr_margin: float = Field(2.0, ge=1.0)  # and once with lr x margin
+    # Replay every candidate in full; by default they are certified best-first, each stopping
+    # at its first failed replay, and none after the first that passes (the baseline always).
+    certify_all: bool = False
 
 
 class TrackingConfig(Section):

@@ -1,13 +1,16 @@
 """The safest configuration: the top-K trials, and the user's own settings (the baseline),
 replayed under stress at the horizon that matters (docs/design.md, 'Safest configuration').
 
-Each candidate is replayed with ``search.replay_seeds`` more seeds and once with its learning
-rate multiplied by ``search.lr_margin``, each for ``confirm_horizon`` steps. It is *safe* when
-every replay stays finite and does not diverge. The safest is the best quality among the safe
-ones; ties go to the lower gradient-norm spikiness. If none is safe there is no safest
-configuration. The record states its **certificate** (the seeds, the margin and the horizon
-it passed) and compares it with the **baseline**, the settings of the user's own config file,
-which every study runs as its first trial.
+Each candidate is replayed once with its learning rate multiplied by ``search.lr_margin`` (the
+likeliest failure, first) and with ``search.replay_seeds`` more seeds, each for
+``confirm_horizon`` steps. It is *safe* when every replay stays finite and does not diverge;
+its replays stop at the first that fails. Candidates are certified best-first by their trial's
+quality, so the first that passes is the safest (ties go to the lower gradient-norm spikiness)
+and worse candidates are not replayed; ``search.certify_all`` replays every candidate in full,
+as before. If none is safe there is no safest configuration. The record states its
+**certificate** (the seeds, the margin and the horizon it passed) and compares it with the
+**baseline**, the settings of the user's own config file, which every study runs as its first
+trial and which is always replayed.
 """
 
 from __future__ import annotations
@@ -43,11 +46,10 @@ def confirm_horizon(config: Config) -> int:
 
 
 def replay_plan(seed: int, replay_seeds: int, lr_margin: float) -> list[dict[str, Any]]:
-    """The stress replays of one candidate: more seeds at its own lr, then lr x margin."""
-    plan = [{"seed": seed + i, "lr_factor": 1.0} for i in range(1, replay_seeds + 1)]
-    if lr_margin > 1.0:
-        plan.append({"seed": seed, "lr_factor": lr_margin})
-    return plan
+    """The stress replays of one candidate, the likeliest failure first: its lr x margin, then
+    more seeds at its own lr. A candidate's replays stop at its first failure."""
+    plan = [{"seed": seed, "lr_factor": lr_margin}] if lr_margin > 1.0 else []
+    return plan + [{"seed": seed + i, "lr_factor": 1.0} for i in range(1, replay_seeds + 1)]
 
 
 def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -110,9 +112,11 @@ def _verdict(config, data, trial, plan, horizon, tracker, parent_run_id) -> dict
             "replays": [],
             "why": f"its trial ended {outcome} ({trial.user_attrs.get('cause') or 'no cause'})",
         }
-    replays = [
-        _replay(config, data, trial, params, stress, horizon, tracker, parent_run_id) for stress in plan
-    ]
+    replays = []
+    for stress in plan:
+        replays.append(_replay(config, data, trial, params, stress, horizon, tracker, parent_run_id))
+        if replays[-1]["outcome"] != "complete" and not config.search.certify_all:
+            break  # it is not safe: the replays after this one cannot change that
     safe = all(r["outcome"] == "complete" for r in replays)
     spikes = [r["spikiness"] for r in replays if r["spikiness"] is not None]
     failed = [r for r in replays if r["outcome"] != "complete"]
@@ -196,10 +200,10 @@ def confirm_safest(
     search = config.search
     horizon = confirm_horizon(config)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    candidates = sorted(complete, key=lambda t: t.value)[: search.top_k]
+    candidates = sorted(complete, key=lambda t: t.value)[: search.top_k]  # best-first
     base = baseline_trial(study)
     if base is not None and base.number not in [t.number for t in candidates]:
-        candidates.append(base)
+        candidates.append(base)  # last: it is replayed whatever passed before it
     plan = replay_plan(config.train.seed, search.replay_seeds, search.lr_margin)
     # A candidate replayed before (the study then grew) keeps its verdict: the same trial, plan
     # and horizon replay the same way, and the study's settings cannot change (study.py).
@@ -208,7 +212,14 @@ def confirm_safest(
         v["trial"]: v for v in record.verdicts if v.get("plan") == plan and v.get("horizon") == horizon
     }
     verdicts = []
+    passed: float | None = None  # the quality of the best candidate that passed
     for trial in candidates:
+        is_baseline = base is not None and trial.number == base.number
+        if not (is_baseline or search.certify_all) and passed is not None and trial.value > passed:
+            # best-first: a worse candidate that passed would not be chosen (the baseline is
+            # still replayed, for the comparison)
+            log.info("trial %d: not replayed, a better candidate passed first", trial.number)
+            continue
         if trial.number in earlier:
             log.info(
                 "trial %d: its verdict from before is kept (%s)", trial.number, earlier[trial.number]["why"]
@@ -222,6 +233,8 @@ def confirm_safest(
                     "horizon": horizon,
                 }
             )
+        if verdicts[-1]["safe"] and (passed is None or trial.value < passed):
+            passed = trial.value
     baseline = next((v for v in verdicts if base is not None and v["trial"] == base.number), None)
     safe = [v for v in verdicts if v["safe"]]
     best = min(safe, key=lambda v: (v["quality"], v["spikiness"] or math.inf)) if safe else None

@@ -49,6 +49,7 @@ STUDY_MAY_CHANGE = (
     "search.grace_period",
     "search.max_retry",
     "search.workers_per_device",
+    "search.certify_all",
     "search.val_batch_size",
     "tracking.uri",
     "tracking.experiment",

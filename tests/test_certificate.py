@@ -1,0 +1,96 @@
+"""The certificate stops early at the same strength: candidates best-first, a candidate's replays
+stopped at its first failure (the lr-margin replay first), no worse candidate replayed once one
+passed, and the baseline always replayed. Replays are stood in for by a rule on the learning
+rate, so the order and count of the runs is what is checked."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+import pytest
+
+from stylepipe.config import load_config
+from stylepipe.search import safest as safest_module
+from stylepipe.search.safest import confirm_safest
+from tests.conftest import DEMO
+
+LR = optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)
+
+
+def study_of(*trials: tuple[float, float, bool]) -> optuna.Study:
+    """A study holding complete trials (lr, quality, is the baseline), in this order."""
+    study = optuna.create_study()
+    for lr, quality, baseline in trials:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": lr}, distributions={"lr": LR}, value=quality, user_attrs={"baseline": baseline}
+            )
+        )
+    return study
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """Every replay run as (its lr, its seed); a replay at lr above ``breaks_above`` diverges."""
+    ran: list[tuple[float, int]] = []
+    rule = {"breaks_above": float("inf")}
+
+    def run_candidate(config, data, loggers):
+        lr = config.train.lr
+        ran.append((round(lr, 12), config.train.seed))
+        broke = lr > rule["breaks_above"]
+        autopsy = SimpleNamespace(cause="divergence", step=3) if broke else None
+        return SimpleNamespace(
+            outcome="diverged" if broke else "complete", autopsy=autopsy, quality=0.5, spikiness=1.0
+        )
+
+    monkeypatch.setattr(safest_module, "run_candidate", run_candidate)
+    return SimpleNamespace(ran=ran, rule=rule)
+
+
+def settings(tmp_path, *extra: str):
+    return load_config(
+        DEMO,
+        [f"run_dir={tmp_path}", "search.top_k=3", "search.replay_seeds=2", "search.lr_margin=2",
+         "search.confirm_steps=5", "train.seed=0", *extra],
+    )  # fmt: skip
+
+
+def test_once_a_candidate_passes_worse_ones_are_not_replayed_but_the_baseline_is(tmp_path, replays):
+    # quality (lower is better): trial 1 best, the baseline (trial 0) second, trial 2 third
+    study = study_of((1e-3, 1.5, True), (2e-3, 1.0, False), (3e-3, 2.0, False), (4e-3, 3.0, False))
+    safest = confirm_safest(study, SimpleNamespace(config=settings(tmp_path)))
+    assert safest is not None and safest.trial == 1
+    # trial 1: lr x2 first (the likeliest failure), then seeds 1 and 2; then the baseline; no trial 2
+    assert replays.ran == [(4e-3, 0), (2e-3, 1), (2e-3, 2), (2e-3, 0), (1e-3, 1), (1e-3, 2)]
+    assert [v["trial"] for v in study.user_attrs["safety"]] == [1, 0]
+    assert safest.certificate.seeds == [1, 2] and safest.certificate.lr_margin == 2.0  # the same strength
+    assert study.user_attrs["baseline"]["safe"] is True
+
+
+def test_a_failed_replay_stops_that_candidates_remaining_replays(tmp_path, replays):
+    replays.rule["breaks_above"] = 3e-3  # lr x2 breaks every candidate but the baseline
+    study = study_of((1e-3, 5.0, True), (2e-3, 1.0, False), (3e-3, 2.0, False), (4e-3, 3.0, False))
+    safest = confirm_safest(study, SimpleNamespace(config=settings(tmp_path)))
+    verdicts = {v["trial"]: v for v in study.user_attrs["safety"]}
+    for trial in (1, 2, 3):  # each stopped at its first replay, the one at lr x2
+        assert [(r["seed"], r["lr_factor"], r["outcome"]) for r in verdicts[trial]["replays"]] == [
+            (0, 2.0, "diverged")
+        ]
+        assert verdicts[trial]["safe"] is False
+    assert len(verdicts[0]["replays"]) == 3 and verdicts[0]["safe"]
+    assert safest is not None and safest.trial == 0  # the user's own settings are the safest
+    assert len(replays.ran) == 3 + 3
+
+
+def test_certify_all_replays_every_candidate_in_full_and_chooses_the_same(tmp_path, replays):
+    trials = ((1e-3, 1.5, True), (2e-3, 1.0, False), (3e-3, 2.0, False), (4e-3, 3.0, False))
+    early = confirm_safest(study_of(*trials), SimpleNamespace(config=settings(tmp_path / "a")))
+    early_runs = len(replays.ran)
+    full = confirm_safest(
+        study_of(*trials), SimpleNamespace(config=settings(tmp_path / "b", "search.certify_all=true"))
+    )
+    assert len(replays.ran) - early_runs == 3 * 3  # the top three, three replays each
+    assert early_runs == 2 * 3
+    assert full.trial == early.trial and full.certificate == early.certificate
