@@ -343,12 +343,36 @@ def stability_map(
     return path
 
 
+COST_STAGES = ("search", "certificate", "final")
+
+
+def study_cost(trials: pd.DataFrame, verdicts: list[dict], final_steps: int) -> dict[str, int]:
+    """The steps each stage trained: the trials (to their halt or prune), the stress replays (to
+    their first failure), the final model; ``total`` their sum."""
+    search = int(pd.to_numeric(trials.get("steps"), errors="coerce").fillna(0).sum()) if len(trials) else 0
+    certificate = sum(
+        int(r["step"] if r["outcome"] != "complete" and r.get("step") is not None else v.get("horizon") or 0)
+        for v in verdicts
+        for r in v.get("replays") or []
+    )
+    cost = {"search": search, "certificate": certificate, "final": int(final_steps)}
+    return {**cost, "total": sum(cost.values())}
+
+
+def cost_markdown(cost: dict[str, int]) -> str:
+    """Where the steps went, in one line."""
+    total = cost["total"] or 1
+    parts = ", ".join(f"{stage} {cost[stage]:,} ({cost[stage] / total:.0%})" for stage in COST_STAGES)
+    return f"**Where the steps went**: {parts}; {cost['total']:,} in all."
+
+
 def pipeline_markdown(
     trials: pd.DataFrame,
     safest: Safest | None,
     model: dict | None = None,
     promotion: dict | None = None,
     versus_baseline: str | None = None,
+    cost: dict[str, int] | None = None,
 ) -> str:
     """The run summary a person reads first: the safest settings and their certificate, where
     their margin ends, how they compare with the user's own settings, NaN causes, the model."""
@@ -395,5 +419,7 @@ def pipeline_markdown(
     if promotion:
         verdict = "promoted to **champion**" if promotion["promoted"] else "not promoted"
         lines += [f"Champion: {verdict}: {promotion['why']}.", ""]
+    if cost:
+        lines += [cost_markdown(cost), ""]
     lines.append(causes_markdown(trials))
     return "\n".join(lines)

@@ -353,7 +353,7 @@ def report(
 ) -> dict:
     """The trials table, the stability map and the causes summary, in run_dir and on the
     study's MLflow run; the summary a person reads first, and the best trials."""
-    from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
+    from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, study_cost, top_trials
     from stylepipe.search.attributes import StudyRecord
     from stylepipe.search.safest import nothing_safe_because
     from stylepipe.search.study import trials_table
@@ -361,7 +361,8 @@ def report(
 
     with study_session(config, session) as s:
         record = StudyRecord(s.study)
-        trials = trials_table(s.study, safest)
+        trials = trials_table(s.study, safest, config.train.steps)
+        cost = study_cost(trials, record.verdicts, config.final_run_steps if model else 0)
         picture = stability_map(
             trials,
             s.run_dir / "stability_map.png",
@@ -370,17 +371,20 @@ def report(
             lr_margin=safest.certificate.lr_margin if safest else None,
         )
         trials.to_csv(s.run_dir / "trials.csv", index=False)
-        s.tracker.log_study_summary(s.parent, trials, picture, causes_markdown(trials), safest)
+        s.tracker.log_study_summary(s.parent, trials, picture, causes_markdown(trials), safest, cost)
         safest_path = s.run_dir / "safest.json"
         if safest is not None and model is not None:
-            write_json(safest_path, {**safest.to_json(), "model": model})
+            write_json(safest_path, {**safest.to_json(), "model": model, "cost": cost})
         return {
             "runs_table": s.tracker.runs_table_url(),
             "stability_map": str(picture),
             "safest_json": str(safest_path),
             "trials_csv": str(s.run_dir / "trials.csv"),
             "outcomes": {str(k): int(v) for k, v in trials["outcome"].value_counts().items()},
-            "summary_markdown": pipeline_markdown(trials, safest, model, promotion, record.versus_baseline),
+            "summary_markdown": pipeline_markdown(
+                trials, safest, model, promotion, record.versus_baseline, cost
+            ),
+            "cost": cost,
             "top_trials": json.loads(top_trials(trials, k=10).to_json(orient="records")),
             "nothing_safe": None if safest else nothing_safe_because(record.verdicts),
         }

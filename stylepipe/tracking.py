@@ -348,7 +348,13 @@ class Tracker:
 
     # ------------------------------------------------------------ study artifacts
     def log_study_summary(
-        self, run_id: str, trials, stability_map: Path | None, causes_markdown: str, safest: Safest | None
+        self,
+        run_id: str,
+        trials,
+        stability_map: Path | None,
+        causes_markdown: str,
+        safest: Safest | None,
+        cost: dict[str, int] | None = None,
     ) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -359,6 +365,10 @@ class Tracker:
                 self.client.log_artifact(run_id, str(path))
         if stability_map is not None:
             self.client.log_artifact(run_id, str(stability_map))
+        if cost:  # where the steps went, for whoever pays for the GPU hours
+            now = int(time.time() * 1000)
+            metrics = [Metric(f"cost/{stage}_steps", float(steps), now, 0) for stage, steps in cost.items()]
+            self.client.log_batch(run_id, metrics=metrics)
         if safest is None:
             self.client.set_tag(run_id, "safest", "none: no candidate survived the stress replays")
             return

@@ -15,8 +15,11 @@ from stylepipe.report import (
     OUTCOMES,
     causes_markdown,
     causes_summary,
+    cost_markdown,
+    pipeline_markdown,
     stability_figure,
     stability_map,
+    study_cost,
     top_trials,
 )
 
@@ -319,3 +322,17 @@ def test_the_summary_says_plainly_when_your_own_settings_win():
         "the safest configuration (trial 4) reaches quality 0.75; your settings (the config file's) are not safe: "
         "its trial ended diverged (divergence)"
     )
+
+
+def test_the_cost_counts_the_steps_each_stage_trained():
+    trials = pd.DataFrame({"number": [0, 1, 2, 3], "steps": [30.0, 7.0, 12.0, float("nan")]})  # last: crashed
+    verdicts = [
+        {"horizon": 60, "replays": [{"outcome": "diverged", "step": 9}]},  # stopped at its first failure
+        {"horizon": 60, "replays": [{"outcome": "complete", "step": None}] * 3},
+    ]
+    cost = study_cost(trials, verdicts, final_steps=300)
+    assert cost == {"search": 49, "certificate": 9 + 180, "final": 300, "total": 49 + 189 + 300}
+    line = cost_markdown(cost)
+    assert line.startswith("**Where the steps went**: search 49 (9%), certificate 189 (35%), final 300 (56%)")
+    assert "538 in all" in line
+    assert "Where the steps went" in pipeline_markdown(trials.assign(outcome="complete"), None, cost=cost)

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -93,10 +94,13 @@ def test_nan_trials_are_pruned_with_a_cause_and_a_nan_intermediate_value(searche
         assert math.isnan(t.intermediate_values[t.user_attrs["nan_step"]])
         assert t.user_attrs["first_nonfinite"]
         assert t.user_attrs["autopsy"]["step"] == t.user_attrs["nan_step"]
+        # infeasible, for the sampler: the earlier it broke, the further (read back from the storage)
+        assert t.constraints["stability"] == pytest.approx(1 + (8 - t.user_attrs["nan_step"]) / 8)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete and all(
         t.user_attrs["outcome"] == "complete" and math.isfinite(t.value) for t in complete
     )
+    assert all(t.constraints == {"stability": -1.0} for t in complete)  # feasible
 
 
 @pytest.mark.slow
@@ -165,6 +169,14 @@ def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(sear
     assert float(parent.data.tags["safest.lr"]) == pytest.approx(result["safest"].params["lr"])
     assert parent.data.tags["safest.certificate"] == result["safest"].certificate.text
     assert parent.data.tags["safest.horizon_steps"] == "12"
+    # where the steps went: the trials as trials.csv counts them, the replays, the final model
+    trials = pd.read_csv(Path(config.run_dir) / "trials.csv")
+    cost = {stage: parent.data.metrics[f"cost/{stage}_steps"] for stage in ("search", "certificate", "final")}
+    assert cost["search"] == trials["steps"].sum() and 6 <= cost["search"] <= 6 * 8
+    assert cost["certificate"] > 0 and cost["final"] == config.final_run_steps
+    assert parent.data.metrics["cost/total_steps"] == sum(cost.values())
+    assert result["cost"] == {**{k: int(v) for k, v in cost.items()}, "total": int(sum(cost.values()))}
+    assert "Where the steps went" in result["summary_markdown"]
     assert parent.data.tags["safest.versus_baseline"] == result["safest"].versus_baseline
 
     version = client.get_model_version_by_alias("tiny-style", "safest")

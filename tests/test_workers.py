@@ -121,6 +121,11 @@ def test_three_workers_complete_exactly_n_trials_with_one_mlflow_run_each(tmp_pa
         if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     ]
     assert len(counted) == 5
+    # each trial's stability, as the sampler reads it back from PostgreSQL
+    assert all(
+        (t.constraints["stability"] <= 0) == (t.user_attrs["outcome"] in ("complete", "pruned"))
+        for t in counted
+    )
     numbers = [t.number for t in study.trials]
     assert numbers == list(range(len(numbers)))
     assert sum("finished the study: True" in out for out in outputs) == 1, outputs  # safest step ran once

@@ -225,6 +225,18 @@ def run_title(number: int, params: dict, outcome: str) -> str:
     return f"trial {number} | {outcome} | lr {params['lr']:.3g} | clip {'off' if clip is None else f'{clip:.3g}'}"
 
 
+# The trial's stability, as an Optuna 5 constraint the sampler reads (TPE ranks an infeasible
+# trial below every feasible one): <= 0 stayed finite (complete, or pruned for its quality);
+# > 0 went NaN or diverged, in (1, 2], the earlier the larger.
+STABILITY = "stability"
+
+
+def stability(finite: bool, step: int = 0, steps: int = 1) -> float:
+    if finite:
+        return -1.0
+    return 1.0 + (steps - min(max(step, 0), steps)) / steps
+
+
 class Objective:
     """Optuna's objective: one MLflow run per trial, NaN trials pruned with their autopsy."""
 
@@ -267,7 +279,8 @@ class Objective:
         trial.set_user_attr("mlflow_run_id", run_id)
         try:
             run = run_candidate(config, self.data, [logger], trial, logger)
-        except optuna.TrialPruned:
+        except optuna.TrialPruned:  # for its quality: it stayed finite, a feasible trial
+            trial.set_constraint(STABILITY, stability(finite=True))
             trial.set_user_attr("outcome", "pruned")
             self.tracker.finish_run(
                 run_id, "pruned", logger=logger, title=run_title(trial.number, params, "pruned")
@@ -290,6 +303,7 @@ class Objective:
             autopsy = run.autopsy
             step = autopsy.step if autopsy else int(run.metrics[-1]["step"]) if run.metrics else 0
             cause = autopsy.cause if autopsy else "unknown"
+            trial.set_constraint(STABILITY, stability(finite=False, step=step, steps=config.train.steps))
             trial.set_user_attr("outcome", run.outcome)
             trial.set_user_attr("cause", cause)
             trial.set_user_attr("nan_step", step)
@@ -313,6 +327,7 @@ class Objective:
             )
             raise optuna.TrialPruned(f"{run.outcome} at step {step}: {cause}")
 
+        trial.set_constraint(STABILITY, stability(finite=True))
         trial.set_user_attr("outcome", "complete")
         trial.set_user_attr("spikiness", run.spikiness)
         self.tracker.finish_run(

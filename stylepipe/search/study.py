@@ -148,7 +148,7 @@ def trial_sampler(config: Config, trials_so_far: int) -> optuna.samplers.BaseSam
     return optuna.samplers.TPESampler(seed=config.search.seed + trials_so_far)
 
 
-def trials_table(study: optuna.Study, safest: Safest | None = None) -> pd.DataFrame:
+def trials_table(study: optuna.Study, safest: Safest | None = None, steps: int | None = None) -> pd.DataFrame:
     """One row per trial: state, outcome, cause, quality and the flat parameters."""
     verdicts = {v["trial"]: v["safe"] for v in StudyRecord(study).verdicts}
     rows = []
@@ -163,6 +163,7 @@ def trials_table(study: optuna.Study, safest: Safest | None = None) -> pd.DataFr
                 "value": t.value if t.value is not None else float("nan"),
                 **{p.name: _cell(params.get(p.name), p) for p in space.PARAMETERS},
                 "nan_step": t.user_attrs.get("nan_step", float("nan")),
+                "steps": steps_trained(t, steps),
                 "first_nonfinite": t.user_attrs.get("first_nonfinite"),
                 "duration_s": t.duration.total_seconds() if t.duration else float("nan"),
                 "safe": verdicts.get(t.number),
@@ -171,6 +172,18 @@ def trials_table(study: optuna.Study, safest: Safest | None = None) -> pd.DataFr
             }
         )
     return pd.DataFrame(rows)
+
+
+def steps_trained(trial: optuna.trial.FrozenTrial, steps: int | None) -> float:
+    """How many steps a trial trained: to its halt, to the last report before the pruner
+    stopped it, or all ``steps`` (``train.steps``) when it completed; NaN when not known."""
+    if "nan_step" in trial.user_attrs:
+        return float(trial.user_attrs["nan_step"])
+    if trial.state == optuna.trial.TrialState.COMPLETE and steps is not None:
+        return float(steps)
+    if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
+        return float(max(trial.intermediate_values))
+    return float("nan")
 
 
 def _cell(value: Any, parameter: Parameter) -> Any:
