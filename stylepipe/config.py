@@ -217,6 +217,9 @@ class SearchConfig(Section):
     storage: StoreUrl("search.storage") | None = None
     n_trials: int = Field(12, ge=1)  # total finished trials the study should hold
     seed: int = 0
+    # Trials TPE samples at random before it models the results (Optuna's default, 10). It reads
+    # every trial's stability (a constraint), so fewer random trials waste fewer on what breaks.
+    startup_trials: int = Field(10, ge=0)
     space: SearchSpace = SearchSpace()
     eval_every: int = Field(10, ge=1)  # steps between validation-quality reports
     val_batch_size: int = Field(8, ge=1)

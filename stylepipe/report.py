@@ -373,6 +373,7 @@ def pipeline_markdown(
     promotion: dict | None = None,
     versus_baseline: str | None = None,
     cost: dict[str, int] | None = None,
+    stability_line: str | None = None,
 ) -> str:
     """The run summary a person reads first: the safest settings and their certificate, where
     their margin ends, how they compare with the user's own settings, NaN causes, the model."""
@@ -419,6 +420,8 @@ def pipeline_markdown(
     if promotion:
         verdict = "promoted to **champion**" if promotion["promoted"] else "not promoted"
         lines += [f"Champion: {verdict}: {promotion['why']}.", ""]
+    if stability_line:
+        lines += [stability_line, ""]
     if cost:
         lines += [cost_markdown(cost), ""]
     lines.append(causes_markdown(trials))

@@ -356,6 +356,7 @@ def report(
     from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, study_cost, top_trials
     from stylepipe.search.attributes import StudyRecord
     from stylepipe.search.safest import nothing_safe_because
+    from stylepipe.search.stability import importance_markdown, stability_importance
     from stylepipe.search.study import trials_table
     from stylepipe.session import study_session
 
@@ -363,6 +364,8 @@ def report(
         record = StudyRecord(s.study)
         trials = trials_table(s.study, safest, config.train.steps)
         cost = study_cost(trials, record.verdicts, config.final_run_steps if model else 0)
+        importance = stability_importance(s.study)
+        record.write_note(importance_markdown(importance))  # optuna-dashboard shows it above the study
         picture = stability_map(
             trials,
             s.run_dir / "stability_map.png",
@@ -371,7 +374,9 @@ def report(
             lr_margin=safest.certificate.lr_margin if safest else None,
         )
         trials.to_csv(s.run_dir / "trials.csv", index=False)
-        s.tracker.log_study_summary(s.parent, trials, picture, causes_markdown(trials), safest, cost)
+        s.tracker.log_study_summary(
+            s.parent, trials, picture, causes_markdown(trials), safest, cost, importance
+        )
         safest_path = s.run_dir / "safest.json"
         if safest is not None and model is not None:
             write_json(safest_path, {**safest.to_json(), "model": model, "cost": cost})
@@ -382,9 +387,16 @@ def report(
             "trials_csv": str(s.run_dir / "trials.csv"),
             "outcomes": {str(k): int(v) for k, v in trials["outcome"].value_counts().items()},
             "summary_markdown": pipeline_markdown(
-                trials, safest, model, promotion, record.versus_baseline, cost
+                trials,
+                safest,
+                model,
+                promotion,
+                record.versus_baseline,
+                cost,
+                importance_markdown(importance),
             ),
             "cost": cost,
+            "stability_importance": importance,
             "top_trials": json.loads(top_trials(trials, k=10).to_json(orient="records")),
             "nothing_safe": None if safest else nothing_safe_because(record.verdicts),
         }

@@ -355,6 +355,7 @@ class Tracker:
         causes_markdown: str,
         safest: Safest | None,
         cost: dict[str, int] | None = None,
+        stability_importance: dict[str, float] | None = None,
     ) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -369,6 +370,11 @@ class Tracker:
             now = int(time.time() * 1000)
             metrics = [Metric(f"cost/{stage}_steps", float(steps), now, 0) for stage, steps in cost.items()]
             self.client.log_batch(run_id, metrics=metrics)
+        if stability_importance:  # what decides broke versus finite (search/stability.py)
+            tags = [
+                RunTag(f"stability_importance.{name}", str(v)) for name, v in stability_importance.items()
+            ]
+            self.client.log_batch(run_id, tags=tags)
         if safest is None:
             self.client.set_tag(run_id, "safest", "none: no candidate survived the stress replays")
             return

@@ -109,3 +109,16 @@ def test_a_study_recorded_before_the_final_settings_moved_opens_with_the_same_se
     open_study(config)  # the same settings under their old names: no refusal
     with pytest.raises(StudySettingsError, match=r"final\.steps \(300 -> 400\)"):
         open_study(config.with_overrides({"final.steps": 400}))
+
+
+def test_a_study_made_before_a_setting_was_added_opens_while_it_is_at_its_default(tmp_path):
+    from stylepipe.search.study import StudySettingsError, open_study
+
+    config = load_config(DEMO, [f"run_dir={tmp_path}"])
+    study = open_study(config)
+    recorded = dict(study.user_attrs["settings"])
+    del recorded["search.startup_trials"]  # as a study made before the setting existed
+    study.set_user_attr("settings", recorded)
+    open_study(config)  # it ran with what is now the default
+    with pytest.raises(StudySettingsError, match=r"search\.startup_trials \(null -> 3\)"):
+        open_study(config.with_overrides({"search.startup_trials": 3}))

@@ -57,6 +57,11 @@ def search_config(run_dir: Path, prepared: Path, *extra: str):
     return load_config(DEMO, search_overrides(run_dir, prepared, *extra))
 
 
+def study_trial_params(config) -> set[str]:
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    return {name for t in study.trials for name in t.params}
+
+
 def search_command(overrides: list[str]) -> list[str]:
     args = [str(Path(sys.executable).parent / "stylepipe"), "search", "--quiet", "--config", str(DEMO)]
     for override in overrides:
@@ -177,6 +182,11 @@ def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(sear
     assert parent.data.metrics["cost/total_steps"] == sum(cost.values())
     assert result["cost"] == {**{k: int(v) for k, v in cost.items()}, "total": int(sum(cost.values()))}
     assert "Where the steps went" in result["summary_markdown"]
+    # what decides broke versus finite, where people look: lr spans six decades, up to where Adam blows up
+    importance = result["stability_importance"]
+    assert importance and set(importance) <= set(study_trial_params(config))
+    assert {f"stability_importance.{name}" for name in importance} <= set(parent.data.tags)
+    assert "What decides stability" in result["summary_markdown"]
     assert parent.data.tags["safest.versus_baseline"] == result["safest"].versus_baseline
 
     version = client.get_model_version_by_alias("tiny-style", "safest")
@@ -338,6 +348,8 @@ def test_optuna_dashboard_serves_the_pruned_trials_with_their_cause(searched):
         pruned = [t for t in detail["trials"] if t["state"] == "Pruned"]
         causes = [{a["key"]: a["value"] for a in t["user_attrs"]}.get("cause") for t in pruned]
         assert any(cause in CAUSES for cause in causes)
+        # the study's note, shown above its trials: what decides whether training breaks
+        assert detail["note"]["body"].startswith("**What decides stability**")
     finally:
         server.terminate()
         server.wait(timeout=20)

@@ -95,3 +95,17 @@ def test_a_space_without_a_clip_range_never_clips(tmp_path, clip_space):
         assert clips == [None, None]
     else:
         assert all(0.5 <= c <= 5.0 for c in clips)
+
+
+def test_fewer_random_start_up_trials_let_the_sampler_model_sooner(tmp_path):
+    proposed = {}
+    for startup in (10, 1):
+        config = load_config(
+            DEMO,
+            [f"run_dir={tmp_path / str(startup)}", "search.n_trials=5", f"search.startup_trials={startup}"],
+        )
+        study = _search(config)
+        proposed[startup] = [t.params["lr"] for t in study.trials]
+    # the same seed and baseline; after it, one start-up trial lets TPE propose the rest
+    assert proposed[10][0] == proposed[1][0] == 1e-3
+    assert all(a != b for a, b in zip(proposed[10][1:], proposed[1][1:], strict=True))

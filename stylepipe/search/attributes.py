@@ -92,6 +92,12 @@ class StudyRecord:
         if for_trials is not None:
             self._set("safest_for_trials", for_trials)
 
+    def write_note(self, markdown: str) -> None:
+        """The study's note, which optuna-dashboard shows above its trials."""
+        from optuna_dashboard import save_note  # scikit-learn comes with it: only when needed
+
+        save_note(self.study, markdown)
+
     # -- the final runs and the answer
     def final_run(self, fingerprint: str) -> dict[str, Any]:
         return dict((self._get("final_runs") or {}).get(fingerprint) or {})

@@ -70,6 +70,14 @@ class StudySettingsError(StylepipeError):
 def study_settings(config: Config) -> dict[str, Any]:
     """The settings a study answers for, flat (``search.space.lr``: [1e-4, 3]); ``data.content``
     is what the images are (their fingerprint), not where they are."""
+    flat = _answering(config)
+    data = config.data
+    flat["data.content"] = data_fingerprint(data.content, data.style_image, data.image_size)
+    return flat
+
+
+def _answering(config: Config) -> dict[str, Any]:
+    """Every setting, flat, but those a study may change."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -80,8 +88,6 @@ def study_settings(config: Config) -> dict[str, Any]:
             flat[prefix] = value
 
     walk("", config.model_dump(mode="json"))
-    data = config.data
-    flat["data.content"] = data_fingerprint(data.content, data.style_image, data.image_size)
     return flat
 
 
@@ -92,6 +98,12 @@ def check_settings(study: optuna.Study, config: Config) -> None:
     recorded = record.settings
     if recorded is not None:  # a study recorded before some settings moved: their new names
         recorded = {MOVED.get(key, key): value for key, value in recorded.items()}
+        # and before some were added: one at its default is what the study ran with
+        defaults = _answering(Config())
+        added = {
+            k: v for k, v in settings.items() if k not in recorded and k in defaults and v == defaults[k]
+        }
+        recorded = {**recorded, **added}
     if recorded is None:
         if study.get_trials(deepcopy=False):
             log.warning(
@@ -145,7 +157,9 @@ def trial_sampler(config: Config, trials_so_far: int) -> optuna.samplers.BaseSam
     resume, and in every worker; seeded by the study's size it is reproducible and does not
     repeat itself (TPE keeps no other state: it reads the trials from the storage).
     """
-    return optuna.samplers.TPESampler(seed=config.search.seed + trials_so_far)
+    return optuna.samplers.TPESampler(
+        seed=config.search.seed + trials_so_far, n_startup_trials=config.search.startup_trials
+    )
 
 
 def trials_table(study: optuna.Study, safest: Safest | None = None, steps: int | None = None) -> pd.DataFrame:
