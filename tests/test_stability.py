@@ -39,3 +39,21 @@ def test_a_study_where_nothing_or_everything_broke_says_it_cannot_tell():
     assert stability_importance(study_where(lambda lr, weight: False)) is None
     assert stability_importance(study_where(lambda lr, weight: True)) is None
     assert "not known" in importance_markdown(None)
+
+
+def test_an_enqueued_trial_outside_the_space_counts_too():
+    # the baseline is the config's own lr, which may lie outside search.space.lr (here 50)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({"lr": 50.0, "content_weight": 1.0})
+
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", 1e-4, 1.0, log=True)
+        weight = trial.suggest_float("content_weight", 0.3, 3.0, log=True)
+        trial.set_user_attr("outcome", "diverged" if lr > 0.01 else "complete")
+        if lr > 0.01:
+            raise optuna.TrialPruned()
+        return weight
+
+    study.optimize(objective, n_trials=16)
+    assert study.trials[0].params["lr"] == 50.0
+    assert list(stability_importance(study))[0] == "lr"

@@ -9,9 +9,14 @@ Optuna's own importance evaluator (fANOVA, seeded).
 
 from __future__ import annotations
 
+import logging
+
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from stylepipe.search.study import COUNTED
+
+log = logging.getLogger(__name__)
 
 BROKE = ("nan", "diverged")
 
@@ -23,14 +28,35 @@ def stability_importance(study: optuna.Study) -> dict[str, float] | None:
     broke = [float(t.user_attrs.get("outcome") in BROKE) for t in trials]
     if len(trials) < 3 or len(set(broke)) < 2:
         return None
+    spanned = _spanning(trials)
     outcomes = optuna.create_study(direction="minimize")  # in memory: the outcome as the value
     for trial, value in zip(trials, broke, strict=True):
+        distributions = {name: spanned[name] for name in trial.params}
         outcomes.add_trial(
-            optuna.trial.create_trial(params=trial.params, distributions=trial.distributions, value=value)
+            optuna.trial.create_trial(params=trial.params, distributions=distributions, value=value)
         )
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-    importance = optuna.importance.get_param_importances(outcomes, evaluator=evaluator)
+    try:
+        importance = optuna.importance.get_param_importances(outcomes, evaluator=evaluator)
+    except (ValueError, RuntimeError) as err:  # a summary line is never worth failing the study
+        log.warning("the stability importance could not be computed: %s", err)
+        return None
     return {name: round(float(share), 3) for name, share in importance.items()}
+
+
+def _spanning(trials: list[optuna.trial.FrozenTrial]) -> dict[str, BaseDistribution]:
+    """One distribution per parameter that holds every trial's value: an enqueued trial (the
+    baseline: the config's own lr) may lie outside the search space's range."""
+    spanned: dict[str, BaseDistribution] = {}
+    for trial in trials:
+        for name, value in trial.params.items():
+            dist = spanned.get(name, trial.distributions[name])
+            if isinstance(dist, FloatDistribution):
+                dist = FloatDistribution(min(dist.low, value), max(dist.high, value), log=dist.log)
+            elif isinstance(dist, CategoricalDistribution) and value not in dist.choices:
+                dist = CategoricalDistribution([*dist.choices, value])
+            spanned[name] = dist
+    return spanned
 
 
 def importance_markdown(importance: dict[str, float] | None) -> str:
