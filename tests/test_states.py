@@ -238,23 +238,35 @@ def _record(config):
         r.info.run_id: (r.info.status, r.info.end_time, r.data.tags, r.data.metrics)
         for r in _final_runs(config)
     }
-    return len(study.trials), sorted(v.version for v in versions), finals
+    storage = study._storage  # the note's versions are system attributes, which Study no longer shows
+    system = storage.get_study_system_attrs(storage.get_study_id_from_name(config.study_name))
+    return (
+        len(study.trials),
+        study.user_attrs,
+        system,
+        sorted(v.version for v in versions),
+        finals,
+    )
 
 
-def test_study_finished_the_same_command_again_reports_its_recorded_result(finished_study, prepared, capsys):
+@pytest.mark.parametrize("knob", [None, "search.certify_all=true"])  # a cost knob a study may change
+def test_study_finished_the_same_command_again_reports_its_recorded_result(
+    finished_study, prepared, capsys, knob
+):
     config = search_config(finished_study, prepared, *STUDY)
     before = _record(config)
-    final = next(iter(before[2].values()))
+    final = next(iter(before[4].values()))
     assert final[0] == "FINISHED" and final[2]["stylepipe.state"] == "finished"
-    assert main(search_args(finished_study, prepared)) == 0
+    assert main(search_args(finished_study, prepared, *([knob] if knob else []))) == 0
     assert "finished before with these settings" in capsys.readouterr().out
-    assert _record(config) == before
+    assert _record(config) == before  # nothing replayed, trained or written: not even its note
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
     assert study.user_attrs["state"] == "finished"
 
 
 @pytest.mark.parametrize("change, key", [("train.lr=0.02", "train.lr"), ("search.seed=7", "search.seed"),
                                          ("search.space.lr=[1e-5,1e-4]", "search.space.lr"),
+                                         ("search.startup_trials=3", "search.startup_trials"),
                                          ("search.n_trials=2", None)])  # fmt: skip
 def test_study_finished_with_other_settings_is_refused_naming_them(
     finished_study,
@@ -309,12 +321,12 @@ def test_study_finished_with_more_trials_is_certified_again_and_reuses_its_final
     run_dir = tmp_path / "copy"
     shutil.copytree(finished_study, run_dir)  # the fixture stays as it was for the other tests
     config = search_config(run_dir, prepared, *STUDY)
-    trials, versions, finals = _record(config)
+    trials, _, _, versions, finals = _record(config)
     assert main(search_args(run_dir, prepared, "search.n_trials=2")) == 0
     out = capsys.readouterr().out
     assert "its model is reused, not trained again; registered version 1 is reused" in out
     after = _record(config)
-    assert after[0] == trials + 1 and after[1] == versions and after[2] == finals  # the final run untouched
+    assert after[0] == trials + 1 and after[3] == versions and after[4] == finals  # the final run untouched
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
     assert study.user_attrs["finished"]["for_trials"] == 2 and study.user_attrs["state"] == "finished"
 

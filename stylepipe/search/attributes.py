@@ -93,10 +93,12 @@ class StudyRecord:
             self._set("safest_for_trials", for_trials)
 
     def write_note(self, markdown: str) -> None:
-        """The study's note, which optuna-dashboard shows above its trials."""
-        from optuna_dashboard import save_note  # scikit-learn comes with it: only when needed
+        """The study's note, which optuna-dashboard shows above its trials; written only when it
+        changes (a finished study reported again is not written to)."""
+        from optuna_dashboard import get_note, save_note  # scikit-learn comes with it: only when needed
 
-        save_note(self.study, markdown)
+        if get_note(self.study) != markdown:
+            save_note(self.study, markdown)
 
     # -- the final runs and the answer
     def final_run(self, fingerprint: str) -> dict[str, Any]:
