@@ -94,3 +94,16 @@ def test_certify_all_replays_every_candidate_in_full_and_chooses_the_same(tmp_pa
     assert len(replays.ran) - early_runs == 3 * 3  # the top three, three replays each
     assert early_runs == 2 * 3
     assert full.trial == early.trial and full.certificate == early.certificate
+
+
+def test_certify_all_set_later_on_the_same_study_replays_only_the_candidates_skipped(tmp_path, replays):
+    study = study_of((1e-3, 1.5, True), (2e-3, 1.0, False), (3e-3, 2.0, False), (4e-3, 3.0, False))
+    confirm_safest(study, SimpleNamespace(config=settings(tmp_path)))
+    before = len(replays.ran)
+    again = confirm_safest(study, SimpleNamespace(config=settings(tmp_path, "search.certify_all=true")))
+    assert replays.ran[before:] == [
+        (6e-3, 0),
+        (3e-3, 1),
+        (3e-3, 2),
+    ]  # trial 2 only: 1 and 0 kept their verdicts
+    assert again.trial == 1 and [v["trial"] for v in study.user_attrs["safety"]] == [1, 0, 2]
