@@ -1,4 +1,4 @@
-"""The ``style_pipeline`` flow: prepare -> search, then the study finished in chain.py's order
+"""The ``style_pipeline`` flow: prepare -> stability edge -> search, then the study finished in chain.py's order
 (confirm safest -> train final -> register -> promote -> record -> report). Thin: every task is
 one call to a stage in ``stylepipe.stages``.
 
@@ -70,6 +70,11 @@ def _prepare_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 )
 def prepare_task(config_json: str) -> dict[str, Any]:
     return stages.prepare(_settings(config_json), cores=MACHINE)
+
+
+@task(name="stability edge", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_users_mistake)
+def edge_task(config_json: str) -> dict[str, Any]:
+    return stages.edge(_settings(config_json))
 
 
 @task(name="search")
@@ -148,6 +153,8 @@ def style_pipeline(
     warm = stages.previous_safest(config)
     if warm:
         logger.info("warm start: enqueuing the previous safest configuration %s", warm)
+    edge = edge_task(config_json)
+    logger.info("%s", edge["line"])
     search = search_task(config_json, warm)
     with StudyLock(config, "finish"):  # whoever finishes a study holds it (chain.py), the flow too
         finished = chain.finish(config, as_task)
@@ -155,4 +162,4 @@ def style_pipeline(
         logger.warning("no safe configuration: nothing is registered and the champion stays")
     elif finished["promotion"] is not None:
         logger.info("promotion: %s", finished["promotion"]["why"])
-    return {"prepared": prepared, **finished, "study": search["study"]}
+    return {"prepared": prepared, "edge": edge, **finished, "study": search["study"]}

@@ -1,7 +1,7 @@
 """The stages chained: the one order a study is searched and finished in, for the commands
 (``search``, ``worker``) and the Prefect flow alike.
 
-    search -> confirm -> train final -> register -> promote -> record -> report
+    edge -> search -> confirm -> train final -> register -> promote -> record -> report
 
 ``finish`` runs the steps after the search through a ``StepRunner``: the commands run each stage
 in this process, sharing one ``StudySession`` (``in_process``); the flow runs each as a Prefect
@@ -107,6 +107,7 @@ def run_search(
     """
     check_prepared(config.data.content)
     with SqliteWorkerLock(config.storage_url), StudySession(config) as session:
+        stages.edge(config, session)
         stages.search(config, warm_start, progress, session, cores)
         with StudyLock(config, "finish"):
             return _finish_once(config, session)
@@ -122,6 +123,7 @@ def run_worker(config: Config, progress: bool = False, cores: Cores = ALONE) -> 
     check_prepared(config.data.content)
     with SqliteWorkerLock(config.storage_url):
         worker = StudySession(config, owns_parent=False)
+        stages.edge(config, worker)  # the first worker finds it; the others wait, then read it
         ran = stages.search(config, progress=progress, session=worker, cores=cores)["trials_run"]
         with StudyLock(config, "finish"):
             if finished(config, worker) is not None:

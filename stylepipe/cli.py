@@ -105,6 +105,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         f"study {result['study']}: {sum(counts.values())} trials "
         + ", ".join(f"{k} {v}" for k, v in counts.items())
     )
+    if result["stability_edge"]:
+        out.print(result["stability_edge"])
     out.print(f"stability map: {result['stability_map']}")
     out.print(f"MLflow runs table: {result['runs_table']}")
     if result["recorded_before"]:

@@ -2,7 +2,7 @@
 
 ``Safest`` (the safest configuration, with its ``Certificate``) is written to the study, to
 ``safest.json`` and ``last_safest.json``, to the final model's metadata and, as its warm-start
-part, to the registered version; ``FinalRun`` is the final model's record. Each is read back
+part, to the registered version; ``FinalRun`` is the final model's record; ``Edge`` is where the study's range test broke. Each is read back
 through ``from_json``: a record an older stylepipe wrote loads (keys it no longer writes are
 dropped), and one that is not a record at all is refused in one line.
 """
@@ -122,3 +122,39 @@ class FinalRun(Record):
     safest: Safest  # its certificate says whether the final run needed recoveries
     folder: str
     reused: bool = False  # it finished before: nothing was trained or written again
+
+
+class Edge(Record):
+    """A study's stability edge (search/edge.py): the learning rate at which its range test,
+    raising lr geometrically from ``low`` to ``high``, was first halted by a guard, and why.
+    ``lr`` None: it never halted, every lr of the range trained for those steps."""
+
+    lr: float | None
+    cause: str | None = None  # the autopsy's cause (divergence, gradient_explosion, ...)
+    outcome: str | None = None  # diverged or nan
+    step: int  # the steps it trained: to the halt, or all of them
+    steps: int
+    low: float
+    high: float
+    clip_norm: float | None = None  # the clipping it ran with; None: off
+
+    @property
+    def factor(self) -> float:
+        """The lr's growth per step (one geometric step)."""
+        return (self.high / self.low) ** (1 / (self.steps - 1))
+
+    def bound(self, margin: float | None) -> float | None:
+        """The highest lr the search samples, ``lr / margin``; None: unbounded (no halt, margin
+        off, or a halt so close to the low end that the bound would leave no range)."""
+        if self.lr is None or margin is None or self.lr / margin <= self.low:
+            return None
+        return min(self.high, self.lr / margin)
+
+    def versus(self, lr: float) -> str:
+        """Where ``lr`` stands against the edge, in words and numbers."""
+        if self.lr is None:
+            return f"no edge: the range test trained every lr up to {self.high:.3g} ({self.steps} steps)"
+        where = f"the edge ({self.lr:.3g}, {self.cause})"
+        if lr >= self.lr:
+            return f"your lr {lr:.3g} is {lr / self.lr:.3g}× past {where}"
+        return f"your lr {lr:.3g} is {self.lr / lr:.3g}× below {where}"

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from stylepipe.records import Safest
+from stylepipe.records import Edge, Safest
 from stylepipe.search import space
+from stylepipe.search.cost import cost_markdown
 
 OUTCOMES = ("complete", "nan", "diverged", "pruned", "failed")
 FAILURE_OUTCOMES = ("nan", "diverged")
@@ -160,13 +162,15 @@ def stability_figure(
     title: str = "Stability map",
     annotate_causes: bool = True,
     lr_margin: float | None = None,
+    edge: Edge | None = None,
 ) -> Figure:
     """Learning rate (x, log) against gradient-clip norm (y, log), one marker per trial, coloured by outcome.
 
     Trials with clipping off (``clip_norm`` NaN) sit in a thin "clip off" band above, sharing x. The
     trial numbered ``safest_number`` gets a star, and a bar to ``lr_margin`` times its learning rate
     (where its certified margin ends); the baseline trial (``is_baseline``) is labelled "yours";
-    NaN/diverged trials get a cause tag when there are few of them (``annotate_causes``).
+    NaN/diverged trials get a cause tag when there are few of them (``annotate_causes``). A dashed
+    line marks the study's stability ``edge``, when its range test found one.
     """
     trials = trials if trials is not None else pd.DataFrame()
     outcomes = _outcomes(trials)
@@ -283,8 +287,21 @@ def stability_figure(
             bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.7},
         )
 
+    if edge is not None and edge.lr is not None:  # where the range test broke
+        for a in axes:
+            a.axvline(edge.lr, color=COLORS.get(edge.outcome, OTHER_COLOR), linestyle="--", linewidth=1)
+        axes[0].annotate(
+            f"edge {edge.lr:.2g} ({CAUSE_ABBREV.get(edge.cause, edge.cause)})",
+            (edge.lr, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -10),
+            textcoords="offset points",
+            fontsize=7,
+            color="#444444",
+        )
     # At least about one decade of learning rate, with 10% margins.
-    lo, hi = df["lr"].min(), df["lr"].max()
+    lrs = [*df["lr"], *([edge.lr] if edge is not None and edge.lr is not None else [])]
+    lo, hi = min(lrs), max(lrs)
     mid, half = math.sqrt(lo * hi), max(0.6 * math.log10(hi / lo), 0.5)
     axes[0].set_xlim(mid / 10**half, mid * 10**half)
     # One legend over the top axes (fig.legend's "outside" spot would cover the title), from
@@ -328,42 +345,13 @@ def triptych(
     return path
 
 
-def stability_map(
-    trials: pd.DataFrame,
-    path: str | Path,
-    safest_number: int | None = None,
-    title: str = "Stability map",
-    annotate_causes: bool = True,
-    lr_margin: float | None = None,
-) -> Path:
-    """Save :func:`stability_figure` as a PNG (about 840x600 px) and return its path."""
+def stability_map(trials: pd.DataFrame, path: str | Path, **drawn: Any) -> Path:
+    """Save :func:`stability_figure` (``drawn``: its options) as a PNG (about 840x600 px) and
+    return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stability_figure(trials, safest_number, title, annotate_causes, lr_margin).savefig(path, dpi=120)
+    stability_figure(trials, **drawn).savefig(path, dpi=120)
     return path
-
-
-COST_STAGES = ("search", "certificate", "final")
-
-
-def study_cost(trials: pd.DataFrame, verdicts: list[dict], final_steps: int) -> dict[str, int]:
-    """The steps each stage trained: the trials (to their halt or prune), the stress replays (to
-    their first failure), the final model; ``total`` their sum."""
-    search = int(pd.to_numeric(trials.get("steps"), errors="coerce").fillna(0).sum()) if len(trials) else 0
-    certificate = sum(
-        int(r["step"] if r["outcome"] != "complete" and r.get("step") is not None else v.get("horizon") or 0)
-        for v in verdicts
-        for r in v.get("replays") or []
-    )
-    cost = {"search": search, "certificate": certificate, "final": int(final_steps)}
-    return {**cost, "total": sum(cost.values())}
-
-
-def cost_markdown(cost: dict[str, int]) -> str:
-    """Where the steps went, in one line."""
-    total = cost["total"] or 1
-    parts = ", ".join(f"{stage} {cost[stage]:,} ({cost[stage] / total:.0%})" for stage in COST_STAGES)
-    return f"**Where the steps went**: {parts}; {cost['total']:,} in all."
 
 
 def pipeline_markdown(
@@ -374,6 +362,7 @@ def pipeline_markdown(
     versus_baseline: str | None = None,
     cost: dict[str, int] | None = None,
     stability_line: str | None = None,
+    edge_line: str | None = None,
 ) -> str:
     """The run summary a person reads first: the safest settings and their certificate, where
     their margin ends, how they compare with the user's own settings, NaN causes, the model."""
@@ -410,6 +399,8 @@ def pipeline_markdown(
     versus = versus_baseline or (safest.versus_baseline if safest else None)
     if versus:
         lines += [f"**Against your own settings** (the baseline trial): {versus}.", ""]
+    if edge_line:
+        lines += [edge_line, ""]
     if model:
         recoveries = model.get("recoveries", 0)
         lines += [

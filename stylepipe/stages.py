@@ -1,7 +1,7 @@
 """The pipeline's stages, each a plain function of validated settings that returns JSON-friendly
 values or typed records (records.py, each with one JSON form):
 
-    prepare -> search -> confirm -> train_final -> register -> promote -> record -> report
+    prepare -> edge -> search -> confirm -> train_final -> register -> promote -> record -> report
 
 A stage reopens what it needs from disk and the stores (the shard, the Optuna study, the
 MLflow runs), so an orchestrator can run, retry or cache each on its own, and it loads only
@@ -176,6 +176,20 @@ def _local_safest(config: Config) -> WarmStart | None:
     return Safest.load(path).warm_start() if path.is_file() else None
 
 
+def edge(config: Config, session: StudySession | None = None) -> dict:
+    """The study's stability edge (search/edge.py): found by a range test before its first
+    trial, or read back from the study; ``edge`` (a record, or None) and its ``line``."""
+    from stylepipe.search.edge import study_edge
+    from stylepipe.search.objective import check_prepared
+    from stylepipe.session import study_session
+
+    check_prepared(config.data.content)  # before any study or run exists
+    with study_session(config, session) as s:
+        found, line = study_edge(config, s.study, lambda: s.data, s.tracker, s.parent)
+        log.info("%s", line)
+        return {"edge": found.to_json() if found else None, "line": line}
+
+
 def search(
     config: Config,
     warm_start: dict | None = None,
@@ -186,6 +200,7 @@ def search(
     """Run (or resume) the study's trials until it holds ``search.n_trials`` finished ones, each
     with ``cores``' share of the machine."""
     from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.edge import sampled_space
     from stylepipe.search.objective import Objective, check_prepared
     from stylepipe.search.study import COUNTED, run_trials
     from stylepipe.session import study_session
@@ -194,7 +209,9 @@ def search(
     with study_session(config, session) as s:
         if len(s.study.get_trials(deepcopy=False, states=COUNTED)) < config.search.n_trials:
             StudyRecord(s.study).set_state("searching")
-        objective = Objective(s.data, s.tracker, s.parent, cores)
+        edge = StudyRecord(s.study).edge
+        space = sampled_space(config.search.space, edge, config.search.edge_margin)
+        objective = Objective(s.data, s.tracker, s.parent, cores, space)
         ran = run_trials(config, s.study, objective, progress, warm_start)
         return {"study": config.study_name, "trials_run": ran}
 
@@ -353,8 +370,10 @@ def report(
 ) -> dict:
     """The trials table, the stability map and the causes summary, in run_dir and on the
     study's MLflow run; the summary a person reads first, and the best trials."""
-    from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, study_cost, top_trials
+    from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
     from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.cost import study_cost
+    from stylepipe.search.edge import edge_markdown
     from stylepipe.search.safest import nothing_safe_because
     from stylepipe.search.stability import importance_markdown, stability_importance
     from stylepipe.search.study import trials_table
@@ -363,7 +382,10 @@ def report(
     with study_session(config, session) as s:
         record = StudyRecord(s.study)
         trials = trials_table(s.study, safest, config.train.steps)
-        cost = study_cost(trials, record.verdicts, config.final_run_steps if model else 0)
+        edge = record.edge
+        final_steps = config.final_run_steps if model else 0
+        cost = study_cost(trials, record.verdicts, final_steps, edge.step if edge else 0)
+        edge_text = edge_markdown(edge, config.search.edge_margin, config.train.lr)
         importance = stability_importance(s.study)
         record.write_note(importance_markdown(importance))  # optuna-dashboard shows it above the study
         picture = stability_map(
@@ -372,6 +394,7 @@ def report(
             safest_number=safest.trial if safest else None,
             title=f"Stability map: {config.study_name}",
             lr_margin=safest.certificate.lr_margin if safest else None,
+            edge=edge,
         )
         trials.to_csv(s.run_dir / "trials.csv", index=False)
         s.tracker.log_study_summary(
@@ -394,7 +417,9 @@ def report(
                 record.versus_baseline,
                 cost,
                 importance_markdown(importance),
+                edge_text,
             ),
+            "stability_edge": edge_text.replace("**", "") if edge_text else None,
             "cost": cost,
             "stability_importance": importance,
             "top_trials": json.loads(top_trials(trials, k=10).to_json(orient="records")),

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from stylepipe.errors import StylepipeError
-from stylepipe.records import Safest
+from stylepipe.records import Edge, Safest
 from stylepipe.stores import first_line, open_store, redact_url, scrub
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
@@ -36,7 +36,7 @@ from stylepipe.train.long_run import describe_recovery
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
-ROLE_TAG = "stylepipe.role"  # study | trial | replay | final
+ROLE_TAG = "stylepipe.role"  # study | edge | trial | replay | final
 
 
 class TrackingError(StylepipeError):
@@ -341,6 +341,12 @@ class Tracker:
         for run_id in ended:
             end_killed_run(self.client, run_id, why)
         return ended
+
+    def log_edge(self, run_id: str, edge: Edge) -> None:
+        """The study's stability edge on its parent run (tags: a study's runs may be reported again)."""
+        shown = {"lr": "none" if edge.lr is None else str(edge.lr), "cause": edge.cause or "none"}
+        shown |= {"step": str(edge.step), "steps": str(edge.steps)}
+        self.client.log_batch(run_id, tags=[RunTag(f"stability_edge.{k}", v) for k, v in shown.items()])
 
     def log_artifacts(self, run_id: str, paths: Iterable[Path], folder: str | None = None) -> None:
         for path in paths:

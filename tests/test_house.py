@@ -38,6 +38,7 @@ LAYERS = [
     ("stylepipe.nets",),
     (
         "stylepipe.config",
+        "stylepipe.sections",
         "stylepipe.errors",
         "stylepipe.files",
         "stylepipe.stores",

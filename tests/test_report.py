@@ -15,13 +15,12 @@ from stylepipe.report import (
     OUTCOMES,
     causes_markdown,
     causes_summary,
-    cost_markdown,
     pipeline_markdown,
     stability_figure,
     stability_map,
-    study_cost,
     top_trials,
 )
+from stylepipe.search.cost import cost_markdown, study_cost
 
 NAN = math.nan
 
@@ -330,9 +329,21 @@ def test_the_cost_counts_the_steps_each_stage_trained():
         {"horizon": 60, "replays": [{"outcome": "diverged", "step": 9}]},  # stopped at its first failure
         {"horizon": 60, "replays": [{"outcome": "complete", "step": None}] * 3},
     ]
-    cost = study_cost(trials, verdicts, final_steps=300)
-    assert cost == {"search": 49, "certificate": 9 + 180, "final": 300, "total": 49 + 189 + 300}
+    cost = study_cost(trials, verdicts, final_steps=300, edge_steps=62)  # the range test halted at 62
+    assert cost == {
+        "edge": 62,
+        "search": 49,
+        "certificate": 9 + 180,
+        "final": 300,
+        "total": 62 + 49 + 189 + 300,
+    }
     line = cost_markdown(cost)
-    assert line.startswith("**Where the steps went**: search 49 (9%), certificate 189 (35%), final 300 (56%)")
-    assert "538 in all" in line
+    assert line.startswith(
+        "**Where the steps went**: range test 62 (10%), search 49 (8%), certificate 189 (32%), final 300 (50%)"
+    )
+    assert "600 in all" in line
+    # a cost recorded before the range test existed (safest.json of an earlier study) reads as none
+    assert cost_markdown({k: v for k, v in cost.items() if k != "edge"}).startswith(
+        "**Where the steps went**: range test 0 (0%)"
+    )
     assert "Where the steps went" in pipeline_markdown(trials.assign(outcome="complete"), None, cost=cost)

@@ -46,6 +46,7 @@ TINY_SEARCH = [
     "search.max_val_images=4",
     "final.steps=4",
     "search.confirm_steps=8",  # the demo's 60-step replays would dominate these tests' time
+    "search.edge_steps=0",  # no range test: these tests search the whole lr range (test_edge.py has it)
 ]
 
 

@@ -6,6 +6,7 @@ and every machine of the study reads them.
     settings            the settings the study answers for (study.py refuses other ones)
     state               searching, certifying, training the final model, registering, finished
     mlflow_parent_run_id  the study's MLflow run
+    stability_edge      where its range test broke (records.Edge), before its first trial
     safety              every candidate's verdict from the stress replays (search/safest.py)
     baseline            the verdict on the config file's own settings
     versus_baseline     the comparison with them, in words
@@ -21,7 +22,7 @@ from typing import Any
 
 import optuna
 
-from stylepipe.records import Safest
+from stylepipe.records import Edge, Safest
 
 STUDY_STATES = ("searching", "certifying", "training the final model", "registering", "finished")
 
@@ -61,6 +62,15 @@ class StudyRecord:
 
     def record_parent_run(self, run_id: str) -> None:
         self._set("mlflow_parent_run_id", run_id)
+
+    # -- the stability edge
+    @property
+    def edge(self) -> Edge | None:
+        raw = self._get("stability_edge")
+        return None if raw is None else Edge.from_json(raw, f"study {self.study.study_name}'s stability_edge")
+
+    def record_edge(self, edge: Edge) -> None:
+        self._set("stability_edge", edge.to_json())
 
     # -- the certificate
     @property

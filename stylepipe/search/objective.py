@@ -18,7 +18,7 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from stylepipe.config import Config
+from stylepipe.config import Config, SearchSpace
 from stylepipe.data.shard import is_prepared, load_split
 from stylepipe.data.sources import RandomBatches
 from stylepipe.errors import StylepipeError, failure_text
@@ -171,14 +171,25 @@ class CandidateRun:
         return spikiness(self.metrics)
 
 
-def candidate_trainer(config: Config, data: StudyData, callbacks: Sequence[Callback]) -> Trainer:
+def candidate_trainer(
+    config: Config,
+    data: StudyData,
+    callbacks: Sequence[Callback],
+    lr_schedule: Callable[[int], float] | None = None,
+) -> Trainer:
     """A trainer of one configuration on the study's training images, seeded by its settings."""
     batches = RandomBatches(
         data.train_images_at(config.data.image_size), config.train.batch_size, seed=config.train.seed
     )
     torch.manual_seed(config.train.seed)
     return Trainer(
-        config, data.criterion, batches, model=TransformerNet(), device=data.device, callbacks=list(callbacks)
+        config,
+        data.criterion,
+        batches,
+        model=TransformerNet(),
+        device=data.device,
+        callbacks=list(callbacks),
+        lr_schedule=lr_schedule,
     )
 
 
@@ -240,19 +251,31 @@ def stability(finite: bool, step: int = 0, steps: int = 1) -> float:
 class Objective:
     """Optuna's objective: one MLflow run per trial, NaN trials pruned with their autopsy."""
 
-    def __init__(self, data: StudyData, tracker: Tracker, parent_run_id: str, cores: Cores = ALONE):
+    def __init__(
+        self,
+        data: StudyData,
+        tracker: Tracker,
+        parent_run_id: str,
+        cores: Cores = ALONE,
+        space: SearchSpace | None = None,
+    ):
         self.data = data
+        self.space = space or data.config.search.space  # below the stability edge (search/edge.py)
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         self.cores = cores
         self.fatal: TrackingError | None = None  # set when this worker must stop (see __call__)
+
+    def _constrain(self, trial: optuna.Trial, value: float) -> None:
+        if self.data.config.search.constraints:
+            trial.set_constraint(STABILITY, value)
 
     def __call__(self, trial: optuna.Trial) -> float:
         # Workers on this machine come and go: count them again, so this trial gets its share
         # of the cores (ops/cores.py, when the commands share them).
         self.cores.set_threads()
         base = self.data.config
-        params = suggest(trial, base.search.space)
+        params = suggest(trial, self.space)
         config = apply(base, params)
         try:
             logger = self.tracker.child_run(
@@ -280,7 +303,7 @@ class Objective:
         try:
             run = run_candidate(config, self.data, [logger], trial, logger)
         except optuna.TrialPruned:  # for its quality: it stayed finite, a feasible trial
-            trial.set_constraint(STABILITY, stability(finite=True))
+            self._constrain(trial, stability(finite=True))
             trial.set_user_attr("outcome", "pruned")
             self.tracker.finish_run(
                 run_id, "pruned", logger=logger, title=run_title(trial.number, params, "pruned")
@@ -303,7 +326,7 @@ class Objective:
             autopsy = run.autopsy
             step = autopsy.step if autopsy else int(run.metrics[-1]["step"]) if run.metrics else 0
             cause = autopsy.cause if autopsy else "unknown"
-            trial.set_constraint(STABILITY, stability(finite=False, step=step, steps=config.train.steps))
+            self._constrain(trial, stability(finite=False, step=step, steps=config.train.steps))
             trial.set_user_attr("outcome", run.outcome)
             trial.set_user_attr("cause", cause)
             trial.set_user_attr("nan_step", step)
@@ -327,7 +350,7 @@ class Objective:
             )
             raise optuna.TrialPruned(f"{run.outcome} at step {step}: {cause}")
 
-        trial.set_constraint(STABILITY, stability(finite=True))
+        self._constrain(trial, stability(finite=True))
         trial.set_user_attr("outcome", "complete")
         trial.set_user_attr("spikiness", run.spikiness)
         self.tracker.finish_run(

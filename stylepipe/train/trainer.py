@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -72,16 +72,20 @@ def free_recorded_cuda_graphs() -> None:
 
 
 def build_optimizer(
-    tc: TrainConfig, params: list[torch.nn.Parameter], cuda: bool
+    tc: TrainConfig,
+    params: list[torch.nn.Parameter],
+    cuda: bool,
+    lr_schedule: Callable[[int], float] | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Adam or AdamW, and a linear warm-up of ``tc.warmup_steps`` steps to ``tc.lr``."""
+    """Adam or AdamW, and a linear warm-up of ``tc.warmup_steps`` steps to ``tc.lr`` (or
+    ``lr_schedule``: step index -> multiplier of ``tc.lr``)."""
     optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     # fused kernels on CUDA, foreach elsewhere: no per-parameter Python loop.
     fast = {"fused": True} if cuda else {"foreach": True}
     optimizer = optimizer_cls(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, **fast)
     warmup = tc.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0
+        optimizer, lr_schedule or (lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
     )
     return optimizer, scheduler
 
@@ -143,6 +147,7 @@ class Trainer:
         model: TransformerNet | None = None,
         callbacks: Sequence[Callback] = (),
         device: torch.device | None = None,
+        lr_schedule: Callable[[int], float] | None = None,  # default: train.warmup_steps' warm-up
     ):
         tc = self.train_config = config.train
         self.device = device or resolve_device(tc.device)
@@ -163,7 +168,7 @@ class Trainer:
         self.group_params = [groups[name] for name in self.group_names]
         self.params = [p for group in self.group_params for p in group]
 
-        self.optimizer, self.scheduler = build_optimizer(tc, self.params, cuda)
+        self.optimizer, self.scheduler = build_optimizer(tc, self.params, cuda, lr_schedule)
 
         # precision: autocast dtype, fp16's GradScaler, TF32 for fp32 matrix products on CUDA
         self.autocast_dtype = AUTOCAST_DTYPES[tc.precision]

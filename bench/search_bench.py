@@ -1,0 +1,156 @@
+"""``make bench-search``: the search and its certificate, today's way against the new one, side by
+side in one process, on the embedded demo. Counts of trials and steps: this machine's noise does
+not move them.
+
+Sides, each a study per seed:
+
+* ``before``: no range test (search.edge_steps=0), no constraints (search.constraints=false),
+  every candidate replayed in full (search.certify_all=true), 10 random start-up trials;
+* ``now``: the settings as shipped (the range test, constraints, the best-first certificate).
+
+For the same certificate, each ``now`` study is then certified again in full on the same trials
+(certify_all, its verdicts cleared): the steps of both, and whether they chose the same safest.
+
+Cases: (a) the classic one, train.lr=0.1 and no clipping as the user's settings; (b) the demo as
+shipped. ``python -m bench.search_bench --seeds 5 --trials 12`` (the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+CASES = {
+    "a: lr 0.1, no clipping": ["train.lr=0.1", "train.clip_norm=null"],
+    "b: the demo as shipped": [],
+}
+SIDES = {
+    "before": [
+        "search.edge_steps=0",
+        "search.constraints=false",
+        "search.certify_all=true",
+        "search.startup_trials=10",
+    ],
+    "now": [],
+}
+
+
+def full_certificate(config, study) -> tuple[int | None, int]:
+    """The study certified again with every candidate replayed in full, on the same trials: (its
+    safest trial, its replay steps)."""
+    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.cost import study_cost
+    from stylepipe.search.objective import load_study_data
+    from stylepipe.search.safest import confirm_safest
+
+    config = config.with_overrides({"search.certify_all": True})
+    study.set_user_attr("safety", [])  # no verdict kept from the best-first certificate
+    safest = confirm_safest(study, load_study_data(config))
+    steps = study_cost(pd.DataFrame(), StudyRecord(study).verdicts, 0)["certificate"]
+    return (safest.trial if safest else None), steps
+
+
+def run_study(config) -> dict[str, Any]:
+    from stylepipe.chain import run_search
+    from stylepipe.search.study import open_study
+
+    result = run_search(config, progress=False)
+    trials = pd.read_csv(result["trials_csv"])
+    finite = trials[trials["outcome"] == "complete"]["value"]
+    broke = trials["outcome"].isin(["nan", "diverged"]) & ~trials["is_baseline"].astype(bool)
+    safest = result["safest"]
+    return {
+        "diverged": int(broke.sum()),
+        "best": float(finite.min()) if len(finite) else float("nan"),
+        "certificate": result["cost"]["certificate"],
+        "total": result["cost"]["edge"] + result["cost"]["search"] + result["cost"]["certificate"],
+        "edge": result["cost"]["edge"],
+        "safest": safest.trial if safest else None,
+        "study": open_study(config),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--cases", nargs="*", default=list("ab"), help="a, b or both")
+    parser.add_argument("--sides", nargs="*", default=list(SIDES), help="before, now or both")
+    parser.add_argument("--set", action="append", default=[], help="more overrides for the 'now' side")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    from stylepipe import stages
+    from stylepipe.config import load_config
+
+    root = Path(tempfile.mkdtemp(prefix="stylepipe-bench-search-"))
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    base = load_config(demo, [f"run_dir={root}", "final.train=false"])
+    prepared = stages.prepare(base)["prepared"]
+    started = time.perf_counter()
+    rows = []
+    for case, overrides in CASES.items():
+        if case[0] not in args.cases:
+            continue
+        for seed in range(args.seeds):
+            for side, side_overrides in SIDES.items():
+                if side not in args.sides:
+                    continue
+                more = args.set if side == "now" else []
+                config = load_config(
+                    demo,
+                    [
+                        f"run_dir={root / side}",
+                        "final.train=false",
+                        f"data.content={prepared}",
+                        f"search.n_trials={args.trials}",
+                        f"search.seed={seed}",
+                        f"search.study_name=bench-{case[0]}-{side}-{seed}",
+                        *overrides,
+                        *side_overrides,
+                        *more,
+                    ],
+                )
+                study = run_study(config)
+                if side == "now":
+                    study["full_safest"], study["full_certificate"] = full_certificate(config, study["study"])
+                study.pop("study")
+                rows.append({"case": case, "seed": seed, "side": side, **study})
+                print(f"{case} seed {seed} {side}: {study}", flush=True)
+    print(f"\n{len(rows)} studies in {time.perf_counter() - started:.0f} s\n")
+    print(table(rows))
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table for bench/RESULTS.md: per case and side, sums and medians over seeds."""
+    lines = [
+        "| case | side | diverged trials (sum) | best quality (median) | certificate steps (sum) "
+        "| total steps to a certified configuration (sum) | same safest as the full certificate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        for side in SIDES:
+            mine = [r for r in rows if r["case"] == case and r["side"] == side]
+            if not mine:
+                continue
+            same = "-"
+            if side == "now":
+                agree = sum(r["safest"] == r["full_safest"] for r in mine)
+                full = sum(r["full_certificate"] for r in mine)
+                same = f"{agree} of {len(mine)} (full certificate of the same trials: {full:,} steps)"
+            lines.append(
+                f"| {case} | {side} | {sum(r['diverged'] for r in mine)} "
+                f"| {statistics.median(r['best'] for r in mine):.4g} "
+                f"| {sum(r['certificate'] for r in mine):,} | {sum(r['total'] for r in mine):,} | {same} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
