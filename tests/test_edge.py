@@ -20,6 +20,7 @@ from stylepipe.search.edge import edge_markdown, find_edge, range_test_config, s
 from stylepipe.search.objective import load_study_data
 from stylepipe.search.space import params_from_trial
 from stylepipe.search.study import trials_table
+from stylepipe.train import Callback
 from stylepipe.train.trainer import Trainer
 from tests.conftest import DEMO
 from tests.test_search import search_overrides
@@ -211,3 +212,47 @@ def test_a_range_test_needs_steps_enough_to_ramp(tmp_path, capsys):
     assert main(["train", "--config", str(DEMO), "--set", "search.edge_steps=3"]) == 2
     assert "at least 10 steps" in capsys.readouterr().err
     assert load_config(DEMO, ["search.edge_steps=0"]).search.edge_steps == 0
+
+
+class CtrlCAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_metrics(self, rows):
+        if rows[-1]["step"] >= self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_study_stopped_while_finding_its_edge_runs_the_range_test_again_and_says_so(
+    tmp_path, prepared, monkeypatch, caplog, capsys
+):
+    config = edge_config(tmp_path, prepared, "search.n_trials=1", "final.train=false")
+    original = edge_module.find_edge
+    monkeypatch.setattr(
+        edge_module, "find_edge", lambda c, d, callbacks: original(c, d, [*callbacks, CtrlCAt(5)])
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, progress=False)
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    assert study.user_attrs["state"] == "finding its edge" and StudyRecord(study).edge is None
+    assert not study.get_trials(states=[optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED])
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    [stopped] = client.search_runs(
+        [client.get_experiment_by_name(config.study_name).experiment_id],
+        filter_string="tags.`stylepipe.role` = 'edge'",
+    )
+    assert stopped.info.status == "FAILED" and "interrupted" in stopped.data.tags["failure"]
+    # other settings: refused, naming them, before anything runs
+    other = search_overrides(
+        tmp_path, prepared, *EDGE, "search.n_trials=1", "final.train=false", "search.edge_margin=3"
+    )
+    args = ["search", "--quiet", "--config", str(DEMO)]
+    assert main([*args, *[a for o in other for a in ("--set", o)]]) == 2
+    assert "search.edge_margin (2.0 -> 3.0)" in capsys.readouterr().err
+    # the same settings: the range test runs again from its start, and says so
+    monkeypatch.setattr(edge_module, "find_edge", original)
+    with caplog.at_level("WARNING", logger="stylepipe.search.edge"):
+        result = run_search(config, progress=False)
+    assert "the range test was cut short before" in caplog.text
+    assert StudyRecord(study).edge is not None and result["cost"]["edge"] == StudyRecord(study).edge.step
+    assert StudyRecord(study).state == "finished"

@@ -377,6 +377,11 @@ def test_a_resumed_study_proposes_new_configurations(tmp_path):
     run_trials(again.with_overrides({"search.n_trials": 6}), open_study(again), objective, progress=False)
     repeat = optuna.load_study(study_name=again.study_name, storage=again.storage_url)
     assert [tuple(sorted(t.params.items())) for t in repeat.trials] == proposed
+    # and another search.seed proposes others, not the same ones shifted by a trial
+    other = load_config(DEMO, [f"run_dir={tmp_path / 'other'}", "search.n_trials=6", "search.seed=1"])
+    run_trials(other, open_study(other), objective, progress=False)
+    seeded = optuna.load_study(study_name=other.study_name, storage=other.storage_url)
+    assert not {tuple(sorted(t.params.items())) for t in seeded.trials[1:]} & set(proposed)
 
 
 @pytest.mark.slow

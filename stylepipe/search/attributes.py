@@ -4,7 +4,7 @@ The study's user attributes (optuna-dashboard shows them) are its shared record:
 and every machine of the study reads them.
 
     settings            the settings the study answers for (study.py refuses other ones)
-    state               searching, certifying, training the final model, registering, finished
+    state               finding its edge, searching, certifying, training the final model, registering, finished
     mlflow_parent_run_id  the study's MLflow run
     stability_edge      where its range test broke (records.Edge), before its first trial
     safety              every candidate's verdict from the stress replays (search/safest.py)
@@ -24,7 +24,14 @@ import optuna
 
 from stylepipe.records import Edge, Safest
 
-STUDY_STATES = ("searching", "certifying", "training the final model", "registering", "finished")
+STUDY_STATES = (
+    "finding its edge",
+    "searching",
+    "certifying",
+    "training the final model",
+    "registering",
+    "finished",
+)
 
 
 class StudyRecord:

@@ -118,6 +118,11 @@ def study_edge(
             return None, edge_line(None, margin, "the study's trials began without a range test")
         test = range_test_config(config)
         low, high = config.search.space.lr
+        if record.state == "finding its edge":
+            log.warning(
+                "the range test was cut short before (no edge recorded): it runs again from its start"
+            )
+        record.set_state("finding its edge")
         log.info(
             "stability edge: the range test trains lr %.3g to %.3g over %d steps", low, high, test.train.steps
         )

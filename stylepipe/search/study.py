@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -151,15 +152,16 @@ def _create_or_load(config: Config) -> optuna.Study:
 
 
 def trial_sampler(config: Config, trials_so_far: int) -> optuna.samplers.BaseSampler:
-    """TPE seeded for the next trial: ``search.seed`` plus the number of trials the study holds.
+    """TPE seeded for the next trial by ``search.seed`` and the number of trials the study holds.
 
     A sampler seeded once per process proposes the same first configurations again on every
     resume, and in every worker; seeded by the study's size it is reproducible and does not
-    repeat itself (TPE keeps no other state: it reads the trials from the storage).
+    repeat itself (TPE keeps no other state: it reads the trials from the storage). The two
+    are mixed, not added: with seed + size, the study of seed 1 proposed the configurations of
+    the study of seed 0, one trial later.
     """
-    return optuna.samplers.TPESampler(
-        seed=config.search.seed + trials_so_far, n_startup_trials=config.search.startup_trials
-    )
+    seed = int(np.random.SeedSequence([config.search.seed, trials_so_far]).generate_state(1)[0])
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.search.startup_trials)
 
 
 def trials_table(study: optuna.Study, safest: Safest | None = None, steps: int | None = None) -> pd.DataFrame:
