@@ -99,6 +99,9 @@ def test_the_flow_completes_registers_a_champion_and_leaves_artifacts(first_run)
         and result["promotion"]["why"] == "version 1 is now the champion; there was none"
     )
     assert Path(result["stability_map"]).is_file() and (run_dir / "prepared" / "report.md").is_file()
+    # the stability edge is a task of its own, before the search; its line is in the result
+    assert _task_states(state.state_details.flow_run_id)["stability edge"] == "Completed"
+    assert result["edge"]["line"].startswith("stability edge: ")
     config = load_config(DEMO, overrides)
     client = MlflowClient(tracking_uri=config.tracking_uri)
     assert str(client.get_model_version_by_alias("flow-style", "champion").version) == "1"

@@ -177,7 +177,9 @@ def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(sear
     assert parent.data.tags["safest.horizon_steps"] == "12"
     # where the steps went: the trials as trials.csv counts them, the replays, the final model
     trials = pd.read_csv(Path(config.run_dir) / "trials.csv")
-    cost = {stage: parent.data.metrics[f"cost/{stage}_steps"] for stage in ("search", "certificate", "final")}
+    stages = ("edge", "search", "certificate", "final")
+    cost = {stage: parent.data.metrics[f"cost/{stage}_steps"] for stage in stages}
+    assert cost["edge"] == 0  # no range test in these tests (test_edge.py has one)
     assert cost["search"] == trials["steps"].sum() and 6 <= cost["search"] <= 6 * 8
     assert cost["certificate"] > 0 and cost["final"] == config.final_run_steps
     assert parent.data.metrics["cost/total_steps"] == sum(cost.values())

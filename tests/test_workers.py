@@ -133,6 +133,9 @@ def test_three_workers_complete_exactly_n_trials_with_one_mlflow_run_each(tmp_pa
     runs, trial_runs = mlflow_trial_runs(config)
     by_trial = sorted(int(r.data.tags["trial"]) for r in trial_runs)
     assert by_trial == numbers  # exactly one MLflow run per trial
+    # one range test for the study: the first worker ran it, the others read its edge
+    assert sum(r.data.tags.get("stylepipe.role") == "edge" for r in runs) == 1
+    assert "stability_edge" in study.user_attrs
     assert all(r.info.status != "RUNNING" for r in runs)
     assert sum(r.data.tags.get("stylepipe.role") == "study" for r in runs) == 1
 

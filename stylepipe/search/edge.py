@@ -170,7 +170,8 @@ def edge_markdown(edge: Edge | None, margin: float | None, user_lr: float) -> st
     sampled = (
         f"trials sampled lr up to {bound:.3g}" if bound is not None else "the whole lr range was searched"
     )
+    versus = edge.versus(user_lr)
     return (
         f"**Stability edge**: lr {edge.lr:.3g} ({edge.outcome}: {edge.cause}, at step {edge.step} of the "
-        f"{edge.steps}-step range test); {sampled}. {edge.versus(user_lr).capitalize()}."
+        f"{edge.steps}-step range test); {sampled}. {versus[0].upper()}{versus[1:]}."
     )
