@@ -88,6 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.print(f"  Optuna storage:    {redact_url(config.storage_url)}  (study {result['study']})")
     out.print(f"  MLflow tracking:   {redact_url(config.tracking_uri)}")
     out.print(f"  MLflow runs table: {result['runs_table']}")
+    if result.get("stability_edge"):
+        out.print(f"  stability edge:    {result['stability_edge'].removeprefix('Stability edge: ')}")
     out.print(f"  stability map:     {result['stability_map']}")
     out.print(f"  safest settings:   {result['safest_json']}")
     if result["safest"]:

@@ -153,8 +153,7 @@ def style_pipeline(
     warm = stages.previous_safest(config)
     if warm:
         logger.info("warm start: enqueuing the previous safest configuration %s", warm)
-    edge = edge_task(config_json)
-    logger.info("%s", edge["line"])
+    edge = edge_task(config_json)  # its line is logged by the stage
     search = search_task(config_json, warm)
     with StudyLock(config, "finish"):  # whoever finishes a study holds it (chain.py), the flow too
         finished = chain.finish(config, as_task)
