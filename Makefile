@@ -49,7 +49,7 @@ bench: $(STAMP)
 	$(PY) -m bench.run
 
 # The search and its certificate, before (no range test, no constraints, every candidate
-# replayed) against now, on the demo: 2 cases x 5 seeds x 12 trials, about an hour on 2 cores.
+# replayed) against now, on the demo: 2 cases x 5 seeds x 12 trials, 72 minutes on 2 cores.
 bench-search: $(STAMP)
 	$(PY) -m bench.search_bench
 

@@ -128,26 +128,41 @@ def main() -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The markdown table for bench/RESULTS.md: per case and side, sums and medians over seeds."""
+    """The markdown table for bench/RESULTS.md: per case and side, sums and medians over seeds,
+    and the ratios of now to before."""
     lines = [
-        "| case | side | diverged trials (sum) | best quality (median) | certificate steps (sum) "
-        "| total steps to a certified configuration (sum) | same safest as the full certificate |",
+        "| case | side | trials that broke (sum) | best quality (median) | certificate steps (sum) "
+        "| steps to a certified configuration (sum) | the full certificate of the same trials |",
         "|---|---|---|---|---|---|---|",
     ]
     for case in dict.fromkeys(r["case"] for r in rows):
+        sums: dict[str, dict[str, float]] = {}
         for side in SIDES:
             mine = [r for r in rows if r["case"] == case and r["side"] == side]
             if not mine:
                 continue
-            same = "-"
+            sums[side] = {
+                "diverged": sum(r["diverged"] for r in mine),
+                "best": statistics.median(r["best"] for r in mine),
+                "certificate": sum(r["certificate"] for r in mine),
+                "total": sum(r["total"] for r in mine),
+            }
+            full = "-"
             if side == "now":
                 agree = sum(r["safest"] == r["full_safest"] for r in mine)
-                full = sum(r["full_certificate"] for r in mine)
-                same = f"{agree} of {len(mine)} (full certificate of the same trials: {full:,} steps)"
+                steps = sum(r["full_certificate"] for r in mine)
+                full = f"{steps:,} steps; the same safest in {agree} of {len(mine)}"
+            row = sums[side]
             lines.append(
-                f"| {case} | {side} | {sum(r['diverged'] for r in mine)} "
-                f"| {statistics.median(r['best'] for r in mine):.4g} "
-                f"| {sum(r['certificate'] for r in mine):,} | {sum(r['total'] for r in mine):,} | {same} |"
+                f"| {case} | {side} | {row['diverged']} | {row['best']:.4g} | {row['certificate']:,} "
+                f"| {row['total']:,} | {full} |"
+            )
+        if len(sums) == 2:
+            now, before = sums["now"], sums["before"]
+            ratio = {k: now[k] / before[k] if before[k] else float("nan") for k in now}
+            lines.append(
+                f"| {case} | now / before | {ratio['diverged']:.2f} | {ratio['best']:.3f} "
+                f"| {ratio['certificate']:.2f} | {ratio['total']:.2f} | |"
             )
     return "\n".join(lines)
 
