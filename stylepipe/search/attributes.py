@@ -92,6 +92,12 @@ class StudyRecord:
     def versus_baseline(self) -> str | None:
         return self._get("versus_baseline")
 
+    def keep_verdict(self, verdict: dict[str, Any]) -> None:
+        """One candidate's verdict, kept as soon as it is reached: a certificate cut short (a
+        kill, a lost machine) goes on from the next candidate, not from the first."""
+        kept = [v for v in self.verdicts if v["trial"] != verdict["trial"]]
+        self._set("safety", [*kept, verdict])
+
     def record_verdicts(self, verdicts: list[dict[str, Any]], baseline: dict | None, versus: str) -> None:
         self._set("safety", verdicts)
         self._set("baseline", baseline)

@@ -233,6 +233,7 @@ def confirm_safest(
                     "horizon": horizon,
                 }
             )
+            record.keep_verdict(verdicts[-1])
         if verdicts[-1]["safe"] and (passed is None or trial.value < passed):
             passed = trial.value
     baseline = next((v for v in verdicts if base is not None and v["trial"] == base.number), None)
