@@ -22,6 +22,7 @@ import logging
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="more overrides for the 'now' side")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
+    # the baseline's own lr (0.1 in case a) lies outside the lr range below the edge, as meant
+    warnings.filterwarnings("ignore", message="Fixed parameter lr with value")
     from stylepipe import stages
     from stylepipe.config import load_config
 
