@@ -33,6 +33,7 @@ from tests.conftest import DEMO  # noqa: E402
 pytestmark = pytest.mark.slow  # Prefect's test server and whole pipeline runs
 
 TINY = [
+    "search.edge_steps=10",  # the shortest range test: these tests are about other things
     "data.image_size=32",
     "prepare.image_size=32",
     "prepare.workers=1",

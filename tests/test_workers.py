@@ -31,6 +31,7 @@ needs_postgres = pytest.mark.skipif(
 )
 WORKER = [str(Path(sys.executable).parent / "stylepipe"), "worker", "--quiet", "--config", str(DEMO)]
 TINY = [
+    "search.edge_steps=10",  # the shortest range test: these tests are about other things
     "data.image_size=32",
     "train.batch_size=2",
     "train.warmup_steps=0",
