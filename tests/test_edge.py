@@ -242,6 +242,8 @@ def test_a_study_stopped_while_finding_its_edge_runs_the_range_test_again_and_sa
         filter_string="tags.`stylepipe.role` = 'edge'",
     )
     assert stopped.info.status == "FAILED" and "interrupted" in stopped.data.tags["failure"]
+    # a kill -9 leaves no such ending: its range-test run stays RUNNING (as a kill would leave it)
+    client.update_run(stopped.info.run_id, status="RUNNING")
     # other settings: refused, naming them, before anything runs
     other = search_overrides(
         tmp_path, prepared, *EDGE, "search.n_trials=1", "final.train=false", "search.edge_margin=3"
@@ -254,5 +256,7 @@ def test_a_study_stopped_while_finding_its_edge_runs_the_range_test_again_and_sa
     with caplog.at_level("WARNING", logger="stylepipe.search.edge"):
         result = run_search(config, progress=False)
     assert "the range test was cut short before" in caplog.text
+    ended = client.get_run(stopped.info.run_id)  # the dead process's run, ended with the reason
+    assert ended.info.status == "KILLED" and "during the range test" in ended.data.tags["failure"]
     assert StudyRecord(study).edge is not None and result["cost"]["edge"] == StudyRecord(study).edge.step
     assert StudyRecord(study).state == "finished"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import optuna
 
@@ -58,16 +57,18 @@ def find_edge(config: Config, data: StudyData, callbacks: Sequence[Callback] = (
     test = range_test_config(config)
     low, high = config.search.space.lr
     steps = test.train.steps
-    factor = (high / low) ** (1 / (steps - 1))
+    no_halt = Edge(lr=None, step=steps, low=low, high=high, steps=steps, clip_norm=test.train.clip_norm)
+    factor = no_halt.factor
     trainer = candidate_trainer(test, data, callbacks, lr_schedule=lambda index: factor**index)
-    record: dict[str, Any] = {"steps": steps, "low": low, "high": high, "clip_norm": test.train.clip_norm}
     try:
         trainer.fit()
     except TrainingHalted as halted:
         autopsy = halted.autopsy
         lr = low * factor ** (autopsy.step - 1)  # the lr of the step it halted at
-        return Edge(lr=lr, step=autopsy.step, cause=autopsy.cause, outcome=autopsy.outcome, **record)
-    return Edge(lr=None, step=steps, **record)
+        return no_halt.model_copy(
+            update={"lr": lr, "step": autopsy.step, "cause": autopsy.cause, "outcome": autopsy.outcome}
+        )
+    return no_halt
 
 
 def sampled_space(space: SearchSpace, edge: Edge | None, margin: float | None) -> SearchSpace:
@@ -116,26 +117,23 @@ def study_edge(
         waiting = optuna.trial.TrialState.WAITING
         if any(t.state != waiting for t in study.get_trials(deepcopy=False)):
             return None, edge_line(None, margin, "the study's trials began without a range test")
-        test = range_test_config(config)
         low, high = config.search.space.lr
-        if record.state == "finding its edge":
+        steps = config.search.edge_steps
+        if record.state == "finding its edge":  # its process died: under this lock, no one runs it
             log.warning(
                 "the range test was cut short before (no edge recorded): it runs again from its start"
             )
+            tracker.end_orphaned_runs(
+                parent_run_id, ("edge",), "its process stopped (killed or lost) during the range test"
+            )
         record.set_state("finding its edge")
-        log.info(
-            "stability edge: the range test trains lr %.3g to %.3g over %d steps", low, high, test.train.steps
-        )
+        log.info("stability edge: the range test trains lr %.3g to %.3g over %d steps", low, high, steps)
+        clip_norm = range_test_config(config).train.clip_norm
         logger = tracker.child_run(
             parent_run_id,
             "range test",
             "edge",
-            {
-                "lr_low": test.search.space.lr[0],
-                "lr_high": test.search.space.lr[1],
-                "steps": test.train.steps,
-                "clip_norm": test.train.clip_norm,
-            },
+            {"lr_low": low, "lr_high": high, "steps": steps, "clip_norm": clip_norm},
             {"stylepipe.study": config.study_name},
             log_every=1,
         )
