@@ -1,7 +1,7 @@
 """The stages chained: the one order a study is searched and finished in, for the commands
 (``search``, ``worker``) and the Prefect flow alike.
 
-    edge -> search -> confirm -> train final -> register -> promote -> record -> report
+    edge -> search -> replays -> confirm -> train final -> register -> promote -> record -> report
 
 ``finish`` runs the steps after the search through a ``StepRunner``: the commands run each stage
 in this process, sharing one ``StudySession`` (``in_process``); the flow runs each as a Prefect
@@ -109,6 +109,7 @@ def run_search(
     with SqliteWorkerLock(config.storage_url), StudySession(config) as session:
         stages.edge(config, session)
         stages.search(config, warm_start, progress, session, cores)
+        stages.replays(config, session, cores)
         with StudyLock(config, "finish"):
             return _finish_once(config, session)
 
@@ -125,9 +126,11 @@ def run_worker(config: Config, progress: bool = False, cores: Cores = ALONE) -> 
         worker = StudySession(config, owns_parent=False)
         stages.edge(config, worker)  # the first worker finds it; the others wait, then read it
         ran = stages.search(config, progress=progress, session=worker, cores=cores)["trials_run"]
+        replayed = stages.replays(config, worker, cores)["replays_run"]  # the certificate, shared
         with StudyLock(config, "finish"):
             if finished(config, worker) is not None:
-                return {"trials_run": ran, "finished_study": False}
+                return {"trials_run": ran, "replays_run": replayed, "finished_study": False}
             cores.set_threads()
             with StudySession(config, data=worker.data_if_built) as finisher:
-                return {"trials_run": ran, "finished_study": True, **_finish_once(config, finisher)}
+                finished_here = _finish_once(config, finisher)
+                return {"trials_run": ran, "replays_run": replayed, "finished_study": True, **finished_here}

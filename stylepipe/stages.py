@@ -216,9 +216,29 @@ def search(
         return {"study": config.study_name, "trials_run": ran}
 
 
-def confirm(config: Config, session: StudySession | None = None) -> Safest | None:
-    """Replay the best trials under stress; write ``safest.json``; None when nothing is safe. The
-    caller holds the study's ``finish`` lock (chain.py).
+def replays(config: Config, session: StudySession | None = None, cores: Cores = ALONE) -> dict:
+    """Once the study's search has ended, run the certificate's queued replays with the study's
+    other workers until none is left to claim (search/replays.py); the study's finisher waits for
+    those still running elsewhere (``confirm``). Nothing to do for a study already answered."""
+    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.objective import worker_id
+    from stylepipe.search.safest import share_replays
+    from stylepipe.search.study import COUNTED
+    from stylepipe.session import study_session
+
+    with study_session(config, session) as s:
+        done = len(s.study.get_trials(deepcopy=False, states=COUNTED))
+        if done < config.search.n_trials or StudyRecord(s.study).safest_for(done)[0]:
+            return {"study": config.study_name, "replays_run": 0}
+        companion = share_replays(config, s.study, lambda: s.data, s.tracker, s.parent, cores)
+        mine = [t for t in companion.get_trials(deepcopy=False) if t.user_attrs.get("worker") == worker_id()]
+        return {"study": config.study_name, "replays_run": len(mine)}
+
+
+def confirm(config: Config, session: StudySession | None = None, cores: Cores = ALONE) -> Safest | None:
+    """Replay the best trials under stress, with the study's other workers; write
+    ``safest.json``; None when nothing is safe. The caller holds the study's ``finish`` lock
+    (chain.py).
 
     Runs once per study state: a verdict the study already holds for its current trials
     (from another worker, or an earlier run) is reused.
@@ -229,17 +249,18 @@ def confirm(config: Config, session: StudySession | None = None) -> Safest | Non
     from stylepipe.session import study_session
 
     with study_session(config, session) as s:
-        # Replay runs still RUNNING belong to a process that died: only the holder of the study's
-        # finish lock confirms. (A final run that died is resumed by train_final, in the same run.)
-        s.tracker.end_orphaned_runs(
-            s.parent, ("replay",), "its process stopped (killed or lost) before the run ended"
-        )
+        if sqlite_path(config.storage_url) is not None:
+            # One process works on a SQLite study: a replay run still RUNNING belongs to one that
+            # died. (With PostgreSQL, a dead worker's replay is found by its heartbeats.)
+            s.tracker.end_orphaned_runs(
+                s.parent, ("replay",), "its process stopped (killed or lost) before the run ended"
+            )
         record = StudyRecord(s.study)
         done = len(s.study.get_trials(deepcopy=False, states=COUNTED))
         answered, safest = record.safest_for(done)
         if not answered:
             record.set_state("certifying")
-            safest = confirm_safest(s.study, s.data, s.tracker, s.parent)
+            safest = confirm_safest(s.study, s.data, s.tracker, s.parent, cores)
             record.record_safest(safest, for_trials=done)
         if safest is None:
             nothing = {
@@ -384,7 +405,9 @@ def report(
         trials = trials_table(s.study, safest, config.train.steps)
         edge = record.edge
         final_steps = config.final_run_steps if model else 0
-        cost = study_cost(trials, record.verdicts, final_steps, edge.step if edge else 0)
+        cost = study_cost(
+            trials, record.verdicts, final_steps, edge.step if edge else 0, record.certificate_steps
+        )
         edge_text = edge_markdown(edge, config.search.edge_margin, config.train.lr)
         importance = stability_importance(s.study)
         record.write_note(importance_markdown(importance))  # optuna-dashboard shows it above the study

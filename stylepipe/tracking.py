@@ -302,11 +302,13 @@ class Tracker:
         failure: str | None = None,
         title: str | None = None,
         end: bool = True,
+        status: str | None = None,
     ) -> None:
         """Tags, summary metrics and the autopsy, then the run's final status (FAILED, with the
         ``failure`` tag saying why, when the outcome is ``failed``). ``title`` renames the run:
         the name is the one column MLflow's runs table always shows. ``end=False`` leaves it
-        RUNNING (a final run ends when its model is logged)."""
+        RUNNING (a final run ends when its model is logged); ``status`` overrides the final status
+        (KILLED: a replay cancelled because it was no longer needed)."""
         if logger is not None:
             logger.flush()
         tags = [RunTag("outcome", outcome)]
@@ -322,7 +324,8 @@ class Tracker:
         if title:
             self.client.update_run(run_id, name=title)
         if end:
-            self.client.set_terminated(run_id, status="FAILED" if outcome == "failed" else "FINISHED")
+            ended = status or ("FAILED" if outcome == "failed" else "FINISHED")
+            self.client.set_terminated(run_id, status=ended)
 
     def end_study(self, run_id: str, status: str = "FINISHED", failure: str | None = None) -> None:
         if failure:

@@ -92,11 +92,13 @@ class StudyRecord:
     def versus_baseline(self) -> str | None:
         return self._get("versus_baseline")
 
-    def keep_verdict(self, verdict: dict[str, Any]) -> None:
-        """One candidate's verdict, kept as soon as it is reached: a certificate cut short (a
-        kill, a lost machine) goes on from the next candidate, not from the first."""
-        kept = [v for v in self.verdicts if v["trial"] != verdict["trial"]]
-        self._set("safety", [*kept, verdict])
+    @property
+    def certificate_steps(self) -> int | None:
+        """The steps every replay trained, cancelled ones included (replays.steps_trained)."""
+        return self._get("certificate_steps")
+
+    def record_certificate_steps(self, steps: int) -> None:
+        self._set("certificate_steps", steps)
 
     def record_verdicts(self, verdicts: list[dict[str, Any]], baseline: dict | None, versus: str) -> None:
         self._set("safety", verdicts)

@@ -9,15 +9,29 @@ COST_STAGES = ("edge", "search", "certificate", "final")
 
 
 def study_cost(
-    trials: pd.DataFrame, verdicts: list[dict], final_steps: int, edge_steps: int = 0
+    trials: pd.DataFrame,
+    verdicts: list[dict],
+    final_steps: int,
+    edge_steps: int = 0,
+    certificate_steps: int | None = None,
 ) -> dict[str, int]:
     """The steps each stage trained: the range test (to its halt), the trials (to their halt or
-    prune), the stress replays (to their first failure), the final model; ``total`` their sum."""
+    prune), the stress replays (to their failure or cancel: ``certificate_steps`` as recorded;
+    from the verdicts for a study certified before replays were shared), the final model;
+    ``total`` their sum."""
     search = int(pd.to_numeric(trials.get("steps"), errors="coerce").fillna(0).sum()) if len(trials) else 0
-    certificate = sum(
-        int(r["step"] if r["outcome"] != "complete" and r.get("step") is not None else v.get("horizon") or 0)
-        for v in verdicts
-        for r in v.get("replays") or []
+    certificate = (
+        certificate_steps
+        if certificate_steps is not None
+        else sum(
+            int(
+                r["step"]
+                if r["outcome"] != "complete" and r.get("step") is not None
+                else v.get("horizon") or 0
+            )
+            for v in verdicts
+            for r in v.get("replays") or []
+        )
     )
     cost = {"edge": int(edge_steps), "search": search, "certificate": certificate, "final": int(final_steps)}
     return {**cost, "total": sum(cost.values())}

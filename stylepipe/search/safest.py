@@ -7,7 +7,8 @@ likeliest failure, first) and with ``search.replay_seeds`` more seeds, each for
 its replays stop at the first that fails. Candidates are certified best-first by their trial's
 quality, so the first that passes is the safest (ties go to the lower gradient-norm spikiness)
 and worse candidates are not replayed; ``search.certify_all`` replays every candidate in full,
-as before. If none is safe there is no safest configuration. The record states its
+as before. The replays are shared work: any worker of the study runs them once the search has
+ended, each exactly once (replays.py). If none is safe there is no safest configuration. The record states its
 **certificate** (the seeds, the margin and the horizon it passed) and compares it with the
 **baseline**, the settings of the user's own config file, which every study runs as its first
 trial and which is always replayed.
@@ -17,16 +18,18 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 
 from stylepipe.config import Config
-from stylepipe.errors import failure_text
 from stylepipe.records import Certificate, Safest
+from stylepipe.search import replays
 from stylepipe.search.attributes import StudyRecord
-from stylepipe.search.objective import StudyData, run_candidate
+from stylepipe.search.objective import StudyData
 from stylepipe.search.space import apply, params_from_trial
+from stylepipe.threads import ALONE, Cores
 from stylepipe.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -56,70 +59,11 @@ def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")), None)
 
 
-def _replay(config, data, trial, params, stress, horizon, tracker, parent_run_id) -> dict[str, Any]:
-    replay_config = apply(
-        config,
-        {**params, "lr": params["lr"] * stress["lr_factor"]},
-        **{"train.seed": stress["seed"], "train.steps": horizon},
-    )
-    logger = None
-    if tracker is not None:
-        name = f"replay trial {trial.number} seed {stress['seed']} lr x{stress['lr_factor']:g}"
-        logger = tracker.child_run(
-            parent_run_id,
-            name,
-            "replay",
-            {**params, **stress, "steps": horizon},
-            {"trial": trial.number},
-            config.tracking.log_every,
-        )
-    try:
-        run = run_candidate(replay_config, data, [logger] if logger else [])
-    except BaseException as err:  # Ctrl-C too: the replay's run says why it stopped
-        if logger is not None:
-            tracker.finish_run(logger.run_id, "failed", logger=logger, failure=failure_text(err))
-        raise
-    if logger is not None:
-        metrics = {"final/quality": run.quality} if run.quality is not None else {}
-        tracker.finish_run(
-            logger.run_id,
-            run.outcome,
-            run.autopsy.cause if run.autopsy else None,
-            run.autopsy,
-            metrics,
-            logger=logger,
-        )
-    return {
-        **stress,
-        "outcome": run.outcome,
-        "cause": run.autopsy.cause if run.autopsy else None,
-        "step": run.autopsy.step if run.autopsy else None,
-        "quality": run.quality,
-        "spikiness": run.spikiness if math.isfinite(run.spikiness) else None,
-    }
-
-
-def _verdict(config, data, trial, plan, horizon, tracker, parent_run_id) -> dict[str, Any]:
-    params = params_from_trial(trial)
-    if trial.state != optuna.trial.TrialState.COMPLETE:  # the baseline may not have finished
-        outcome = trial.user_attrs.get("outcome", trial.state.name.lower())
-        return {
-            "trial": trial.number,
-            "quality": None,
-            "params": params,
-            "safe": False,
-            "spikiness": None,
-            "replays": [],
-            "why": f"its trial ended {outcome} ({trial.user_attrs.get('cause') or 'no cause'})",
-        }
-    replays = []
-    for stress in plan:
-        replays.append(_replay(config, data, trial, params, stress, horizon, tracker, parent_run_id))
-        if replays[-1]["outcome"] != "complete" and not config.search.certify_all:
-            break  # it is not safe: the replays after this one cannot change that
-    safe = all(r["outcome"] == "complete" for r in replays)
-    spikes = [r["spikiness"] for r in replays if r["spikiness"] is not None]
-    failed = [r for r in replays if r["outcome"] != "complete"]
+def _verdict(trial, params, plan, results, horizon) -> dict[str, Any]:
+    """A candidate's verdict from its replays that ran (``results``, in plan order)."""
+    failed = [r for r in results if r["outcome"] != "complete"]
+    safe = not failed and len(results) == len(plan)
+    spikes = [r["spikiness"] for r in results if r["spikiness"] is not None]
     why = (
         "every replay stayed finite"
         if safe
@@ -135,8 +79,24 @@ def _verdict(config, data, trial, plan, horizon, tracker, parent_run_id) -> dict
         "params": params,
         "safe": safe,
         "spikiness": max(spikes) if spikes else None,
-        "replays": replays,
+        "replays": results,
         "why": why,
+        "plan": plan,
+        "horizon": horizon,
+    }
+
+
+def _unfinished(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The verdict of a candidate whose own trial did not complete (the baseline may not have)."""
+    outcome = trial.user_attrs.get("outcome", trial.state.name.lower())
+    return {
+        "trial": trial.number,
+        "quality": None,
+        "params": params_from_trial(trial),
+        "safe": False,
+        "spikiness": None,
+        "replays": [],
+        "why": f"its trial ended {outcome} ({trial.user_attrs.get('cause') or 'no cause'})",
     }
 
 
@@ -189,54 +149,106 @@ def nothing_safe_because(verdicts: list[dict]) -> str:
     return "no candidate stayed finite under every stress replay"
 
 
+class CertificatePlan:
+    """Which candidates a study's certificate replays, how, and which verdicts it keeps.
+
+    The candidates are the top-K complete trials, best-first, then the baseline. A candidate
+    replayed before (the study then grew) keeps its verdict: the same trial, plan and horizon
+    replay the same way, and the study's settings cannot change (study.py). Best-first, a
+    candidate worse than one that passed before is not replayed (the baseline always is)."""
+
+    def __init__(self, study: optuna.Study, config: Config):
+        search = config.search
+        self.horizon = confirm_horizon(config)
+        self.plan = replay_plan(config.train.seed, search.replay_seeds, search.lr_margin)
+        complete = [
+            t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
+        ]
+        self.candidates = sorted(complete, key=lambda t: t.value)[: search.top_k]
+        self.base = baseline_trial(study)
+        if self.base is not None and self.base.number not in [t.number for t in self.candidates]:
+            self.candidates.append(self.base)  # last: it is replayed whatever passed before it
+        self.kept = {
+            v["trial"]: v
+            for v in StudyRecord(study).verdicts
+            if v.get("plan") == self.plan and v.get("horizon") == self.horizon
+        }
+        passed = [v["quality"] for v in self.kept.values() if v["safe"]]
+        best_passed = min(passed) if passed and not search.certify_all else None
+        self.to_replay = [
+            t
+            for t in self.candidates
+            if t.number not in self.kept
+            and (self.is_baseline(t) or best_passed is None or t.value is None or t.value <= best_passed)
+        ]
+
+    def is_baseline(self, trial: optuna.trial.FrozenTrial) -> bool:
+        return self.base is not None and trial.number == self.base.number
+
+
+def share_replays(
+    config: Config,
+    study: optuna.Study,
+    data: Callable[[], StudyData],
+    tracker: Tracker | None = None,
+    parent_run_id: str | None = None,
+    cores: Cores = ALONE,
+    wait: bool = False,
+) -> optuna.Study:
+    """Queue the certificate's replays (once per study, replays.py) and run them with any other
+    worker; with ``wait``, until every one has an end, run here or elsewhere. Any worker of the
+    study may call it once the search has ended; the finisher calls it with ``wait``. Returns
+    the certificate's companion study."""
+    plan = CertificatePlan(study, config)
+    companion = replays.open_companion(config, study)
+    objective = replays.ReplayObjective(config, study, data, tracker, parent_run_id, cores)
+    base = plan.base.number if plan.base is not None else None
+    while True:
+        queued = replays.plan_units(config, study, companion, plan.to_replay, plan.plan, plan.horizon, base)
+        replays.run_units(config, companion, objective, wait)
+        if not wait or queued == 0:  # a unit that failed (out of retries) is queued again
+            return companion
+
+
 def confirm_safest(
-    study: optuna.Study, data: StudyData, tracker: Tracker | None = None, parent_run_id: str | None = None
+    study: optuna.Study,
+    data: StudyData,
+    tracker: Tracker | None = None,
+    parent_run_id: str | None = None,
+    cores: Cores = ALONE,
 ) -> Safest | None:
-    """Replay the top-K complete trials and the baseline; return the safest record (or None).
+    """Replay the top-K complete trials and the baseline (with any other worker of the study);
+    return the safest record (or None).
 
     The study keeps every verdict (``safety``) and, with or without a safest, what the
     baseline did (``baseline``) and the comparison (``versus_baseline``)."""
     config = data.config
-    search = config.search
-    horizon = confirm_horizon(config)
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    candidates = sorted(complete, key=lambda t: t.value)[: search.top_k]  # best-first
-    base = baseline_trial(study)
-    if base is not None and base.number not in [t.number for t in candidates]:
-        candidates.append(base)  # last: it is replayed whatever passed before it
-    plan = replay_plan(config.train.seed, search.replay_seeds, search.lr_margin)
-    # A candidate replayed before (the study then grew) keeps its verdict: the same trial, plan
-    # and horizon replay the same way, and the study's settings cannot change (study.py).
+    plan = CertificatePlan(study, config)
+    companion = share_replays(config, study, lambda: data, tracker, parent_run_id, cores, wait=True)
     record = StudyRecord(study)
-    earlier = {
-        v["trial"]: v for v in record.verdicts if v.get("plan") == plan and v.get("horizon") == horizon
-    }
+    record.record_certificate_steps(replays.steps_trained(companion))
     verdicts = []
-    passed: float | None = None  # the quality of the best candidate that passed
-    for trial in candidates:
-        is_baseline = base is not None and trial.number == base.number
-        if not (is_baseline or search.certify_all) and passed is not None and trial.value > passed:
+    for trial in plan.candidates:
+        if trial.number in plan.kept:
+            log.info(
+                "trial %d: its verdict from before is kept (%s)", trial.number, plan.kept[trial.number]["why"]
+            )
+            verdicts.append(plan.kept[trial.number])
+            continue
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            verdicts.append(_unfinished(trial))
+            continue
+        results = replays.results_of(companion, trial.number, plan.horizon)
+        failed = any(r["outcome"] != "complete" for r in results)
+        if trial.number not in {t.number for t in plan.to_replay} or (
+            not failed and len(results) < len(plan.plan)
+        ):
             # best-first: a worse candidate that passed would not be chosen (the baseline is
             # still replayed, for the comparison)
             log.info("trial %d: not replayed, a better candidate passed first", trial.number)
             continue
-        if trial.number in earlier:
-            log.info(
-                "trial %d: its verdict from before is kept (%s)", trial.number, earlier[trial.number]["why"]
-            )
-            verdicts.append(earlier[trial.number])
-        else:
-            verdicts.append(
-                {
-                    **_verdict(config, data, trial, plan, horizon, tracker, parent_run_id),
-                    "plan": plan,
-                    "horizon": horizon,
-                }
-            )
-            record.keep_verdict(verdicts[-1])
-        if verdicts[-1]["safe"] and (passed is None or trial.value < passed):
-            passed = trial.value
-    baseline = next((v for v in verdicts if base is not None and v["trial"] == base.number), None)
+        verdicts.append(_verdict(trial, params_from_trial(trial), plan.plan, results, plan.horizon))
+    baseline = next((v for v in verdicts if plan.base is not None and v["trial"] == plan.base.number), None)
     safe = [v for v in verdicts if v["safe"]]
     best = min(safe, key=lambda v: (v["quality"], v["spikiness"] or math.inf)) if safe else None
     versus = compare_with_baseline(best, baseline)
@@ -250,7 +262,7 @@ def confirm_safest(
         quality=best["quality"],
         params=best["params"],
         settings=apply(config, best["params"]).model_dump(mode="json"),
-        certificate=certificate(best["replays"], horizon),
+        certificate=certificate(best["replays"], plan.horizon),
         spikiness=best["spikiness"],
         replays=best["replays"],
         candidates=len(verdicts),

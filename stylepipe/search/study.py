@@ -9,6 +9,7 @@ import logging
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -260,10 +261,10 @@ def enqueue_first_trials(study: optuna.Study, config: Config, warm_start_params:
             warm_start(study, warm_start_params)
 
 
-class _ReleaseThenRun:
+class ReleaseGateThenRun:
     """Objective wrapper: the trial exists once it runs, so the start gate can open."""
 
-    def __init__(self, objective: Objective, gate: StudyLock):
+    def __init__(self, objective: Callable[[optuna.Trial], float], gate: StudyLock):
         self.objective = objective
         self.gate = gate
 
@@ -304,7 +305,7 @@ def run_trials(
     target = config.search.n_trials
     enqueue_first_trials(study, config, warm_start_params)
     gate = StudyLock(config, "ask")
-    objective = _ReleaseThenRun(objective, gate)
+    objective = ReleaseGateThenRun(objective, gate)
     bar = StudyProgress(study, target, enabled=progress)
     ran = 0
     with SqliteWorkerLock(config.storage_url), bar.progress, frozen_heap():

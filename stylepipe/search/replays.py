@@ -1,0 +1,304 @@
+"""The certificate's stress replays as shared work (docs/design.md, "Replays as shared work").
+
+Once the search has ended, each replay of each candidate (safest.py) is one *unit*: a trial of a
+companion Optuna study, ``<study>:certificate``, in the same storage, enqueued with the replay's
+candidate, seed, lr factor and horizon as user attributes. Any worker of the study claims the
+next unit the way it claims an enqueued trial: Optuna moves it WAITING -> RUNNING under a row
+lock, so one worker gets it. Heartbeats do the rest, as for the search's trials: a worker that
+dies mid-replay stops beating, the next worker that looks fails the unit, ends its MLflow run
+KILLED and queues it again (storage.py). The finisher of the study waits for every unit, then
+reads the verdicts back in the candidates' order, exactly as one worker would have reached them.
+
+The early stops of the certificate hold across workers: a unit is *cancelled* (PRUNED, with the
+reason) when its candidate already failed a replay, or, unless it is the baseline or
+``search.certify_all`` is set, when a better candidate passed all of its replays; a replay
+already training checks again every ``CANCEL_CHECK_S`` seconds. One worker claims the units in
+the order they were queued, best candidate first, its likeliest failure first: the same replays,
+in the same order, as the certificate before it was shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from stylepipe.config import Config
+from stylepipe.errors import failure_text
+from stylepipe.search.objective import StudyData, run_candidate, worker_id
+from stylepipe.search.space import apply, params_from_trial
+from stylepipe.search.storage import StudyLock, open_storage
+from stylepipe.search.study import ReleaseGateThenRun
+from stylepipe.threads import ALONE, Cores
+from stylepipe.tracking import Tracker
+from stylepipe.train import Callback, TrainState
+
+log = logging.getLogger(__name__)
+
+COMPANION_SUFFIX = ":certificate"
+CANCEL_CHECK_S = 10.0  # how often a replay in training asks whether it is still needed
+_STATE = optuna.trial.TrialState
+
+
+def companion_name(study_name: str) -> str:
+    return f"{study_name}{COMPANION_SUFFIX}"
+
+
+def open_companion(config: Config, study: optuna.Study) -> optuna.Study:
+    """The study's certificate companion, in the study's storage (created on first use)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.create_study(
+            study_name=companion_name(study.study_name),
+            storage=open_storage(config),
+            sampler=optuna.samplers.RandomSampler(seed=0),  # never asked: units carry no parameters
+            direction="minimize",
+            load_if_exists=True,
+        )
+
+
+def unit_key(attrs: dict[str, Any]) -> tuple:
+    return (attrs["candidate"], attrs["seed"], float(attrs["lr_factor"]), attrs["horizon"])
+
+
+def plan_units(
+    config: Config,
+    study: optuna.Study,
+    companion: optuna.Study,
+    candidates: list[optuna.trial.FrozenTrial],
+    plan: list[dict[str, Any]],
+    horizon: int,
+    baseline: int | None,
+) -> int:
+    """Queue each candidate's replays that the companion does not hold yet, best candidate first;
+    returns how many were queued. Idempotent, under the study's ``certificate`` lock: every worker
+    may call it once the search has ended. A unit that failed (its worker raised, or it ran out of
+    retries) is queued again; one cancelled is queued again only under ``search.certify_all``."""
+    with StudyLock(config, "certificate"):
+        held = {
+            unit_key(t.user_attrs)
+            for t in companion.get_trials(deepcopy=False)
+            if t.state in (_STATE.WAITING, _STATE.RUNNING, _STATE.COMPLETE)
+            or (t.state == _STATE.PRUNED and not config.search.certify_all)
+        }
+        queued = 0
+        for trial in candidates:
+            if trial.state != _STATE.COMPLETE:
+                continue  # the baseline may not have finished its trial: nothing to replay
+            for order, stress in enumerate(plan):
+                attrs = {
+                    "candidate": trial.number,
+                    "quality": trial.value,
+                    "baseline": trial.number == baseline,
+                    "order": order,
+                    "replays": len(plan),
+                    "seed": stress["seed"],
+                    "lr_factor": stress["lr_factor"],
+                    "horizon": horizon,
+                }
+                if unit_key(attrs) not in held:
+                    companion.enqueue_trial({}, user_attrs=attrs)
+                    queued += 1
+        return queued
+
+
+def results_of(companion: optuna.Study, candidate: int, horizon: int) -> list[dict[str, Any]]:
+    """The replays of ``candidate`` that ran to their end, in plan order."""
+    done = [
+        t.user_attrs
+        for t in companion.get_trials(deepcopy=False, states=(_STATE.COMPLETE,))
+        if t.user_attrs.get("candidate") == candidate and t.user_attrs.get("horizon") == horizon
+    ]
+    return [a["result"] for a in sorted(done, key=lambda a: a["order"])]
+
+
+def cancelled_because(companion: optuna.Study, unit: dict[str, Any], certify_all: bool) -> str | None:
+    """Why ``unit`` is no longer needed, if it is not: its candidate already failed a replay, or a
+    better candidate passed all of its replays (the baseline is replayed whatever passed)."""
+    if certify_all:
+        return None
+    ran = [
+        t.user_attrs
+        for t in companion.get_trials(deepcopy=False, states=(_STATE.COMPLETE,))
+        if t.user_attrs.get("horizon") == unit["horizon"]
+    ]
+    for attrs in ran:
+        if attrs["candidate"] == unit["candidate"] and attrs["result"]["outcome"] != "complete":
+            return f"trial {unit['candidate']} already failed its replay with seed {attrs['seed']}"
+    if unit["baseline"]:
+        return None
+    passed: dict[tuple[float, int], int] = {}  # (quality, candidate) -> its replays that passed
+    for attrs in ran:
+        if attrs["result"]["outcome"] == "complete" and attrs["quality"] < unit["quality"]:
+            key = (attrs["quality"], attrs["candidate"])
+            passed[key] = passed.get(key, 0) + 1
+    better = sorted(key for key, n in passed.items() if n >= unit["replays"])
+    return f"trial {better[0][1]}, a better candidate, passed first" if better else None
+
+
+class ReplayCancelled(Exception):
+    """A replay in training is no longer needed (``cancelled_because``), at ``step``."""
+
+    def __init__(self, why: str, step: int):
+        super().__init__(why)
+        self.step = step
+
+
+class _AskAgain(Callback):
+    """Stops a replay in training once it is no longer needed; asks at most every CANCEL_CHECK_S."""
+
+    def __init__(self, companion: optuna.Study, unit: dict[str, Any], certify_all: bool):
+        self.companion, self.unit, self.certify_all = companion, unit, certify_all
+        self.last = time.monotonic()
+
+    def on_check(self, state: TrainState) -> None:
+        if time.monotonic() - self.last < CANCEL_CHECK_S:
+            return
+        self.last = time.monotonic()
+        why = cancelled_because(self.companion, self.unit, self.certify_all)
+        if why:
+            raise ReplayCancelled(why, state.step)
+
+
+class ReplayObjective:
+    """Optuna objective of the companion study: train one claimed unit, or cancel it.
+
+    Its MLflow run is the replay run of before (name, role ``replay``, nested under the study's
+    parent run), now also tagged with the worker that ran it."""
+
+    def __init__(
+        self,
+        config: Config,
+        study: optuna.Study,
+        data: Callable[[], StudyData],
+        tracker: Tracker | None,
+        parent_run_id: str | None,
+        cores: Cores = ALONE,
+    ):
+        self.config, self.study, self.data = config, study, data
+        self.tracker, self.parent_run_id, self.cores = tracker, parent_run_id, cores
+
+    def __call__(self, unit_trial: optuna.Trial) -> float:
+        unit = unit_trial.user_attrs
+        self.cores.set_threads()
+        unit_trial.set_user_attr("worker", worker_id())
+        trial = self.study.get_trials(deepcopy=False)[unit["candidate"]]
+        params = params_from_trial(trial)
+        stress = {"seed": unit["seed"], "lr_factor": unit["lr_factor"]}
+        replay_config = apply(
+            self.config,
+            {**params, "lr": params["lr"] * stress["lr_factor"]},
+            **{"train.seed": stress["seed"], "train.steps": unit["horizon"]},
+        )
+        logger = None
+        if self.tracker is not None:
+            logger = self.tracker.child_run(
+                self.parent_run_id,
+                f"replay trial {trial.number} seed {stress['seed']} lr x{stress['lr_factor']:g}",
+                "replay",
+                {**params, **stress, "steps": unit["horizon"]},
+                {"trial": trial.number, "stylepipe.worker": worker_id()},
+                self.config.tracking.log_every,
+            )
+            unit_trial.set_user_attr("mlflow_run_id", logger.run_id)  # a dead worker's run ends KILLED
+        watch = _AskAgain(unit_trial.study, unit, self.config.search.certify_all)
+        try:
+            run = run_candidate(replay_config, self.data(), [*([logger] if logger else []), watch])
+        except ReplayCancelled as cancelled:
+            log.info(
+                "replay of trial %d seed %d: cancelled in training, %s",
+                trial.number,
+                stress["seed"],
+                cancelled,
+            )
+            unit_trial.set_user_attr("cancelled", str(cancelled))
+            unit_trial.set_user_attr("steps_trained", cancelled.step)
+            if logger is not None:
+                self.tracker.finish_run(
+                    logger.run_id, "cancelled", logger=logger, failure=str(cancelled), status="KILLED"
+                )
+            raise optuna.TrialPruned(str(cancelled)) from None
+        except BaseException as err:  # Ctrl-C too: the replay's run says why it stopped
+            if logger is not None:
+                self.tracker.finish_run(logger.run_id, "failed", logger=logger, failure=failure_text(err))
+            raise
+        cause = run.autopsy.cause if run.autopsy else None
+        if logger is not None:
+            metrics = {"final/quality": run.quality} if run.quality is not None else {}
+            self.tracker.finish_run(logger.run_id, run.outcome, cause, run.autopsy, metrics, logger=logger)
+        step = run.autopsy.step if run.autopsy else None
+        result = {
+            **stress,
+            "outcome": run.outcome,
+            "cause": cause,
+            "step": step,
+            "quality": run.quality,
+            "spikiness": run.spikiness if math.isfinite(run.spikiness) else None,
+        }
+        unit_trial.set_user_attr("result", result)
+        return float(unit["horizon"] if step is None else step)  # the steps it trained
+
+
+class _UnlessCancelled:
+    """A claimed unit no longer needed is cancelled (PRUNED, with why), not run."""
+
+    def __init__(self, objective: Callable[[optuna.Trial], float], certify_all: bool):
+        self.objective, self.certify_all = objective, certify_all
+
+    def __call__(self, unit_trial: optuna.Trial) -> float:
+        unit = unit_trial.user_attrs
+        why = cancelled_because(unit_trial.study, unit, self.certify_all)
+        if why:
+            log.info("replay of trial %d seed %d: cancelled, %s", unit["candidate"], unit["seed"], why)
+            unit_trial.set_user_attr("cancelled", why)
+            raise optuna.TrialPruned(why)
+        return self.objective(unit_trial)
+
+
+def run_units(
+    config: Config,
+    companion: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    wait: bool,
+) -> int:
+    """Claim and run the companion's queued units until none is left; with ``wait``, also wait
+    for those running elsewhere (failing any whose heartbeats stopped, then running their
+    retries here). Returns how many units this process claimed. A replay that raises stops
+    this worker, as a trial does: its unit is failed and queued again by the next plan."""
+    gate = StudyLock(config, "replays")
+    claim = ReleaseGateThenRun(_UnlessCancelled(objective, config.search.certify_all), gate)
+    claimed = 0
+    while True:
+        gate.acquire()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(companion)
+            states = [t.state for t in companion.get_trials(deepcopy=False)]
+            if _STATE.WAITING in states:
+                # Optuna claims the first unit queued (WAITING -> RUNNING); the gate opens once it runs
+                companion.optimize(claim, n_trials=1, catch=())
+                claimed += 1
+                continue
+            if not (wait and _STATE.RUNNING in states):
+                return claimed
+            gate.release()
+            time.sleep(min(5, config.search.heartbeat_interval))
+        finally:
+            gate.release()
+
+
+def steps_trained(companion: optuna.Study) -> int:
+    """What the replays cost, cancelled ones included: each unit's steps to its end or its cancel."""
+    total = 0
+    for t in companion.get_trials(deepcopy=False, states=(_STATE.COMPLETE, _STATE.PRUNED)):
+        if t.state == _STATE.COMPLETE and t.value is not None:
+            total += int(t.value)
+        else:
+            total += int(t.user_attrs.get("steps_trained", 0))
+    return total
