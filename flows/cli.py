@@ -74,6 +74,15 @@ def secrets_to_environment(args: argparse.Namespace) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_settings(args)
+    from stylepipe.ops.workers import check_fan_out
+
+    check_fan_out(config)
+    if config.search.workers > 1:
+        raise StylepipeError(
+            f"search.workers={config.search.workers} starts workers on the work pool of a deployed flow run, "
+            "and stylepipe-flow run runs the pipeline here, outside a work pool: deploy it (stylepipe-flow "
+            f"deploy --config {args.config} --pool POOL) and run it on the pool, or set search.workers=1"
+        )
     prefect_home(args)
     overrides = secrets_to_environment(args)
     from flows.pipeline import style_pipeline
@@ -143,14 +152,22 @@ def require_prefect_server() -> str:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     config = load_settings(args)
+    from stylepipe.ops.workers import check_fan_out
+
+    check_fan_out(config)
     require_prefect_server()
-    overrides = secrets_to_environment(args)
+    from flows import fanout, worker
     from flows.deploy import deploy
 
+    overrides = secrets_to_environment(args)
     deployment_id = deploy(args.config, args.pool, overrides, args.source)
+    worker.deploy(args.config, args.pool, args.source)  # the workers a fanned-out run starts
     cron = config.schedule.cron or "no schedule: manual runs only"
     name = f"style_pipeline/{config.schedule.deployment}"
     out.print(f"deployed {name} ({cron}) for work pool {args.pool}; id {deployment_id}")
+    out.print(
+        f"deployed {fanout.worker_deployment(config)} beside it (search.workers: {config.search.workers})"
+    )
     out.print(f"run it now: prefect deployment run {name}")
     return 0
 
@@ -161,7 +178,7 @@ def cmd_deploy_worker(args: argparse.Namespace) -> int:
     from flows.worker import deploy
 
     deploy(args.config, args.pool)
-    out.print(f"deployed search_worker for work pool {args.pool}")
+    out.print(f"deployed search_worker/{load_settings(args).name} for work pool {args.pool}")
     return 0
 
 

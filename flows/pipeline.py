@@ -1,6 +1,8 @@
-"""The ``style_pipeline`` flow: prepare -> stability edge -> search, then the study finished in chain.py's order
-(confirm safest -> train final -> register -> promote -> record -> report). Thin: every task is
-one call to a stage in ``stylepipe.stages``.
+"""The ``style_pipeline`` flow: prepare -> stability edge -> search -> certificate replays, then the
+study finished in chain.py's order (confirm safest -> train final -> register -> promote -> record
+-> report). Thin: every task is one call to a stage in ``stylepipe.stages``. With
+``search.workers`` > 1 it starts that many workers less one on its work pool (fanout.py), which
+share the search and the replays.
 
 Retries where the work is I/O (reading images, the registry) and for the final training,
 which resumes from its checkpoints; never for a user's mistake, nor for a NaN, which is an
@@ -18,6 +20,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
+from flows import fanout
+from flows.telemetry import told
 from stylepipe import chain, stages
 from stylepipe.config import Config, load_config
 from stylepipe.errors import StylepipeError
@@ -82,6 +86,11 @@ def search_task(config_json: str, warm_start: dict | None) -> dict[str, Any]:
     return stages.search(_settings(config_json), warm_start, cores=MACHINE)
 
 
+@task(name="certificate replays")
+def replays_task(config_json: str) -> dict[str, Any]:
+    return stages.replays(_settings(config_json), cores=MACHINE)
+
+
 @task(name="confirm safest")
 def confirm_task(config_json: str) -> Safest | None:
     return stages.confirm(_settings(config_json))
@@ -138,25 +147,33 @@ def as_task(step: str, config: Config, *args: Any) -> Any:
 def style_pipeline(
     config_path: str = "configs/demo.yaml", overrides: list[str] | None = None, study_name: str | None = None
 ) -> dict[str, Any]:
-    """Run the whole pipeline once. Each run is its own study, warm-started from the last safest."""
+    """Run the whole pipeline once. Each run is its own study, warm-started from the last safest;
+    with ``search.workers`` > 1, searched and certified by that many workers of its work pool."""
     logger = get_run_logger()
     config = load_config(config_path, overrides)
+    fanout.check(config, config_path)  # before any work: its workers can be started
     # Named after the flow run's expected start: a retry of this flow run (Prefect's Retry on a
     # crashed run) finds its study, resumes its trials and its final model's checkpoints.
     stamp = (flow_run.get_scheduled_start_time() or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
     config = config.with_overrides({"search.study_name": study_name or f"{config.name}-{stamp}"})
 
-    prepared = prepare_task(config.model_dump_json())
-    config = config.with_overrides({"data.content": prepared["prepared"]})
-    config_json = config.model_dump_json()
+    with told():
+        prepared = prepare_task(config.model_dump_json())
+        config = config.with_overrides({"data.content": prepared["prepared"]})
+        config_json = config.model_dump_json()
 
-    warm = stages.previous_safest(config)
-    if warm:
-        logger.info("warm start: enqueuing the previous safest configuration %s", warm)
-    edge = edge_task(config_json)  # its line is logged by the stage
-    search = search_task(config_json, warm)
-    with StudyLock(config, "finish"):  # whoever finishes a study holds it (chain.py), the flow too
-        finished = chain.finish(config, as_task)
+        warm = stages.previous_safest(config)
+        if warm:
+            logger.info("warm start: enqueuing the previous safest configuration %s", warm)
+        edge = edge_task(config_json)  # its line is logged by the stage
+        shared = [*(overrides or []), f"data.content={prepared['prepared']}"]
+        workers = fanout.start_workers(config, config_path, shared)
+        search = search_task(config_json, warm)
+        replays_task(config_json)
+        fanout.cancel_unstarted(workers)  # nothing is left for a worker that never started
+        with StudyLock(config, "finish"):  # whoever finishes a study holds it (chain.py), the flow too
+            finished = chain.finish(config, as_task)
+        fanout.wait_for_workers(workers)
     if finished["safest"] is None:
         logger.warning("no safe configuration: nothing is registered and the champion stays")
     elif finished["promotion"] is not None:

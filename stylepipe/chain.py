@@ -114,12 +114,14 @@ def run_search(
             return _finish_once(config, session)
 
 
-def run_worker(config: Config, progress: bool = False, cores: Cores = ALONE) -> dict:
-    """One worker of a (possibly shared) study: run trials, then, once per study, finish it.
+def run_worker(config: Config, progress: bool = False, cores: Cores = ALONE, finish: bool = True) -> dict:
+    """One worker of a (possibly shared) study: run trials, then its share of the certificate's
+    replays, then, once per study, finish it.
 
     The worker that takes the ``finish`` lock first finishes the study in a session of its own,
     which ends the MLflow parent run, with the cores the workers that left gave back; the others
-    find it finished and leave.
+    find it finished and leave. ``finish=False``: a worker started by the scheduled flow, which
+    finishes the study itself, leaves after the replays.
     """
     check_prepared(config.data.content)
     with SqliteWorkerLock(config.storage_url):
@@ -127,6 +129,8 @@ def run_worker(config: Config, progress: bool = False, cores: Cores = ALONE) -> 
         stages.edge(config, worker)  # the first worker finds it; the others wait, then read it
         ran = stages.search(config, progress=progress, session=worker, cores=cores)["trials_run"]
         replayed = stages.replays(config, worker, cores)["replays_run"]  # the certificate, shared
+        if not finish:
+            return {"trials_run": ran, "replays_run": replayed, "finished_study": False}
         with StudyLock(config, "finish"):
             if finished(config, worker) is not None:
                 return {"trials_run": ran, "replays_run": replayed, "finished_study": False}

@@ -226,6 +226,9 @@ class SearchConfig(Section):
     grace_period: int = Field(60, ge=2)  # seconds without a heartbeat before a trial is stale
     max_retry: int = Field(2, ge=0)  # times a stale trial is re-run by another worker
     workers_per_device: int = Field(1, ge=1)  # trials at once on one GPU (small batches)
+    # Fan-out of the scheduled flow: it starts workers - 1 search_worker flow runs on its own work
+    # pool, which share the study's trials and its certificate's replays (a PostgreSQL study).
+    workers: int = Field(1, ge=1)
     top_k: int = Field(
         3, ge=1
     )  # candidates replayed under stress (and the baseline, the config's own settings)

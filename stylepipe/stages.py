@@ -17,11 +17,13 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from stylepipe import events
+from stylepipe.champion import previous_safest, promote, register  # noqa: F401  (stages too)
 from stylepipe.config import Config
 from stylepipe.files import write_json
-from stylepipe.records import FinalRun, Safest, WarmStart
+from stylepipe.records import FinalRun, Safest
 from stylepipe.stores import sqlite_path
 from stylepipe.threads import ALONE, Cores
 
@@ -142,40 +144,6 @@ def stylize(
 # ------------------------------------------------------------------ the study's stages
 
 
-def previous_safest(config: Config) -> dict[str, Any] | None:
-    """The safest parameters an earlier run in this run folder found, for a warm start.
-
-    When its certificate was weakened (its final run needed recoveries), the warm start
-    re-checks it at a lower learning rate first: times ``recovery.lr_factor``.
-    """
-    start = _registered_safest(config) or _local_safest(config)
-    if start is None:
-        return None
-    params = dict(start.params)
-    if start.weakened:
-        params["lr"] *= config.recovery.lr_factor
-    return params
-
-
-def _registered_safest(config: Config) -> WarmStart | None:
-    """The ``safest`` version's settings in the MLflow registry: what every machine sees when
-    they share a tracking server and no disk. None where there is no such version (yet)."""
-    from stylepipe.registry import Registry
-    from stylepipe.tracking import is_server
-
-    uri = config.tracking_uri
-    sqlite_file = sqlite_path(uri)
-    if not is_server(uri) and not (sqlite_file and Path(sqlite_file).is_file()):
-        return None  # no store yet: nothing registered, and nothing to create just to ask
-    return Registry(uri, config.tracking.registered_model).safest_settings()
-
-
-def _local_safest(config: Config) -> WarmStart | None:
-    """``last_safest.json`` in the run folder (a registry without the record: older versions)."""
-    path = Path(config.run_dir) / "last_safest.json"
-    return Safest.load(path).warm_start() if path.is_file() else None
-
-
 def edge(config: Config, session: StudySession | None = None) -> dict:
     """The study's stability edge (search/edge.py): found by a range test before its first
     trial, or read back from the study; ``edge`` (a record, or None) and its ``line``."""
@@ -262,6 +230,15 @@ def confirm(config: Config, session: StudySession | None = None, cores: Cores = 
             record.set_state("certifying")
             safest = confirm_safest(s.study, s.data, s.tracker, s.parent, cores)
             record.record_safest(safest, for_trials=done)
+            if safest is not None:
+                events.publish(
+                    events.STUDY_CERTIFIED,
+                    study=config.study_name,
+                    trial=safest.trial,
+                    quality=safest.quality,
+                    params=safest.params,
+                    certificate=safest.certificate.text,
+                )
         if safest is None:
             nothing = {
                 "study": s.study.study_name,
@@ -290,82 +267,6 @@ def train_final(config: Config, safest: Safest, session: StudySession | None = N
     with study_session(config, session) as s:
         StudyRecord(s.study).set_state("training the final model")
         return FinalTraining(config, safest, s).run()
-
-
-def register(config: Config, final: FinalRun, session: StudySession | None = None) -> dict:
-    """Register the final run's logged model: a version tagged safe with its quality, the
-    weights' SHA-256, the certificate and the recoveries, aliased ``safest``. A version already
-    registered from that run is completed and reused (``reused``), never registered twice."""
-    from stylepipe.registry import SAFEST_SETTINGS_TAG, Registry
-    from stylepipe.search.attributes import StudyRecord
-    from stylepipe.showcase import style_summary
-
-    if session is not None:
-        StudyRecord(session.study).set_state("registering")
-    registry = Registry(config.tracking_uri, config.tracking.registered_model)
-    certificate = final.safest.certificate
-    weakened = f"; weakened: {certificate.weakened}" if certificate.weakened else ""
-    tags = {
-        "recoveries": final.recoveries,
-        "certificate": certificate.text + weakened,
-        SAFEST_SETTINGS_TAG: json.dumps(final.safest.warm_start().to_json()),
-    }
-    if final.style:
-        tags["style"] = style_summary(final.style)
-    record = registry.register(final.run_id, final.model_uri, final.model_sha256, final.quality, tags)
-    return {
-        **record,
-        "quality": final.quality,
-        "samples": final.samples,
-        "recoveries": final.recoveries,
-        "style": final.style,
-        "model": final.model,
-        "folder": final.folder,
-        "final_reused": final.reused,  # its final run finished before
-    }
-
-
-def promote(config: Config, version: str, session: StudySession | None = None) -> dict:
-    """Give ``version`` the alias ``champion`` when it is safe and beats the current champion.
-
-    Both models are scored now, on this run's validation split, with the study's reference
-    weights: a champion measured long ago on other images is not a fair comparison.
-    """
-    from stylepipe.registry import Registry
-    from stylepipe.search.objective import evaluate_quality, load_study_data
-
-    registry = Registry(config.tracking_uri, config.tracking.registered_model)
-    if not registry.is_safe(version):
-        return {"promoted": False, "version": version, "why": f"version {version} is not marked safe"}
-    champion = registry.alias_version("champion")
-    if champion is None:
-        registry.set_alias("champion", version)
-        return {
-            "promoted": True,
-            "version": version,
-            "why": f"version {version} is now the champion; there was none",
-        }
-    if champion == version:
-        return {"promoted": False, "version": version, "why": "it already is the champion"}
-    data = session.data if session is not None else load_study_data(config)
-    new_quality = evaluate_quality(registry.load(version).to(data.device), data)
-    old_quality = evaluate_quality(registry.load(champion).to(data.device), data)
-    decision = {
-        "version": version,
-        "champion_before": champion,
-        "quality": new_quality,
-        "champion_quality": old_quality,
-        "val_images": len(data.val_images),
-    }
-    if new_quality < old_quality:
-        registry.set_alias("champion", version)
-        why = f"quality {new_quality:.4g} beats the champion's {old_quality:.4g} on the same validation split"
-        return {**decision, "promoted": True, "why": why}
-    why = (
-        f"quality {new_quality:.4g} does not beat champion version {champion} "
-        f"({old_quality:.4g}) on the same validation split; the champion stays"
-    )
-    return {**decision, "promoted": False, "why": why}
 
 
 def record_finished(

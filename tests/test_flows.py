@@ -65,7 +65,8 @@ def harness():
 @pytest.fixture(scope="module")
 def first_run(harness, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pipeline")
-    overrides = [*TINY, f"run_dir={run_dir}"]
+    # The config's own lr (the baseline, trial 0) diverges: an event; the search's trials do not.
+    overrides = [*TINY, f"run_dir={run_dir}", "train.lr=50"]
     state = style_pipeline(str(DEMO), overrides, study_name="first", return_state=True)
     return run_dir, overrides, state
 
@@ -110,6 +111,62 @@ def test_the_flow_completes_registers_a_champion_and_leaves_artifacts(first_run)
     assert "Safest configuration" in artifacts["stylepipe-summary"].data
     assert artifacts["stylepipe-top-trials"].type == "table"
     assert '"lr"' in artifacts["stylepipe-top-trials"].data
+
+
+def _read_back(read, ready, timeout: float = 20.0):
+    """Prefect stores run logs and events a few seconds after they are sent: ask until ``ready``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = asyncio.run(read())
+        if ready(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
+def test_the_libraries_lines_are_in_the_run_logs_and_its_events_in_prefect(first_run):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    _, _, state = first_run
+    flow_run_id = state.state_details.flow_run_id
+    result = state.result()
+
+    async def logs():
+        async with get_client() as client:
+            return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    found = _read_back(
+        logs, lambda found: any(r.message == f"trial {result['safest'].trial}: safe" for r in found)
+    )
+    ours = [r for r in found if r.name.startswith("stylepipe")]
+    messages = [r.message for r in ours]
+    assert f"trial {result['safest'].trial}: safe" in messages  # the certificate's verdict
+    assert any(m.startswith("stability edge: ") for m in messages)  # the range test's line
+    assert all(r.task_run_id is not None for r in ours)  # each in the log of the task that said it
+    assert logging.getLogger("stylepipe").handlers == []  # handed back after the run
+
+    async def events():
+        async with get_client() as client:
+            page = await client.read_events(
+                EventFilter(event=EventNameFilter(prefix=["stylepipe."])), limit=50
+            )
+            return [e for e in page.events if e.payload.get("study") == "first"]
+
+    seen = _read_back(events, lambda found: {e.event for e in found} >= {
+        "stylepipe.trial.diverged", "stylepipe.study.certified", "stylepipe.model.promoted"})  # fmt: skip
+    by_name = {e.event: e for e in seen}
+    diverged = by_name["stylepipe.trial.diverged"]
+    assert diverged.resource.id == "stylepipe.study.first" and diverged.payload["lr"] == 50
+    assert diverged.payload["trial"] == 0 and diverged.payload["cause"]
+    certified = by_name["stylepipe.study.certified"]
+    assert certified.payload["trial"] == result["safest"].trial
+    assert certified.payload["certificate"] == result["safest"].certificate.text
+    promoted = by_name["stylepipe.model.promoted"]
+    assert promoted.resource.id == "stylepipe.model.flow-style"
+    assert promoted.payload["version"] == "1" and promoted.payload["alias"] == "champion"
+    assert {r.id for r in promoted.related} >= {"stylepipe.study.first", f"prefect.flow-run.{flow_run_id}"}
 
 
 def test_a_second_run_warm_starts_and_keeps_a_better_champion(first_run):

@@ -14,11 +14,21 @@ from stylepipe.search.storage import StorageError
 from stylepipe.stores import is_sqlite, redact_url
 
 
-def run_worker(config: Config, progress: bool = False) -> dict:
+def run_worker(config: Config, progress: bool = False, finish: bool = True) -> dict:
     """``chain.run_worker``, counted among this machine's workers: each trial takes its share of
     the cores, and the one that finishes the study takes the cores the others gave back."""
     with cores.CoreShare():
-        return chain.run_worker(config, progress=progress, cores=cores.MACHINE)
+        return chain.run_worker(config, progress=progress, cores=cores.MACHINE, finish=finish)
+
+
+def check_fan_out(config: Config) -> None:
+    """``search.workers`` > 1 needs a study the workers can share: SQLite serves one process."""
+    if config.search.workers > 1 and is_sqlite(config.storage_url):
+        raise StorageError(
+            f"search.workers={config.search.workers} needs a study the workers can share, and "
+            f"{redact_url(config.storage_url)} is SQLite, which serves one process: put the study in "
+            "PostgreSQL (search.storage=postgresql://...) or set search.workers=1"
+        )
 
 
 def run_worker_processes(config: Config, processes: int) -> list[int]:

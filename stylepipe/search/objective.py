@@ -18,6 +18,7 @@ import optuna
 import torch
 import torch.nn.functional as F
 
+from stylepipe import events
 from stylepipe.config import Config, SearchSpace
 from stylepipe.data.shard import is_prepared, load_split
 from stylepipe.data.sources import RandomBatches
@@ -338,6 +339,15 @@ class Objective:
 
                 trial.set_user_attr("autopsy", autopsy.to_dict())
                 save_note(trial, f"**{run.outcome} at step {step}: {cause}**\n\n{autopsy.explain()}")
+            events.publish(
+                events.TRIAL_DIVERGED,
+                study=base.study_name,
+                trial=trial.number,
+                outcome=run.outcome,
+                cause=cause,
+                lr=params["lr"],
+                step=step,
+            )
             # NaN at that step, then pruned: the sampler learns the region is bad (docs/design.md).
             trial.report(float("nan"), step)
             self.tracker.finish_run(

@@ -35,7 +35,7 @@ from stylepipe.search.space import apply, params_from_trial
 from stylepipe.search.storage import StudyLock, open_storage
 from stylepipe.search.study import ReleaseGateThenRun
 from stylepipe.threads import ALONE, Cores
-from stylepipe.tracking import Tracker
+from stylepipe.tracking import Tracker, end_killed_run
 from stylepipe.train import Callback, TrainState
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,28 @@ def plan_units(
                     companion.enqueue_trial({}, user_attrs=attrs)
                     queued += 1
         return queued
+
+
+ORPHANED = "its process stopped (killed or lost) before the run ended"
+
+
+def fail_orphans(config: Config, companion: optuna.Study) -> int:
+    """On SQLite (one process, holding the database's lock): a unit still RUNNING belongs to a
+    process that died. It is failed now, not after its heartbeats' grace period, its MLflow run
+    ended KILLED; the next plan queues it again. Returns how many."""
+    orphans = companion.get_trials(deepcopy=False, states=(_STATE.RUNNING,))
+    for unit in orphans:
+        run_id = unit.user_attrs.get("mlflow_run_id")
+        if run_id:
+            end_killed_run(config.tracking_uri, run_id, ORPHANED)
+        companion.tell(unit.number, state=_STATE.FAIL)
+        log.info(
+            "replay of trial %d seed %d: %s; it runs again",
+            unit.user_attrs["candidate"],
+            unit.user_attrs["seed"],
+            ORPHANED,
+        )
+    return len(orphans)
 
 
 def results_of(companion: optuna.Study, candidate: int, horizon: int) -> list[dict[str, Any]]:

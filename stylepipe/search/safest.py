@@ -29,6 +29,7 @@ from stylepipe.search import replays
 from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import StudyData
 from stylepipe.search.space import apply, params_from_trial
+from stylepipe.stores import is_sqlite
 from stylepipe.threads import ALONE, Cores
 from stylepipe.tracking import Tracker
 
@@ -201,6 +202,8 @@ def share_replays(
     the certificate's companion study."""
     plan = CertificatePlan(study, config)
     companion = replays.open_companion(config, study)
+    if is_sqlite(config.storage_url):
+        replays.fail_orphans(config, companion)
     objective = replays.ReplayObjective(config, study, data, tracker, parent_run_id, cores)
     base = plan.base.number if plan.base is not None else None
     while True:

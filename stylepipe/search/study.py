@@ -51,6 +51,7 @@ STUDY_MAY_CHANGE = (
     "search.grace_period",
     "search.max_retry",
     "search.workers_per_device",
+    "search.workers",
     "search.certify_all",
     "search.val_batch_size",
     "tracking.uri",

@@ -1,0 +1,146 @@
+"""Fan-out: a scheduled flow run with ``search.workers: N`` starts N - 1 ``search_worker`` flow
+runs on its own work pool (``run_deployment``), works as one worker itself, and waits for the
+others. They share the study's trials and its certificate's replays through the PostgreSQL
+study (search/replays.py); the final model stays with the flow run that started them.
+
+The workers get the study's name and its storage URL with the password masked: each machine
+gives the password by its environment (STYLEPIPE_SEARCH_STORAGE, or PGPASSWORD), as for any
+run of the deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from uuid import UUID
+
+from prefect import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.context import FlowRunContext
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelling
+
+from stylepipe.config import Config
+from stylepipe.errors import StylepipeError
+from stylepipe.ops.workers import check_fan_out
+from stylepipe.stores import redact_url
+
+log = logging.getLogger("stylepipe.fanout")
+
+WORKER_FLOW = "search_worker"
+NOT_STARTED = (StateType.SCHEDULED, StateType.PENDING)
+POLL_S = 5.0
+
+
+class FanOutError(StylepipeError):
+    """The flow run cannot start its workers; the message says what to do."""
+
+
+def worker_deployment(config: Config) -> str:
+    """The search_worker deployment a pipeline of this config starts: ``search_worker/<name>``."""
+    return f"{WORKER_FLOW}/{config.name}"
+
+
+def _pool_of_this_run(config: Config, config_path: str) -> str:
+    context = FlowRunContext.get()
+    pool = context.flow_run.work_pool_name if context is not None else None
+    if pool is None:
+        raise FanOutError(
+            f"search.workers={config.search.workers} starts workers on the work pool of the flow run, and this "
+            "one was started outside a work pool: deploy the pipeline to a pool (stylepipe-flow deploy "
+            f"--config {config_path} --pool POOL) and run it there, or set search.workers=1"
+        )
+    return pool
+
+
+def check(config: Config, config_path: str) -> str | None:
+    """Before any work: the workers' deployment, when this flow run can start them (None with
+    ``search.workers: 1``); a ``FanOutError`` saying what to do when it cannot."""
+    if config.search.workers < 2:
+        return None
+    check_fan_out(config)
+    pool = _pool_of_this_run(config, config_path)
+    name = worker_deployment(config)
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            deployment = None
+    if deployment is None or deployment.work_pool_name != pool:
+        where = "is missing" if deployment is None else f"is on work pool {deployment.work_pool_name}"
+        raise FanOutError(
+            f"the deployment {name} {where}: add it to work pool {pool} with "
+            f"stylepipe-flow deploy --config {config_path} --pool {pool}"
+        )
+    return name
+
+
+def start_workers(config: Config, config_path: str, overrides: list[str]) -> list[UUID]:
+    """Start ``search.workers`` - 1 search_worker flow runs on this flow run's work pool, on the
+    same study; their flow-run ids. A retry of this flow run gets the same runs back (their
+    idempotency keys), not new ones."""
+    name = check(config, config_path)
+    if name is None:
+        return []
+    pool = FlowRunContext.get().flow_run.work_pool_name
+    helpers = config.search.workers - 1
+    parent = FlowRunContext.get().flow_run
+    runs = []
+    for number in range(2, helpers + 2):
+        run = run_deployment(
+            name,
+            parameters={
+                "config_path": config_path,
+                "storage": redact_url(config.storage_url),
+                "overrides": overrides,
+                "study_name": config.study_name,
+                "finish": False,
+            },
+            timeout=0,
+            flow_run_name=f"{config.study_name} worker {number}",
+            idempotency_key=f"{parent.id}:worker-{number}",
+            tags=["stylepipe", config.name],
+        )
+        log.info(
+            "started worker %d of %d on work pool %s: flow run %s",
+            number,
+            config.search.workers,
+            pool,
+            run.name,
+        )
+        runs.append(run.id)
+    return runs
+
+
+def cancel_unstarted(runs: list[UUID]) -> None:
+    """The search and its replays are done: a worker still waiting for a machine has nothing
+    left to do, and is cancelled."""
+    with get_client(sync_client=True) as client:
+        for run_id in runs:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.type in NOT_STARTED:
+                client.set_flow_run_state(run_id, Cancelling(message="the study's work was done without it"))
+                log.warning(
+                    "worker %s never started (no free worker on its pool): cancelled, nothing was left to do",
+                    run.name,
+                )
+
+
+def wait_for_workers(runs: list[UUID], timeout_s: float = 600.0) -> dict[str, str]:
+    """Wait for the workers' flow runs to end; their final states by name. One that died was
+    replaced by its hook; its unfinished trial or replay was taken over through heartbeats."""
+    deadline = time.monotonic() + timeout_s
+    states: dict[str, str] = {}
+    with get_client(sync_client=True) as client:
+        for run_id in runs:
+            while True:
+                run = client.read_flow_run(run_id)
+                if run.state is not None and run.state.is_final():
+                    break
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(POLL_S)
+            states[run.name] = run.state.name if run.state is not None else "unknown"
+            log.info("worker %s: %s", run.name, states[run.name])
+    return states
