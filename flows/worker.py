@@ -25,6 +25,7 @@ from prefect.deployments import run_deployment
 from flows.telemetry import told
 from stylepipe.config import load_config
 from stylepipe.ops.workers import run_worker
+from stylepipe.search.objective import worker_id
 
 log = logging.getLogger("stylepipe.fanout")
 
@@ -60,6 +61,7 @@ def search_worker(
     extra = [f"search.storage={storage}", *([f"search.study_name={study_name}"] if study_name else [])]
     config = load_config(config_path, [*(overrides or []), *extra])
     with told():
+        log.info("worker %s joins study %s", worker_id(), config.study_name)
         result = run_worker(config, finish=finish)
     return {k: v for k, v in result.items() if k in ("trials_run", "replays_run", "finished_study")}
 

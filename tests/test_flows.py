@@ -182,7 +182,8 @@ def test_a_second_run_warm_starts_and_keeps_a_better_champion(first_run):
     assert _task_states(state.state_details.flow_run_id)["prepare"] == "Cached"
     study = optuna.load_study(study_name="second", storage=previous.storage_url)
     enqueued = json.loads(safest_before)["params"]
-    assert study.trials[0].params["lr"] == pytest.approx(enqueued["lr"])  # the warm start
+    warm = [t for t in study.trials if t.user_attrs.get("warm_start")]
+    assert len(warm) == 1 and warm[0].params["lr"] == pytest.approx(enqueued["lr"])  # the warm start
     assert result["model"]["version"] == "2"
     promotion = result["promotion"]
     assert not promotion["promoted"] and promotion["champion_before"] == "1"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -142,6 +143,134 @@ def test_the_scheduled_deployment_runs_on_the_pool_and_the_next_run_warm_starts_
     assert not [t for t in earlier.trials if t.user_attrs.get("warm_start")]
     warm = [t for t in later.trials if t.user_attrs.get("warm_start")]
     assert len(warm) == 1 and warm[0].params["lr"] == pytest.approx(recorded["params"]["lr"]), warm
+
+
+def _started_worker(api: httpx.Client, name: str, deadline: float) -> tuple[dict, str]:
+    """The search_worker flow run named ``name`` and its worker id (host:pid), from its run log."""
+    while time.monotonic() < deadline:
+        runs = api.post("/flow_runs/filter", json={"flows": {"name": {"any_": ["search_worker"]}}}).json()
+        for run in runs:
+            if run["name"] == name:
+                logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+                joined = [log["message"].split()[1] for log in logs if " joins study " in log["message"]]
+                if joined:
+                    return run, joined[0]
+        time.sleep(1)
+    raise AssertionError(f"no flow run {name} started")
+
+
+def _replay_running_on(client: MlflowClient, study: str, worker: str, deadline: float):
+    """A replay run in training on ``worker``, once there is one."""
+    while time.monotonic() < deadline:
+        experiment = client.get_experiment_by_name(study)
+        runs = [] if experiment is None else client.search_runs(
+            [experiment.experiment_id], "tags.`stylepipe.role` = 'replay' and attributes.status = 'RUNNING'")  # fmt: skip
+        mine = [run for run in runs if run.data.tags.get("stylepipe.worker") == worker]
+        if mine:
+            return mine[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no replay ran on the started worker {worker}")
+
+
+def test_a_fanned_out_run_shares_trials_and_replays_and_survives_a_worker_killed_mid_replay(
+    services, tmp_path
+):
+    """search.workers=2: the pipeline's flow run starts a search_worker flow run on its pool;
+    both run trials and replays; the started worker is killed (SIGKILL) in a replay, which
+    another worker runs again; the study ends with its trials, one final run, one version."""
+    env = _env(services)
+    study, model = "fanout", f"{MODEL}-fanout"
+    common = [*TINY, "search.workers=2", "search.n_trials=6", "train.steps=40", "search.top_k=2",
+              "search.replay_seeds=1", "search.certify_all=true", "search.confirm_steps=300",
+              "search.heartbeat_interval=1", "search.grace_period=4", f"tracking.registered_model={model}",
+              f"run_dir={tmp_path / 'run'}"]  # fmt: skip
+    deploy = ["deploy", "--config", str(DEMO), "--pool", services.pool]
+    for override in common:
+        deploy += ["--set", override]
+    done = _stylepipe(*deploy, cwd=tmp_path, env=env, program="stylepipe-flow", timeout=180)
+    assert "deployed search_worker/demo beside it" in done.stdout
+
+    with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
+        deployment = api.get("/deployments/name/style_pipeline/nightly").json()
+        created = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": {
+            "config_path": str(DEMO), "overrides": common, "study_name": study}})  # fmt: skip
+        created.raise_for_status()
+        pipeline_id = created.json()["id"]
+        client = MlflowClient(tracking_uri=services.tracking_uri)
+        deadline = time.monotonic() + 400
+        started, worker = _started_worker(api, f"{study} worker 2", deadline)
+        assert started["parent_task_run_id"]  # a subflow of the pipeline's flow run
+        victim = _replay_running_on(client, study, worker, deadline)
+        time.sleep(1)  # inside its training
+        os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
+        pipeline = _wait(api, pipeline_id, 500)
+        assert pipeline["state_type"] == "COMPLETED", pipeline["state"]
+        workers = api.post("/flow_runs/filter", json={"flows": {"name": {"any_": ["search_worker"]}}}).json()
+        states = {w["name"]: w["state_type"] for w in workers if w["name"].startswith(f"{study} worker")}
+        assert states[f"{study} worker 2"] == "CRASHED", states
+        assert f"{study} worker 2 (attempt 2)" in states, states  # its replacement, started by its hook
+
+    storage = optuna.storages.RDBStorage(services.optuna_url)
+    counted = optuna.load_study(study_name=study, storage=storage).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))  # fmt: skip
+    assert len(counted) == 6
+    experiment = client.get_experiment_by_name(study)
+
+    def runs(role: str) -> list:
+        return client.search_runs([experiment.experiment_id], f"tags.`stylepipe.role` = '{role}'")
+
+    assert len({r.data.tags["stylepipe.worker"] for r in runs("trial")}) == 2  # both ran trials
+    replays = runs("replay")
+    assert len({r.data.tags["stylepipe.worker"] for r in replays}) >= 2  # and replays
+    killed = client.get_run(victim.info.run_id)
+    assert killed.info.status == "KILLED" and "heartbeats" in killed.data.tags["failure"]
+    assert worker in {r.data.tags["stylepipe.worker"] for r in runs("trial")}  # the started worker's trials
+    units = optuna.load_study(study_name=f"{study}:certificate", storage=storage).trials
+    complete = [t for t in units if t.state == optuna.trial.TrialState.COMPLETE]
+    keys = [(t.user_attrs["candidate"], t.user_attrs["seed"], t.user_attrs["lr_factor"]) for t in complete]
+    finished = optuna.load_study(study_name=study, storage=storage).trials
+    best = sorted(
+        (t for t in finished if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value
+    )[:2]
+    candidates = {t.number for t in best} | {t.number for t in finished if t.user_attrs.get("baseline")
+                                              and t.state == optuna.trial.TrialState.COMPLETE}  # fmt: skip
+    assert sorted(set(keys)) == sorted(keys) and len(keys) == 2 * len(candidates)  # every replay, once
+    rerun = [t for t in complete if t.user_attrs.get("mlflow_run_id") != victim.info.run_id
+             and t.system_attrs.get("failed_trial") is not None]  # fmt: skip
+    assert len(rerun) == 1 and rerun[0].user_attrs["worker"] != worker  # run again by another worker
+    safest = json.loads(optuna.load_study(study_name=study, storage=storage).user_attrs["safest"])
+    assert safest["certificate"]["seeds"] == [1] and safest["certificate"]["lr_margin"] == 2.0  # in full
+    assert len(runs("final")) == 1
+    assert len(client.search_model_versions(f"name = '{model}'")) == 1
+
+    # The story in the Prefect API: the library's lines in the run logs, its events.
+    with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
+        deadline = time.monotonic() + 30
+        while True:
+            logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [pipeline_id]}}}).json()
+            events = api.post("/events/filter", json={"filter": {"event": {"prefix": ["stylepipe."]}},
+                                                      "limit": 50}).json()["events"]  # fmt: skip
+            certified = [e for e in events if e["event"] == "stylepipe.study.certified"
+                         and e["resource"]["prefect.resource.id"] == f"stylepipe.study.{study}"]  # fmt: skip
+            if (
+                certified
+                and any(log["message"].startswith("trial ") for log in logs)
+                or time.monotonic() > deadline
+            ):
+                break
+            time.sleep(1)
+    assert certified and certified[0]["payload"]["trial"] == safest["trial"]
+    assert f"trial {safest['trial']}: safe" in [log["message"] for log in logs]
+
+
+def _wait(api: httpx.Client, run_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = api.get(f"/flow_runs/{run_id}").json()
+        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} did not end within {timeout} s")
 
 
 def test_workers_sharing_only_the_services_finish_one_study_whose_model_loads_anywhere(
