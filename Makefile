@@ -7,7 +7,7 @@ CONFIG ?= configs/demo.yaml
 
 RUN_DIR ?= runs/demo
 
-.PHONY: run serve test test-fast lint bench bench-search install clean dashboards stack stack-down pictures
+.PHONY: run serve test test-fast lint bench bench-search bench-fanout install clean dashboards stack stack-down pictures
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ bench: $(STAMP)
 # replayed) against now, on the demo: 2 cases x 5 seeds x 12 trials, 72 minutes on 2 cores.
 bench-search: $(STAMP)
 	$(PY) -m bench.search_bench
+
+# Fan-out: wall-clock steps of a scheduled run with 1, 2, 4, 8 workers at coco256's shape (a
+# critical-path model, seconds to run).
+bench-fanout: $(STAMP)
+	$(PY) -m bench.fanout
 
 # optuna-dashboard on :8080 and the MLflow UI on :5000, loopback only; Ctrl-C stops both.
 dashboards: $(STAMP)
