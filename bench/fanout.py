@@ -52,16 +52,10 @@ def certificate(units: list[Unit], workers: int, certify_all: bool, baseline: in
     for unit in units:  # claimed in queued order by the first free worker
         start = heapq.heappop(free)
 
-        def decided(at: int) -> bool:
-            if certify_all:
-                return False
-            if failed_at.get(unit.candidate, math.inf) <= at:
-                return True
-            better = [c for c, t in passed_at.items() if c < unit.candidate and t <= at]
-            return unit.candidate != baseline and bool(better)
-
-        if decided(start):
-            heapq.heappush(free, start)
+        failed_before = failed_at.get(unit.candidate, math.inf) <= start
+        better_passed = any(c < unit.candidate and t <= start for c, t in passed_at.items())
+        if not certify_all and (failed_before or (unit.candidate != baseline and better_passed)):
+            heapq.heappush(free, start)  # cancelled when claimed
             continue
         finish = start + unit.steps
         stops = [failed_at.get(unit.candidate, math.inf)]

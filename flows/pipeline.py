@@ -157,7 +157,9 @@ def style_pipeline(
     stamp = (flow_run.get_scheduled_start_time() or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
     config = config.with_overrides({"search.study_name": study_name or f"{config.name}-{stamp}"})
 
-    with told():
+    # told: the library's lines in the run logs, its events as Prefect events. counted: this flow
+    # run is one of the machine's workers, so the workers it starts here share the cores with it.
+    with told(), MACHINE.counted():
         prepared = prepare_task(config.model_dump_json())
         config = config.with_overrides({"data.content": prepared["prepared"]})
         config_json = config.model_dump_json()
