@@ -99,14 +99,7 @@ def _flow_run(api: str, deployment_id: str, overrides: list[str], timeout: float
         created = client.post(f"/deployments/{deployment_id}/create_flow_run",
                               json={"parameters": {"config_path": str(DEMO), "overrides": overrides}})  # fmt: skip
         created.raise_for_status()
-        run_id = created.json()["id"]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            run = client.get(f"/flow_runs/{run_id}").json()
-            if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                return run
-            time.sleep(2)
-    raise AssertionError(f"flow run {run_id} did not end within {timeout} s (last state {run['state_type']})")
+        return _wait(client, created.json()["id"], timeout)
 
 
 def test_the_scheduled_deployment_runs_on_the_pool_and_the_next_run_warm_starts_through_the_services(
