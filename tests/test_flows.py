@@ -270,3 +270,22 @@ def test_a_bug_inside_a_flow_keeps_its_traceback_in_the_log():
         record = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", None,
                                    (type(error), error, None))  # fmt: skip
         assert keep.filter(record) and (record.exc_info is not None) == kept
+
+
+def test_a_pool_without_the_worker_deployment_is_one_line_naming_the_command(harness, monkeypatch):
+    """A flow run on a pool where `stylepipe-flow deploy` was not run: said before any work."""
+    import uuid
+    from types import SimpleNamespace
+
+    from flows import fanout
+
+    run = SimpleNamespace(work_pool_name="gpu", id=uuid.uuid4())
+    monkeypatch.setattr(fanout.FlowRunContext, "get", staticmethod(lambda: SimpleNamespace(flow_run=run)))
+    config = load_config(DEMO, ["search.workers=3", "search.storage=postgresql://u@db:5432/optuna"])
+    with pytest.raises(fanout.FanOutError) as refused:
+        fanout.check(config, "configs/demo.yaml")
+    assert str(refused.value) == (
+        "the deployment search_worker/demo is missing: add it to work pool gpu with "
+        "stylepipe-flow deploy --config configs/demo.yaml --pool gpu"
+    )
+    assert "\n" not in str(refused.value)

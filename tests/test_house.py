@@ -3,12 +3,13 @@
     flows, stylepipe.cli                      the commands and the Prefect flows
     stylepipe.ops                             operations: worker processes, the stack, probes
     stylepipe.chain                           the one order the stages run in
-    stylepipe.stages, session, final,         the pipeline's stages, what they share, the final
-    showcase                                  model, its pictures
+    stylepipe.stages, champion, session,      the pipeline's stages, what they share, the final
+    final, showcase                           model, its pictures
     search, train, tracking, registry, data,  the parts the stages wire together
     report, stylize
     nets                                      the networks and losses
-    config, errors, files, stores, records    settings, small helpers, the study's typed records
+    config, errors, files, stores, records,   settings, small helpers, the study's typed records,
+    events                                    what happened (for the flows to send on)
 
 Every import counts, including those inside functions and under TYPE_CHECKING.
 """
@@ -25,7 +26,7 @@ LAYERS = [
     ("flows", "stylepipe.cli"),
     ("stylepipe.ops",),
     ("stylepipe.chain",),
-    ("stylepipe.stages", "stylepipe.session", "stylepipe.final", "stylepipe.showcase"),
+    ("stylepipe.stages", "stylepipe.champion", "stylepipe.session", "stylepipe.final", "stylepipe.showcase"),
     (
         "stylepipe.search",
         "stylepipe.train",
@@ -44,6 +45,7 @@ LAYERS = [
         "stylepipe.stores",
         "stylepipe.threads",
         "stylepipe.records",
+        "stylepipe.events",
     ),
 ]
 LAYER_OF = {unit: len(LAYERS) - depth for depth, units in enumerate(LAYERS) for unit in units}
