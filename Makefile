@@ -7,7 +7,7 @@ CONFIG ?= configs/demo.yaml
 
 RUN_DIR ?= runs/demo
 
-.PHONY: run serve test test-fast lint bench bench-search bench-fanout install clean dashboards stack stack-down pictures
+.PHONY: run serve test test-fast lint bench bench-search bench-fanout bench-fanout-stack install clean dashboards stack stack-down pictures
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ bench-search: $(STAMP)
 # critical-path model, seconds to run).
 bench-fanout: $(STAMP)
 	$(PY) -m bench.fanout
+
+# Fan-out measured: the demo (12 trials) on `stylepipe stack` with 1 and then 2 workers, one torch
+# thread each; the search's and the certificate's wall times side by side (about 10 minutes).
+bench-fanout-stack: $(STAMP)
+	$(PY) -m bench.fanout_stack
 
 # optuna-dashboard on :8080 and the MLflow UI on :5000, loopback only; Ctrl-C stops both.
 dashboards: $(STAMP)

@@ -1,0 +1,114 @@
+"""Fan-out measured (``make bench-fanout-stack``): the demo's scheduled pipeline on ``make stack``
+with ``search.workers`` 1 and then 2, each flow run's processes at one torch thread
+(OMP_NUM_THREADS=1) on this machine's two cores. Side by side in one run: the wall time of the
+search (the pipeline's ``search`` task) and of the certificate (its ``certificate replays`` and
+``confirm safest`` tasks), the trials counted and the certificate each study earned.
+
+Needs the PostgreSQL that ``stylepipe stack up`` uses ($STYLEPIPE_STACK_POSTGRES, default
+postgresql://postgres@127.0.0.1:5432/postgres). About 10 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import optuna
+
+from stylepipe.ops import stack as stack_tools
+
+BIN = Path(sys.executable).parent
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+TRIALS = 12
+SETTINGS = [f"search.n_trials={TRIALS}", "final.train=false"]  # search and certificate only
+
+
+def _seconds(run: dict) -> float:
+    start, end = (datetime.fromisoformat(run[k].replace("Z", "+00:00")) for k in ("start_time", "end_time"))
+    return (end - start).total_seconds()
+
+
+def pipeline(api: httpx.Client, deployment_id: str, overrides: list[str], study: str) -> dict:
+    created = api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {
+        "config_path": str(DEMO), "overrides": overrides, "study_name": study}})  # fmt: skip
+    created.raise_for_status()
+    run_id = created.json()["id"]
+    while (run := api.get(f"/flow_runs/{run_id}").json())["state_type"] not in (
+        "COMPLETED", "FAILED", "CRASHED", "CANCELLED"):  # fmt: skip
+        time.sleep(2)
+    if run["state_type"] != "COMPLETED":
+        raise SystemExit(f"the flow run of {study} ended {run['state_type']}: {run['state']}")
+    tasks = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+    took = {t["name"].rsplit("-", 1)[0]: _seconds(t) for t in tasks if t["start_time"] and t["end_time"]}
+    return {"search": took["search"], "certificate": took["certificate replays"] + took["confirm safest"],
+            "flow": _seconds(run)}  # fmt: skip
+
+
+def main() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="stylepipe-fanout-"))
+    prefix = f"sp_fan_{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    up = subprocess.run([str(BIN / "stylepipe"), "stack", "up", "--folder", str(folder / "stack"), "--prefix", prefix],
+                        env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    if up.returncode != 0:
+        raise SystemExit(up.stdout + up.stderr)
+    services = stack_tools.load(folder / "stack")
+    env = {**env, **services.env()}
+    results = {}
+    try:
+        with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
+            for workers in (1, 2):
+                overrides = [*SETTINGS, f"search.workers={workers}", f"run_dir={folder / f'run{workers}'}"]
+                deploy = [
+                    str(BIN / "stylepipe-flow"),
+                    "deploy",
+                    "--config",
+                    str(DEMO),
+                    "--pool",
+                    services.pool,
+                ]
+                for override in overrides:
+                    deploy += ["--set", override]
+                subprocess.run(deploy, env=env, check=True, capture_output=True, timeout=300)
+                deployment = api.get("/deployments/name/style_pipeline/nightly").json()
+                study = f"fanout-bench-{workers}"
+                results[workers] = pipeline(api, deployment["id"], overrides, study)
+                found = optuna.load_study(study_name=study, storage=services.optuna_url)
+                counted = found.get_trials(
+                    states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                )
+                safest = found.user_attrs.get("safest") or {}
+                results[workers] |= {"trials": len(counted),
+                                     "certificate": (safest.get("certificate") or {}).get("text", "nothing safe")}  # fmt: skip
+    finally:
+        subprocess.run([str(BIN / "stylepipe"), "stack", "down", "--folder", str(folder / "stack")],
+                       env=env, capture_output=True, timeout=120)  # fmt: skip
+        import sqlalchemy
+
+        admin = os.environ.get(stack_tools.ADMIN_ENV, "postgresql://postgres@127.0.0.1:5432/postgres")
+        engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            for kind in ("optuna", "mlflow", "prefect"):
+                conn.execute(sqlalchemy.text(f'drop database if exists "{prefix}_{kind}" with (force)'))
+        engine.dispose()
+
+    one, two = results[1], results[2]
+    print(f"demo, {TRIALS} trials, OMP_NUM_THREADS=1, 2 cores; seconds (N=1 / N=2 = speed-up)")
+    for part in ("search", "certificate"):
+        print(f"  {part:<12} {one[part]:7.1f} {two[part]:7.1f}   {one[part] / two[part]:.2f}x")
+    both = (one["search"] + one["certificate"], two["search"] + two["certificate"])
+    print(f"  {'both':<12} {both[0]:7.1f} {both[1]:7.1f}   {both[0] / both[1]:.2f}x")
+    print(f"  flow run     {one['flow']:7.1f} {two['flow']:7.1f}   {one['flow'] / two['flow']:.2f}x")
+    for workers, result in results.items():
+        print(f"  N={workers}: {result['trials']} trials counted; certificate: {result['certificate']}")
+
+
+if __name__ == "__main__":
+    main()
