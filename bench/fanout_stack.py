@@ -85,8 +85,8 @@ def main() -> None:
                     states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                 )
                 safest = found.user_attrs.get("safest") or {}
-                results[workers] |= {"trials": len(counted),
-                                     "certificate": (safest.get("certificate") or {}).get("text", "nothing safe")}  # fmt: skip
+                earned = (safest.get("certificate") or {}).get("text", "nothing safe")
+                results[workers] |= {"trials": len(counted), "earned": earned, "safest": safest.get("trial")}
     finally:
         subprocess.run([str(BIN / "stylepipe"), "stack", "down", "--folder", str(folder / "stack")],
                        env=env, capture_output=True, timeout=120)  # fmt: skip
@@ -107,7 +107,9 @@ def main() -> None:
     print(f"  {'both':<12} {both[0]:7.1f} {both[1]:7.1f}   {both[0] / both[1]:.2f}x")
     print(f"  flow run     {one['flow']:7.1f} {two['flow']:7.1f}   {one['flow'] / two['flow']:.2f}x")
     for workers, result in results.items():
-        print(f"  N={workers}: {result['trials']} trials counted; certificate: {result['certificate']}")
+        print(
+            f"  N={workers}: {result['trials']} trials counted; safest trial {result['safest']}, which {result['earned']}"
+        )
 
 
 if __name__ == "__main__":

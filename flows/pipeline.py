@@ -167,9 +167,11 @@ def style_pipeline(
         warm = stages.previous_safest(config)
         if warm:
             logger.info("warm start: enqueuing the previous safest configuration %s", warm)
-        edge = edge_task(config_json)  # its line is logged by the stage
+        # The workers start before the range test: a process takes seconds to be picked up and
+        # to start, and they wait for the edge (the study's edge lock) rather than run it again.
         shared = [*(overrides or []), f"data.content={prepared['prepared']}"]
         workers = fanout.start_workers(config, config_path, shared)
+        edge = edge_task(config_json)  # its line is logged by the stage
         search = search_task(config_json, warm)
         replays_task(config_json)
         fanout.cancel_unstarted(workers)  # nothing is left for a worker that never started
