@@ -12,9 +12,10 @@ reads the verdicts back in the candidates' order, exactly as one worker would ha
 The early stops of the certificate hold across workers: a unit is *cancelled* (PRUNED, with the
 reason) when its candidate already failed a replay, or, unless it is the baseline or
 ``search.certify_all`` is set, when a better candidate passed all of its replays; a replay
-already training checks again every ``CANCEL_CHECK_S`` seconds. One worker claims the units in
-the order they were queued, best candidate first, its likeliest failure first: the same replays,
-in the same order, as the certificate before it was shared.
+already training checks again every ``CANCEL_CHECK_S`` seconds. Units are claimed in the order
+they were queued (the best candidate's and the baseline's first, safest.CertificatePlan), each
+candidate's likeliest failure first: one worker runs the same replays as the certificate did
+before it was shared.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def plan_units(
     horizon: int,
     baseline: int | None,
 ) -> int:
-    """Queue each candidate's replays that the companion does not hold yet, best candidate first;
-    returns how many were queued. Idempotent, under the study's ``certificate`` lock: every worker
+    """Queue each candidate's replays that the companion does not hold yet, in ``candidates``'
+    order; returns how many were queued. Idempotent, under the study's ``certificate`` lock: every worker
     may call it once the search has ended. A unit that failed (its worker raised, or it ran out of
     retries) is queued again; one cancelled is queued again only under ``search.certify_all``."""
     with StudyLock(config, "certificate"):

@@ -186,6 +186,18 @@ class CertificatePlan:
     def is_baseline(self, trial: optuna.trial.FrozenTrial) -> bool:
         return self.base is not None and trial.number == self.base.number
 
+    @property
+    def queue_order(self) -> list[optuna.trial.FrozenTrial]:
+        """The order their replays are queued in: the two certainly needed first (the best
+        candidate's, and the baseline's, replayed whatever passes), then the others best-first,
+        each of which a better one passing cancels. One worker runs the same replays as in the
+        candidates' order; several start on the certain ones instead of speculating."""
+        first, *rest = self.to_replay or [None]
+        if first is None or self.is_baseline(first):
+            return self.to_replay
+        baseline = [t for t in rest if self.is_baseline(t)]
+        return [first, *baseline, *(t for t in rest if not self.is_baseline(t))]
+
 
 def share_replays(
     config: Config,
@@ -207,7 +219,7 @@ def share_replays(
     objective = replays.ReplayObjective(config, study, data, tracker, parent_run_id, cores)
     base = plan.base.number if plan.base is not None else None
     while True:
-        queued = replays.plan_units(config, study, companion, plan.to_replay, plan.plan, plan.horizon, base)
+        queued = replays.plan_units(config, study, companion, plan.queue_order, plan.plan, plan.horizon, base)
         replays.run_units(config, companion, objective, wait)
         if not wait or queued == 0:  # a unit that failed (out of retries) is queued again
             return companion
