@@ -48,6 +48,7 @@ def pipeline(api: httpx.Client, deployment_id: str, overrides: list[str], study:
     tasks = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
     took = {t["name"].rsplit("-", 1)[0]: _seconds(t) for t in tasks if t["start_time"] and t["end_time"]}
     return {"search": took["search"], "certificate": took["certificate replays"] + took["confirm safest"],
+            "replays task": took["certificate replays"], "confirm task": took["confirm safest"],
             "flow": _seconds(run)}  # fmt: skip
 
 
@@ -85,6 +86,15 @@ def main() -> None:
                     states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                 )
                 safest = found.user_attrs.get("safest") or {}
+                units = optuna.load_study(
+                    study_name=f"{study}:certificate", storage=services.optuna_url
+                ).trials
+                ran = [
+                    (u.user_attrs.get("worker", "cancelled"), u.duration.total_seconds())
+                    for u in units
+                    if u.duration
+                ]
+                results[workers]["units"] = ", ".join(f"{w.rsplit(':', 1)[-1]} {d:.1f} s" for w, d in ran)
                 earned = (safest.get("certificate") or {}).get("text", "nothing safe")
                 results[workers] |= {"trials": len(counted), "earned": earned, "safest": safest.get("trial")}
     finally:
@@ -107,6 +117,10 @@ def main() -> None:
     print(f"  {'both':<12} {both[0]:7.1f} {both[1]:7.1f}   {both[0] / both[1]:.2f}x")
     print(f"  flow run     {one['flow']:7.1f} {two['flow']:7.1f}   {one['flow'] / two['flow']:.2f}x")
     for workers, result in results.items():
+        print(
+            f"  N={workers}: replays task {result['replays task']:.1f} s, confirm task {result['confirm task']:.1f} s; "
+            f"units (worker pid, seconds): {result['units']}"
+        )
         print(
             f"  N={workers}: {result['trials']} trials counted; safest trial {result['safest']}, which {result['earned']}"
         )

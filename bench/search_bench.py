@@ -53,7 +53,8 @@ def full_certificate(config, study) -> tuple[int | None, int]:
 
     config = config.with_overrides({"search.certify_all": True})
     study.set_user_attr("safety", [])  # no verdict kept from the best-first certificate
-    safest = confirm_safest(study, load_study_data(config))
+    data = load_study_data(config)
+    safest = confirm_safest(study, config, lambda: data)
     steps = study_cost(pd.DataFrame(), StudyRecord(study).verdicts, 0)["certificate"]
     return (safest.trial if safest else None), steps
 

@@ -228,7 +228,7 @@ def confirm(config: Config, session: StudySession | None = None, cores: Cores = 
         answered, safest = record.safest_for(done)
         if not answered:
             record.set_state("certifying")
-            safest = confirm_safest(s.study, s.data, s.tracker, s.parent, cores)
+            safest = confirm_safest(s.study, config, lambda: s.data, s.tracker, s.parent, cores)
             record.record_safest(safest, for_trials=done)
             if safest is not None:
                 events.publish(

@@ -60,7 +60,7 @@ def settings(tmp_path, *extra: str):
 def test_once_a_candidate_passes_worse_ones_are_not_replayed_but_the_baseline_is(tmp_path, replays):
     # quality (lower is better): trial 1 best, the baseline (trial 0) second, trial 2 third
     study = study_of((1e-3, 1.5, True), (2e-3, 1.0, False), (3e-3, 2.0, False), (4e-3, 3.0, False))
-    safest = confirm_safest(study, SimpleNamespace(config=settings(tmp_path)))
+    safest = confirm_safest(study, settings(tmp_path), lambda: None)
     assert safest is not None and safest.trial == 1
     # trial 1: lr x2 first (the likeliest failure), then seeds 1 and 2; then the baseline; no trial 2
     assert replays.ran == [(4e-3, 0), (2e-3, 1), (2e-3, 2), (2e-3, 0), (1e-3, 1), (1e-3, 2)]
@@ -72,7 +72,7 @@ def test_once_a_candidate_passes_worse_ones_are_not_replayed_but_the_baseline_is
 def test_a_failed_replay_stops_that_candidates_remaining_replays(tmp_path, replays):
     replays.rule["breaks_above"] = 3e-3  # lr x2 breaks every candidate but the baseline
     study = study_of((1e-3, 5.0, True), (2e-3, 1.0, False), (3e-3, 2.0, False), (4e-3, 3.0, False))
-    safest = confirm_safest(study, SimpleNamespace(config=settings(tmp_path)))
+    safest = confirm_safest(study, settings(tmp_path), lambda: None)
     verdicts = {v["trial"]: v for v in study.user_attrs["safety"]}
     for trial in (1, 2, 3):  # each stopped at its first replay, the one at lr x2
         assert [(r["seed"], r["lr_factor"], r["outcome"]) for r in verdicts[trial]["replays"]] == [
@@ -86,10 +86,10 @@ def test_a_failed_replay_stops_that_candidates_remaining_replays(tmp_path, repla
 
 def test_certify_all_replays_every_candidate_in_full_and_chooses_the_same(tmp_path, replays):
     trials = ((1e-3, 1.5, True), (2e-3, 1.0, False), (3e-3, 2.0, False), (4e-3, 3.0, False))
-    early = confirm_safest(study_of(*trials), SimpleNamespace(config=settings(tmp_path / "a")))
+    early = confirm_safest(study_of(*trials), settings(tmp_path / "a"), lambda: None)
     early_runs = len(replays.ran)
     full = confirm_safest(
-        study_of(*trials), SimpleNamespace(config=settings(tmp_path / "b", "search.certify_all=true"))
+        study_of(*trials), settings(tmp_path / "b", "search.certify_all=true"), lambda: None
     )
     assert len(replays.ran) - early_runs == 3 * 3  # the top three, three replays each
     assert early_runs == 2 * 3
@@ -98,9 +98,9 @@ def test_certify_all_replays_every_candidate_in_full_and_chooses_the_same(tmp_pa
 
 def test_certify_all_set_later_on_the_same_study_replays_only_the_candidates_skipped(tmp_path, replays):
     study = study_of((1e-3, 1.5, True), (2e-3, 1.0, False), (3e-3, 2.0, False), (4e-3, 3.0, False))
-    confirm_safest(study, SimpleNamespace(config=settings(tmp_path)))
+    confirm_safest(study, settings(tmp_path), lambda: None)
     before = len(replays.ran)
-    again = confirm_safest(study, SimpleNamespace(config=settings(tmp_path, "search.certify_all=true")))
+    again = confirm_safest(study, settings(tmp_path, "search.certify_all=true"), lambda: None)
     assert replays.ran[before:] == [
         (6e-3, 0),
         (3e-3, 1),
@@ -121,10 +121,10 @@ def test_a_certificate_cut_short_goes_on_from_the_replay_it_was_running(tmp_path
 
     monkeypatch.setattr(replays_module, "run_candidate", killed_in_the_baselines_replays)
     with pytest.raises(KeyboardInterrupt):
-        confirm_safest(study, SimpleNamespace(config=settings(tmp_path)))
+        confirm_safest(study, settings(tmp_path), lambda: None)
     monkeypatch.setattr(replays_module, "run_candidate", fake)
     before = list(replays.ran)
-    safest = confirm_safest(study, SimpleNamespace(config=settings(tmp_path)))
+    safest = confirm_safest(study, settings(tmp_path), lambda: None)
     again = replays.ran[len(before) :]
     assert (4e-3, 0) not in again  # trial 1's failed replay was kept, not run again
     assert (2e-3, 0) in again  # the replay cut short was run again, from its start

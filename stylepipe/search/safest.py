@@ -227,7 +227,8 @@ def share_replays(
 
 def confirm_safest(
     study: optuna.Study,
-    data: StudyData,
+    config: Config,
+    data: Callable[[], StudyData],
     tracker: Tracker | None = None,
     parent_run_id: str | None = None,
     cores: Cores = ALONE,
@@ -236,10 +237,10 @@ def confirm_safest(
     return the safest record (or None).
 
     The study keeps every verdict (``safety``) and, with or without a safest, what the
-    baseline did (``baseline``) and the comparison (``versus_baseline``)."""
-    config = data.config
+    baseline did (``baseline``) and the comparison (``versus_baseline``). ``data`` is built
+    only when a replay runs here: a finisher whose replays all ran elsewhere loads nothing."""
     plan = CertificatePlan(study, config)
-    companion = share_replays(config, study, lambda: data, tracker, parent_run_id, cores, wait=True)
+    companion = share_replays(config, study, data, tracker, parent_run_id, cores, wait=True)
     record = StudyRecord(study)
     record.record_certificate_steps(replays.steps_trained(companion))
     verdicts = []
