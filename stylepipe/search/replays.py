@@ -42,7 +42,7 @@ from stylepipe.train import Callback, TrainState
 log = logging.getLogger(__name__)
 
 COMPANION_SUFFIX = ":certificate"
-CANCEL_CHECK_S = 10.0  # how often a replay in training asks whether it is still needed
+CANCEL_CHECK_S = 2.0  # how often a replay in training asks whether it is still needed (one read)
 _STATE = optuna.trial.TrialState
 
 
