@@ -274,13 +274,9 @@ def test_a_bug_inside_a_flow_keeps_its_traceback_in_the_log():
 
 def test_a_pool_without_the_worker_deployment_is_one_line_naming_the_command(harness, monkeypatch):
     """A flow run on a pool where `stylepipe-flow deploy` was not run: said before any work."""
-    import uuid
-    from types import SimpleNamespace
-
     from flows import fanout
 
-    run = SimpleNamespace(work_pool_name="gpu", id=uuid.uuid4())
-    monkeypatch.setattr(fanout.FlowRunContext, "get", staticmethod(lambda: SimpleNamespace(flow_run=run)))
+    monkeypatch.setattr(fanout, "_pool_of_this_run", lambda config, path: "gpu")  # a run of pool gpu
     config = load_config(DEMO, ["search.workers=3", "search.storage=postgresql://u@db:5432/optuna"])
     with pytest.raises(fanout.FanOutError) as refused:
         fanout.check(config, "configs/demo.yaml")
