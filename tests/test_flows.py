@@ -285,3 +285,47 @@ def test_a_pool_without_the_worker_deployment_is_one_line_naming_the_command(har
         "stylepipe-flow deploy --config configs/demo.yaml --pool gpu"
     )
     assert "\n" not in str(refused.value)
+
+
+def test_a_flow_run_starts_its_workers_once_with_the_password_masked_and_cancels_the_unstarted(
+    harness, monkeypatch
+):
+    """The workers of one flow run: started again by a retry of it, the same flow runs come back
+    (their idempotency keys); their parameters carry the storage with its password masked; once
+    the work is done, those no machine picked up are cancelled."""
+    from prefect import flow
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.objects import StateType
+
+    from flows import fanout, worker
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(
+            WorkPoolCreate(name="idle", type="process"), overwrite=True
+        )  # no worker polls it
+    worker.deploy(str(DEMO), "idle")
+    monkeypatch.setattr(fanout, "_pool_of_this_run", lambda config, path: "idle")
+    config = load_config(DEMO, ["search.workers=3", "search.study_name=idle-study",
+                                "search.storage=postgresql://u:s3cret@db:5432/optuna"])  # fmt: skip
+
+    @flow
+    def starts_twice():
+        first = fanout.start_workers(config, str(DEMO), ["train.steps=8"])
+        again = fanout.start_workers(config, str(DEMO), ["train.steps=8"])  # as a retry of this run would
+        fanout.cancel_unstarted(first)
+        return first, again
+
+    first, again = starts_twice()
+    assert len(first) == 2 and first == again
+    with get_client(sync_client=True) as client:
+        runs = [client.read_flow_run(run_id) for run_id in first]
+    assert [r.name for r in runs] == ["idle-study worker 2", "idle-study worker 3"]
+    assert all(r.work_pool_name == "idle" for r in runs)
+    parameters = runs[0].parameters
+    assert parameters["storage"] == "postgresql://u:***@db:5432/optuna" and "s3cret" not in json.dumps(
+        parameters
+    )
+    assert parameters["study_name"] == "idle-study" and parameters["finish"] is False
+    assert all(r.state.type in (StateType.CANCELLED, StateType.CANCELLING) for r in runs), [
+        r.state for r in runs
+    ]
