@@ -277,11 +277,14 @@ def test_a_pool_without_the_worker_deployment_is_one_line_naming_the_command(har
     from flows import fanout
 
     monkeypatch.setattr(fanout, "_pool_of_this_run", lambda config, path: "gpu")  # a run of pool gpu
-    config = load_config(DEMO, ["search.workers=3", "search.storage=postgresql://u@db:5432/optuna"])
+    # a config name of its own: the test below deploys search_worker/demo
+    config = load_config(
+        DEMO, ["name=nowhere", "search.workers=3", "search.storage=postgresql://u@db:5432/optuna"]
+    )
     with pytest.raises(fanout.FanOutError) as refused:
         fanout.check(config, "configs/demo.yaml")
     assert str(refused.value) == (
-        "the deployment search_worker/demo is missing: add it to work pool gpu with "
+        "the deployment search_worker/nowhere is missing: add it to work pool gpu with "
         "stylepipe-flow deploy --config configs/demo.yaml --pool gpu"
     )
     assert "\n" not in str(refused.value)
