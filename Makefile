@@ -59,7 +59,7 @@ bench-fanout: $(STAMP)
 	$(PY) -m bench.fanout
 
 # Fan-out measured: the demo (12 trials) on `stylepipe stack` with 1 and then 2 workers, one torch
-# thread each; the search's and the certificate's wall times side by side (about 10 minutes).
+# thread each; the search's and the certificate's wall times side by side (about 6 minutes).
 bench-fanout-stack: $(STAMP)
 	$(PY) -m bench.fanout_stack
 
