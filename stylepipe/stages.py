@@ -198,6 +198,7 @@ def replays(config: Config, session: StudySession | None = None, cores: Cores = 
         done = len(s.study.get_trials(deepcopy=False, states=COUNTED))
         if done < config.search.n_trials or StudyRecord(s.study).safest_for(done)[0]:
             return {"study": config.study_name, "replays_run": 0}
+        StudyRecord(s.study).set_state("certifying")
         companion = share_replays(config, s.study, lambda: s.data, s.tracker, s.parent, cores)
         mine = [t for t in companion.get_trials(deepcopy=False) if t.user_attrs.get("worker") == worker_id()]
         return {"study": config.study_name, "replays_run": len(mine)}

@@ -443,6 +443,8 @@ def test_runs_of_a_killed_search_are_ended_with_the_reason_when_it_resumes(tmp_p
         victim.send_signal(signal.SIGKILL)
     finally:
         victim.wait(timeout=30)
+    stopped = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    assert stopped.user_attrs["state"] == "certifying"  # killed in a replay: said so on the study
     resumed = subprocess.run(search_command(overrides), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     runs = {r.info.run_id: r for r in _runs(config)}
