@@ -76,20 +76,20 @@ def check(config: Config, config_path: str) -> str | None:
     return name
 
 
-def start_workers(config: Config, config_path: str, overrides: list[str]) -> list[UUID]:
-    """Start ``search.workers`` - 1 search_worker flow runs on this flow run's work pool, on the
-    same study; their flow-run ids. A retry of this flow run gets the same runs back (their
-    idempotency keys), not new ones."""
-    name = check(config, config_path)
-    if name is None:
+def start_workers(
+    config: Config, deployment: str | None, config_path: str, overrides: list[str]
+) -> list[UUID]:
+    """Start ``search.workers`` - 1 runs of ``deployment`` (what ``check`` found; None: none to
+    start) on the same study; their flow-run ids. A retry of this flow run gets the same runs
+    back (their idempotency keys), not new ones."""
+    if deployment is None:
         return []
-    pool = FlowRunContext.get().flow_run.work_pool_name
     helpers = config.search.workers - 1
     parent = FlowRunContext.get().flow_run
     runs = []
     for number in range(2, helpers + 2):
         run = run_deployment(
-            name,
+            deployment,
             parameters={
                 "config_path": config_path,
                 "storage": redact_url(config.storage_url),
@@ -103,11 +103,7 @@ def start_workers(config: Config, config_path: str, overrides: list[str]) -> lis
             tags=["stylepipe", config.name],
         )
         log.info(
-            "started worker %d of %d on work pool %s: flow run %s",
-            number,
-            config.search.workers,
-            pool,
-            run.name,
+            "started worker %d of %d: flow run %s of %s", number, config.search.workers, run.name, deployment
         )
         runs.append(run.id)
     return runs
@@ -116,6 +112,8 @@ def start_workers(config: Config, config_path: str, overrides: list[str]) -> lis
 def cancel_unstarted(runs: list[UUID]) -> None:
     """The search and its replays are done: a worker still waiting for a machine has nothing
     left to do, and is cancelled."""
+    if not runs:
+        return
     with get_client(sync_client=True) as client:
         for run_id in runs:
             run = client.read_flow_run(run_id)
@@ -130,6 +128,8 @@ def cancel_unstarted(runs: list[UUID]) -> None:
 def wait_for_workers(runs: list[UUID], timeout_s: float = 600.0) -> dict[str, str]:
     """Wait for the workers' flow runs to end; their final states by name. One that died was
     replaced by its hook; its unfinished trial or replay was taken over through heartbeats."""
+    if not runs:
+        return {}
     deadline = time.monotonic() + timeout_s
     states: dict[str, str] = {}
     with get_client(sync_client=True) as client:

@@ -151,7 +151,7 @@ def style_pipeline(
     with ``search.workers`` > 1, searched and certified by that many workers of its work pool."""
     logger = get_run_logger()
     config = load_config(config_path, overrides)
-    fanout.check(config, config_path)  # before any work: its workers can be started
+    deployment = fanout.check(config, config_path)  # before any work: its workers can be started
     # Named after the flow run's expected start: a retry of this flow run (Prefect's Retry on a
     # crashed run) finds its study, resumes its trials and its final model's checkpoints.
     stamp = (flow_run.get_scheduled_start_time() or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
@@ -170,7 +170,7 @@ def style_pipeline(
         # The workers start before the range test: a process takes seconds to be picked up and
         # to start, and they wait for the edge (the study's edge lock) rather than run it again.
         shared = [*(overrides or []), f"data.content={prepared['prepared']}"]
-        workers = fanout.start_workers(config, config_path, shared)
+        workers = fanout.start_workers(config, deployment, config_path, shared)
         edge = edge_task(config_json)  # its line is logged by the stage
         search = search_task(config_json, warm)
         replays_task(config_json)

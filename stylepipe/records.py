@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from stylepipe.errors import StylepipeError
 from stylepipe.files import write_json
 
+# The outcomes of a run that broke (went non-finite, or diverged): what the stability edge,
+# the stability importance, the map and the margin above the safest lr all count.
+BROKE = ("nan", "diverged")
+
 
 class RecordError(StylepipeError):
     """A record file or attribute that is not what stylepipe writes."""

@@ -16,12 +16,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from stylepipe.records import Edge, Safest
+from stylepipe.records import BROKE, Edge, Safest
 from stylepipe.search import space
 from stylepipe.search.cost import cost_markdown
 
 OUTCOMES = ("complete", "nan", "diverged", "pruned", "failed")
-FAILURE_OUTCOMES = ("nan", "diverged")
 
 COLORS = {
     "complete": "#2ca02c",
@@ -64,7 +63,7 @@ def _causes(trials: pd.DataFrame, outcomes: pd.Series) -> pd.Series:
         raw = trials["cause"].map(lambda c: None if c is None or c == "" or pd.isna(c) else str(c))
     else:
         raw = pd.Series([None] * len(trials), index=trials.index, dtype=object)
-    failed = outcomes.isin(FAILURE_OUTCOMES)
+    failed = outcomes.isin(BROKE)
     values = [(c if c is not None else "unknown") if f else None for c, f in zip(raw, failed, strict=True)]
     return pd.Series(values, index=trials.index, dtype=object)
 
@@ -120,7 +119,7 @@ def causes_markdown(trials: pd.DataFrame) -> str:
     for outcome in (*OUTCOMES, *extra):
         n = int(per_outcome.get(outcome, 0))
         line = f"- {labels.get(outcome, outcome)}: {n}"
-        if outcome in FAILURE_OUTCOMES and n:
+        if outcome in BROKE and n:
             sub = summary[summary["outcome"] == outcome]
             line += (
                 " ("
@@ -224,7 +223,7 @@ def stability_figure(
                 )
                 label = None
 
-    failures = df[df["outcome"].isin(FAILURE_OUTCOMES)].sort_values("lr")
+    failures = df[df["outcome"].isin(BROKE)].sort_values("lr")
     if annotate_causes and 0 < len(failures) <= 25:
         for i, t in enumerate(failures.itertuples()):  # tags alternate below/above: neighbours stay apart
             (ax if t.on else band).annotate(

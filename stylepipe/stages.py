@@ -189,7 +189,6 @@ def replays(config: Config, session: StudySession | None = None, cores: Cores = 
     other workers until none is left to claim (search/replays.py); the study's finisher waits for
     those still running elsewhere (``confirm``). Nothing to do for a study already answered."""
     from stylepipe.search.attributes import StudyRecord
-    from stylepipe.search.objective import worker_id
     from stylepipe.search.safest import share_replays
     from stylepipe.search.study import COUNTED
     from stylepipe.session import study_session
@@ -199,9 +198,8 @@ def replays(config: Config, session: StudySession | None = None, cores: Cores = 
         if done < config.search.n_trials or StudyRecord(s.study).safest_for(done)[0]:
             return {"study": config.study_name, "replays_run": 0}
         StudyRecord(s.study).set_state("certifying")
-        companion = share_replays(config, s.study, lambda: s.data, s.tracker, s.parent, cores)
-        mine = [t for t in companion.get_trials(deepcopy=False) if t.user_attrs.get("worker") == worker_id()]
-        return {"study": config.study_name, "replays_run": len(mine)}
+        _, claimed = share_replays(config, s.study, lambda: s.data, s.tracker, s.parent, cores)
+        return {"study": config.study_name, "replays_run": claimed}
 
 
 def confirm(config: Config, session: StudySession | None = None, cores: Cores = ALONE) -> Safest | None:

@@ -313,8 +313,9 @@ def test_a_flow_run_starts_its_workers_once_with_the_password_masked_and_cancels
 
     @flow
     def starts_twice():
-        first = fanout.start_workers(config, str(DEMO), ["train.steps=8"])
-        again = fanout.start_workers(config, str(DEMO), ["train.steps=8"])  # as a retry of this run would
+        deployment = fanout.check(config, str(DEMO))
+        first = fanout.start_workers(config, deployment, str(DEMO), ["train.steps=8"])
+        again = fanout.start_workers(config, deployment, str(DEMO), ["train.steps=8"])  # as a retry would
         fanout.cancel_unstarted(first)
         return first, again
 

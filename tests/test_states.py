@@ -249,7 +249,8 @@ def _record(config):
     )
 
 
-@pytest.mark.parametrize("knob", [None, "search.certify_all=true"])  # a cost knob a study may change
+# cost knobs a study may change: certify_all, and workers (the scheduled flow's fan-out)
+@pytest.mark.parametrize("knob", [None, "search.certify_all=true", "search.workers=3"])
 def test_study_finished_the_same_command_again_reports_its_recorded_result(
     finished_study, prepared, capsys, knob
 ):

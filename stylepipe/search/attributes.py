@@ -94,7 +94,7 @@ class StudyRecord:
 
     @property
     def certificate_steps(self) -> int | None:
-        """The steps every replay trained, cancelled ones included (replays.steps_trained)."""
+        """The steps every replay trained, cancelled ones included (replays.replay_steps)."""
         return self._get("certificate_steps")
 
     def record_certificate_steps(self, steps: int) -> None:

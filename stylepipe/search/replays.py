@@ -316,7 +316,7 @@ def run_units(
             gate.release()
 
 
-def steps_trained(companion: optuna.Study) -> int:
+def replay_steps(companion: optuna.Study) -> int:
     """What the replays cost, cancelled ones included: each unit's steps to its end or its cancel."""
     total = 0
     for t in companion.get_trials(deepcopy=False, states=(_STATE.COMPLETE, _STATE.PRUNED)):

@@ -24,7 +24,7 @@ from typing import Any
 import optuna
 
 from stylepipe.config import Config
-from stylepipe.records import Certificate, Safest
+from stylepipe.records import BROKE, Certificate, Safest
 from stylepipe.search import replays
 from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import StudyData
@@ -207,22 +207,25 @@ def share_replays(
     parent_run_id: str | None = None,
     cores: Cores = ALONE,
     wait: bool = False,
-) -> optuna.Study:
+    plan: CertificatePlan | None = None,
+) -> tuple[optuna.Study, int]:
     """Queue the certificate's replays (once per study, replays.py) and run them with any other
     worker; with ``wait``, until every one has an end, run here or elsewhere. Any worker of the
-    study may call it once the search has ended; the finisher calls it with ``wait``. Returns
-    the certificate's companion study."""
-    plan = CertificatePlan(study, config)
+    study may call it once the search has ended; the finisher calls it with ``wait`` (and the
+    ``plan`` it already made). Returns the certificate's companion study and how many units
+    this process claimed."""
+    plan = plan or CertificatePlan(study, config)
     companion = replays.open_companion(config, study)
     if is_sqlite(config.storage_url):
         replays.fail_orphans(config, companion)
     objective = replays.ReplayObjective(config, study, data, tracker, parent_run_id, cores)
     base = plan.base.number if plan.base is not None else None
+    claimed = 0
     while True:
         queued = replays.plan_units(config, study, companion, plan.queue_order, plan.plan, plan.horizon, base)
-        replays.run_units(config, companion, objective, wait)
+        claimed += replays.run_units(config, companion, objective, wait)
         if not wait or queued == 0:  # a unit that failed (out of retries) is queued again
-            return companion
+            return companion, claimed
 
 
 def confirm_safest(
@@ -240,9 +243,9 @@ def confirm_safest(
     baseline did (``baseline``) and the comparison (``versus_baseline``). ``data`` is built
     only when a replay runs here: a finisher whose replays all ran elsewhere loads nothing."""
     plan = CertificatePlan(study, config)
-    companion = share_replays(config, study, data, tracker, parent_run_id, cores, wait=True)
+    companion, _ = share_replays(config, study, data, tracker, parent_run_id, cores, wait=True, plan=plan)
     record = StudyRecord(study)
-    record.record_certificate_steps(replays.steps_trained(companion))
+    record.record_certificate_steps(replays.replay_steps(companion))
     verdicts = []
     for trial in plan.candidates:
         if trial.number in plan.kept:
@@ -297,7 +300,7 @@ def lowest_failing_lr(study: optuna.Study, lr: float) -> dict[str, Any] | None:
     failed = [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.user_attrs.get("outcome") in ("nan", "diverged") and t.params.get("lr", 0) > lr
+        if t.user_attrs.get("outcome") in BROKE and t.params.get("lr", 0) > lr
     ]
     if not failed:
         return None

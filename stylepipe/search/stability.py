@@ -14,11 +14,10 @@ import logging
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
+from stylepipe.records import BROKE
 from stylepipe.search.study import COUNTED
 
 log = logging.getLogger(__name__)
-
-BROKE = ("nan", "diverged")
 
 
 def stability_importance(study: optuna.Study) -> dict[str, float] | None:
