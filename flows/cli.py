@@ -116,10 +116,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if model.get("final_reused"):
             out.print("                     (its final run finished before: reused, not trained again)")
         out.print(f"  final run folder:  {model['folder']}  (model, samples, triptych.png)")
-    if result["promotion"]:
+    if result["safest"] is None:
+        console.print(f"[bold red]  no safe configuration: {result['nothing_safe']}; nothing registered")
+    elif result["model"] is None and not config.final.train:
+        out.print("  final model:       none: no model was asked for (final.train=false), nothing registered")
+    elif result["promotion"]:  # promoted or not, its why says which
         out.print(f"  champion:          {result['promotion']['why']}")
-    else:
-        console.print("[bold red]  no safe configuration: nothing registered")
     out.print("  dashboards:        make dashboards")
     return 0 if result["safest"] else 4
 

@@ -5,31 +5,77 @@ champion. Stages like the others (stages.py re-exports them)."""
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stylepipe import events
-from stylepipe.config import Config
+from stylepipe.config import Config, SearchSpace
 from stylepipe.records import FinalRun, Safest, WarmStart
 from stylepipe.stores import sqlite_path
 
 if TYPE_CHECKING:
     from stylepipe.session import StudySession
 
+log = logging.getLogger(__name__)
+
 
 def previous_safest(config: Config) -> dict[str, Any] | None:
-    """The safest parameters an earlier run in this run folder found, for a warm start.
+    """The safest parameters an earlier run found (the registry's ``safest`` version, else
+    ``last_safest.json`` in the run folder), for a warm start.
 
     When its certificate was weakened (its final run needed recoveries), the warm start
-    re-checks it at a lower learning rate first: times ``recovery.lr_factor``.
+    re-checks it at a lower learning rate first: times ``recovery.lr_factor``. One outside
+    ``search.space`` (another space since, or an edited file) is dropped with a warning: Optuna
+    would fail its trial, or run it outside the study's ranges.
     """
-    start = _registered_safest(config) or _local_safest(config)
+    start, source = _registered_safest(config), f"model {config.tracking.registered_model}@safest's settings"
+    if start is None:
+        start, source = _local_safest(config), str(Path(config.run_dir) / "last_safest.json")
     if start is None:
         return None
     params = dict(start.params)
-    if start.weakened:
+    problem = outside_space(params, config.search.space)
+    if problem is None and start.weakened:
         params["lr"] *= config.recovery.lr_factor
+        problem = outside_space(params, config.search.space)
+        if problem is not None:
+            factor = config.recovery.lr_factor
+            problem += f" (its lr times recovery.lr_factor {factor:g}: its certificate was weakened)"
+    if problem is not None:
+        log.warning("warm start from %s dropped: %s; the study starts without it", source, problem)
+        return None
     return params
+
+
+def outside_space(params: dict[str, Any], space: SearchSpace) -> str | None:
+    """What puts ``params`` outside ``space`` (the first such parameter), or None."""
+    from stylepipe.search.space import PARAMETERS
+
+    known = {p.name: p for p in PARAMETERS}
+    for name, value in params.items():
+        p = known.get(name)
+        if p is None:
+            return f"{name} {value!r} is not a parameter stylepipe searches"
+        bounds = p.range_in(space)
+        if value is None and p.unset == "off":  # off: offered beside a range, or the only choice
+            if bounds is None or (p.off is not None and getattr(space, p.off.allowed_by)):
+                continue
+            switch = f"search.space.{p.off.allowed_by}" if p.off else f"search.space.{name}"
+            return f"{name} None (off) is not offered: {switch} is false"
+        if bounds is None:
+            means = "every trial runs without it" if p.unset == "off" else "the config's value is kept"
+            return f"{name} {value!r} is not searched (search.space.{name} is null: {means})"
+        if p.scale == "choice":
+            if value not in bounds:
+                return f"{name} {value!r} is not one of search.space.{name} {list(bounds)}"
+            continue
+        low, high = bounds
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and low <= value <= high):
+            return f"{name} {value!r} is outside search.space.{name} [{low:g}, {high:g}]"
+    return None
 
 
 def _registered_safest(config: Config) -> WarmStart | None:

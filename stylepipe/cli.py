@@ -7,11 +7,15 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.logging import RichHandler
 
 from stylepipe.errors import StylepipeError
+
+if TYPE_CHECKING:
+    from stylepipe.config import Config
 
 # Results (paths, summaries) go to stdout; logs, errors and autopsies to stderr.
 out = Console(soft_wrap=True)
@@ -94,12 +98,61 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_ignored_workers(config: Config, command: str) -> None:
+    """``search.workers`` is the scheduled flow's fan-out. ``stylepipe search`` (one process)
+    and a ``stylepipe worker`` on SQLite (its only worker) would ignore it: refused, unless the
+    study is finished, when the command only reports it."""
+    from stylepipe.stores import is_sqlite, redact_url
+
+    workers = config.search.workers
+    worker = command == "stylepipe worker"
+    if workers < 2 or (worker and not is_sqlite(config.storage_url)):
+        return  # a worker on a shared study may be one of the flow's, started by hand
+    if _finished_study(config):
+        return
+    if worker:
+        here = f"stylepipe worker on {redact_url(config.storage_url)}, which is SQLite, runs alone"
+    else:
+        here = f"{command} runs one process"
+    raise UsageError(
+        f"search.workers={workers} is the scheduled flow's fan-out over its work pool (stylepipe-flow deploy; "
+        f"its workers share a PostgreSQL study), and {here}: it would ignore it. On one machine, `stylepipe worker --processes "
+        f"{workers}` or {workers} `stylepipe worker` commands share a study in PostgreSQL "
+        "(search.storage=postgresql://...); or set search.workers=1"
+    )
+
+
+def _finished_study(config: Config) -> bool:
+    """Whether the study exists and was finished for its trials (as chain.finished reads it),
+    read without creating anything."""
+    import optuna
+
+    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.storage import StorageError, open_storage
+    from stylepipe.search.study import COUNTED
+    from stylepipe.stores import sqlite_path
+
+    path = sqlite_path(config.storage_url)
+    if path is not None and not Path(path).is_file():
+        return False
+    try:
+        study = optuna.load_study(study_name=config.study_name, storage=open_storage(config))
+    except (StorageError, KeyError):  # unreachable, or no such study: not finished
+        return False
+    record = StudyRecord(study).finished
+    if record is None or record["for_trials"] != len(study.get_trials(deepcopy=False, states=COUNTED)):
+        return False
+    return not (config.final.train and record["safest"] is not None and record["model"] is None)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from stylepipe.chain import run_search
     from stylepipe.ops.cores import MACHINE
     from stylepipe.showcase import style_summary
 
-    result = run_search(load_settings(args), progress=not args.quiet, cores=MACHINE)
+    config = load_settings(args)
+    refuse_ignored_workers(config, "stylepipe search")
+    result = run_search(config, progress=not args.quiet, cores=MACHINE)
     counts = result["outcomes"]
     out.print(
         f"study {result['study']}: {sum(counts.values())} trials "
@@ -146,6 +199,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             out.print(f"model file: {model['model']}")
         if model["style"]:
             out.print(f"style: {style_summary(model['style'])}")
+    elif not config.final.train:
+        out.print("final model: none: no model was asked for (final.train=false), nothing registered")
     if result["promotion"]:
         out.print(f"champion: {result['promotion']['why']}")
     return 0
@@ -158,6 +213,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.storage:
         overrides.append(f"search.storage={args.storage}")
     config = load_settings(argparse.Namespace(config=args.config, overrides=overrides))
+    refuse_ignored_workers(config, "stylepipe worker")
     processes = args.processes if args.processes is not None else config.search.workers_per_device
     if processes < 1:
         raise UsageError(f"--processes {processes}: give 1 or more worker processes")
