@@ -167,7 +167,7 @@ def style_pipeline(
         warm = stages.previous_safest(config)
         if warm:
             logger.info("warm start: enqueuing the previous safest configuration %s", warm)
-        # The workers start before the range test: a process takes seconds to be picked up and
+        # The workers start before the edge test: a process takes seconds to be picked up and
         # to start, and they wait for the edge (the study's edge lock) rather than run it again.
         shared = [*(overrides or []), f"data.content={prepared['prepared']}"]
         workers = fanout.start_workers(config, deployment, config_path, shared)

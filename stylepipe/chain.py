@@ -86,7 +86,7 @@ def _finish_once(config: Config, session: StudySession) -> dict[str, Any]:
     record = finished(config, session)
     if record is None:
         return finish(config, in_process(session))
-    reported = stages.report(config, record["safest"], record["model"], session=session)
+    reported = stages.report(config, record["safest"], record["model"], session=session, write=False)
     return {
         "study": config.study_name,
         "safest": record["safest"],

@@ -113,6 +113,8 @@ def register(config: Config, final: FinalRun, session: StudySession | None = Non
     tags = {
         "recoveries": final.recoveries,
         "certificate": certificate.text + weakened,
+        # the search's quality with its noise over seeds (``quality`` is the final model's own)
+        "search_quality": final.safest.quality_text().removeprefix("quality "),
         SAFEST_SETTINGS_TAG: json.dumps(final.safest.warm_start().to_json()),
     }
     if final.style:

@@ -151,10 +151,110 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {shown_override(text)!r}: expected the form section.key=value")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _read_yaml(value) if value.strip() else None
+    except _Refused as err:
+        raise ConfigError(f"override {shown_override(text)!r}: {err}") from None
     except yaml.YAMLError:
         raise ConfigError(f"override {shown_override(text)!r}: value is not valid YAML") from None
     return key.strip(), parsed
+
+
+# Bounds on what a settings file may make the process do before it is validated: a real one
+# is a few kB, with a handful of aliases at most.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ALIAS_NODES = 10_000  # nodes that aliases may add to the document once expanded
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML text refused in one plain line (the caller names where it came from)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (silently last-wins otherwise) and
+    aliases that expand past ``MAX_ALIAS_NODES`` ("billion laughs": a few hundred bytes that
+    expand to 10⁹ nodes, which validation and messages would then walk for minutes)."""
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            # A merge key (<<) may repeat, and its keys may be overridden: neither is a duplicate.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise _Refused(f"duplicate key {key!r} at line {line} (first at line {first[key]})")
+            first[key] = line
+        return node
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_expansion(node)
+        return super().construct_document(node)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return []
+
+
+def _refuse_expansion(root: yaml.Node) -> None:
+    """Count the document's nodes with every alias expanded (each shared node once, memoised),
+    and refuse it when the aliases add more than ``MAX_ALIAS_NODES`` or one contains itself."""
+    sizes: dict[int, int] = {}  # id(node) -> its expanded size
+    open_nodes: set[int] = set()  # the nodes whose children are being counted
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, counted = stack.pop()
+        if counted:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+            # Every node counted so far is distinct: what exceeds them, aliases added.
+            if sizes[id(node)] > len(sizes) + MAX_ALIAS_NODES:
+                raise _Refused(
+                    f"its aliases (*name) expand to more than {MAX_ALIAS_NODES:,} nodes; "
+                    "write the settings out instead"
+                )
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_nodes:
+            line = node.start_mark.line + 1
+            raise _Refused(f"the anchor at line {line} contains an alias of itself")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node))
+
+
+def _read_yaml(text: str) -> Any:
+    """One YAML document, read by ``_StrictLoader``."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise _Refused("nested too deeply to read") from None
+    finally:
+        loader.dispose()
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, refused in one line when it is too large, unreadable or not UTF-8."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, too large for a settings file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (an invalid byte at offset {err.start}); save it as UTF-8"
+        ) from None
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -205,7 +305,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = _read_yaml(_read_text(path))
+        except _Refused as err:
+            raise ConfigError(f"{path}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if loaded is not None and not isinstance(loaded, dict):

@@ -218,7 +218,7 @@ class FinalTraining:
             why = f"its {steps}-step final run needed {len(run.recoveries)} recoveries"
             safest = safest.weakened_by(why)
             self.study.record_safest(safest)
-            safest.save_in(s.run_dir)
+            safest.keep_for_warm_start(s.run_dir)
         model = save_model(run.model, self.folder.model, {"safest": safest.to_json()})
         samples = write_samples(run.model, s.data, self.folder.path / "samples")
         samples.append(write_triptych(run.model, config, self.folder.path / "triptych.png"))

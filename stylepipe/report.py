@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from stylepipe.records import BROKE, Edge, Safest
+from stylepipe.records import BROKE, Edges, Safest
 from stylepipe.search import space
 from stylepipe.search.cost import cost_markdown
 
@@ -161,15 +161,16 @@ def stability_figure(
     title: str = "Stability map",
     annotate_causes: bool = True,
     lr_margin: float | None = None,
-    edge: Edge | None = None,
+    edges: Edges | None = None,
 ) -> Figure:
     """Learning rate (x, log) against gradient-clip norm (y, log), one marker per trial, coloured by outcome.
 
     Trials with clipping off (``clip_norm`` NaN) sit in a thin "clip off" band above, sharing x. The
     trial numbered ``safest_number`` gets a star, and a bar to ``lr_margin`` times its learning rate
     (where its certified margin ends); the baseline trial (``is_baseline``) is labelled "yours";
-    NaN/diverged trials get a cause tag when there are few of them (``annotate_causes``). A dashed
-    line marks the study's stability ``edge``, when its range test found one.
+    NaN/diverged trials get a cause tag when there are few of them (``annotate_causes``). On the
+    clipped axes and on the clip-off band, a dashed line marks the stability edge of that clipping
+    mode (``edges``), where one was found.
     """
     trials = trials if trials is not None else pd.DataFrame()
     outcomes = _outcomes(trials)
@@ -286,10 +287,14 @@ def stability_figure(
             bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.7},
         )
 
-    if edge is not None and edge.lr is not None:  # where the range test broke
-        for a in axes:
-            a.axvline(edge.lr, color=COLORS.get(edge.outcome, OTHER_COLOR), linestyle="--", linewidth=1)
-        axes[0].annotate(
+    drawn_edges = []
+    for a, mode in ((ax, "on"), (band, "off")):  # where runs of that clipping mode break
+        edge = edges.of_mode(mode) if edges is not None and a is not None else None
+        if edge is None or edge.lr is None:
+            continue
+        drawn_edges.append(edge.lr)
+        a.axvline(edge.lr, color=COLORS.get(edge.outcome, OTHER_COLOR), linestyle="--", linewidth=1)
+        a.annotate(
             f"edge {edge.lr:.2g} ({CAUSE_ABBREV.get(edge.cause, edge.cause)})",
             (edge.lr, 1),
             xycoords=("data", "axes fraction"),
@@ -299,7 +304,7 @@ def stability_figure(
             color="#444444",
         )
     # At least about one decade of learning rate, with 10% margins.
-    lrs = [*df["lr"], *([edge.lr] if edge is not None and edge.lr is not None else [])]
+    lrs = [*df["lr"], *drawn_edges]
     lo, hi = min(lrs), max(lrs)
     mid, half = math.sqrt(lo * hi), max(0.6 * math.log10(hi / lo), 0.5)
     axes[0].set_xlim(mid / 10**half, mid * 10**half)
@@ -380,11 +385,13 @@ def pipeline_markdown(
         certificate = safest.certificate
         safe_of = f"{safest.safe_candidates} of {safest.candidates} candidates were safe"
         lines += [
-            f"| quality | {safest.quality:.4g} |",
+            f"| quality | {safest.quality_text().removeprefix('quality ')} |",
             "",
             f"**Certificate**: {certificate.text}; {safe_of}.",
             "",
         ]
+        if safest.chosen_because:
+            lines += [f"**Chosen**: {safest.chosen_because}.", ""]
         if certificate.weakened:
             lines += [f"**Weakened**: {certificate.weakened}.", ""]
         lr, margin = safest.params["lr"], certificate.lr_margin

@@ -203,11 +203,14 @@ class SearchConfig(Section):
     # Trials TPE samples at random before it models the results (Optuna's default is 10). It reads
     # every trial's stability (a constraint), so fewer random trials waste fewer on what breaks.
     startup_trials: int = Field(4, ge=0)
-    # The stability edge (search/edge.py): before a new study's first trial, one guarded run of
-    # edge_steps steps raises the learning rate geometrically across space.lr; the lr at which a
-    # guard halts it is the edge, and trials sample lr up to edge / edge_margin. edge_steps 0: no
-    # range test. edge_margin None: the edge is found and reported but does not bound the search.
+    # The stability edges (search/edge.py): before a new study's first trial, for each clipping
+    # mode its trials train in, a bisection over log-lr of edge_probes runs trained as trials train
+    # (from initialisation, the config's warm-up, a constant lr), each for a trial's length but at
+    # most edge_steps steps past the warm-up. The lowest lr that broke is the mode's edge; trials
+    # sample lr up to the edge of their own mode / edge_margin. edge_steps 0: no edges.
+    # edge_margin None: the edges are found and reported but do not bound the search.
     edge_steps: int = Field(100, ge=0)
+    edge_probes: int = Field(6, ge=2, le=20)
     edge_margin: float | None = Field(2.0, gt=1)
     # Each trial tells TPE whether it stayed finite (an Optuna 5 constraint: broken trials rank
     # below every finite one). False: it does not, as stylepipe searched before (comparisons).
@@ -244,7 +247,7 @@ class SearchConfig(Section):
     @classmethod
     def _ramp_long_enough(cls, steps: int) -> int:
         if 0 < steps < 10:
-            raise ValueError("a range test needs at least 10 steps (0 turns it off)")
+            raise ValueError("an edge test needs at least 10 steps (0 turns it off)")
         return steps
 
 

@@ -21,10 +21,11 @@ from stylepipe.tracking import Tracker
 class StudySession:
     """One study's stores, opened once for the stages that run together.
 
-    As a context manager the study's MLflow parent run is RUNNING inside and ended FINISHED on
-    the way out, or FAILED when a stage raised. A worker among many (``owns_parent=False``)
-    leaves the parent run to whoever finishes the study; that one opens a session of its own,
-    handing over the ``data`` already built.
+    The study's MLflow parent run is opened (RUNNING) when a stage first writes to it, and, as a
+    context manager, ended FINISHED on the way out, or FAILED when a stage raised: a finished
+    study reported again writes nothing. A worker among many (``owns_parent=False``) leaves the
+    parent run to whoever finishes the study; that one opens a session of its own, handing over
+    the ``data`` already built.
     """
 
     def __init__(self, config: Config, owns_parent: bool = True, data: StudyData | None = None):
@@ -33,17 +34,23 @@ class StudySession:
         self.run_dir = writable_folder(config.run_dir, "run folder")
         if data is not None:
             self.__dict__["data"] = data  # the cached property, already built
-        with StudyLock(config, "setup"):  # one experiment, one study, one parent run
+        with StudyLock(config, "setup"):  # one experiment, one study
             self.tracker = Tracker(
                 config.tracking_uri,
                 config.tracking.experiment or config.study_name,
                 artifact_root=self.run_dir / "mlartifacts",
             )
             self.study = open_study(config)
-            self.parent = self.tracker.study_run(
-                config.study_name, {"storage": redact_url(config.storage_url)}
+
+    @functools.cached_property
+    def parent(self) -> str:
+        """The study's MLflow parent run, RUNNING from now on (one per study, under its lock)."""
+        with StudyLock(self.config, "setup"):
+            run_id = self.tracker.study_run(
+                self.config.study_name, {"storage": redact_url(self.config.storage_url)}
             )
-        StudyRecord(self.study).record_parent_run(self.parent)
+        StudyRecord(self.study).record_parent_run(run_id)
+        return run_id
 
     @functools.cached_property
     def data(self) -> StudyData:
@@ -58,7 +65,7 @@ class StudySession:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if self.owns_parent:
+        if self.owns_parent and "parent" in self.__dict__:  # opened by a stage
             failure = None if error is None else failure_text(error)
             self.tracker.end_study(self.parent, "FINISHED" if kind is None else "FAILED", failure)
 

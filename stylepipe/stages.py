@@ -145,17 +145,17 @@ def stylize(
 
 
 def edge(config: Config, session: StudySession | None = None) -> dict:
-    """The study's stability edge (search/edge.py): found by a range test before its first
-    trial, or read back from the study; ``edge`` (a record, or None) and its ``line``."""
+    """The study's stability edges (search/edge.py): found by the edge test before its first
+    trial, or read back from the study; ``edges`` (a record, or None) and its ``line``."""
     from stylepipe.search.edge import study_edge
     from stylepipe.search.objective import check_prepared
     from stylepipe.session import study_session
 
     check_prepared(config.data.content)  # before any study or run exists
     with study_session(config, session) as s:
-        found, line = study_edge(config, s.study, lambda: s.data, s.tracker, s.parent)
+        found, line = study_edge(config, s.study, lambda: s.data, s.tracker, lambda: s.parent)
         log.info("%s", line)
-        return {"edge": found.to_json() if found else None, "line": line}
+        return {"edges": found.to_json() if found else None, "line": line}
 
 
 def search(
@@ -168,18 +168,19 @@ def search(
     """Run (or resume) the study's trials until it holds ``search.n_trials`` finished ones, each
     with ``cores``' share of the machine."""
     from stylepipe.search.attributes import StudyRecord
-    from stylepipe.search.edge import sampled_space
+    from stylepipe.search.edge import lr_ranges
     from stylepipe.search.objective import Objective, check_prepared
     from stylepipe.search.study import COUNTED, run_trials
     from stylepipe.session import study_session
 
     check_prepared(config.data.content)  # before any study or run exists
     with study_session(config, session) as s:
-        if len(s.study.get_trials(deepcopy=False, states=COUNTED)) < config.search.n_trials:
-            StudyRecord(s.study).set_state("searching")
-        edge = StudyRecord(s.study).edge
-        space = sampled_space(config.search.space, edge, config.search.edge_margin)
-        objective = Objective(s.data, s.tracker, s.parent, cores, space)
+        if len(s.study.get_trials(deepcopy=False, states=COUNTED)) >= config.search.n_trials:
+            return {"study": config.study_name, "trials_run": 0}  # nothing to train, nothing loaded
+        StudyRecord(s.study).set_state("searching")
+        edges = StudyRecord(s.study).edges
+        lr_by_mode = lr_ranges(config.search.space, edges, config.search.edge_margin)
+        objective = Objective(s.data, s.tracker, s.parent, cores, lr_by_mode)
         ran = run_trials(config, s.study, objective, progress, warm_start)
         return {"study": config.study_name, "trials_run": ran}
 
@@ -204,14 +205,14 @@ def replays(config: Config, session: StudySession | None = None, cores: Cores = 
 
 def confirm(config: Config, session: StudySession | None = None, cores: Cores = ALONE) -> Safest | None:
     """Replay the best trials under stress, with the study's other workers; write
-    ``safest.json``; None when nothing is safe. The caller holds the study's ``finish`` lock
+    ``last_safest.json`` (the next run's warm start); None when nothing is safe. The caller holds the study's ``finish`` lock
     (chain.py).
 
     Runs once per study state: a verdict the study already holds for its current trials
     (from another worker, or an earlier run) is reused.
     """
     from stylepipe.search.attributes import StudyRecord
-    from stylepipe.search.safest import confirm_safest, nothing_safe_because
+    from stylepipe.search.safest import confirm_safest
     from stylepipe.search.study import COUNTED
     from stylepipe.session import study_session
 
@@ -238,17 +239,8 @@ def confirm(config: Config, session: StudySession | None = None, cores: Cores = 
                     params=safest.params,
                     certificate=safest.certificate.text,
                 )
-        if safest is None:
-            nothing = {
-                "study": s.study.study_name,
-                "safest": None,
-                "why": nothing_safe_because(record.verdicts),
-                "baseline": record.baseline,
-                "versus_baseline": record.versus_baseline,
-            }
-            write_json(s.run_dir / "safest.json", nothing)
-        else:
-            safest.save_in(s.run_dir)
+        if safest is not None:
+            safest.keep_for_warm_start(s.run_dir)
         return safest
 
 
@@ -288,9 +280,12 @@ def report(
     model: dict | None = None,
     promotion: dict | None = None,
     session: StudySession | None = None,
+    write: bool = True,
 ) -> dict:
-    """The trials table, the stability map and the causes summary, in run_dir and on the
-    study's MLflow run; the summary a person reads first, and the best trials."""
+    """The trials table, the stability map, the causes summary and ``safest.json`` (its one
+    writer: the safest record or why there is none, the model, the cost), in run_dir and on the
+    study's MLflow run; the summary a person reads first, and the best trials. ``write=False``:
+    the same answer, nothing written (a finished study reported again)."""
     from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
     from stylepipe.search.attributes import StudyRecord
     from stylepipe.search.cost import study_cost
@@ -303,29 +298,38 @@ def report(
     with study_session(config, session) as s:
         record = StudyRecord(s.study)
         trials = trials_table(s.study, safest, config.train.steps)
-        edge = record.edge
+        edges = record.edges
         final_steps = config.final_run_steps if model else 0
         cost = study_cost(
-            trials, record.verdicts, final_steps, edge.step if edge else 0, record.certificate_steps
-        )
-        edge_text = edge_markdown(edge, config.search.edge_margin, config.train.lr)
-        importance = stability_importance(s.study)
-        record.write_note(importance_markdown(importance))  # optuna-dashboard shows it above the study
-        picture = stability_map(
             trials,
-            s.run_dir / "stability_map.png",
-            safest_number=safest.trial if safest else None,
-            title=f"Stability map: {config.study_name}",
-            lr_margin=safest.certificate.lr_margin if safest else None,
-            edge=edge,
+            record.verdicts,
+            final_steps,
+            edges.steps_trained if edges else 0,
+            record.certificate_steps,
         )
-        trials.to_csv(s.run_dir / "trials.csv", index=False)
-        s.tracker.log_study_summary(
-            s.parent, trials, picture, causes_markdown(trials), safest, cost, importance
-        )
-        safest_path = s.run_dir / "safest.json"
-        if safest is not None and model is not None:
-            write_json(safest_path, {**safest.to_json(), "model": model, "cost": cost})
+        edge_text = edge_markdown(edges, config.search.edge_margin, config)
+        importance = stability_importance(s.study)
+        picture, safest_path = s.run_dir / "stability_map.png", s.run_dir / "safest.json"
+        if write:
+            record.write_note(importance_markdown(importance))  # optuna-dashboard shows it above the study
+            stability_map(
+                trials,
+                picture,
+                safest_number=safest.trial if safest else None,
+                title=f"Stability map: {config.study_name}",
+                lr_margin=safest.certificate.lr_margin if safest else None,
+                edges=edges,
+            )
+            trials.to_csv(s.run_dir / "trials.csv", index=False)
+            s.tracker.log_study_summary(
+                s.parent, trials, picture, causes_markdown(trials), safest, cost, importance
+            )
+            if safest is not None:
+                write_json(safest_path, {**safest.to_json(), "model": model, "cost": cost})
+            else:
+                nothing = {"study": s.study.study_name, "safest": None, "why": nothing_safe_because(record.verdicts)}
+                nothing |= {"baseline": record.baseline, "versus_baseline": record.versus_baseline, "cost": cost}
+                write_json(safest_path, nothing)
         return {
             "runs_table": s.tracker.runs_table_url(),
             "stability_map": str(picture),

@@ -33,8 +33,8 @@ def _userinfo(url: str) -> tuple[str, str, str, str] | None:
     """``(scheme://, user, password, @host...)`` of a URL whose user part holds a password.
 
     A password may hold any character, ``@ / # ?`` included, so the user part is taken to
-    end at the *last* ``@`` (URL parsers, SQLAlchemy's too, stop at the first and would show
-    the rest of such a password as the host).
+    end at the *last* ``@`` (URL parsers, SQLAlchemy's and libpq's too, stop at the first and
+    show the rest of such a password as the host: ``url_secrets`` lists those pieces too).
     """
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
@@ -56,15 +56,31 @@ def redact_url(url: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
+# A password's pieces between URL delimiters, as a parser that stops at the first one shows them
+# elsewhere: libpq reads postgres:HxA@B9931@host as the password HxA on the host B9931@host.
+_DELIMITER = re.compile(r"[@/?#]")
+_MIN_FRAGMENT = 3  # shorter pieces give little away, and masking them would garble the message
+
+
+def _fragments(secret: str) -> set[str]:
+    """``secret`` and each run of its pieces between delimiters (``@ / ? #``) of at least
+    ``_MIN_FRAGMENT`` characters."""
+    cuts = [m.start() for m in _DELIMITER.finditer(secret)]
+    starts = [0, *(cut + 1 for cut in cuts)]
+    ends = [*cuts, len(secret)]
+    runs = {secret[start:end] for start in starts for end in ends if end - start >= _MIN_FRAGMENT}
+    return {secret} | runs
+
+
 def url_secrets(url: str) -> list[str]:
-    """The passwords a URL carries, as written and percent-decoded."""
+    """The passwords a URL carries, as written and percent-decoded, with their pieces as a
+    parser may show them (``_fragments``): longest first, for ``scrub``."""
     found = [m.group(2) for m in _QUERY_PASSWORD.finditer(url) if m.group(2)]
     parts = _userinfo(url)
     if parts is not None:
         found.append(parts[2])
-    return sorted(
-        {form for secret in found for form in (secret, unquote(secret)) if form}, key=len, reverse=True
-    )
+    forms = {form for secret in found for form in (secret, unquote(secret)) if form}
+    return sorted({piece for form in forms for piece in _fragments(form)}, key=len, reverse=True)
 
 
 def scrub(text: str, *urls: str | None) -> str:

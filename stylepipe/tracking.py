@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from stylepipe.errors import StylepipeError
-from stylepipe.records import Edge, Safest
+from stylepipe.records import Edges, Safest
 from stylepipe.stores import first_line, open_store, redact_url, scrub
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
@@ -345,11 +345,19 @@ class Tracker:
             end_killed_run(self.client, run_id, why)
         return ended
 
-    def log_edge(self, run_id: str, edge: Edge) -> None:
-        """The study's stability edge on its parent run (tags: a study's runs may be reported again)."""
-        shown = {"lr": "none" if edge.lr is None else str(edge.lr), "cause": edge.cause or "none"}
-        shown |= {"step": str(edge.step), "steps": str(edge.steps)}
-        self.client.log_batch(run_id, tags=[RunTag(f"stability_edge.{k}", v) for k, v in shown.items()])
+    def log_edges(self, run_id: str, edges: Edges) -> None:
+        """The study's stability edges on its parent run, one set of tags per clipping mode
+        (``stability_edge.off.lr``; tags: a study's runs may be reported again)."""
+        tags = []
+        for edge in edges.found():
+            shown = {"lr": "none" if edge.lr is None else str(edge.lr), "cause": edge.cause or "none"}
+            shown |= {
+                "kind": edge.kind,
+                "clip_norm": "off" if edge.clip_norm is None else str(edge.clip_norm),
+            }
+            shown |= {"passed": "none" if edge.passed is None else str(edge.passed), "steps": str(edge.steps)}
+            tags += [RunTag(f"stability_edge.{edge.mode}.{k}", v) for k, v in shown.items()]
+        self.client.log_batch(run_id, tags=tags)
 
     def log_artifacts(self, run_id: str, paths: Iterable[Path], folder: str | None = None) -> None:
         for path in paths:

@@ -41,6 +41,41 @@ SAFEST = Safest(
     safe_candidates=1,
 )
 
+# The search on tiny CPU settings, shared by the search, edge, state and long-run tests.
+TINY_SEARCH = [
+    "data.image_size=32",
+    "train.steps=8",
+    "train.batch_size=2",
+    "train.warmup_steps=0",
+    "train.check_every=4",
+    "train.device=cpu",
+    "search.eval_every=4",
+    "search.pruner_warmup_steps=4",
+    "search.pruner_startup_trials=3",
+    "search.top_k=2",
+    "search.replay_seeds=1",
+    "search.max_val_images=4",
+    "final.steps=4",
+    "search.confirm_steps=8",  # the demo's 60-step replays would dominate these tests' time
+    "search.edge_steps=0",  # no range test: these tests search the whole lr range (test_edge.py has it)
+]
+
+
+def search_overrides(run_dir: Path, prepared: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"data.content={prepared}", *TINY_SEARCH, *extra]
+
+
+def search_config(run_dir: Path, prepared: Path, *extra: str):
+    return load_config(DEMO, search_overrides(run_dir, prepared, *extra))
+
+
+def search_command(overrides: list[str]) -> list[str]:
+    args = [str(Path(sys.executable).parent / "stylepipe"), "search", "--quiet", "--config", str(DEMO)]
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
 # The multi-worker tests need a real PostgreSQL: STYLEPIPE_TEST_POSTGRES_URL names it (.ci/run
 # sets it; set but unreachable, they fail). Unset, `make test` uses the local default address
 # when a server answers there, and the tests skip saying how to enable them when none does.

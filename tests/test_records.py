@@ -21,9 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_a_safest_record_round_trips_through_its_json_form(tmp_path):
     weakened = SAFEST.weakened_by("its 30-step final run needed 1 recoveries")
-    weakened.save_in(tmp_path)
-    for name in ("safest.json", "last_safest.json"):
-        assert Safest.load(tmp_path / name) == weakened
+    weakened.keep_for_warm_start(tmp_path)
+    assert Safest.load(tmp_path / "last_safest.json") == weakened
     assert SAFEST.certificate.weakened is None  # records are values: weakening makes a new one
     assert weakened.warm_start() == WarmStart(params=SAFEST.params, weakened=weakened.certificate.weakened)
 
@@ -57,9 +56,9 @@ def test_a_last_safest_json_that_is_not_a_record_is_refused_in_one_line(tmp_path
 def test_the_warm_start_is_the_safest_params_and_a_weakened_one_starts_lower(tmp_path):
     config = load_config(DEMO, [f"run_dir={tmp_path}"])
     assert stages.previous_safest(config) is None
-    SAFEST.save_in(tmp_path)
+    SAFEST.keep_for_warm_start(tmp_path)
     assert stages.previous_safest(config) == SAFEST.params
-    SAFEST.weakened_by("its final run needed 1 recoveries").save_in(tmp_path)
+    SAFEST.weakened_by("its final run needed 1 recoveries").keep_for_warm_start(tmp_path)
     assert stages.previous_safest(config)["lr"] == pytest.approx(
         SAFEST.params["lr"] * config.recovery.lr_factor
     )

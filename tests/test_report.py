@@ -329,7 +329,7 @@ def test_the_cost_counts_the_steps_each_stage_trained():
         {"horizon": 60, "replays": [{"outcome": "diverged", "step": 9}]},  # stopped at its first failure
         {"horizon": 60, "replays": [{"outcome": "complete", "step": None}] * 3},
     ]
-    cost = study_cost(trials, verdicts, final_steps=300, edge_steps=62)  # the range test halted at 62
+    cost = study_cost(trials, verdicts, final_steps=300, edge_steps=62)  # the edge test trained 62
     assert cost == {
         "edge": 62,
         "search": 49,
@@ -339,11 +339,11 @@ def test_the_cost_counts_the_steps_each_stage_trained():
     }
     line = cost_markdown(cost)
     assert line.startswith(
-        "**Where the steps went**: range test 62 (10%), search 49 (8%), certificate 189 (32%), final 300 (50%)"
+        "**Where the steps went**: edge test 62 (10%), search 49 (8%), certificate 189 (32%), final 300 (50%)"
     )
     assert "600 in all" in line
-    # a cost recorded before the range test existed (safest.json of an earlier study) reads as none
+    # a cost recorded before the edge test existed (safest.json of an earlier study) reads as none
     assert cost_markdown({k: v for k, v in cost.items() if k != "edge"}).startswith(
-        "**Where the steps went**: range test 0 (0%)"
+        "**Where the steps went**: edge test 0 (0%)"
     )
     assert "Where the steps went" in pipeline_markdown(trials.assign(outcome="complete"), None, cost=cost)

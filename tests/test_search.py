@@ -29,45 +29,19 @@ from stylepipe.search.objective import evaluate_quality, load_study_data
 from stylepipe.stylize import stylize_tensor
 from stylepipe.train.guards import CAUSES
 from stylepipe.train.model_file import load_model
-from tests.conftest import DEMO, another_process_holds_sqlite
-
-TINY_SEARCH = [
-    "data.image_size=32",
-    "train.steps=8",
-    "train.batch_size=2",
-    "train.warmup_steps=0",
-    "train.check_every=4",
-    "train.device=cpu",
-    "search.eval_every=4",
-    "search.pruner_warmup_steps=4",
-    "search.pruner_startup_trials=3",
-    "search.top_k=2",
-    "search.replay_seeds=1",
-    "search.max_val_images=4",
-    "final.steps=4",
-    "search.confirm_steps=8",  # the demo's 60-step replays would dominate these tests' time
-    "search.edge_steps=0",  # no range test: these tests search the whole lr range (test_edge.py has it)
-]
-
-
-def search_overrides(run_dir: Path, prepared: Path, *extra: str) -> list[str]:
-    return [f"run_dir={run_dir}", f"data.content={prepared}", *TINY_SEARCH, *extra]
-
-
-def search_config(run_dir: Path, prepared: Path, *extra: str):
-    return load_config(DEMO, search_overrides(run_dir, prepared, *extra))
+from tests.conftest import (
+    DEMO,
+    TINY_SEARCH,
+    another_process_holds_sqlite,
+    search_command,
+    search_config,
+    search_overrides,
+)
 
 
 def study_trial_params(config) -> set[str]:
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
     return {name for t in study.trials for name in t.params}
-
-
-def search_command(overrides: list[str]) -> list[str]:
-    args = [str(Path(sys.executable).parent / "stylepipe"), "search", "--quiet", "--config", str(DEMO)]
-    for override in overrides:
-        args += ["--set", override]
-    return args
 
 
 # lr up to 1e3: Adam at lr >= 10 blows up on its second step, so some trials surely go NaN.

@@ -6,7 +6,8 @@ and every machine of the study reads them.
     settings            the settings the study answers for (study.py refuses other ones)
     state               finding its edge, searching, certifying, training the final model, registering, finished
     mlflow_parent_run_id  the study's MLflow run
-    stability_edge      where its range test broke (records.Edge), before its first trial
+    stability_edges     where training breaks, one edge per clipping mode (records.Edges), before its
+                        first trial; stability_edge: an older stylepipe's one ramp edge
     safety              every candidate's verdict from the stress replays (search/safest.py)
     baseline            the verdict on the config file's own settings
     versus_baseline     the comparison with them, in words
@@ -22,7 +23,7 @@ from typing import Any
 
 import optuna
 
-from stylepipe.records import Edge, Safest
+from stylepipe.records import Edge, Edges, Finished, Safest
 
 STUDY_STATES = (
     "finding its edge",
@@ -68,16 +69,23 @@ class StudyRecord:
             self._set("state", state)
 
     def record_parent_run(self, run_id: str) -> None:
-        self._set("mlflow_parent_run_id", run_id)
+        if self._get("mlflow_parent_run_id") != run_id:
+            self._set("mlflow_parent_run_id", run_id)
 
-    # -- the stability edge
+    # -- the stability edges
     @property
-    def edge(self) -> Edge | None:
-        raw = self._get("stability_edge")
-        return None if raw is None else Edge.from_json(raw, f"study {self.study.study_name}'s stability_edge")
+    def edges(self) -> Edges | None:
+        """The edges, one per clipping mode; a study an older stylepipe made holds one ramp edge
+        (``stability_edge``), which keeps bounding its trials."""
+        name = self.study.study_name
+        raw = self._get("stability_edges")
+        if raw is not None:
+            return Edges.from_json(raw, f"study {name}'s stability_edges")
+        old = self._get("stability_edge")
+        return None if old is None else Edges.of_ramp(Edge.from_json(old, f"study {name}'s stability_edge"))
 
-    def record_edge(self, edge: Edge) -> None:
-        self._set("stability_edge", edge.to_json())
+    def record_edges(self, edges: Edges) -> None:
+        self._set("stability_edges", edges.to_json())
 
     # -- the certificate
     @property
@@ -137,10 +145,11 @@ class StudyRecord:
     @property
     def finished(self) -> dict[str, Any] | None:
         """``{for_trials, safest: Safest | None, model}`` once the study was finished, else None."""
-        record = self._get("finished")
-        if not record:
+        raw = self._get("finished")
+        if not raw:
             return None
-        return {**record, "safest": self._safest_from(record.get("safest"), "finished record")}
+        record = Finished.from_json(raw, f"study {self.study.study_name}'s finished record")
+        return {"for_trials": record.for_trials, "safest": record.safest, "model": record.model}
 
     def record_finished(self, for_trials: int, safest: Safest | None, model: dict | None) -> dict[str, Any]:
         stored = safest.to_json() if safest else None

@@ -1,4 +1,4 @@
-"""The cost of a study: the steps each stage trained (the range test, the trials, the stress
+"""The cost of a study: the steps each stage trained (the edge test, the trials, the stress
 replays, the final model), for whoever pays for the GPU hours (docs/design.md, "Cost")."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def study_cost(
     edge_steps: int = 0,
     certificate_steps: int | None = None,
 ) -> dict[str, int]:
-    """The steps each stage trained: the range test (to its halt), the trials (to their halt or
+    """The steps each stage trained: the edge test (every probe, to its halt or its end), the trials (to their halt or
     prune), the stress replays (to their failure or cancel: ``certificate_steps`` as recorded;
     from the verdicts for a study certified before replays were shared), the final model;
     ``total`` their sum."""
@@ -40,7 +40,7 @@ def study_cost(
 def cost_markdown(cost: dict[str, int]) -> str:
     """Where the steps went, in one line."""
     total = cost["total"] or 1
-    named = {"edge": "range test"}
+    named = {"edge": "edge test"}
     parts = ", ".join(
         f"{named.get(stage, stage)} {cost.get(stage, 0):,} ({cost.get(stage, 0) / total:.0%})"
         for stage in COST_STAGES

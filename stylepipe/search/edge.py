@@ -1,100 +1,210 @@
-"""The stability edge: where training breaks, found once, before a study's first trial.
+"""The stability edges: where training breaks, one learning rate per clipping mode, found once
+before a study's first trial (docs/design.md, "Stability edge").
 
-A range test, like fastai's ``lr_find`` (about 100 steps, the learning rate raised
-geometrically), but stopped by the guards instead of a loss threshold, so its halt has a cause.
-It trains the config's own settings (the study's baseline) with the lr raised from the low to
-the high end of ``search.space.lr``: no warm-up, every step checked, and clipping off when the
-space lets trials train without it. The lr of the step a guard halts it at is the study's edge
-(``records.Edge``); trials then sample lr up to edge / ``search.edge_margin``.
+A *probe* is a run trained the way trials and the user's run train: the config's own settings (the
+study's baseline), from initialisation, with its seed and its warm-up, at one constant learning
+rate after it. For each clipping mode the study's trials train in (off; on at the baseline's clip
+norm, or the space's tightest), ``search.edge_probes`` probes bisect log-lr between the ends of
+``search.space.lr``. The lowest lr that broke is that mode's edge, the highest that trained is
+``passed``; trials of that mode then sample lr up to edge / ``search.edge_margin``.
 
-The edge is recorded on the study, so a resumed or warm-started study reuses it; a study whose
-trials began without one (an earlier stylepipe) keeps its whole lr range.
+Why not a ramp (fastai's ``lr_find``, what stylepipe ran before): by the time a rising lr reaches
+1e-3 the network has trained at gentler rates and tolerates far more than one that starts there.
+On the demo a 100-step ramp put the edge at 0.0148, where cold runs break from 0.002.
+
+The probes are judged by the test's own guard, whatever the config's ``guard`` says (a setting of
+its must not move the edge): non-finite values from the first step, and divergence (loss
+``divergence_factor`` x its running minimum, a gradient spike) from ``SETTLE_STEPS`` past the
+warm-up. Adam's first steps move every weight by about lr whatever the gradient: on the demo, runs
+at lr 0.0015 with clipping jump 20-fold at step 2 and settle to a better quality than at 0.001 by
+step 10, while runs at 0.003 without clipping stay up. Each probe trains a trial's length, at
+most ``search.edge_steps`` steps past the warm-up: cold breaks show early, and the edge is checked
+against full runs in the tests and in ``make bench-edge``.
+
+Each mode's edge is recorded on the study as soon as it is found, so a study stopped during the
+test goes on with the mode it had not finished; a study whose trials began without an edge keeps
+its whole lr range; a study an older stylepipe made keeps its ramp edge and its range.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 import optuna
 
-from stylepipe.config import Config, SearchSpace
+from stylepipe.config import Config, GuardConfig, SearchSpace
 from stylepipe.errors import failure_text
-from stylepipe.records import Edge
+from stylepipe.records import Edge, Edges, Probe
 from stylepipe.search.attributes import StudyRecord
-from stylepipe.search.objective import StudyData, candidate_trainer
+from stylepipe.search.objective import StudyData, run_candidate
 from stylepipe.search.storage import StudyLock
 from stylepipe.stores import scrub
 from stylepipe.tracking import Tracker
-from stylepipe.train import Callback, TrainingHalted
+from stylepipe.train import Callback
 
 log = logging.getLogger(__name__)
 
+# Steps past the warm-up before the test's divergence check starts (non-finite values are caught
+# from the first step): Adam's first-step transient settles within them (see the module doc).
+SETTLE_STEPS = 10
+SEEDS = 3  # the probes take turns among this many seeds, from the config's own
 
-def range_test_config(config: Config) -> Config:
-    """The baseline's settings as the range test trains them: from the space's lowest lr, for
-    ``search.edge_steps`` steps, no warm-up, checked every step, clipping off when trials may
-    train without it (else the baseline's clip norm, or the loosest the space offers)."""
+
+def clip_modes(config: Config) -> dict[str, float | None]:
+    """The clipping modes the study's trials train in, each with the clip norm its edge is found
+    at: "off" (None) when trials may train without clipping; "on" at the baseline's clip norm
+    when it clips, else the space's tightest."""
     space = config.search.space
-    clip_norm = config.train.clip_norm
+    modes: dict[str, float | None] = {}
     if space.clip_norm is None or space.allow_no_clip:
-        clip_norm = None
-    elif clip_norm is None:
-        clip_norm = space.clip_norm[1]
+        modes["off"] = None
+    if space.clip_norm is not None:
+        modes["on"] = config.train.clip_norm or space.clip_norm[0]
+    return modes
+
+
+def probe_steps(config: Config) -> int:
+    """A probe's horizon: a trial's length, at most ``search.edge_steps`` past the warm-up."""
+    return min(config.train.steps, config.train.warmup_steps + config.search.edge_steps)
+
+
+def probe_config(config: Config, lr: float, clip_norm: float | None) -> Config:
+    """The baseline's settings as a probe trains them: ``lr`` after the config's own warm-up,
+    ``clip_norm``, every step checked by the test's own guard."""
+    # at least the last step is checked, however short the probe
+    guard = GuardConfig(divergence_warmup=min(config.train.warmup_steps + SETTLE_STEPS, probe_steps(config)))
     return config.with_overrides(
         {
-            "train.lr": space.lr[0],
+            "train.lr": lr,
             "train.clip_norm": clip_norm,
-            "train.warmup_steps": 0,
+            "train.steps": probe_steps(config),
             "train.check_every": 1,
-            "train.steps": config.search.edge_steps,
+            "guard": guard.model_dump(mode="json"),
         }
     )
 
 
-def find_edge(config: Config, data: StudyData, callbacks: Sequence[Callback] = ()) -> Edge:
-    """Run the range test (``config`` is the study's; the test's own settings are made here)."""
-    test = range_test_config(config)
+def run_probe(
+    config: Config, data: StudyData, lr: float, clip_norm: float | None, seed: int, callbacks=()
+) -> Probe:
+    """Train one probe; a guard's halt is its outcome."""
+    run = run_candidate(
+        probe_config(config, lr, clip_norm).with_overrides({"train.seed": seed}), data, callbacks
+    )
+    if run.autopsy is not None:
+        return Probe(lr=lr, seed=seed, outcome=run.outcome, step=run.autopsy.step, cause=run.autopsy.cause)
+    # finite to the end, or a non-finite quality at it: broken, as a trial would be
+    cause = None if run.outcome == "complete" else "unknown"
+    return Probe(lr=lr, seed=seed, outcome=run.outcome, step=probe_steps(config), cause=cause)
+
+
+class _Offset(Callback):
+    """Passes a probe's step rows on with its steps after those of the probes before it, so one
+    MLflow run holds every probe of a mode, one after the other."""
+
+    def __init__(self, inner: Callback, offset: int):
+        self.inner, self.offset = inner, offset
+
+    def on_metrics(self, rows: list[dict[str, float]]) -> None:
+        self.inner.on_metrics([{**row, "step": row["step"] + self.offset} for row in rows])
+
+
+def find_edge(
+    config: Config, data: StudyData, clip_norm: float | None, callbacks: Sequence[Callback] = ()
+) -> Edge:
+    """One mode's edge: ``search.edge_probes`` probes bisecting log-lr across ``search.space.lr``
+    (the ends themselves are not trained: the low end is taken to train, the high end to break)."""
     low, high = config.search.space.lr
-    steps = test.train.steps
-    no_halt = Edge(lr=None, step=steps, low=low, high=high, steps=steps, clip_norm=test.train.clip_norm)
-    factor = no_halt.factor
-    trainer = candidate_trainer(test, data, callbacks, lr_schedule=lambda index: factor**index)
-    try:
-        trainer.fit()
-    except TrainingHalted as halted:
-        autopsy = halted.autopsy
-        lr = low * factor ** (autopsy.step - 1)  # the lr of the step it halted at
-        return no_halt.model_copy(
-            update={"lr": lr, "step": autopsy.step, "cause": autopsy.cause, "outcome": autopsy.outcome}
+    trains, breaks = math.log(low), math.log(high)
+    probes: list[Probe] = []
+    for index in range(config.search.edge_probes):
+        lr = math.exp((trains + breaks) / 2)
+        offset = sum(p.step for p in probes)
+        # each probe another of SEEDS seeds: near the edge, whether a run breaks depends on its
+        # seed, and trials train with every seed; the edge is the lowest lr any of them broke at
+        seed = config.train.seed + index % SEEDS
+        probe = run_probe(config, data, lr, clip_norm, seed, [_Offset(cb, offset) for cb in callbacks])
+        probes.append(probe)
+        log.info(
+            "edge test (%s): lr %.3g %s",
+            "clipping off" if clip_norm is None else f"clipping at {clip_norm:g}",
+            lr,
+            f"broke at step {probe.step} ({probe.outcome}: {probe.cause})" if probe.broke else "trained",
         )
-    return no_halt
+        if probe.broke:
+            breaks = math.log(lr)
+        else:
+            trains = math.log(lr)
+    broke = [p for p in probes if p.broke]
+    trained = [p.lr for p in probes if not p.broke]
+    edge = min(broke, key=lambda p: p.lr) if broke else None
+    return Edge(
+        kind="cold",
+        lr=edge.lr if edge else None,
+        cause=edge.cause if edge else None,
+        outcome=edge.outcome if edge else None,
+        step=edge.step if edge else probe_steps(config),
+        steps=probe_steps(config),
+        low=low,
+        high=high,
+        clip_norm=clip_norm,
+        passed=max((lr for lr in trained if edge is None or lr < edge.lr), default=None),
+        probes=probes,
+    )
 
 
-def sampled_space(space: SearchSpace, edge: Edge | None, margin: float | None) -> SearchSpace:
-    """The space trials sample: lr up to the edge's bound when there is one."""
-    bound = edge.bound(margin) if edge is not None else None
-    if bound is None:
-        return space
-    return space.model_copy(update={"lr": (space.lr[0], bound)})
+def lr_ranges(
+    space: SearchSpace, edges: Edges | None, margin: float | None
+) -> dict[str, tuple[float, float]]:
+    """The lr range trials sample, by clipping mode: up to the bound of their own mode's edge."""
+    ranges = {}
+    for mode in ("off", "on"):
+        edge = edges.of_mode(mode) if edges is not None else None
+        bound = edge.bound(margin) if edge is not None else None
+        ranges[mode] = space.lr if bound is None else (space.lr[0], bound)
+    return ranges
 
 
-def edge_line(edge: Edge | None, margin: float | None, why_none: str = "") -> str:
-    """The stage's line: the edge, its cause, and what it bounds."""
-    if edge is None:
-        return f"stability edge: none ({why_none})" if why_none else "stability edge: none"
+def _mode_line(edge: Edge, margin: float | None) -> str:
+    clip = "clipping off" if edge.clip_norm is None else f"clipping at {edge.clip_norm:g}"
+    if edge.kind == "ramp":
+        return _ramp_line(edge, margin)
     if edge.lr is None:
         return (
-            f"stability edge: none; the range test trained every lr from {edge.low:.3g} to {edge.high:.3g} "
-            f"({edge.steps} steps) without a halt: the whole lr range is searched"
+            f"{clip}: none, no run from initialisation broke up to lr {edge.passed or edge.high:.3g} "
+            f"({len(edge.probes)} runs of {edge.steps} steps): its whole lr range is searched"
         )
-    found = f"stability edge: lr {edge.lr:.3g} ({edge.outcome}: {edge.cause}, at step {edge.step} of {edge.steps})"
+    found = (
+        f"{clip}: lr {edge.lr:.3g} ({edge.outcome}: {edge.cause}, at step {edge.step} of {edge.steps}; "
+        + (f"trained at {edge.passed:.3g})" if edge.passed is not None else "every run broke)")
+    )
     bound = edge.bound(margin)
     if bound is not None:
-        return f"{found}; trials sample lr up to {bound:.3g} (the edge / {margin:g})"
+        return f"{found}, trials sample lr up to {bound:.3g} (the edge / {margin:g})"
     if margin is None:
-        return f"{found}; search.edge_margin is off: the whole lr range is searched"
-    return f"{found}; within {margin:g}x of the range's low end: the whole lr range is searched"
+        return f"{found}, search.edge_margin is off: its whole lr range is searched"
+    return f"{found}, within {margin:g}x of the range's low end: its whole lr range is searched"
+
+
+def _ramp_line(edge: Edge, margin: float | None) -> str:
+    bound = edge.bound(margin)
+    kept = f"trials sample lr up to {bound:.3g}" if bound is not None else "the whole lr range is searched"
+    found = (
+        "none" if edge.lr is None else f"lr {edge.lr:.3g} ({edge.outcome}: {edge.cause}, at step {edge.step})"
+    )
+    return (
+        f"{found}, found by an older stylepipe's lr ramp, which overstates where a run from "
+        f"initialisation breaks; kept for this study: {kept}"
+    )
+
+
+def edge_line(edges: Edges | None, margin: float | None, why_none: str = "") -> str:
+    """The stage's line: each mode's edge, its cause, and what it bounds."""
+    if edges is None or not edges.found():
+        return f"stability edge: none ({why_none})" if why_none else "stability edge: none"
+    return "stability edge: " + "; ".join(_mode_line(edge, margin) for edge in edges.found())
 
 
 def study_edge(
@@ -102,74 +212,116 @@ def study_edge(
     study: optuna.Study,
     data: Callable[[], StudyData],
     tracker: Tracker,
-    parent_run_id: str,
-) -> tuple[Edge | None, str]:
-    """The study's edge and its line: read back when recorded, else found now (once, under the
-    study's lock, before any trial began) and recorded on the study and its MLflow parent run."""
+    parent: Callable[[], str],
+) -> tuple[Edges | None, str]:
+    """The study's edges and their line: read back when recorded, else found now (once, under the
+    study's lock, before any trial began), each mode recorded on the study as soon as it is found,
+    and on its MLflow parent run (``parent``: opened only when there is something to write)."""
     margin = config.search.edge_margin
     if config.search.edge_steps == 0:
-        return None, edge_line(None, margin, "the range test is off: search.edge_steps=0")
+        return None, edge_line(None, margin, "the edge test is off: search.edge_steps=0")
     record = StudyRecord(study)
     with StudyLock(config, "edge"):
-        edge = record.edge
-        if edge is not None:
-            return edge, edge_line(edge, margin) + " (recorded on the study: not run again)"
+        edges = record.edges
+        if edges is not None and edges.complete:
+            return edges, edge_line(edges, margin) + " (recorded on the study: not found again)"
         waiting = optuna.trial.TrialState.WAITING
-        if any(t.state != waiting for t in study.get_trials(deepcopy=False)):
-            return None, edge_line(None, margin, "the study's trials began without a range test")
-        low, high = config.search.space.lr
-        steps = config.search.edge_steps
+        if edges is None and any(t.state != waiting for t in study.get_trials(deepcopy=False)):
+            return None, edge_line(None, margin, "the study's trials began without an edge test")
+        modes = clip_modes(config)
         if record.state == "finding its edge":  # its process died: under this lock, no one runs it
+            kept = [e.mode for e in edges.found()] if edges is not None else []
             log.warning(
-                "the range test was cut short before (no edge recorded): it runs again from its start"
+                "the edge test was cut short before: it runs again from the start of %s",
+                f"the mode it had not finished (kept: clipping {', '.join(kept)})"
+                if kept
+                else "its first mode",
             )
             tracker.end_orphaned_runs(
-                parent_run_id, ("edge",), "its process stopped (killed or lost) during the range test"
+                parent(), ("edge",), "its process stopped (killed or lost) during the edge test"
             )
         record.set_state("finding its edge")
-        log.info("stability edge: the range test trains lr %.3g to %.3g over %d steps", low, high, steps)
-        clip_norm = range_test_config(config).train.clip_norm
-        logger = tracker.child_run(
-            parent_run_id,
-            "range test",
-            "edge",
-            {"lr_low": low, "lr_high": high, "steps": steps, "clip_norm": clip_norm},
-            {"stylepipe.study": config.study_name},
-            log_every=1,
-        )
-        try:
-            edge = find_edge(config, data(), [logger])
-        except BaseException as err:  # KeyboardInterrupt too: never leave the run RUNNING
-            failure = scrub(failure_text(err), config.storage_url, config.tracking_uri)
-            tracker.finish_run(
-                logger.run_id, "failed", logger=logger, failure=failure, title="range test | failed"
-            )
-            raise
-        outcome = "no halt" if edge.lr is None else f"halted at lr {edge.lr:.3g}"
+        edges = edges or Edges(modes=list(modes))
+        for mode, clip_norm in modes.items():
+            if edges.of_mode(mode) is not None:
+                continue
+            edge = _find_and_log(config, data, tracker, parent(), clip_norm)
+            edges = edges.with_mode(edge)
+            record.record_edges(edges)
+        tracker.log_edges(parent(), edges)
+        return edges, edge_line(edges, margin)
+
+
+def _find_and_log(
+    config: Config,
+    data: Callable[[], StudyData],
+    tracker: Tracker,
+    parent_run_id: str,
+    clip_norm: float | None,
+) -> Edge:
+    """One mode's edge, its probes one after the other in an MLflow run of its own."""
+    low, high = config.search.space.lr
+    clip = "clipping off" if clip_norm is None else f"clipping at {clip_norm:g}"
+    log.info(
+        "stability edge, %s: %d runs from initialisation bisect lr %.3g to %.3g, %d steps each at most",
+        clip,
+        config.search.edge_probes,
+        low,
+        high,
+        probe_steps(config),
+    )
+    logger = tracker.child_run(
+        parent_run_id,
+        f"edge test | {clip}",
+        "edge",
+        {
+            "lr_low": low,
+            "lr_high": high,
+            "probes": config.search.edge_probes,
+            "steps": probe_steps(config),
+            "clip_norm": clip_norm,
+        },
+        {"stylepipe.study": config.study_name},
+        log_every=1,
+    )
+    try:
+        edge = find_edge(config, data(), clip_norm, [logger])
+    except BaseException as err:  # KeyboardInterrupt too: never leave the run RUNNING
+        failure = scrub(failure_text(err), config.storage_url, config.tracking_uri)
         tracker.finish_run(
-            logger.run_id,
-            edge.outcome or "complete",
-            edge.cause,
-            logger=logger,
-            title=f"range test | {outcome}",
+            logger.run_id, "failed", logger=logger, failure=failure, title=f"edge test | {clip} | failed"
         )
-        tracker.log_edge(parent_run_id, edge)
-        record.record_edge(edge)
-        return edge, edge_line(edge, margin)
+        raise
+    outcome = "no break" if edge.lr is None else f"broke at lr {edge.lr:.3g}"
+    tracker.finish_run(
+        logger.run_id,
+        edge.outcome or "complete",
+        edge.cause,
+        logger=logger,
+        title=f"edge test | {clip} | {outcome}",
+    )
+    return edge
 
 
-def edge_markdown(edge: Edge | None, margin: float | None, user_lr: float) -> str | None:
-    """The summary's paragraph on the edge, and where the user's own lr stands against it."""
-    if edge is None:
+def user_mode(config: Config) -> str:
+    return "off" if config.train.clip_norm is None else "on"
+
+
+def edge_markdown(edges: Edges | None, margin: float | None, config: Config) -> str | None:
+    """The summary's paragraph on the edges, and where the user's own lr stands against the edge of
+    the user's own clipping mode (nothing is claimed where no run showed it)."""
+    if edges is None or not edges.found():
         return None
-    if edge.lr is None:
-        return f"**Stability edge**: none. {edge_line(edge, margin).removeprefix('stability edge: none; ')}."
-    bound = edge.bound(margin)
-    sampled = (
-        f"trials sampled lr up to {bound:.3g}" if bound is not None else "the whole lr range was searched"
-    )
-    versus = edge.versus(user_lr)
-    return (
-        f"**Stability edge**: lr {edge.lr:.3g} ({edge.outcome}: {edge.cause}, at step {edge.step} of the "
-        f"{edge.steps}-step range test); {sampled}. {versus[0].upper()}{versus[1:]}."
-    )
+    text = f"**Stability edge**: {edge_line(edges, margin).removeprefix('stability edge: ')}."
+    lr, mode = config.train.lr, user_mode(config)
+    mine = edges.of_mode(mode)
+    if mine is None:
+        clip = "off" if mode == "off" else f"at {config.train.clip_norm:g}"
+        return f"{text} Your clipping ({clip}) is not a mode this study's trials train in: no edge for your lr {lr:.3g}."
+    if mine.kind == "cold" and mine.clip_norm != config.train.clip_norm:
+        return (
+            f"{text} Your clip norm {config.train.clip_norm:g} is not the one the edge was found at "
+            f"({mine.clip_norm:g}): no claim about your lr {lr:.3g}."
+        )
+    versus = mine.versus(lr)
+    return f"{text} {versus[0].upper()}{versus[1:]}."

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from stylepipe import events
-from stylepipe.config import Config, SearchSpace
+from stylepipe.config import Config
 from stylepipe.data.shard import is_prepared, load_split
 from stylepipe.data.sources import RandomBatches
 from stylepipe.errors import StylepipeError, failure_text
@@ -166,6 +166,12 @@ class CandidateRun:
     metrics: list[dict[str, float]] = field(default_factory=list)
     model: TransformerNet | None = None
     recoveries: list[dict] = field(default_factory=list)  # a long run's recoveries from halts
+    qualities: list[tuple[int, float]] = field(default_factory=list)  # (step, quality) as evaluated
+
+    def quality_at(self, step: int) -> float | None:
+        """The first quality evaluated at or after ``step``, when it is finite."""
+        found = next((q for at, q in self.qualities if at >= step), None)
+        return found if found is not None and math.isfinite(found) else None
 
     @property
     def spikiness(self) -> float:
@@ -202,11 +208,18 @@ def train_candidate(
     try:
         result = fit()
     except TrainingHalted as halted:
-        return CandidateRun(halted.autopsy.outcome, None, halted.autopsy, trainer.history)
+        return CandidateRun(
+            halted.autopsy.outcome, None, halted.autopsy, trainer.history, qualities=reporter.history
+        )
     quality = reporter.final if reporter.final is not None else evaluate_quality(result.model, data)
     finite = quality is not None and math.isfinite(quality)
     return CandidateRun(
-        "complete" if finite else "nan", quality if finite else None, None, result.metrics, result.model
+        "complete" if finite else "nan",
+        quality if finite else None,
+        None,
+        result.metrics,
+        result.model,
+        qualities=reporter.history,
     )
 
 
@@ -216,10 +229,14 @@ def run_candidate(
     callbacks: Sequence[Callback] = (),
     trial: optuna.Trial | None = None,
     logger: RunLogger | None = None,
+    eval_every: int | None = None,
 ) -> CandidateRun:
     """Train one configuration of the search (a trial, a replay); a guard's halt becomes an
-    outcome. ``optuna.TrialPruned`` (from the pruner) and any other exception propagate."""
-    eval_every = config.search.eval_every if trial is not None else config.train.steps
+    outcome. Quality is evaluated every ``eval_every`` steps and at the last (default: a trial's
+    ``search.eval_every``, else only the last). ``optuna.TrialPruned`` (from the pruner) and any
+    other exception propagate."""
+    if eval_every is None:
+        eval_every = config.search.eval_every if trial is not None else config.train.steps
     reporter = QualityReporter(data, eval_every, trial, logger)
     trainer = candidate_trainer(config, data, [*callbacks, reporter])
     return train_candidate(trainer, trainer.fit, reporter, data)
@@ -258,10 +275,11 @@ class Objective:
         tracker: Tracker,
         parent_run_id: str,
         cores: Cores = ALONE,
-        space: SearchSpace | None = None,
+        lr_by_mode: dict[str, tuple[float, float]] | None = None,
     ):
         self.data = data
-        self.space = space or data.config.search.space  # below the stability edge (search/edge.py)
+        self.space = data.config.search.space
+        self.lr_by_mode = lr_by_mode  # below the stability edge of each clipping mode (search/edge.py)
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         self.cores = cores
@@ -276,7 +294,7 @@ class Objective:
         # of the cores (ops/cores.py, when the commands share them).
         self.cores.set_threads()
         base = self.data.config
-        params = suggest(trial, self.space)
+        params = suggest(trial, self.space, self.lr_by_mode)
         config = apply(base, params)
         try:
             logger = self.tracker.child_run(

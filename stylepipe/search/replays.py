@@ -25,12 +25,14 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import optuna
+from pydantic import NonNegativeInt, PositiveFloat
 
 from stylepipe.config import Config
 from stylepipe.errors import failure_text
+from stylepipe.records import Record, RecordError
 from stylepipe.search.objective import StudyData, run_candidate, worker_id
 from stylepipe.search.space import apply, params_from_trial
 from stylepipe.search.storage import StudyLock, open_storage
@@ -40,6 +42,50 @@ from stylepipe.tracking import Tracker, end_killed_run
 from stylepipe.train import Callback, TrainState
 
 log = logging.getLogger(__name__)
+
+class ReplayResult(Record):
+    """What became of one replay, as its worker recorded it on its unit (``result``). A unit is
+    read back from a shared store: one without a result stylepipe wrote has not run."""
+
+    seed: int
+    lr_factor: PositiveFloat
+    outcome: Literal["complete", "nan", "diverged"]
+    cause: str | None = None
+    step: NonNegativeInt | None = None  # where it broke
+    quality: float | None = None  # at its horizon
+    # at a trial's length: comparable with the candidate's own trial, another seed's quality
+    trial_quality: float | None = None
+    spikiness: float | None = None
+
+
+def unit_result(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished unit's result, or None when it holds none that stylepipe wrote."""
+    try:
+        return ReplayResult.from_json(attrs.get("result"), "a certificate unit's result").to_json()
+    except RecordError:
+        return None
+
+
+UNIT_KEYS = ("candidate", "seed", "lr_factor", "horizon", "order", "quality", "baseline", "replays")
+
+
+def _ran(companion: optuna.Study, horizon: int) -> list[dict[str, Any]]:
+    """The attributes of the units that ran to their end at ``horizon``, each with its result;
+    a unit missing what stylepipe writes on it is left out (``plan_units`` queues it again)."""
+    ran = []
+    for t in companion.get_trials(deepcopy=False, states=(_STATE.COMPLETE,)):
+        attrs, result = t.user_attrs, unit_result(t.user_attrs)
+        if result is not None and all(k in attrs for k in UNIT_KEYS) and attrs["horizon"] == horizon:
+            ran.append({**attrs, "result": result})
+    return ran
+
+
+def seed_qualities(trial_quality: float | None, results: list[dict[str, Any]]) -> list[float]:
+    """A candidate's quality over the seeds it ran at its own lr, at a trial's length: its trial's
+    first, then each seed replay's that reached it."""
+    replayed = [r["trial_quality"] for r in results if r["lr_factor"] == 1.0 and r.get("trial_quality") is not None]
+    return ([trial_quality] if trial_quality is not None else []) + replayed
+
 
 COMPANION_SUFFIX = ":certificate"
 CANCEL_CHECK_S = 2.0  # how often a replay in training asks whether it is still needed (one read)
@@ -84,8 +130,12 @@ def plan_units(
         held = {
             unit_key(t.user_attrs)
             for t in companion.get_trials(deepcopy=False)
-            if t.state in (_STATE.WAITING, _STATE.RUNNING, _STATE.COMPLETE)
-            or (t.state == _STATE.PRUNED and not config.search.certify_all)
+            if all(k in t.user_attrs for k in UNIT_KEYS)
+            and (
+                t.state in (_STATE.WAITING, _STATE.RUNNING)
+                or (t.state == _STATE.COMPLETE and unit_result(t.user_attrs) is not None)
+                or (t.state == _STATE.PRUNED and not config.search.certify_all)
+            )
         }
         queued = 0
         for trial in candidates:
@@ -132,36 +182,34 @@ def fail_orphans(config: Config, companion: optuna.Study) -> int:
 
 def results_of(companion: optuna.Study, candidate: int, horizon: int) -> list[dict[str, Any]]:
     """The replays of ``candidate`` that ran to their end, in plan order."""
-    done = [
-        t.user_attrs
-        for t in companion.get_trials(deepcopy=False, states=(_STATE.COMPLETE,))
-        if t.user_attrs.get("candidate") == candidate and t.user_attrs.get("horizon") == horizon
-    ]
+    done = [a for a in _ran(companion, horizon) if a["candidate"] == candidate]
     return [a["result"] for a in sorted(done, key=lambda a: a["order"])]
 
 
 def cancelled_because(companion: optuna.Study, unit: dict[str, Any], certify_all: bool) -> str | None:
     """Why ``unit`` is no longer needed, if it is not: its candidate already failed a replay, or a
-    better candidate passed all of its replays (the baseline is replayed whatever passed)."""
+    better candidate passed all of its replays and the unit's candidate is not within that one's
+    spread of quality over seeds (it could not win on median; the baseline is replayed whatever
+    passed)."""
     if certify_all:
         return None
-    ran = [
-        t.user_attrs
-        for t in companion.get_trials(deepcopy=False, states=(_STATE.COMPLETE,))
-        if t.user_attrs.get("horizon") == unit["horizon"]
-    ]
+    ran = _ran(companion, unit["horizon"])
     for attrs in ran:
         if attrs["candidate"] == unit["candidate"] and attrs["result"]["outcome"] != "complete":
             return f"trial {unit['candidate']} already failed its replay with seed {attrs['seed']}"
     if unit["baseline"]:
         return None
-    passed: dict[tuple[float, int], int] = {}  # (quality, candidate) -> its replays that passed
+    passed: dict[tuple[float, int], list[dict]] = {}  # (quality, candidate) -> its replays that passed
     for attrs in ran:
         if attrs["result"]["outcome"] == "complete" and attrs["quality"] < unit["quality"]:
-            key = (attrs["quality"], attrs["candidate"])
-            passed[key] = passed.get(key, 0) + 1
-    better = sorted(key for key, n in passed.items() if n >= unit["replays"])
-    return f"trial {better[0][1]}, a better candidate, passed first" if better else None
+            passed.setdefault((attrs["quality"], attrs["candidate"]), []).append(attrs["result"])
+    for (quality, candidate), results in sorted(passed.items()):
+        if len(results) < unit["replays"]:
+            continue
+        top = max(seed_qualities(quality, results))
+        if unit["quality"] > top:
+            return f"trial {candidate}, a better candidate, passed first (its seeds reached up to {top:.4g})"
+    return None
 
 
 class ReplayCancelled(Exception):
@@ -230,8 +278,10 @@ class ReplayObjective:
             )
             unit_trial.set_user_attr("mlflow_run_id", logger.run_id)  # a dead worker's run ends KILLED
         watch = _AskAgain(unit_trial.study, unit, self.config.search.certify_all)
+        callbacks = [*([logger] if logger else []), watch]
         try:
-            run = run_candidate(replay_config, self.data(), [*([logger] if logger else []), watch])
+            # quality at a trial's length too: another seed's, comparable with the trial's own
+            run = run_candidate(replay_config, self.data(), callbacks, eval_every=self.config.train.steps)
         except ReplayCancelled as cancelled:
             log.info(
                 "replay of trial %d seed %d: cancelled in training, %s",
@@ -255,15 +305,16 @@ class ReplayObjective:
             metrics = {"final/quality": run.quality} if run.quality is not None else {}
             self.tracker.finish_run(logger.run_id, run.outcome, cause, run.autopsy, metrics, logger=logger)
         step = run.autopsy.step if run.autopsy else None
-        result = {
+        result = ReplayResult(
             **stress,
-            "outcome": run.outcome,
-            "cause": cause,
-            "step": step,
-            "quality": run.quality,
-            "spikiness": run.spikiness if math.isfinite(run.spikiness) else None,
-        }
-        unit_trial.set_user_attr("result", result)
+            outcome=run.outcome,
+            cause=cause,
+            step=step,
+            quality=run.quality,
+            trial_quality=run.quality_at(self.config.train.steps),
+            spikiness=run.spikiness if math.isfinite(run.spikiness) else None,
+        )
+        unit_trial.set_user_attr("result", result.to_json())
         return float(unit["horizon"] if step is None else step)  # the steps it trained
 
 

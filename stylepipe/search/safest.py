@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Callable
 from typing import Any
 
 import optuna
 
 from stylepipe.config import Config
-from stylepipe.records import BROKE, Certificate, Safest
+from stylepipe.records import BROKE, Certificate, Edges, Safest
 from stylepipe.search import replays
 from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import StudyData
@@ -57,11 +58,19 @@ def replay_plan(seed: int, replay_seeds: int, lr_margin: float) -> list[dict[str
 
 
 def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    return next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")), None)
+    """The trial that answers for the config file's own settings. A baseline trial failed by a
+    crash or a kill says nothing about stability: its retry (Optuna re-queues a copy, marked
+    baseline too) answers for it."""
+    marked = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")]
+    answering = [t for t in marked if t.state != optuna.trial.TrialState.FAIL]
+    return (answering or marked or [None])[0]
 
 
 def _verdict(trial, params, plan, results, horizon) -> dict[str, Any]:
-    """A candidate's verdict from its replays that ran (``results``, in plan order)."""
+    """A candidate's verdict from its replays that ran (``results``, in plan order); its
+    ``quality`` is the median over the seeds it ran at its own lr (its trial's and its replays'
+    at a trial's length), ``qualities`` each of them."""
+    qualities = replays.seed_qualities(trial.value, results)
     failed = [r for r in results if r["outcome"] != "complete"]
     safe = not failed and len(results) == len(plan)
     spikes = [r["spikiness"] for r in results if r["spikiness"] is not None]
@@ -76,7 +85,8 @@ def _verdict(trial, params, plan, results, horizon) -> dict[str, Any]:
     log.info("trial %d: %s", trial.number, "safe" if safe else f"NOT safe: {why}")
     return {
         "trial": trial.number,
-        "quality": trial.value,
+        "quality": statistics.median(qualities),
+        "qualities": qualities,
         "params": params,
         "safe": safe,
         "spikiness": max(spikes) if spikes else None,
@@ -99,6 +109,53 @@ def _unfinished(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "replays": [],
         "why": f"its trial ended {outcome} ({trial.user_attrs.get('cause') or 'no cause'})",
     }
+
+
+def spread(verdict: dict[str, Any]) -> tuple[float, float]:
+    """The lowest and highest quality a candidate reached over its seeds."""
+    qualities = verdict.get("qualities") or [verdict["quality"]]  # a verdict kept from before
+    return min(qualities), max(qualities)
+
+
+def _closer_to_breaking(verdict: dict[str, Any], edges: Edges | None) -> tuple[float, float]:
+    """How near a candidate trains to where training breaks: its lr over the edge of its clipping
+    mode (its lr alone where none is known), then its clip norm (off: infinite)."""
+    lr, clip = verdict["params"]["lr"], verdict["params"].get("clip_norm")
+    edge = edges.of_mode("off" if clip is None else "on") if edges is not None else None
+    nearness = lr / edge.lr if edge is not None and edge.lr is not None else lr
+    return nearness, math.inf if clip is None else clip
+
+
+def choose(safe: list[dict[str, Any]], edges: Edges | None = None) -> tuple[dict[str, Any], str]:
+    """The safest among the candidates that passed, and why, when the median alone did not decide.
+
+    The lowest median quality over seeds leads. Candidates whose medians lie within each other's
+    spread (each in the other's lowest-to-highest) are not told apart by it: among them, the
+    smaller spread wins, then the one further below the edge of its clipping mode (or clipped
+    tighter), then the lower median."""
+    leader = min(safe, key=lambda v: (v["quality"], v["spikiness"] or math.inf))
+    low, high = spread(leader)
+
+    def within(v: dict[str, Any]) -> bool:
+        v_low, v_high = spread(v)
+        return low <= v["quality"] <= high and v_low <= leader["quality"] <= v_high
+
+    close = [v for v in safe if within(v)]
+    if len(close) < 2:
+        return leader, ""
+
+    def width(v: dict[str, Any]) -> float:
+        v_low, v_high = spread(v)
+        return v_high - v_low
+
+    best = min(close, key=lambda v: (width(v), _closer_to_breaking(v, edges), v["quality"]))
+    shown = " and ".join(
+        f"trial {v['trial']} ({v['quality']:.4g}, seeds {spread(v)[0]:.4g}–{spread(v)[1]:.4g})" for v in close
+    )
+    others = [v for v in close if v is not best]
+    narrower = all(width(best) < width(v) for v in others)
+    reason = "the smallest spread over seeds" if narrower else "the same spread, further below the edge of its mode"
+    return best, f"{shown} lie within each other's spread of quality over seeds: trial {best['trial']} has {reason}"
 
 
 def certificate(replays: list[dict[str, Any]], horizon: int) -> Certificate:
@@ -174,13 +231,15 @@ class CertificatePlan:
             for v in StudyRecord(study).verdicts
             if v.get("plan") == self.plan and v.get("horizon") == self.horizon
         }
-        passed = [v["quality"] for v in self.kept.values() if v["safe"]]
-        best_passed = min(passed) if passed and not search.certify_all else None
+        # best-first: a candidate whose trial is worse than the spread over seeds of one that
+        # passed before could not win on median (the baseline is replayed whatever passed)
+        passed = [spread(v)[1] for v in self.kept.values() if v["safe"]]
+        reach = min(passed) if passed and not search.certify_all else None
         self.to_replay = [
             t
             for t in self.candidates
             if t.number not in self.kept
-            and (self.is_baseline(t) or best_passed is None or t.value is None or t.value <= best_passed)
+            and (self.is_baseline(t) or reach is None or t.value is None or t.value <= reach)
         ]
 
     def is_baseline(self, trial: optuna.trial.FrozenTrial) -> bool:
@@ -269,7 +328,9 @@ def confirm_safest(
         verdicts.append(_verdict(trial, params_from_trial(trial), plan.plan, results, plan.horizon))
     baseline = next((v for v in verdicts if plan.base is not None and v["trial"] == plan.base.number), None)
     safe = [v for v in verdicts if v["safe"]]
-    best = min(safe, key=lambda v: (v["quality"], v["spikiness"] or math.inf)) if safe else None
+    best, because = choose(safe, record.edges) if safe else (None, "")
+    if because:
+        log.info("%s", because)
     versus = compare_with_baseline(best, baseline)
     record.record_verdicts(verdicts, baseline, versus)
     if best is None:
@@ -279,6 +340,8 @@ def confirm_safest(
         study=study.study_name,
         trial=best["trial"],
         quality=best["quality"],
+        qualities=best.get("qualities") or [best["quality"]],
+        chosen_because=because,
         params=best["params"],
         settings=apply(config, best["params"]).model_dump(mode="json"),
         certificate=certificate(best["replays"], plan.horizon),

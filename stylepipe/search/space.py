@@ -10,7 +10,7 @@ Every place that lists them reads ``PARAMETERS``: sampling (``suggest``), the ba
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,8 +48,11 @@ class Parameter:
         """Whether the study's trials carry it (always, for a parameter that can be off)."""
         return self.unset == "off" or self.range_in(space) is not None
 
-    def sample(self, trial: optuna.trial.BaseTrial, space: SearchSpace) -> Any:
-        bounds = self.range_in(space)
+    def sample(
+        self, trial: optuna.trial.BaseTrial, space: SearchSpace, bounds: Sequence[Any] | None = None
+    ) -> Any:
+        """Sample it in ``space`` (or in ``bounds``, a narrower range of its)."""
+        bounds = bounds if bounds is not None else self.range_in(space)
         if bounds is None:
             return None
         offered = self.off is not None and getattr(space, self.off.allowed_by)
@@ -98,9 +101,23 @@ PARAMETERS: tuple[Parameter, ...] = (
 )
 
 
-def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace) -> dict[str, Any]:
-    """Sample one configuration; returns flat parameters (None means off, e.g. no clipping)."""
-    return {p.name: p.sample(trial, space) for p in PARAMETERS if p.searched_in(space)}
+def suggest(
+    trial: optuna.trial.BaseTrial,
+    space: SearchSpace,
+    lr_by_mode: Mapping[str, tuple[float, float]] | None = None,
+) -> dict[str, Any]:
+    """Sample one configuration; returns flat parameters (None means off, e.g. no clipping).
+
+    ``lr_by_mode``: the lr range of trials with clipping "off" and "on" (each below the stability
+    edge of its own mode, search/edge.py); the clipping is sampled first, then lr in its range."""
+    searched = [p for p in PARAMETERS if p.searched_in(space)]
+    sampled: dict[str, Any] = {}
+    for p in sorted(searched, key=lambda p: p.name == "lr"):  # lr last: its range follows the clipping
+        bounds = None
+        if p.name == "lr" and lr_by_mode is not None:
+            bounds = lr_by_mode["off" if sampled.get("clip_norm") is None else "on"]
+        sampled[p.name] = p.sample(trial, space, bounds)
+    return {p.name: sampled[p.name] for p in searched}
 
 
 def baseline_params(config: Config) -> dict[str, Any]:
