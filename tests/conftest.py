@@ -8,12 +8,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import optuna
 import pytest
 import torch
 
 from stylepipe.config import Config, load_config
 from stylepipe.records import Certificate, Safest
+from stylepipe.search import replays as replays_module
 from stylepipe.train.callbacks import Callback
 
 # Two CPU cores: one test process alone uses both; under pytest-xdist (make test runs two
@@ -187,3 +190,45 @@ class StopAt(Callback):
     def on_check(self, state):
         if state.step >= self.step:
             raise KeyboardInterrupt
+
+
+# Certificates whose replays are stood in for by a rule on the learning rate (test_certificate,
+# test_replays, test_read_back).
+LR = optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)
+
+
+def study_of(*trials: tuple[float, float, bool]) -> optuna.Study:
+    """A study holding complete trials (lr, quality, is the baseline), in this order."""
+    study = optuna.create_study()
+    for lr, quality, baseline in trials:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": lr}, distributions={"lr": LR}, value=quality, user_attrs={"baseline": baseline}
+            )
+        )
+    return study
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """Every replay run as (its lr, its seed); a replay at lr above ``breaks_above`` diverges; one
+    at (lr, seed) in ``quality`` reaches that quality (else 0.5)."""
+    ran: list[tuple[float, int]] = []
+    rule = {"breaks_above": float("inf"), "quality": {}}
+
+    def run_candidate(config, data, loggers, **kwargs):
+        lr = config.train.lr
+        ran.append((round(lr, 12), config.train.seed))
+        broke = lr > rule["breaks_above"]
+        autopsy = SimpleNamespace(cause="divergence", step=3) if broke else None
+        quality = None if broke else rule["quality"].get((round(lr, 12), config.train.seed), 0.5)
+        return SimpleNamespace(
+            outcome="diverged" if broke else "complete",
+            autopsy=autopsy,
+            quality=quality,
+            quality_at=lambda step: quality,
+            spikiness=1.0,
+        )
+
+    monkeypatch.setattr(replays_module, "run_candidate", run_candidate)
+    return SimpleNamespace(ran=ran, rule=rule)

@@ -5,48 +5,12 @@ rate, so the order and count of the runs is what is checked."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import optuna
 import pytest
 
 from stylepipe.config import load_config
 from stylepipe.search import replays as replays_module
 from stylepipe.search.safest import confirm_safest
-from tests.conftest import DEMO
-
-LR = optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)
-
-
-def study_of(*trials: tuple[float, float, bool]) -> optuna.Study:
-    """A study holding complete trials (lr, quality, is the baseline), in this order."""
-    study = optuna.create_study()
-    for lr, quality, baseline in trials:
-        study.add_trial(
-            optuna.trial.create_trial(
-                params={"lr": lr}, distributions={"lr": LR}, value=quality, user_attrs={"baseline": baseline}
-            )
-        )
-    return study
-
-
-@pytest.fixture
-def replays(monkeypatch):
-    """Every replay run as (its lr, its seed); a replay at lr above ``breaks_above`` diverges."""
-    ran: list[tuple[float, int]] = []
-    rule = {"breaks_above": float("inf")}
-
-    def run_candidate(config, data, loggers):
-        lr = config.train.lr
-        ran.append((round(lr, 12), config.train.seed))
-        broke = lr > rule["breaks_above"]
-        autopsy = SimpleNamespace(cause="divergence", step=3) if broke else None
-        return SimpleNamespace(
-            outcome="diverged" if broke else "complete", autopsy=autopsy, quality=0.5, spikiness=1.0
-        )
-
-    monkeypatch.setattr(replays_module, "run_candidate", run_candidate)
-    return SimpleNamespace(ran=ran, rule=rule)
+from tests.conftest import DEMO, study_of
 
 
 def settings(tmp_path, *extra: str):
@@ -114,10 +78,10 @@ def test_a_certificate_cut_short_goes_on_from_the_replay_it_was_running(tmp_path
     replays.rule["breaks_above"] = 3e-3  # trial 1 fails its lr x2 replay; the baseline (0) is next
     fake = replays_module.run_candidate
 
-    def killed_in_the_baselines_replays(config, data, loggers):
+    def killed_in_the_baselines_replays(config, data, loggers, **kwargs):
         if config.train.lr == pytest.approx(2e-3) and config.train.seed == 0:  # the baseline at lr x2
             raise KeyboardInterrupt
-        return fake(config, data, loggers)
+        return fake(config, data, loggers, **kwargs)
 
     monkeypatch.setattr(replays_module, "run_candidate", killed_in_the_baselines_replays)
     with pytest.raises(KeyboardInterrupt):
@@ -131,3 +95,38 @@ def test_a_certificate_cut_short_goes_on_from_the_replay_it_was_running(tmp_path
     # Its unit was queued again behind trial 2's: the worse candidate's first replay ran before
     # it (and failed), as it may whenever workers share the certificate. The answer is the same.
     assert safest.trial == 0 and [v["trial"] for v in study.user_attrs["safety"]][:2] == [1, 0]
+
+
+def test_the_choice_follows_the_median_over_seeds_when_the_single_seed_order_flips(tmp_path, replays):
+    """Before: trial 1 (best by its one seed) was chosen and trial 2 never replayed, though on two
+    more seeds trial 1 reached 3.0 and trial 2 1.2."""
+    study = study_of((1e-3, 5.0, True), (2e-3, 1.0, False), (3e-3, 1.1, False))
+    baseline = {(1e-3, 1): 5.0, (1e-3, 2): 5.0}  # the baseline (trial 0) stays behind on every seed
+    replays.rule["quality"] = {(2e-3, 1): 3.0, (2e-3, 2): 3.0, (3e-3, 1): 1.2, (3e-3, 2): 1.2, **baseline}
+    safest = confirm_safest(study, settings(tmp_path), lambda: None)
+    # trial 2 lies within trial 1's spread over seeds (1.0-3.0): it is replayed too, and wins
+    assert (3e-3, 1) in replays.ran and safest.trial == 2
+    assert safest.quality == pytest.approx(1.2) and safest.qualities == pytest.approx([1.1, 1.2, 1.2])
+    assert safest.quality_text() == "quality 1.2 (seeds 1.1–1.2)"
+    verdicts = {v["trial"]: v for v in study.user_attrs["safety"]}
+    assert verdicts[1]["quality"] == pytest.approx(3.0) and verdicts[1]["qualities"] == pytest.approx(
+        [1.0, 3.0, 3.0]
+    )
+    # a candidate worse than every seed of the leader is not replayed
+    study = study_of((1e-3, 5.0, True), (2e-3, 1.0, False), (3e-3, 1.3, False))
+    replays.rule["quality"] = baseline  # trial 1 reaches 0.5 on its other seeds: its spread is 0.5-1.0
+    before = len(replays.ran)
+    assert confirm_safest(study, settings(tmp_path / "b"), lambda: None).trial == 1
+    assert all(lr != 3e-3 for lr, _ in replays.ran[before:])
+
+
+def test_candidates_within_each_others_spread_go_to_the_smaller_spread_and_it_says_so(tmp_path, replays):
+    study = study_of((1e-3, 5.0, True), (2e-3, 1.0, False), (3e-3, 1.05, False))
+    # trial 1: 1.0, 0.6, 1.4 (median 1.0, spread 0.8); trial 2: 1.05, 0.95, 1.1 (median 1.05, spread 0.15)
+    replays.rule["quality"] = {(2e-3, 1): 0.6, (2e-3, 2): 1.4, (3e-3, 1): 0.95, (3e-3, 2): 1.1}
+    replays.rule["quality"] |= {(1e-3, 1): 5.0, (1e-3, 2): 5.0}  # the baseline stays behind
+    safest = confirm_safest(study, settings(tmp_path), lambda: None)
+    assert safest.trial == 2
+    assert (
+        "within each other's spread" in safest.chosen_because and "smallest spread" in safest.chosen_because
+    )

@@ -33,7 +33,8 @@ from tests.conftest import DEMO  # noqa: E402
 pytestmark = pytest.mark.slow  # Prefect's test server and whole pipeline runs
 
 TINY = [
-    "search.edge_steps=10",  # the shortest range test: these tests are about other things
+    "search.edge_steps=10",  # the shortest edge test: these tests are about other things
+    "search.edge_probes=2",
     "data.image_size=32",
     "prepare.image_size=32",
     "prepare.workers=1",
@@ -143,7 +144,7 @@ def test_the_libraries_lines_are_in_the_run_logs_and_its_events_in_prefect(first
     ours = [r for r in found if r.name.startswith("stylepipe")]
     messages = [r.message for r in ours]
     assert f"trial {result['safest'].trial}: safe" in messages  # the certificate's verdict
-    assert any(m.startswith("stability edge: ") for m in messages)  # the range test's line
+    assert any(m.startswith("stability edge: ") for m in messages)  # the edge test's line
     assert all(r.task_run_id is not None for r in ours)  # each in the log of the task that said it
     assert logging.getLogger("stylepipe").handlers == []  # handed back after the run
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import optuna
@@ -19,6 +20,8 @@ from stylepipe.cli import main
 from stylepipe.config import PrepareConfig, load_config
 from stylepipe.data.prepare import prepare
 from stylepipe.data.sources import export_skimage
+from stylepipe.search.attributes import StudyRecord
+from stylepipe.search.study import enqueue_first_trials, open_study
 from stylepipe.session import StudySession
 from stylepipe.train.recipe import train_from_config, train_run_folder
 from tests.conftest import DEMO, SAFEST, StopAt, another_process_holds, search_config, search_overrides
@@ -257,9 +260,12 @@ def test_study_finished_the_same_command_again_reports_its_recorded_result(
     before = _record(config)
     final = next(iter(before[4].values()))
     assert final[0] == "FINISHED" and final[2]["stylepipe.state"] == "finished"
+    files = snapshot(finished_study)
     assert main(search_args(finished_study, prepared, *([knob] if knob else []))) == 0
     assert "finished before with these settings" in capsys.readouterr().out
     assert _record(config) == before  # nothing replayed, trained or written: not even its note
+    # Before: it wrote trials.csv, stability_map.png, safest.json and mlflow.db again
+    assert snapshot(finished_study) == files
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
     assert study.user_attrs["state"] == "finished"
 
@@ -411,3 +417,29 @@ def test_train_fresh_in_a_searchs_run_folder_touches_only_its_own_run(finished_s
     before = snapshot(finals)
     assert main([*train_args(run_dir), "--fresh"]) == 0
     assert snapshot(finals) == before
+
+
+def test_study_whose_baseline_trial_was_killed_is_answered_for_by_its_retry(tmp_path, prepared, capsys):
+    """Killed (-9) while the baseline trial ran, then the same command: Optuna re-queues a copy of
+    the trial, which passes. Before: the copy was chosen as the safest (the config's own settings)
+    and the command said "your settings (the config file's) are not safe: its trial ended fail"."""
+    config = search_config(tmp_path, prepared, *STUDY, "search.n_trials=2", "search.heartbeat_interval=1",
+                           "search.grace_period=2", "final.train=false")  # fmt: skip
+    study = open_study(config)
+    enqueue_first_trials(study, config)
+    killed = study.ask()  # the baseline, RUNNING, its heartbeat stopped as a killed worker's does
+    assert killed.user_attrs["baseline"]
+    study._storage.record_heartbeat(killed._trial_id)
+    time.sleep(3)  # past the grace period
+    args = ["search", "--quiet", "--config", str(DEMO)]
+    for override in search_overrides(tmp_path, prepared, *STUDY, "search.n_trials=2", "search.heartbeat_interval=1",
+                                      "search.grace_period=2", "final.train=false"):  # fmt: skip
+        args += ["--set", override]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    trials = optuna.load_study(study_name=config.study_name, storage=config.storage_url).get_trials()
+    assert trials[0].state == optuna.trial.TrialState.FAIL and trials[1].user_attrs["baseline"]
+    assert StudyRecord(study).baseline["trial"] == 1 and StudyRecord(study).baseline["safe"]
+    assert "ended fail" not in out
+    # every trial trains the config's own settings here: the retry is the safest, or ties with it
+    assert "are the safest configuration: keep them" in out or "yours are safe" in out

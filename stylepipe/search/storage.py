@@ -113,7 +113,7 @@ class SqliteWorkerLock:
         where = f"cannot open the Optuna storage {redact_url(self.url)}"
         try:  # a file where its folder should be, a read-only disk, ...
             writable_folder(Path(self.lock_path).parent, "folder of the SQLite file")
-            handle = open(self.lock_path, "w")  # noqa: SIM115  (held until __exit__)
+            handle = open(self.lock_path, "a")  # noqa: SIM115  (held until __exit__; "a": its time stays)
         except StylepipeError as err:
             raise StorageError(f"{where}: {err}") from None
         except OSError as err:  # the lock file itself: a folder of that name, ...
