@@ -1,8 +1,8 @@
 """Fan-out: how many steps a scheduled run waits for, with N workers (``make bench-fanout``).
 
 A critical-path model in steps, not seconds (steps are what this machine's noise does not move):
-the range test runs once, before the search; the search's trials are spread over the N workers,
-each taking the next trial when it is free; the certificate's replays are units any worker
+the edge test runs once, before the search (counted at its most: every probe to its end); the
+search's trials are spread over the N workers, each taking the next trial when it is free; the certificate's replays are units any worker
 claims in their queued order (search/replays.py), a unit cancelled when its candidate already
 failed or a better one passed, a unit in training stopped as soon as that is known; the final
 model trains on one worker. Shapes are configs/coco256.yaml's: 40 trials of 2,000 steps, the top 3
@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from stylepipe.config import load_config
+from stylepipe.search.edge import clip_modes, probe_steps
 from stylepipe.search.safest import confirm_horizon, replay_plan
 
 WORKERS = (1, 2, 4, 8)
@@ -82,9 +83,11 @@ def main() -> None:
     candidates = search.top_k + 1  # the top K and the baseline
     baseline = candidates - 1
     units = [Unit(c, i, horizon) for c in range(candidates) for i in range(len(plan))]
-    edge, final = search.edge_steps, config.final_run_steps
+    # the edge test at most: every probe of every clipping mode trained to its end
+    edge = len(clip_modes(config)) * search.edge_probes * probe_steps(config)
+    final = config.final_run_steps
     trials = [config.train.steps] * search.n_trials
-    print(f"coco256 shape: range test {edge}, {search.n_trials} trials x {config.train.steps}, "
+    print(f"coco256 shape: edge test {edge} (at most), {search.n_trials} trials x {config.train.steps}, "
           f"{candidates} candidates x {len(plan)} replays x {horizon}, final {final} (steps)")  # fmt: skip
     today = edge + sum(trials) + len(units) * horizon + final  # one worker, every replay
     for name, certify_all in (("full", True), ("best-first", False)):

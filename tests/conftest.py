@@ -232,3 +232,12 @@ def replays(monkeypatch):
 
     monkeypatch.setattr(replays_module, "run_candidate", run_candidate)
     return SimpleNamespace(ran=ran, rule=rule)
+
+
+def one_error(capsys) -> str:
+    """The one ``error:`` line a refused command wrote, with no traceback anywhere."""
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out + err
+    return errors[0]

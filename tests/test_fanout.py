@@ -7,17 +7,9 @@ from __future__ import annotations
 import pytest
 
 from flows.cli import main as flow_main
-from tests.conftest import DEMO
+from tests.conftest import DEMO, one_error
 
 PG = "postgresql://postgres@127.0.0.1:5432/nosuchdb"  # never opened: the refusal comes first
-
-
-def _one_error(capsys) -> str:
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, out + err
-    return errors[0]
 
 
 @pytest.mark.parametrize("command", [["run"], ["deploy", "--pool", "gpu"]])
@@ -27,7 +19,7 @@ def test_several_workers_on_a_sqlite_study_are_refused(command, tmp_path, monkey
     code = flow_main(
         [*command, "--config", str(DEMO), "--set", f"run_dir={tmp_path}", "--set", "search.workers=2"]
     )
-    error = _one_error(capsys)
+    error = one_error(capsys)
     assert code == 2
     assert "search.workers=2 needs a study the workers can share" in error and "is SQLite" in error
     assert "search.workers=1" in error
@@ -37,7 +29,7 @@ def test_several_workers_on_a_sqlite_study_are_refused(command, tmp_path, monkey
 def test_several_workers_from_a_flow_run_outside_a_work_pool_are_refused(tmp_path, capsys):
     code = flow_main(["run", "--config", str(DEMO), "--set", f"run_dir={tmp_path}", "--set", "search.workers=2",
                       "--set", f"search.storage={PG}"])  # fmt: skip
-    error = _one_error(capsys)
+    error = one_error(capsys)
     assert code == 2
     assert "outside a work pool" in error and f"stylepipe-flow deploy --config {DEMO} --pool POOL" in error
     assert not (tmp_path / "prepared").exists()  # nothing was prepared

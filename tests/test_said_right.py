@@ -16,7 +16,7 @@ import pytest
 from stylepipe.cli import main
 from stylepipe.config import Config, load_config
 from stylepipe.records import FinalRun, Safest, WarmStart
-from tests.conftest import DEMO, SAFEST, tiny_config
+from tests.conftest import DEMO, SAFEST, one_error, tiny_config
 
 # -------------------------------------------------------------- 1. safe, and no model asked for
 
@@ -272,14 +272,6 @@ def test_a_warm_start_outside_the_space_never_reaches_the_study(tmp_path, prepar
 # -------------------------------------------------------------- 3. search.workers where it is ignored
 
 
-def _one_error(capsys) -> str:
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, out + err
-    return errors[0]
-
-
 @pytest.mark.parametrize("storage", [None, "postgresql://postgres@127.0.0.1:9/never"])
 def test_search_with_several_workers_is_refused_before_any_work(tmp_path, capsys, monkeypatch, storage):
     """Before: stylepipe search ran one process, as if search.workers were 1."""
@@ -289,7 +281,7 @@ def test_search_with_several_workers_is_refused_before_any_work(tmp_path, capsys
     if storage:
         args += ["--set", f"search.storage={storage}"]
     assert main(args) == 2
-    error = _one_error(capsys)
+    error = one_error(capsys)
     assert (
         "search.workers=2" in error and "fan-out" in error and "work pool" in error and "PostgreSQL" in error
     )
@@ -303,7 +295,7 @@ def test_a_worker_with_several_workers_on_sqlite_is_refused_before_any_work(tmp_
     code = main(["worker", "--quiet", "--config", str(DEMO), "--set", f"run_dir={tmp_path / 'run'}",
                  "--set", "search.workers=2"])  # fmt: skip
     assert code == 2
-    error = _one_error(capsys)
+    error = one_error(capsys)
     assert "search.workers=2" in error and "fan-out" in error and "SQLite" in error
     assert not (tmp_path / "run" / "optuna.db").exists()
 
@@ -316,5 +308,5 @@ def test_a_worker_on_postgresql_may_join_a_fanned_out_study(tmp_path, prepared, 
                  "--set", f"data.content={prepared}", "--set", "search.workers=2",
                  "--storage", "postgresql://postgres@127.0.0.1:9/never"])  # fmt: skip
     assert code == 2
-    error = _one_error(capsys)
+    error = one_error(capsys)
     assert "fan-out" not in error and "cannot open the Optuna storage" in error
