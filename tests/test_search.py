@@ -173,6 +173,10 @@ def test_mlflow_holds_every_trial_the_summary_and_a_usable_registered_model(sear
     assert str(version.version) == result["model"]["version"]
     assert version.tags["certificate"] == result["safest"].certificate.text
     assert version.tags["recoveries"] == "0"
+    # the search's quality with its noise over seeds, beside the final model's own quality
+    assert version.tags["search_quality"] == result["safest"].quality_text().removeprefix("quality ")
+    assert "(seeds " in version.tags["search_quality"]
+    assert f"| quality | {version.tags['search_quality']} |" in result["summary_markdown"]
     final = client.get_run(version.run_id)
     assert any(a.path == "samples" for a in client.list_artifacts(final.info.run_id))
     mlflow.set_tracking_uri(config.tracking_uri)
