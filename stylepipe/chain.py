@@ -16,12 +16,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import optuna
+
 from stylepipe import stages
 from stylepipe.config import Config
 from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import check_prepared
 from stylepipe.search.storage import SqliteWorkerLock, StudyLock
-from stylepipe.search.study import COUNTED
+from stylepipe.search.study import COUNTED, existing_study
 from stylepipe.session import StudySession
 from stylepipe.threads import ALONE, Cores
 
@@ -73,8 +75,19 @@ def finish(config: Config, run: StepRunner) -> dict[str, Any]:
 def finished(config: Config, session: StudySession) -> dict | None:
     """What finishing the study recorded (safest, model), if it was done for its current trials
     (and with a final model, when one is asked for now and there was a safe configuration)."""
-    record = StudyRecord(session.study).finished
-    done = len(session.study.get_trials(deepcopy=False, states=COUNTED))
+    return _answer(config, session.study)
+
+
+def finished_before(config: Config) -> bool:
+    """Whether the study exists and was finished for its trials, read without creating or
+    writing anything (a command refusing a setting it would ignore only reports such a study)."""
+    study = existing_study(config)
+    return study is not None and _answer(config, study) is not None
+
+
+def _answer(config: Config, study: optuna.Study) -> dict | None:
+    record = StudyRecord(study).finished
+    done = len(study.get_trials(deepcopy=False, states=COUNTED))
     if record is None or record["for_trials"] != done:
         return None
     wants_model = config.final.train and record["safest"] is not None

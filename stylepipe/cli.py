@@ -108,7 +108,9 @@ def refuse_ignored_workers(config: Config, command: str) -> None:
     worker = command == "stylepipe worker"
     if workers < 2 or (worker and not is_sqlite(config.storage_url)):
         return  # a worker on a shared study may be one of the flow's, started by hand
-    if _finished_study(config):
+    from stylepipe.chain import finished_before
+
+    if finished_before(config):
         return
     if worker:
         here = f"stylepipe worker on {redact_url(config.storage_url)}, which is SQLite, runs alone"
@@ -120,29 +122,6 @@ def refuse_ignored_workers(config: Config, command: str) -> None:
         f"{workers}` or {workers} `stylepipe worker` commands share a study in PostgreSQL "
         "(search.storage=postgresql://...); or set search.workers=1"
     )
-
-
-def _finished_study(config: Config) -> bool:
-    """Whether the study exists and was finished for its trials (as chain.finished reads it),
-    read without creating anything."""
-    import optuna
-
-    from stylepipe.search.attributes import StudyRecord
-    from stylepipe.search.storage import StorageError, open_storage
-    from stylepipe.search.study import COUNTED
-    from stylepipe.stores import sqlite_path
-
-    path = sqlite_path(config.storage_url)
-    if path is not None and not Path(path).is_file():
-        return False
-    try:
-        study = optuna.load_study(study_name=config.study_name, storage=open_storage(config))
-    except (StorageError, KeyError):  # unreachable, or no such study: not finished
-        return False
-    record = StudyRecord(study).finished
-    if record is None or record["for_trials"] != len(study.get_trials(deepcopy=False, states=COUNTED)):
-        return False
-    return not (config.final.train and record["safest"] is not None and record["model"] is None)
 
 
 def cmd_search(args: argparse.Namespace) -> int:

@@ -122,8 +122,9 @@ def find_edge(
     for index in range(config.search.edge_probes):
         lr = math.exp((trains + breaks) / 2)
         offset = sum(p.step for p in probes)
-        # each probe another of SEEDS seeds: near the edge, whether a run breaks depends on its
-        # seed, and trials train with every seed; the edge is the lowest lr any of them broke at
+        # the probes take turns among the config's seed and the next ones, which the certificate's
+        # replays train: near the edge, whether a run breaks depends on its seed, and the edge is
+        # the lowest lr any of them broke at
         seed = config.train.seed + index % SEEDS
         probe = run_probe(config, data, lr, clip_norm, seed, [_Offset(cb, offset) for cb in callbacks])
         probes.append(probe)

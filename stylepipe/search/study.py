@@ -27,6 +27,7 @@ from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import Objective
 from stylepipe.search.space import Parameter, baseline_params, params_from_trial, trial_values
 from stylepipe.search.storage import SqliteWorkerLock, StudyLock, open_storage
+from stylepipe.stores import sqlite_path
 from stylepipe.train.lifecycle import NOT_FINGERPRINTED
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,18 @@ def open_study(config: Config) -> optuna.Study:
     study = _create_or_load(config)
     check_settings(study, config)
     return study
+
+
+def existing_study(config: Config) -> optuna.Study | None:
+    """The study, when it exists, loaded without creating anything (no SQLite file, no study);
+    None when it does not, or its storage cannot be opened (the command that uses it says why)."""
+    path = sqlite_path(config.storage_url)
+    if path is not None and not Path(path).is_file():
+        return None
+    try:
+        return optuna.load_study(study_name=config.study_name, storage=open_storage(config))
+    except (StylepipeError, KeyError):
+        return None
 
 
 def _create_or_load(config: Config) -> optuna.Study:
