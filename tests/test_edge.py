@@ -39,7 +39,7 @@ def breaks_above(monkeypatch):
     """Training whose loss is NaN at every step trained with lr above the planted edge of its
     clipping mode (``rule['off']``, ``rule['on']``): edges planted where the test knows them.
     ``rule['runs']`` holds each run's (clip norm, lrs of its steps)."""
-    rule = {"off": math.inf, "on": math.inf, "runs": []}
+    rule = {"off": math.inf, "on": math.inf, "runs": [], "seeds": {}}  # seeds: seed -> its own edge
     original_init, original_step = Trainer.__init__, Trainer.train_step
 
     def init(self, *args, **kwargs):
@@ -50,7 +50,8 @@ def breaks_above(monkeypatch):
         lr = self.optimizer.param_groups[0]["lr"]  # the step's own (the scheduler steps inside)
         rule["runs"][-1][1].append(lr)
         row = original_step(self, batch)
-        if lr > rule["off" if self.clip_norm is None else "on"]:
+        edge = rule["seeds"].get(self.train_config.seed, rule["off" if self.clip_norm is None else "on"])
+        if lr > edge:
             row[self.columns.index("loss/total")] = float("nan")
         return row
 
@@ -69,7 +70,10 @@ def test_the_edge_test_bisects_log_lr_with_cold_runs_and_finds_a_planted_edge(
     # bracketed: the lowest lr that broke is above the planted edge, the highest that trained is not
     assert edge.passed <= 5e-4 < edge.lr
     assert edge.lr / edge.passed <= (10 / 1e-5) ** (1 / 2**7) * 1.0001  # seven halvings of log-lr
-    assert len(edge.probes) == 7 and [p.seed for p in edge.probes] == [0, 1, 2, 0, 1, 2, 0]
+    # seven probes with the config's seed bisect; then the bound trains with the next two seeds
+    assert [p.seed for p in edge.probes] == [0] * 7 + [1, 2]
+    assert [p.lr for p in edge.probes[7:]] == [pytest.approx(edge.lr / 2)] * 2
+    assert not any(p.broke for p in edge.probes[7:])
     # each probe a run from initialisation at one constant lr: the bisection's lrs, in order
     runs = breaks_above["runs"]
     assert [lrs[0] for _, lrs in runs] == pytest.approx([p.lr for p in edge.probes])
@@ -80,6 +84,21 @@ def test_the_edge_test_bisects_log_lr_with_cold_runs_and_finds_a_planted_edge(
         1e-5,
         pytest.approx(edge.lr / 2),
     )
+
+
+def test_a_seed_that_breaks_at_the_bound_makes_it_the_edge_and_the_next_bound_is_trained(
+    tmp_path, prepared, breaks_above
+):
+    config = edge_config(tmp_path, prepared, "search.space.lr=[1e-5,10]", "search.edge_probes=6")
+    breaks_above.update(off=5e-4, seeds={2: 2e-4})  # seed 2 breaks from 0.4 of the others' edge
+    edge = find_edge(config, load_study_data(config), None)
+    first = min(p.lr for p in edge.probes[:6] if p.broke)  # where the config's seed broke
+    confirmations = [(p.seed, p.lr / first, p.broke) for p in edge.probes[6:]]
+    # at edge / 2: seed 1 trained, seed 2 broke; at a quarter: both trained
+    assert confirmations == [(1, pytest.approx(0.5), False), (2, pytest.approx(0.5), True),
+                             (1, pytest.approx(0.25), False), (2, pytest.approx(0.25), False)]  # fmt: skip
+    assert edge.lr == pytest.approx(first / 2) and edge.bound(2.0) == pytest.approx(first / 4)
+    assert edge.passed < edge.lr
 
 
 def test_a_probe_trains_the_way_a_trial_trains_with_the_tests_own_guard(tmp_path, prepared):
