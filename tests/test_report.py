@@ -315,6 +315,14 @@ def test_the_summary_says_plainly_when_your_own_settings_win():
     unsafe = {**yours, "safe": False, "why": "seed 1, lr x2 went nan (parameter_blowup) at step 7"}
     assert "yours are not safe: seed 1, lr x2 went nan" in compare_with_baseline(better, unsafe)
     assert compare_with_baseline(None, unsafe).startswith("nothing was safe; your settings")
+    # qualities are medians over seeds: shown with their spread; one chosen within your spread says so
+    noisy = {**yours, "qualities": [1.0, 0.6, 1.4]}
+    steady = {**better, "quality": 1.05, "qualities": [1.05, 0.95, 1.1]}
+    assert compare_with_baseline(steady, noisy) == (
+        "the safest configuration (trial 4) reaches quality 1.05 (seeds 0.95–1.1), 5% above the 1 (seeds 0.6–1.4) "
+        "of your settings (the config file's), within each other's spread over seeds: it is the steadier or the "
+        "further from the edge (lower is better); yours are safe"
+    )
     # your own trial diverged: two configurations, each named (not "quality ..., safe; yours were not safe")
     diverged = {**unsafe, "quality": None, "why": "its trial ended diverged (divergence)"}
     assert compare_with_baseline(better, diverged) == (

@@ -188,14 +188,22 @@ def compare_with_baseline(best: dict | None, baseline: dict | None) -> str:
         return f"nothing was safe; {mine} {verdict}"
     if best["trial"] == baseline["trial"]:
         return f"{mine} are the safest configuration: keep them"
-    safest = f"the safest configuration (trial {best['trial']}) reaches quality {best['quality']:.4g}"
+    safest = f"the safest configuration (trial {best['trial']}) reaches quality {_with_spread(best)}"
     if baseline["quality"] is None:
         return f"{safest}; {mine} {verdict}"
+    theirs = f"the {_with_spread(baseline)} of {mine}"
     gain = (baseline["quality"] - best["quality"]) / abs(baseline["quality"]) if baseline["quality"] else 0.0
-    return (
-        f"{safest}, {gain:.0%} lower than the {baseline['quality']:.4g} of {mine} (lower is better); "
-        f"yours {verdict}"
-    )
+    if gain < 0:  # chosen among medians within each other's spread (``choose``), not for its median
+        return (
+            f"{safest}, {-gain:.0%} above {theirs}, within each other's spread over seeds: it is the steadier "
+            f"or the further from the edge (lower is better); yours {verdict}"
+        )
+    return f"{safest}, {gain:.0%} lower than {theirs} (lower is better); yours {verdict}"
+
+
+def _with_spread(verdict: dict[str, Any]) -> str:
+    low, high = spread(verdict)
+    return f"{verdict['quality']:.4g}" + (f" (seeds {low:.4g}–{high:.4g})" if low < high else "")
 
 
 def nothing_safe_because(verdicts: list[dict]) -> str:
