@@ -294,8 +294,9 @@ def stability_figure(
             continue
         drawn_edges.append(edge.lr)
         a.axvline(edge.lr, color=COLORS.get(edge.outcome, OTHER_COLOR), linestyle="--", linewidth=1)
+        found_at = "" if edge.clip_norm is None else f", at clip {edge.clip_norm:g}"
         a.annotate(
-            f"edge {edge.lr:.2g} ({CAUSE_ABBREV.get(edge.cause, edge.cause)})",
+            f"edge {edge.lr:.2g} ({CAUSE_ABBREV.get(edge.cause, edge.cause)}{found_at})",
             (edge.lr, 1),
             xycoords=("data", "axes fraction"),
             xytext=(3, -10),
