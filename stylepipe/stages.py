@@ -179,8 +179,8 @@ def search(
             return {"study": config.study_name, "trials_run": 0}  # nothing to train, nothing loaded
         StudyRecord(s.study).set_state("searching")
         edges = StudyRecord(s.study).edges
-        lr_by_mode = lr_ranges(config.search.space, edges, config.search.edge_margin)
-        objective = Objective(s.data, s.tracker, s.parent, cores, lr_by_mode)
+        ranges = lr_ranges(config.search.space, edges, config.search.edge_margin)
+        objective = Objective(s.data, s.tracker, s.parent, cores, ranges)
         ran = run_trials(config, s.study, objective, progress, warm_start)
         return {"study": config.study_name, "trials_run": ran}
 
@@ -327,8 +327,16 @@ def report(
             if safest is not None:
                 write_json(safest_path, {**safest.to_json(), "model": model, "cost": cost})
             else:
-                nothing = {"study": s.study.study_name, "safest": None, "why": nothing_safe_because(record.verdicts)}
-                nothing |= {"baseline": record.baseline, "versus_baseline": record.versus_baseline, "cost": cost}
+                nothing = {
+                    "study": s.study.study_name,
+                    "safest": None,
+                    "why": nothing_safe_because(record.verdicts),
+                }
+                nothing |= {
+                    "baseline": record.baseline,
+                    "versus_baseline": record.versus_baseline,
+                    "cost": cost,
+                }
                 write_json(safest_path, nothing)
         return {
             "runs_table": s.tracker.runs_table_url(),

@@ -80,7 +80,7 @@ def test_the_edge_test_bisects_log_lr_with_cold_runs_and_finds_a_planted_edge(
     assert all(len(set(lrs)) == 1 for _, lrs in runs)
     assert [len(lrs) for _, lrs in runs] == [1 if p.broke else 8 for p in edge.probes]
     # the search then samples lr below the edge, over the margin
-    assert lr_ranges(config.search.space, Edges(modes=["off"], off=edge), 2.0)["off"] == (
+    assert lr_ranges(config.search.space, Edges(modes=["off"], off=edge), 2.0).off == (
         1e-5,
         pytest.approx(edge.lr / 2),
     )
@@ -236,7 +236,7 @@ def test_an_edge_test_in_which_no_run_breaks_says_so_and_bounds_nothing(tmp_path
         and edge.passed == pytest.approx(math.exp(math.log(1e-6) + 7 / 8 * math.log(10)))
     )
     assert edge.bound(2.0) is None
-    assert lr_ranges(config.search.space, Edges(modes=["off"], off=edge), 2.0)["off"] == (1e-6, 1e-5)
+    assert lr_ranges(config.search.space, Edges(modes=["off"], off=edge), 2.0).off == (1e-6, 1e-5)
     assert "no run from initialisation broke up to lr" in edge_markdown(
         Edges(modes=["off"], off=edge), 2.0, config
     )
@@ -266,7 +266,7 @@ def test_a_study_finds_one_edge_per_clipping_mode_once_and_trials_sample_below_t
     tmp_path, prepared, capsys, monkeypatch, breaks_above
 ):
     breaks_above.update(off=3e-4, on=1e-3)  # below where these runs break by themselves
-    overrides = ("train.lr=1.0", "train.clip_norm=null", "search.n_trials=8", "final.train=false",
+    overrides = ("train.lr=1.0", "train.clip_norm=10", "search.n_trials=8", "final.train=false",
                  "search.space.lr=[1e-5,10]", "search.startup_trials=8")  # fmt: skip
     config = edge_config(tmp_path, prepared, *overrides)
     args = ["search", "--quiet", "--config", str(DEMO)]
@@ -277,26 +277,30 @@ def test_a_study_finds_one_edge_per_clipping_mode_once_and_trials_sample_below_t
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
     edges = StudyRecord(study).edges
     off, on = edges.of_mode("off"), edges.of_mode("on")
-    assert off.passed <= 3e-4 < off.lr and on.passed <= 1e-3 < on.lr and on.clip_norm == 0.1
-    # the user's clipping is off: the sentence uses the clip-off edge
-    assert f"Your lr 1 is {1.0 / off.lr:.3g}× past the edge of your clipping mode ({off.lr:.3g}" in out
-    # every sampled trial below the bound of its own mode; the baseline is the user's own lr
+    assert off.passed <= 3e-4 < off.lr and on.passed <= 1e-3 < on.lr and on.clip_norm == 10
+    # the user clips at 10: the sentence uses the clipped edge
+    assert f"Your lr 1 is {1.0 / on.lr:.3g}× past the edge of your clipping mode ({on.lr:.3g}" in out
+    # every sampled trial below the bound of its own mode: the clipped edge for clipping at 10 or
+    # tighter, the clip-off edge for no clipping or a looser clip (no run showed the clipped edge
+    # holds for it); the baseline is the user's own lr
     trials = study.get_trials()
     assert trials[0].user_attrs["baseline"] and trials[0].params["lr"] == 1.0
+    modes = []
     for t in trials[1:]:
-        bound = (off if t.params["clipping"] is False else on).lr / 2
-        assert t.params["lr"] <= bound and t.distributions["lr"].high == pytest.approx(bound)
-    assert {t.params["clipping"] for t in trials[1:]} == {True, False}  # both modes were sampled
+        mode = on if t.params["clipping"] and t.params["clip_norm"] <= 10 else off
+        modes.append(mode.mode)
+        assert t.params["lr"] <= mode.lr / 2 and t.distributions["lr"].high == pytest.approx(mode.lr / 2)
+    assert set(modes) == {"off", "on"}  # both ranges were sampled
     # on the MLflow parent run, with one edge-test run per mode beside the trials
     client = MlflowClient(tracking_uri=config.tracking_uri)
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert float(parent.data.tags["stability_edge.off.lr"]) == pytest.approx(off.lr)
-    assert parent.data.tags["stability_edge.on.clip_norm"] == "0.1"
+    assert parent.data.tags["stability_edge.on.clip_norm"] == "10.0"
     assert (
         parent.data.metrics["cost/edge_steps"] == edges.steps_trained == off.steps_trained + on.steps_trained
     )
     runs = client.search_runs([parent.info.experiment_id], filter_string="tags.`stylepipe.role` = 'edge'")
-    assert sorted(r.info.run_name.split(" | ")[1] for r in runs) == ["clipping at 0.1", "clipping off"]
+    assert sorted(r.info.run_name.split(" | ")[1] for r in runs) == ["clipping at 10", "clipping off"]
     for run in runs:
         mode = off if "off" in run.info.run_name else on
         assert len(client.get_metric_history(run.info.run_id, "lr")) == mode.steps_trained
@@ -306,6 +310,24 @@ def test_a_study_finds_one_edge_per_clipping_mode_once_and_trials_sample_below_t
     result = run_search(config.with_overrides({"search.n_trials": 9}), progress=False)
     assert StudyRecord(study).edges == edges and len(study.get_trials()) == 9
     assert "past the edge" in result["summary_markdown"] and result["cost"]["edge"] == edges.steps_trained
+
+
+def test_the_clipped_edge_bounds_clip_norms_up_to_the_one_it_was_found_at():
+    def cold(lr, clip):
+        return Edge(kind="cold", lr=lr, cause="divergence", outcome="diverged", step=10, steps=30, low=1e-4,
+                    high=1.0, clip_norm=clip)  # fmt: skip
+
+    space = load_config(DEMO).search.space
+    ranges = lr_ranges(space, Edges(modes=["off", "on"], off=cold(0.002, None), on=cold(0.006, 10.0)), 2.0)
+    assert ranges.for_clip(None) == ranges.for_clip(50.0) == (1e-4, 0.001)  # looser: the clip-off edge
+    assert ranges.for_clip(10.0) == ranges.for_clip(0.5) == (1e-4, 0.003)
+    # an older stylepipe's ramp edge bounds every trial as it did
+    ramp = Edges.of_ramp(cold(0.02, None).model_copy(update={"kind": "ramp"}))
+    assert (
+        lr_ranges(space, ramp, 2.0).for_clip(50.0)
+        == lr_ranges(space, ramp, 2.0).for_clip(None)
+        == (1e-4, 0.01)
+    )
 
 
 def test_a_study_an_older_stylepipe_made_keeps_its_ramp_edge_and_its_range(

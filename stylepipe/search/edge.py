@@ -44,6 +44,7 @@ from stylepipe.errors import failure_text
 from stylepipe.records import Edge, Edges, Probe
 from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import StudyData, run_candidate
+from stylepipe.search.space import LrRanges
 from stylepipe.search.storage import StudyLock
 from stylepipe.stores import scrub
 from stylepipe.tracking import Tracker
@@ -181,16 +182,17 @@ def _edge_of(config: Config, clip_norm: float | None, probes: list[Probe]) -> Ed
     )
 
 
-def lr_ranges(
-    space: SearchSpace, edges: Edges | None, margin: float | None
-) -> dict[str, tuple[float, float]]:
-    """The lr range trials sample, by clipping mode: up to the bound of their own mode's edge."""
+def lr_ranges(space: SearchSpace, edges: Edges | None, margin: float | None) -> LrRanges:
+    """The lr range trials sample, by their clipping: up to the bound of their own mode's edge;
+    the clipped edge holds for clip norms up to the one it was found at (a ramp edge, which an
+    older stylepipe found, bounds every trial as it did)."""
     ranges = {}
     for mode in ("off", "on"):
         edge = edges.of_mode(mode) if edges is not None else None
         bound = edge.bound(margin) if edge is not None else None
         ranges[mode] = space.lr if bound is None else (space.lr[0], bound)
-    return ranges
+    clipped = edges.on if edges is not None and edges.ramp is None else None
+    return LrRanges(off=ranges["off"], on=ranges["on"], on_up_to=clipped.clip_norm if clipped else None)
 
 
 def _mode_line(edge: Edge, margin: float | None) -> str:

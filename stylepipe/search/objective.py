@@ -25,7 +25,7 @@ from stylepipe.data.sources import RandomBatches
 from stylepipe.errors import StylepipeError, failure_text
 from stylepipe.nets.losses import PerceptualLoss
 from stylepipe.nets.transformer import TransformerNet
-from stylepipe.search.space import apply, suggest
+from stylepipe.search.space import LrRanges, apply, suggest
 from stylepipe.stores import first_line, redact_url, scrub
 from stylepipe.threads import ALONE, Cores
 from stylepipe.tracking import RunLogger, Tracker, TrackingError
@@ -275,11 +275,11 @@ class Objective:
         tracker: Tracker,
         parent_run_id: str,
         cores: Cores = ALONE,
-        lr_by_mode: dict[str, tuple[float, float]] | None = None,
+        lr_ranges: LrRanges | None = None,
     ):
         self.data = data
         self.space = data.config.search.space
-        self.lr_by_mode = lr_by_mode  # below the stability edge of each clipping mode (search/edge.py)
+        self.lr_ranges = lr_ranges  # below the stability edge of each clipping mode (search/edge.py)
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         self.cores = cores
@@ -294,7 +294,7 @@ class Objective:
         # of the cores (ops/cores.py, when the commands share them).
         self.cores.set_threads()
         base = self.data.config
-        params = suggest(trial, self.space, self.lr_by_mode)
+        params = suggest(trial, self.space, self.lr_ranges)
         config = apply(base, params)
         try:
             logger = self.tracker.child_run(

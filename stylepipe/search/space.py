@@ -10,7 +10,7 @@ Every place that lists them reads ``PARAMETERS``: sampling (``suggest``), the ba
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -101,21 +101,34 @@ PARAMETERS: tuple[Parameter, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class LrRanges:
+    """The lr range a trial samples, by its clipping (below the stability edge of its clipping
+    mode, search/edge.py): ``on`` for a clip norm of at most ``on_up_to`` (any, when None), the clip
+    norm the clipped edge was found at; ``off`` without clipping, and for a looser clip norm, which
+    no run showed to hold up to the clipped edge (it clips less, and a clip norm above every
+    gradient norm is no clipping at all)."""
+
+    off: tuple[float, float]
+    on: tuple[float, float]
+    on_up_to: float | None = None
+
+    def for_clip(self, clip_norm: float | None) -> tuple[float, float]:
+        if clip_norm is None or (self.on_up_to is not None and clip_norm > self.on_up_to):
+            return self.off
+        return self.on
+
+
 def suggest(
-    trial: optuna.trial.BaseTrial,
-    space: SearchSpace,
-    lr_by_mode: Mapping[str, tuple[float, float]] | None = None,
+    trial: optuna.trial.BaseTrial, space: SearchSpace, lr_ranges: LrRanges | None = None
 ) -> dict[str, Any]:
     """Sample one configuration; returns flat parameters (None means off, e.g. no clipping).
 
-    ``lr_by_mode``: the lr range of trials with clipping "off" and "on" (each below the stability
-    edge of its own mode, search/edge.py); the clipping is sampled first, then lr in its range."""
+    ``lr_ranges``: the lr range by the trial's clipping; the clipping is sampled first, then lr."""
     searched = [p for p in PARAMETERS if p.searched_in(space)]
     sampled: dict[str, Any] = {}
     for p in sorted(searched, key=lambda p: p.name == "lr"):  # lr last: its range follows the clipping
-        bounds = None
-        if p.name == "lr" and lr_by_mode is not None:
-            bounds = lr_by_mode["off" if sampled.get("clip_norm") is None else "on"]
+        bounds = lr_ranges.for_clip(sampled.get("clip_norm")) if p.name == "lr" and lr_ranges else None
         sampled[p.name] = p.sample(trial, space, bounds)
     return {p.name: sampled[p.name] for p in searched}
 
