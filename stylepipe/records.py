@@ -155,11 +155,9 @@ class FinalRun(Record):
     reused: bool = False  # it finished before: nothing was trained or written again
 
 
-# The kinds of stability edge: "cold", found by runs trained the way trials train (from
-# initialisation, at a constant lr after their warm-up); "ramp", the warmed-up geometric lr ramp an
-# older stylepipe ran, which overstates where a cold run breaks (5-13x on the demo).
-EDGE_KINDS = ("cold", "ramp")
-CLIP_MODES = ("off", "on")  # a trial trains with clipping off, or on at some clip norm
+def clipping(clip_norm: float | None) -> str:
+    """A clip norm in words: 'clipping off', 'clipping at 10'."""
+    return "clipping off" if clip_norm is None else f"clipping at {clip_norm:g}"
 
 
 class Probe(Record):
@@ -193,7 +191,10 @@ class Edge(Record):
     low: PositiveFloat
     high: PositiveFloat
     clip_norm: PositiveFloat | None = None  # the clipping it ran with; None: off
-    kind: Literal["cold", "ramp"] = "ramp"  # a record without a kind was written by the ramp
+    # "cold": found by runs trained the way trials train (search/edge.py); "ramp": the warmed-up
+    # geometric lr ramp an older stylepipe ran (a record without a kind), which overstates where a
+    # run from initialisation breaks (5-13x on the demo)
+    kind: Literal["cold", "ramp"] = "ramp"
     passed: PositiveFloat | None = None  # cold: the highest lr that trained every step
     probes: list[Probe] = []  # cold: its runs, in the order they ran
 
@@ -228,7 +229,7 @@ class Edge(Record):
 
     def describe(self) -> str:
         """The edge in a few words: '0.0015 (divergence; clipping off)'."""
-        clip = "clipping off" if self.clip_norm is None else f"clipping at {self.clip_norm:g}"
+        clip = clipping(self.clip_norm)
         if self.lr is None:
             return f"none ({clip})"
         return f"{self.lr:.3g} ({self.cause}; {clip})"
@@ -236,7 +237,7 @@ class Edge(Record):
     def versus(self, lr: float) -> str:
         """Where ``lr`` stands against the edge, in words and numbers, claiming only what its runs
         showed."""
-        clip = "clipping off" if self.clip_norm is None else f"clipping at {self.clip_norm:g}"
+        clip = clipping(self.clip_norm)
         if self.kind == "ramp":
             return (
                 f"this study's edge ({self.lr if self.lr is None else f'{self.lr:.3g}'}) is of the old kind, a "

@@ -41,7 +41,7 @@ import optuna
 
 from stylepipe.config import Config, GuardConfig, SearchSpace
 from stylepipe.errors import failure_text
-from stylepipe.records import Edge, Edges, Probe
+from stylepipe.records import Edge, Edges, Probe, clipping
 from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import StudyData, run_candidate
 from stylepipe.search.space import LrRanges
@@ -131,7 +131,7 @@ def find_edge(
         offset = sum(p.step for p in probes)  # one MLflow run holds every probe of the mode
         done = run_probe(config, data, lr, clip_norm, seed, [_Offset(cb, offset) for cb in callbacks])
         probes.append(done)
-        clip = "clipping off" if clip_norm is None else f"clipping at {clip_norm:g}"
+        clip = clipping(clip_norm)
         verdict = f"broke at step {done.step} ({done.outcome}: {done.cause})" if done.broke else "trained"
         log.info("edge test (%s): lr %.3g, seed %d, %s", clip, lr, seed, verdict)
         return done
@@ -196,7 +196,7 @@ def lr_ranges(space: SearchSpace, edges: Edges | None, margin: float | None) -> 
 
 
 def _mode_line(edge: Edge, margin: float | None) -> str:
-    clip = "clipping off" if edge.clip_norm is None else f"clipping at {edge.clip_norm:g}"
+    clip = clipping(edge.clip_norm)
     if edge.kind == "ramp":
         return _ramp_line(edge, margin)
     if edge.lr is None:
@@ -289,7 +289,7 @@ def _find_and_log(
 ) -> Edge:
     """One mode's edge, its probes one after the other in an MLflow run of its own."""
     low, high = config.search.space.lr
-    clip = "clipping off" if clip_norm is None else f"clipping at {clip_norm:g}"
+    clip = clipping(clip_norm)
     log.info(
         "stability edge, %s: %d runs from initialisation bisect lr %.3g to %.3g, %d steps each at most",
         clip,
