@@ -103,6 +103,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.print(f"  safest settings:   {result['safest_json']}")
     if result["safest"]:
         certificate = result["safest"].certificate
+        out.print(f"  safest:            trial {result['safest'].trial}, {result['safest'].quality_text()}")
+        if result["safest"].chosen_because:
+            out.print(f"                     chosen: {result['safest'].chosen_because}")
         out.print(f"  certificate:       {certificate.text}")
         if certificate.weakened:
             out.print(f"                     weakened: {certificate.weakened}")

@@ -152,7 +152,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
         return 4
     s = result["safest"]
-    out.print(f"[green]safest: trial {s.trial}, quality {s.quality:.4g}, params {s.params}")
+    out.print(f"[green]safest: trial {s.trial}, {s.quality_text()}, params {s.params}")
+    if s.chosen_because:
+        out.print(f"chosen: {s.chosen_because}")
     out.print(f"certificate: {s.certificate.text}")
     if s.certificate.weakened:
         out.print(f"[yellow]certificate weakened: {s.certificate.weakened}")
