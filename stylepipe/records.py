@@ -167,6 +167,7 @@ class Probe(Record):
     seed: int = 0
     outcome: Literal["complete", "nan", "diverged"]
     step: NonNegativeInt  # the steps it trained: to its halt, or all of them
+    horizon: PositiveInt | None = None  # the steps it was to train
     cause: str | None = None
 
     @property

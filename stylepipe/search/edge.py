@@ -44,6 +44,7 @@ from stylepipe.errors import failure_text
 from stylepipe.records import Edge, Edges, Probe, clipping
 from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.objective import StudyData, run_candidate
+from stylepipe.search.safest import confirm_horizon
 from stylepipe.search.space import LrRanges
 from stylepipe.search.storage import StudyLock
 from stylepipe.stores import scrub
@@ -76,16 +77,24 @@ def probe_steps(config: Config) -> int:
     return min(config.train.steps, config.train.warmup_steps + config.search.edge_steps)
 
 
-def probe_config(config: Config, lr: float, clip_norm: float | None) -> Config:
+def bound_steps(config: Config) -> int:
+    """The horizon the bound is trained at: the certificate's replays' (they train the candidates
+    with these seeds that long), at most ``search.edge_steps`` past the warm-up, at least a probe's."""
+    cap = config.train.warmup_steps + config.search.edge_steps
+    return max(probe_steps(config), min(confirm_horizon(config), cap))
+
+
+def probe_config(config: Config, lr: float, clip_norm: float | None, steps: int | None = None) -> Config:
     """The baseline's settings as a probe trains them: ``lr`` after the config's own warm-up,
-    ``clip_norm``, every step checked by the test's own guard."""
+    ``clip_norm``, for ``steps`` (a probe's), every step checked by the test's own guard."""
+    steps = steps or probe_steps(config)
     # at least the last step is checked, however short the probe
-    guard = GuardConfig(divergence_warmup=min(config.train.warmup_steps + SETTLE_STEPS, probe_steps(config)))
+    guard = GuardConfig(divergence_warmup=min(config.train.warmup_steps + SETTLE_STEPS, steps))
     return config.with_overrides(
         {
             "train.lr": lr,
             "train.clip_norm": clip_norm,
-            "train.steps": probe_steps(config),
+            "train.steps": steps,
             "train.check_every": 1,
             "guard": guard.model_dump(mode="json"),
         }
@@ -93,17 +102,30 @@ def probe_config(config: Config, lr: float, clip_norm: float | None) -> Config:
 
 
 def run_probe(
-    config: Config, data: StudyData, lr: float, clip_norm: float | None, seed: int, callbacks=()
+    config: Config,
+    data: StudyData,
+    lr: float,
+    clip_norm: float | None,
+    seed: int,
+    callbacks: Sequence[Callback] = (),
+    steps: int | None = None,
 ) -> Probe:
     """Train one probe; a guard's halt is its outcome."""
-    run = run_candidate(
-        probe_config(config, lr, clip_norm).with_overrides({"train.seed": seed}), data, callbacks
-    )
+    settings = probe_config(config, lr, clip_norm, steps).with_overrides({"train.seed": seed})
+    run = run_candidate(settings, data, callbacks)
+    horizon = settings.train.steps
     if run.autopsy is not None:
-        return Probe(lr=lr, seed=seed, outcome=run.outcome, step=run.autopsy.step, cause=run.autopsy.cause)
+        return Probe(
+            lr=lr,
+            seed=seed,
+            outcome=run.outcome,
+            step=run.autopsy.step,
+            horizon=horizon,
+            cause=run.autopsy.cause,
+        )
     # finite to the end, or a non-finite quality at it: broken, as a trial would be
     cause = None if run.outcome == "complete" else "unknown"
-    return Probe(lr=lr, seed=seed, outcome=run.outcome, step=probe_steps(config), cause=cause)
+    return Probe(lr=lr, seed=seed, outcome=run.outcome, step=horizon, horizon=horizon, cause=cause)
 
 
 class _Offset(Callback):
@@ -127,9 +149,9 @@ def find_edge(
     trains, breaks = math.log(low), math.log(high)
     probes: list[Probe] = []
 
-    def probe(lr: float, seed: int) -> Probe:
+    def probe(lr: float, seed: int, steps: int | None = None) -> Probe:
         offset = sum(p.step for p in probes)  # one MLflow run holds every probe of the mode
-        done = run_probe(config, data, lr, clip_norm, seed, [_Offset(cb, offset) for cb in callbacks])
+        done = run_probe(config, data, lr, clip_norm, seed, [_Offset(cb, offset) for cb in callbacks], steps)
         probes.append(done)
         clip = clipping(clip_norm)
         verdict = f"broke at step {done.step} ({done.outcome}: {done.cause})" if done.broke else "trained"
@@ -146,11 +168,12 @@ def find_edge(
     return _edge_of(config, clip_norm, probes)
 
 
-def confirm_bound(config: Config, probes: list[Probe], probe: Callable[[float, int], Probe]) -> None:
+def confirm_bound(config: Config, probes: list[Probe], probe: Callable[..., Probe]) -> None:
     """Train the bound (the lowest lr that broke / ``search.edge_margin``) with each of the next
-    ``SEEDS - 1`` seeds, which the certificate's replays train too: near the edge, whether a run
-    breaks depends on its seed. One that breaks there makes that lr the edge, and the new bound is
-    confirmed the same way, until a bound holds or falls below the range."""
+    ``SEEDS - 1`` seeds, for ``bound_steps``: the certificate's replays train the candidates with
+    these seeds that long, and near the edge whether a run breaks depends on its seed (and some
+    break late). One that breaks there makes that lr the edge, and the new bound is confirmed the
+    same way, until a bound holds or falls below the range."""
     low, margin = config.search.space.lr[0], config.search.edge_margin
     while margin is not None:
         broke = [p.lr for p in probes if p.broke]
@@ -158,7 +181,7 @@ def confirm_bound(config: Config, probes: list[Probe], probe: Callable[[float, i
             return
         bound = min(broke) / margin
         seeds = [config.train.seed + i for i in range(1, SEEDS)]
-        if not any(probe(bound, seed).broke for seed in seeds):  # stops at the first that breaks
+        if not any(probe(bound, seed, bound_steps(config)).broke for seed in seeds):  # to the first break
             return
 
 
