@@ -41,6 +41,7 @@ class StudySession:
                 artifact_root=self.run_dir / "mlartifacts",
             )
             self.study = open_study(config)
+        StudyRecord(self.study).check()  # what it holds is read back: refused before any work
 
     @functools.cached_property
     def parent(self) -> str:

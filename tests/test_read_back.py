@@ -1,27 +1,23 @@
-"""What stylepipe reads back from a study or writes for a person is checked like any input: a record
-that is not one is a line, not a traceback; a certificate unit without a result runs again; the
-answer's file says what the steps cost whether or not a model was trained."""
+"""What stylepipe reads back from a study is checked like any input: a record that is not one is a
+line before any work, not a traceback; a certificate unit without a result runs again."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import optuna
 import pytest
 
-from stylepipe.chain import run_search
 from stylepipe.cli import main
 from stylepipe.config import load_config
 from stylepipe.search.replays import open_companion
 from stylepipe.search.safest import confirm_safest
 from stylepipe.search.study import open_study
-from tests.conftest import DEMO, search_config, search_overrides, study_of
+from tests.conftest import DEMO, search_overrides, study_of
 
 
 @pytest.mark.parametrize("finished", ["yes", {"for_trials": "many"}, 3])
 def test_a_finished_record_that_is_not_one_is_one_line_and_exit_2(tmp_path, prepared, capsys, finished):
-    """Before: a TypeError traceback."""
+    """Refused as the study is opened, before any trial trains. Before: a TypeError traceback once
+    the search had run."""
     overrides = search_overrides(tmp_path, prepared, "search.n_trials=1", "final.train=false")
     study = open_study(load_config(DEMO, overrides))
     study.set_user_attr("finished", finished)
@@ -30,6 +26,7 @@ def test_a_finished_record_that_is_not_one_is_one_line_and_exit_2(tmp_path, prep
     assert code == 2 and "Traceback" not in err
     [line] = [line for line in err.splitlines() if line.strip()]
     assert "finished record" in line and "is not a finished record stylepipe wrote" in line
+    assert not study.get_trials()  # nothing trained
 
 
 def test_a_certificate_unit_complete_without_its_result_is_run_again(tmp_path, replays):
@@ -51,14 +48,3 @@ def test_a_certificate_unit_complete_without_its_result_is_run_again(tmp_path, r
     assert (2e-3, 1) in replays.ran  # run again: what the unit held was no result
     assert safest is not None and safest.trial == 1
     assert [r["seed"] for r in safest.replays] == [1]
-
-
-def test_safest_json_says_what_the_steps_cost_without_a_final_model_too(tmp_path, prepared):
-    """Before: safest.json had two writers, and without a final model the one that adds the cost
-    did not write."""
-    config = search_config(tmp_path, prepared, "search.n_trials=2", "final.train=false")
-    result = run_search(config, progress=False)
-    written = json.loads(Path(result["safest_json"]).read_text())
-    assert written["model"] is None and written["cost"] == result["cost"]
-    assert set(written["cost"]) == {"edge", "search", "certificate", "final", "total"}
-    assert written["trial"] == result["safest"].trial and written["qualities"]

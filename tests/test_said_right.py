@@ -259,14 +259,20 @@ def test_a_warm_start_outside_the_space_never_reaches_the_study(tmp_path, prepar
     from stylepipe import stages
     from stylepipe.chain import run_search
 
-    config = load_config(DEMO, [f"run_dir={tmp_path / 'run'}", f"data.content={prepared}", *TINY_SEARCH])
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.content={prepared}", *TINY_SEARCH, "final.train=false"]
+    config = load_config(DEMO, overrides)
     _last_safest(config, {**GOOD, "lr": -1})
-    run_search(config, progress=False, warm_start=stages.previous_safest(config))
+    result = run_search(config, progress=False, warm_start=stages.previous_safest(config))
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert not any(t.user_attrs.get("warm_start") for t in study.trials)
     assert all(t.params.get("lr", 1) > 0 for t in study.trials)
     assert [line for line in _warnings(caplog) if "warm start" in line] != []
+    # safest.json says what the steps cost without a final model too. Before: it had two writers,
+    # and without a final model the one that adds the cost did not write
+    written = json.loads(Path(result["safest_json"]).read_text())
+    assert written["model"] is None and written["cost"] == result["cost"]
+    assert set(written["cost"]) == {"edge", "search", "certificate", "final", "total"}
 
 
 # -------------------------------------------------------------- 3. search.workers where it is ignored

@@ -50,6 +50,12 @@ class StudyRecord:
     def _safest_from(self, raw: Any, key: str) -> Safest | None:
         return None if raw is None else Safest.from_json(raw, f"study {self.study.study_name}'s {key}")
 
+    def check(self) -> None:
+        """Read each record the study holds: one that is not a record stylepipe wrote (the study is
+        shared, and read back) is refused in one line before any work (``RecordError``)."""
+        _ = self.edges, self.finished
+        self._safest_from(self._get("safest"), "safest")
+
     # -- what it answers for, and where it is
     @property
     def settings(self) -> dict[str, Any] | None:
