@@ -43,6 +43,7 @@ from stylepipe.train import Callback, TrainState
 
 log = logging.getLogger(__name__)
 
+
 class ReplayResult(Record):
     """What became of one replay, as its worker recorded it on its unit (``result``). A unit is
     read back from a shared store: one without a result stylepipe wrote has not run."""
@@ -83,7 +84,9 @@ def _ran(companion: optuna.Study, horizon: int) -> list[dict[str, Any]]:
 def seed_qualities(trial_quality: float | None, results: list[dict[str, Any]]) -> list[float]:
     """A candidate's quality over the seeds it ran at its own lr, at a trial's length: its trial's
     first, then each seed replay's that reached it."""
-    replayed = [r["trial_quality"] for r in results if r["lr_factor"] == 1.0 and r.get("trial_quality") is not None]
+    replayed = [
+        r["trial_quality"] for r in results if r["lr_factor"] == 1.0 and r.get("trial_quality") is not None
+    ]
     return ([trial_quality] if trial_quality is not None else []) + replayed
 
 

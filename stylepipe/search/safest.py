@@ -154,8 +154,15 @@ def choose(safe: list[dict[str, Any]], edges: Edges | None = None) -> tuple[dict
     )
     others = [v for v in close if v is not best]
     narrower = all(width(best) < width(v) for v in others)
-    reason = "the smallest spread over seeds" if narrower else "the same spread, further below the edge of its mode"
-    return best, f"{shown} lie within each other's spread of quality over seeds: trial {best['trial']} has {reason}"
+    reason = (
+        "the smallest spread over seeds"
+        if narrower
+        else "the same spread, further below the edge of its mode"
+    )
+    return (
+        best,
+        f"{shown} lie within each other's spread of quality over seeds: trial {best['trial']} has {reason}",
+    )
 
 
 def certificate(replays: list[dict[str, Any]], horizon: int) -> Certificate:
