@@ -147,11 +147,11 @@ def sweep(config, data, clip_norm: float | None) -> dict[str, Any]:
     return {"runs": runs, "true_edge": true_edge(runs), "lrs": sorted({r["lr"] for r in runs})}
 
 
-def calibrate(results: Results, root: Path, seen: Path) -> None:
+def calibrate(results: Results, root: Path, seen: Path, cases: list[str]) -> None:
     from stylepipe.search.edge import clip_modes, find_edge
     from stylepipe.search.objective import load_study_data
 
-    for case in CASES:
+    for case in cases:
         config = case_config(root / "sweeps", seen, case)
         data = load_study_data(config)
         for mode, clip_norm in clip_modes(config).items():
@@ -192,14 +192,14 @@ def broke_sampled(trials, limit: int | None = None) -> int:
     )
 
 
-def studies(results: Results, root: Path, seen: Path) -> None:
+def studies(results: Results, root: Path, seen: Path, cases: list[str]) -> None:
     import optuna
 
     from stylepipe import stages
     from stylepipe.chain import run_search
     from stylepipe.search.attributes import StudyRecord
 
-    for case in CASES:
+    for case in cases:
         for seed in range(STUDY_SEEDS):
             key = f"studies/{case}/{seed}"
             if results.get(key):
@@ -375,11 +375,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-edge/results.json"))
     parser.add_argument("--parts", nargs="*", default=["calibration", "studies", "answers"])
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument(
         "--tables", action="store_true", help="print the tables of what --out holds, run nothing"
     )
+    parser.add_argument(
+        "--merge", nargs="*", type=Path, default=[],
+        help="with --tables: more results files (of runs split over processes) to print with --out",
+    )  # fmt: skip
     args = parser.parse_args()
     results = Results(args.out)
+    for more in args.merge:
+        results.data.update(Results(more).data)
     if not args.tables:
         logging.disable(logging.WARNING)
         warnings.filterwarnings("ignore", message="Fixed parameter lr with value")  # the baseline's lr 0.1
@@ -388,9 +395,9 @@ def main() -> None:
         )
         seen, hidden = prepare_split(root / "images")
         if "calibration" in args.parts:
-            calibrate(results, root, seen)
+            calibrate(results, root, seen, args.cases)
         if "studies" in args.parts:
-            studies(results, root, seen)
+            studies(results, root, seen, args.cases)
         if "answers" in args.parts:
             answers(results, root, seen, hidden)
     print(tables(results))
