@@ -112,7 +112,7 @@ def case_config(root: Path, prepared: Path, case: str, *more: str):
 
 def cold_run(config, data, lr: float, clip_norm: float | None, seed: int, steps: int) -> dict[str, Any]:
     """One run from initialisation at ``lr``, as a trial trains (the config's own guard)."""
-    from stylepipe.search.objective import run_candidate
+    from stylepipe.search.candidate import run_candidate
 
     settings = {"train.lr": lr, "train.clip_norm": clip_norm, "train.seed": seed, "train.steps": steps}
     run = run_candidate(config.with_overrides(settings), data)
@@ -149,7 +149,7 @@ def sweep(config, data, clip_norm: float | None) -> dict[str, Any]:
 
 def calibrate(results: Results, root: Path, seen: Path, cases: list[str]) -> None:
     from stylepipe.search.edge import clip_modes, find_edge
-    from stylepipe.search.objective import load_study_data
+    from stylepipe.search.study_data import load_study_data
 
     for case in cases:
         config = case_config(root / "sweeps", seen, case)
@@ -219,7 +219,7 @@ def studies(results: Results, root: Path, seen: Path, cases: list[str]) -> None:
                 root / "studies", seen, case, *PLAIN, f"search.seed={seed}", f"search.n_trials={TRIALS + extra}",
                 f"search.study_name=plain-{tag}-{seed}",
             )  # fmt: skip
-            stages.search(plain)
+            stages.search_trials(plain)
             plain_trials = optuna.load_study(
                 study_name=plain.study_name, storage=plain.storage_url
             ).get_trials()
@@ -256,8 +256,9 @@ def _plain_answer(trials) -> dict[str, Any] | None:
 
 def answers(results: Results, root: Path, seen: Path, hidden: Path) -> None:
     """Each answer of the seed's case trained again on hidden content, 4x a trial, 3 seeds."""
-    from stylepipe.search.objective import load_study_data, run_candidate
+    from stylepipe.search.candidate import run_candidate
     from stylepipe.search.space import apply
+    from stylepipe.search.study_data import load_study_data
 
     case = "seed's case"
     config = case_config(root / "answers", hidden, case)

@@ -48,8 +48,8 @@ def full_certificate(config, study) -> tuple[int | None, int]:
     safest trial, its replay steps)."""
     from stylepipe.search.attributes import StudyRecord
     from stylepipe.search.cost import study_cost
-    from stylepipe.search.objective import load_study_data
     from stylepipe.search.safest import confirm_safest
+    from stylepipe.search.study_data import load_study_data
 
     config = config.with_overrides({"search.certify_all": True})
     study.set_user_attr("safety", [])  # no verdict kept from the best-first certificate

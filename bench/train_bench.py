@@ -237,8 +237,10 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
     import optuna
 
     from stylepipe.config import TrackingConfig
-    from stylepipe.search.objective import Objective, load_study_data, run_candidate
+    from stylepipe.search.candidate import run_candidate
+    from stylepipe.search.objective import Objective
     from stylepipe.search.space import baseline_params, trial_values
+    from stylepipe.search.study_data import load_study_data
     from stylepipe.session import StudySession
 
     base = config.with_overrides({"data.content": str(prepared), "train.steps": steps,

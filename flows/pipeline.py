@@ -1,12 +1,7 @@
-"""The ``style_pipeline`` flow: prepare -> stability edge -> search -> certificate replays, then the
-study finished in chain.py's order (confirm safest -> train final -> register -> promote -> record
--> report). Thin: every task is one call to a stage in ``stylepipe.stages``. With
-``search.workers`` > 1 it starts that many workers less one on its work pool (fanout.py), which
-share the search and the replays.
-
-Retries where the work is I/O (reading images, the registry) and for the final training,
-which resumes from its checkpoints; never for a user's mistake, nor for a NaN, which is an
-answer, not a glitch. ``prepare`` is cached by its input's content.
+"""The ``style_pipeline`` flow: pipeline.py's stages in their order, each a Prefect task with the
+retries and cache key its entry gives, run by chain.py as the commands run them. Thin: every
+task is one call to a stage. With ``search.workers`` > 1 it starts that many workers less one on
+its work pool (fanout.py), which share the search and the replays.
 """
 
 from __future__ import annotations
@@ -15,19 +10,19 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from flows import fanout
 from flows.telemetry import told
-from stylepipe import chain, stages
+from stylepipe import chain, pipeline, stages
 from stylepipe.config import Config, load_config
 from stylepipe.errors import StylepipeError
 from stylepipe.ops.cores import MACHINE
-from stylepipe.records import FinalRun, Safest
-from stylepipe.search.storage import StudyLock
+from stylepipe.pipeline import Context, Phase, Stage
 
 
 class _UsersMistakeInOneLine(logging.Filter):
@@ -60,87 +55,36 @@ def _retry_unless_users_mistake(task, task_run, state) -> bool:
     return True
 
 
-def _prepare_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Same source content (paths, sizes, times) and same settings: same prepared shard."""
-    return f"stylepipe-prepare-{stages.prepare_fingerprint(_settings(parameters['config_json']))}"
+def _task_of(stage: Stage) -> Task:
+    """The stage as a Prefect task: its own retries, cache, logs and state in the UI."""
 
+    def run_stage(config_json: str, done: dict[str, Any], warm_start: dict | None) -> Any:
+        context = Context(_settings(config_json), cores=MACHINE, warm_start=warm_start, done=done)
+        return stage.run(context)
 
-@task(
-    name="prepare",
-    retries=2,
-    retry_delay_seconds=5,
-    cache_key_fn=_prepare_cache_key,
-    retry_condition_fn=_retry_unless_users_mistake,
-)
-def prepare_task(config_json: str) -> dict[str, Any]:
-    return stages.prepare(_settings(config_json), cores=MACHINE)
+    def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        return f"stylepipe-{stage.name}-{stage.cache_key(_settings(parameters['config_json']))}"
 
-
-@task(name="stability edge", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_users_mistake)
-def edge_task(config_json: str) -> dict[str, Any]:
-    return stages.edge(_settings(config_json))
-
-
-@task(name="search")
-def search_task(config_json: str, warm_start: dict | None) -> dict[str, Any]:
-    return stages.search(_settings(config_json), warm_start, cores=MACHINE)
-
-
-@task(name="certificate replays")
-def replays_task(config_json: str) -> dict[str, Any]:
-    return stages.replays(_settings(config_json), cores=MACHINE)
-
-
-@task(name="confirm safest")
-def confirm_task(config_json: str) -> Safest | None:
-    return stages.confirm(_settings(config_json))
-
-
-@task(name="record finished")
-def record_task(config_json: str, safest: Safest | None, model: dict | None) -> dict:
-    return stages.record_finished(_settings(config_json), safest, model)
-
-
-@task(name="train final", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_users_mistake)
-def train_final_task(config_json: str, safest: Safest) -> FinalRun:
-    return stages.train_final(_settings(config_json), safest)
-
-
-@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_users_mistake)
-def register_task(config_json: str, final: FinalRun) -> dict[str, Any]:
-    return stages.register(_settings(config_json), final)
-
-
-@task(name="promote", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_users_mistake)
-def promote_task(config_json: str, version: str) -> dict[str, Any]:
-    return stages.promote(_settings(config_json), version)
-
-
-@task(name="report")
-def report_task(config_json: str, safest: Safest | None, model: dict | None, promotion: dict | None) -> dict:
-    reported = stages.report(_settings(config_json), safest, model, promotion)
-    create_markdown_artifact(
-        reported["summary_markdown"], key="stylepipe-summary", description="stylepipe run summary"
+    caching = {"cache_key_fn": cache_key} if stage.cache_key else {"cache_policy": NO_CACHE}
+    return task(
+        run_stage,
+        name=stage.name,
+        retries=stage.retries,
+        retry_delay_seconds=5 if stage.retries else 0,
+        retry_condition_fn=_retry_unless_users_mistake,
+        **caching,
     )
-    create_table_artifact(
-        reported["top_trials"], key="stylepipe-top-trials", description="the best complete trials"
-    )
-    return reported
 
 
-STEP_TASKS = {
-    "confirm": confirm_task,
-    "train final": train_final_task,
-    "register": register_task,
-    "promote": promote_task,
-    "record": record_task,
-    "report": report_task,
-}
+def as_tasks() -> chain.Runner:
+    """A runner of pipeline.py's stages, each as a Prefect task run (built from the list as it
+    is when the flow runs)."""
+    tasks = {stage.name: _task_of(stage) for stage in pipeline.STAGES}
 
+    def run(stage: Stage, context: Context) -> Any:
+        return tasks[stage.name](context.config.model_dump_json(), dict(context.done), context.warm_start)
 
-def as_task(step: str, config: Config, *args: Any) -> Any:
-    """chain.finish's steps, each a Prefect task run (its own retries, logs and state in the UI)."""
-    return STEP_TASKS[step](config.model_dump_json(), *args)
+    return run
 
 
 @flow(name="style_pipeline", log_prints=True)
@@ -160,26 +104,31 @@ def style_pipeline(
     # told: the library's lines in the run logs, its events as Prefect events. counted: this flow
     # run is one of the machine's workers, so the workers it starts here share the cores with it.
     with told(), MACHINE.counted():
-        prepared = prepare_task(config.model_dump_json())
-        config = config.with_overrides({"data.content": prepared["prepared"]})
-        config_json = config.model_dump_json()
+        runner = as_tasks()
+        context = Context(config, cores=MACHINE)
+        chain.run_phase(Phase.PREPARE, context, runner)
+        prepared = context.done[pipeline.PREPARE]
+        context.config = config = config.with_overrides({"data.content": prepared["prepared"]})
 
-        warm = stages.previous_safest(config)
-        if warm:
-            logger.info("warm start: enqueuing the previous safest configuration %s", warm)
+        context.warm_start = stages.previous_safest(config)
+        if context.warm_start:
+            logger.info("warm start: enqueuing the previous safest configuration %s", context.warm_start)
         # The workers start before the edge test: a process takes seconds to be picked up and
         # to start, and they wait for the edge (the study's edge lock) rather than run it again.
         shared = [*(overrides or []), f"data.content={prepared['prepared']}"]
         workers = fanout.start_workers(config, deployment, config_path, shared)
-        edge = edge_task(config_json)  # its line is logged by the stage
-        search = search_task(config_json, warm)
-        replays_task(config_json)
+        chain.run_phase(Phase.STUDY, context, runner)
         fanout.cancel_unstarted(workers)  # nothing is left for a worker that never started
-        with StudyLock(config, "finish"):  # whoever finishes a study holds it (chain.py), the flow too
-            finished = chain.finish(config, as_task)
+        finished = chain.finish(context, runner)  # under the study's finish lock, as the commands
         fanout.wait_for_workers(workers)
+    create_markdown_artifact(
+        finished["summary_markdown"], key="stylepipe-summary", description="stylepipe run summary"
+    )
+    create_table_artifact(
+        finished["top_trials"], key="stylepipe-top-trials", description="the best complete trials"
+    )
     if finished["safest"] is None:
         logger.warning("no safe configuration: nothing is registered and the champion stays")
     elif finished["promotion"] is not None:
         logger.info("promotion: %s", finished["promotion"]["why"])
-    return {"prepared": prepared, "edge": edge, **finished, "study": search["study"]}
+    return {"prepared": prepared, "edge": context.done[pipeline.EDGE], **finished}

@@ -25,7 +25,7 @@ from prefect.deployments import run_deployment
 from flows.telemetry import told
 from stylepipe.config import load_config
 from stylepipe.ops.workers import run_worker
-from stylepipe.search.objective import worker_id
+from stylepipe.search.worker_id import worker_id
 
 log = logging.getLogger("stylepipe.fanout")
 

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from stylepipe import events
 from stylepipe.config import Config, SearchSpace
 from stylepipe.records import FinalRun, Safest, WarmStart
-from stylepipe.stores import sqlite_path
 
 if TYPE_CHECKING:
     from stylepipe.session import StudySession
@@ -82,11 +81,10 @@ def _registered_safest(config: Config) -> WarmStart | None:
     """The ``safest`` version's settings in the MLflow registry: what every machine sees when
     they share a tracking server and no disk. None where there is no such version (yet)."""
     from stylepipe.registry import Registry
-    from stylepipe.tracking import is_server
+    from stylepipe.tracking import store_exists
 
     uri = config.tracking_uri
-    sqlite_file = sqlite_path(uri)
-    if not is_server(uri) and not (sqlite_file and Path(sqlite_file).is_file()):
+    if not store_exists(uri):
         return None  # no store yet: nothing registered, and nothing to create just to ask
     return Registry(uri, config.tracking.registered_model).safest_settings()
 
@@ -102,11 +100,11 @@ def register(config: Config, final: FinalRun, session: StudySession | None = Non
     weights' SHA-256, the certificate and the recoveries, aliased ``safest``. A version already
     registered from that run is completed and reused (``reused``), never registered twice."""
     from stylepipe.registry import SAFEST_SETTINGS_TAG, Registry
-    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.showcase import style_summary
 
     if session is not None:
-        StudyRecord(session.study).set_state("registering")
+        StudyRecord(session.study).set_state(StudyState.REGISTERING)
     registry = Registry(config.tracking_uri, config.tracking.registered_model)
     certificate = final.safest.certificate
     weakened = f"; weakened: {certificate.weakened}" if certificate.weakened else ""
@@ -139,7 +137,8 @@ def promote(config: Config, version: str, session: StudySession | None = None) -
     weights: a champion measured long ago on other images is not a fair comparison.
     """
     from stylepipe.registry import Registry
-    from stylepipe.search.objective import evaluate_quality, load_study_data
+    from stylepipe.search.quality import evaluate_quality
+    from stylepipe.search.study_data import load_study_data
 
     registry = Registry(config.tracking_uri, config.tracking.registered_model)
     if not registry.is_safe(version):

@@ -102,11 +102,12 @@ def refuse_ignored_workers(config: Config, command: str) -> None:
     """``search.workers`` is the scheduled flow's fan-out. ``stylepipe search`` (one process)
     and a ``stylepipe worker`` on SQLite (its only worker) would ignore it: refused, unless the
     study is finished, when the command only reports it."""
-    from stylepipe.stores import is_sqlite, redact_url
+    from stylepipe.search.storage import StudyStore
+    from stylepipe.stores import redact_url
 
     workers = config.search.workers
     worker = command == "stylepipe worker"
-    if workers < 2 or (worker and not is_sqlite(config.storage_url)):
+    if workers < 2 or (worker and StudyStore.of(config.storage_url).shared):
         return  # a worker on a shared study may be one of the flow's, started by hand
     from stylepipe.chain import finished_before
 

@@ -34,7 +34,8 @@ from stylepipe.files import file_sha256, write_json
 from stylepipe.records import FinalRun, Safest
 from stylepipe.registry import LOGGED_MODEL_TAG, log_model
 from stylepipe.search.attributes import StudyRecord
-from stylepipe.search.objective import QualityReporter, candidate_trainer, train_candidate
+from stylepipe.search.candidate import candidate_trainer, train_candidate
+from stylepipe.search.quality import QualityReporter
 from stylepipe.search.space import apply
 from stylepipe.showcase import measure_style, write_samples, write_triptych
 from stylepipe.tracking import RunArtifacts, end_killed_run

@@ -11,9 +11,9 @@ from stylepipe.config import Config
 from stylepipe.errors import failure_text
 from stylepipe.files import writable_folder
 from stylepipe.search.attributes import StudyRecord
-from stylepipe.search.objective import StudyData, load_study_data
-from stylepipe.search.storage import SqliteWorkerLock, StudyLock
+from stylepipe.search.storage import Lock, sole_worker, study_lock
 from stylepipe.search.study import open_study
+from stylepipe.search.study_data import StudyData, load_study_data
 from stylepipe.stores import redact_url
 from stylepipe.tracking import Tracker
 
@@ -34,7 +34,7 @@ class StudySession:
         self.run_dir = writable_folder(config.run_dir, "run folder")
         if data is not None:
             self.__dict__["data"] = data  # the cached property, already built
-        with StudyLock(config, "setup"):  # one experiment, one study
+        with study_lock(config, Lock.SETUP):  # one experiment, one study
             self.tracker = Tracker(
                 config.tracking_uri,
                 config.tracking.experiment or config.study_name,
@@ -46,7 +46,7 @@ class StudySession:
     @functools.cached_property
     def parent(self) -> str:
         """The study's MLflow parent run, RUNNING from now on (one per study, under its lock)."""
-        with StudyLock(self.config, "setup"):
+        with study_lock(self.config, Lock.SETUP):
             run_id = self.tracker.study_run(
                 self.config.study_name, {"storage": redact_url(self.config.storage_url)}
             )
@@ -78,5 +78,5 @@ def study_session(config: Config, session: StudySession | None) -> Iterator[Stud
     if session is not None:
         yield session
         return
-    with SqliteWorkerLock(config.storage_url), StudySession(config) as own:
+    with sole_worker(config), StudySession(config) as own:
         yield own

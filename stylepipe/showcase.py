@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stylepipe.config import Config
-from stylepipe.search.objective import StudyData
+from stylepipe.search.study_data import StudyData
 
 
 def write_samples(model, data: StudyData, folder: Path, count: int = 4) -> list[Path]:

@@ -1,14 +1,12 @@
 """The pipeline's stages, each a plain function of validated settings that returns JSON-friendly
-values or typed records (records.py, each with one JSON form):
-
-    prepare -> edge -> search -> confirm -> train_final -> register -> promote -> record -> report
+values or typed records (records.py, each with one JSON form); the order they run in is
+pipeline.py's list, for the commands and the Prefect flow alike.
 
 A stage reopens what it needs from disk and the stores (the shard, the Optuna study, the
 MLflow runs), so an orchestrator can run, retry or cache each on its own, and it loads only
 that, importing its modules when it runs: the report stage never builds the loss network, and
 ``train`` never imports Optuna or MLflow (the command starts seconds sooner). A stage given a ``StudySession``
-(session.py) shares it. The order they run in is chain.py's, for the commands and the Prefect
-flows alike.
+(session.py) shares it.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from stylepipe.champion import previous_safest, promote, register  # noqa: F401 
 from stylepipe.config import Config
 from stylepipe.files import write_json
 from stylepipe.records import FinalRun, Safest
-from stylepipe.stores import sqlite_path
 from stylepipe.threads import ALONE, Cores
 
 if TYPE_CHECKING:
@@ -144,11 +141,11 @@ def stylize(
 # ------------------------------------------------------------------ the study's stages
 
 
-def edge(config: Config, session: StudySession | None = None) -> dict:
+def stability_edge(config: Config, session: StudySession | None = None) -> dict:
     """The study's stability edges (search/edge.py): found by the edge test before its first
     trial, or read back from the study; ``edges`` (a record, or None) and its ``line``."""
     from stylepipe.search.edge import study_edge
-    from stylepipe.search.objective import check_prepared
+    from stylepipe.search.study_data import check_prepared
     from stylepipe.session import study_session
 
     check_prepared(config.data.content)  # before any study or run exists
@@ -158,7 +155,7 @@ def edge(config: Config, session: StudySession | None = None) -> dict:
         return {"edges": found.to_json() if found else None, "line": line}
 
 
-def search(
+def search_trials(
     config: Config,
     warm_start: dict | None = None,
     progress: bool = False,
@@ -167,17 +164,18 @@ def search(
 ) -> dict:
     """Run (or resume) the study's trials until it holds ``search.n_trials`` finished ones, each
     with ``cores``' share of the machine."""
-    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.search.edge import lr_ranges
-    from stylepipe.search.objective import Objective, check_prepared
-    from stylepipe.search.study import COUNTED, run_trials
+    from stylepipe.search.objective import Objective
+    from stylepipe.search.study import run_trials
+    from stylepipe.search.study_data import check_prepared
     from stylepipe.session import study_session
 
     check_prepared(config.data.content)  # before any study or run exists
     with study_session(config, session) as s:
-        if len(s.study.get_trials(deepcopy=False, states=COUNTED)) >= config.search.n_trials:
+        if StudyRecord(s.study).counted >= config.search.n_trials:
             return {"study": config.study_name, "trials_run": 0}  # nothing to train, nothing loaded
-        StudyRecord(s.study).set_state("searching")
+        StudyRecord(s.study).set_state(StudyState.SEARCHING)
         edges = StudyRecord(s.study).edges
         ranges = lr_ranges(config.search.space, edges, config.search.edge_margin)
         objective = Objective(s.data, s.tracker, s.parent, cores, ranges)
@@ -185,20 +183,19 @@ def search(
         return {"study": config.study_name, "trials_run": ran}
 
 
-def replays(config: Config, session: StudySession | None = None, cores: Cores = ALONE) -> dict:
+def certificate_replays(config: Config, session: StudySession | None = None, cores: Cores = ALONE) -> dict:
     """Once the study's search has ended, run the certificate's queued replays with the study's
     other workers until none is left to claim (search/replays.py); the study's finisher waits for
     those still running elsewhere (``confirm``). Nothing to do for a study already answered."""
-    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.search.safest import share_replays
-    from stylepipe.search.study import COUNTED
     from stylepipe.session import study_session
 
     with study_session(config, session) as s:
-        done = len(s.study.get_trials(deepcopy=False, states=COUNTED))
+        done = StudyRecord(s.study).counted
         if done < config.search.n_trials or StudyRecord(s.study).safest_for(done)[0]:
             return {"study": config.study_name, "replays_run": 0}
-        StudyRecord(s.study).set_state("certifying")
+        StudyRecord(s.study).set_state(StudyState.CERTIFYING)
         _, claimed = share_replays(config, s.study, lambda: s.data, s.tracker, s.parent, cores)
         return {"study": config.study_name, "replays_run": claimed}
 
@@ -211,23 +208,21 @@ def confirm(config: Config, session: StudySession | None = None, cores: Cores = 
     Runs once per study state: a verdict the study already holds for its current trials
     (from another worker, or an earlier run) is reused.
     """
-    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.search.safest import confirm_safest
-    from stylepipe.search.study import COUNTED
+    from stylepipe.search.storage import StudyStore
     from stylepipe.session import study_session
 
     with study_session(config, session) as s:
-        if sqlite_path(config.storage_url) is not None:
-            # One process works on a SQLite study: a replay run still RUNNING belongs to one that
-            # died. (With PostgreSQL, a dead worker's replay is found by its heartbeats.)
+        if StudyStore.of(config.storage_url).running_is_orphaned:
             s.tracker.end_orphaned_runs(
                 s.parent, ("replay",), "its process stopped (killed or lost) before the run ended"
             )
         record = StudyRecord(s.study)
-        done = len(s.study.get_trials(deepcopy=False, states=COUNTED))
+        done = StudyRecord(s.study).counted
         answered, safest = record.safest_for(done)
         if not answered:
-            record.set_state("certifying")
+            record.set_state(StudyState.CERTIFYING)
             safest = confirm_safest(s.study, config, lambda: s.data, s.tracker, s.parent, cores)
             record.record_safest(safest, for_trials=done)
             if safest is not None:
@@ -252,11 +247,11 @@ def train_final(config: Config, safest: Safest, session: StudySession | None = N
     reused (``reused``), never trained or rewritten again; one that halted raises
     ``FinalRunHalted`` again."""
     from stylepipe.final import FinalTraining
-    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.session import study_session
 
     with study_session(config, session) as s:
-        StudyRecord(s.study).set_state("training the final model")
+        StudyRecord(s.study).set_state(StudyState.TRAINING_FINAL)
         return FinalTraining(config, safest, s).run()
 
 
@@ -266,11 +261,10 @@ def record_finished(
     """Record on the study that it is finished for its current trials, with its answer: the next
     command with the same settings reports it and runs nothing (chain.py)."""
     from stylepipe.search.attributes import StudyRecord
-    from stylepipe.search.study import COUNTED
     from stylepipe.session import study_session
 
     with study_session(config, session) as s:
-        done = len(s.study.get_trials(deepcopy=False, states=COUNTED))
+        done = StudyRecord(s.study).counted
         return StudyRecord(s.study).record_finished(done, safest, model)
 
 

@@ -28,7 +28,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from stylepipe.errors import StylepipeError
 from stylepipe.records import Edges, Safest
-from stylepipe.stores import first_line, open_store, redact_url, scrub
+from stylepipe.stores import first_line, open_store, redact_url, scrub, sqlite_path
 from stylepipe.train.callbacks import Callback
 from stylepipe.train.guards import Autopsy
 from stylepipe.train.long_run import describe_recovery
@@ -211,6 +211,13 @@ class RunArtifacts:
 
 def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
+
+
+def store_exists(uri: str) -> bool:
+    """Whether the tracking store may hold anything yet: a server, or a SQLite file that exists
+    (asked without creating it)."""
+    path = sqlite_path(uri)
+    return is_server(uri) or (path is not None and Path(path).is_file())
 
 
 class Tracker:

@@ -18,9 +18,10 @@ from stylepipe.records import Edge, Edges, Probe
 from stylepipe.report import stability_figure
 from stylepipe.search import edge as edge_module
 from stylepipe.search.attributes import StudyRecord
+from stylepipe.search.candidate import run_candidate
 from stylepipe.search.edge import clip_modes, edge_markdown, find_edge, lr_ranges, probe_config
-from stylepipe.search.objective import load_study_data, run_candidate
 from stylepipe.search.study import open_study
+from stylepipe.search.study_data import load_study_data
 from stylepipe.train import Callback
 from stylepipe.train.trainer import Trainer
 from tests.conftest import DEMO, search_overrides

@@ -2,7 +2,7 @@
 
     flows, stylepipe.cli                      the commands and the Prefect flows
     stylepipe.ops                             operations: worker processes, the stack, probes
-    stylepipe.chain                           the one order the stages run in
+    stylepipe.chain, pipeline                 the one list of stages, in order, and its runner
     stylepipe.stages, champion, session,      the pipeline's stages, what they share, the final
     final, showcase                           model, its pictures
     search, train, tracking, registry, data,  the parts the stages wire together
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("flows", "stylepipe.cli"),
     ("stylepipe.ops",),
-    ("stylepipe.chain",),
+    ("stylepipe.chain", "stylepipe.pipeline"),
     ("stylepipe.stages", "stylepipe.champion", "stylepipe.session", "stylepipe.final", "stylepipe.showcase"),
     (
         "stylepipe.search",
@@ -169,3 +169,114 @@ def test_the_library_never_imports_ops():
                 for module in MODULES if module.startswith(LIBRARY)}  # fmt: skip
     assert {module: targets for module, targets in reaching.items() if targets} == {}
     assert "stylepipe.ops.cores" in GRAPH["stylepipe.ops.workers"]  # the check sees ops' own imports
+
+
+# ------------------------------------------------------------------ one place for each concept
+
+SOURCES = {name: path for name, path in MODULES.items() if not name.startswith("tests")}
+
+
+def _calls(path: Path) -> list[ast.Call]:
+    return [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)]
+
+
+def _called_name(call: ast.Call) -> str:
+    func = call.func
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+
+
+def test_the_stage_order_is_written_once():
+    """Only pipeline.py lists the stages: no other module calls two of them (an order)."""
+    import stylepipe.pipeline as pipeline
+    from stylepipe import stages
+
+    stage_functions = {"stability_edge", "search_trials", "certificate_replays", "confirm", "train_final",
+                       "register", "promote", "record_finished", "report", "prepare"}  # fmt: skip
+    assert all(callable(getattr(stages, name)) for name in stage_functions)
+    assert len(pipeline.STAGES) == len(stage_functions)  # each stage function has its one entry
+    ordering = {}
+    for name, path in SOURCES.items():
+        called = {
+            _called_name(call)
+            for call in _calls(path)
+            if isinstance(call.func, ast.Attribute)
+            and isinstance(call.func.value, ast.Name)
+            and call.func.value.id == "stages"
+        }
+        if len(called & stage_functions) > 1 and name != "stylepipe.pipeline":
+            ordering[name] = sorted(called & stage_functions)
+    assert ordering == {}
+
+
+def test_only_the_store_asks_whether_a_url_is_sqlite():
+    allowed = {
+        "stylepipe.stores",
+        "stylepipe.search.storage",
+        "stylepipe.tracking",
+    }  # the helpers, the two stores
+    asking = {
+        name
+        for name, path in SOURCES.items()
+        if any(_called_name(call) in ("is_sqlite", "sqlite_path") for call in _calls(path))
+    }
+    assert asking - allowed == set()
+    assert "stylepipe.search.storage" in asking  # the check sees the store's own calls
+
+
+def test_lock_names_come_from_one_enum():
+    """A study lock is taken by a ``Lock`` member, never by a bare string."""
+    from stylepipe.search.storage import Lock
+
+    bare = []
+    for name, path in SOURCES.items():
+        for call in _calls(path):
+            if _called_name(call) in ("study_lock", "StudyLock", "lock") and any(
+                isinstance(arg, ast.Constant) and isinstance(arg.value, str) for arg in call.args
+            ):
+                bare.append(f"{name}:{call.lineno}")
+    assert bare == []
+    assert {lock.value for lock in Lock} == {"setup", "ask", "edge", "certificate", "replays", "finish"}
+
+
+def test_study_states_come_from_one_type():
+    """States are ``StudyState`` members, set only through ``StudyRecord.set_state``."""
+    from stylepipe.search.attributes import StudyRecord, StudyState
+
+    def a_member(call: ast.Call) -> bool:
+        first = call.args[0] if call.args else None
+        return (
+            isinstance(first, ast.Attribute)
+            and isinstance(first.value, ast.Name)
+            and first.value.id == "StudyState"
+        )
+
+    # (data.sources calls a random generator's set_state, not a study's)
+    loose = [
+        f"{name}:{call.lineno}"
+        for name, path in SOURCES.items()
+        if name not in ("stylepipe.search.attributes", "stylepipe.data.sources")
+        for call in _calls(path)
+        if _called_name(call) == "set_state" and not a_member(call)
+    ]
+    assert loose == []
+    study = __import__("optuna").create_study()
+    with pytest.raises(ValueError, match="unknown study state"):
+        StudyRecord(study).set_state("done")
+    assert StudyRecord(study).state is None
+    StudyRecord(study).set_state(StudyState.SEARCHING)
+    assert StudyRecord(study).state is StudyState.SEARCHING
+
+
+def test_no_test_module_imports_another_test_module():
+    importing = {}
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            hits = [n for n in names if n.split(".")[-1].startswith("test_") and n.startswith("tests")]
+            if hits:
+                importing[path.name] = hits
+    assert importing == {}

@@ -382,10 +382,10 @@ def _interrupted_final_run(config, monkeypatch) -> str:
     import optuna
 
     from stylepipe import stages
-    from stylepipe.search import objective
+    from stylepipe.search import candidate
 
     with monkeypatch.context() as patched:
-        patched.setattr(objective, "RandomBatches",
+        patched.setattr(candidate, "RandomBatches",
                         lambda images, batch_size, seed: DyingBatches(images, batch_size, at=23))  # fmt: skip
         with pytest.raises(KeyboardInterrupt), StudySession(config) as session:
             stages.train_final(config, SAFEST, session)
@@ -488,10 +488,10 @@ def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_p
     from mlflow import MlflowClient
 
     from stylepipe import stages
-    from stylepipe.search import objective
+    from stylepipe.search import candidate
 
     config = search_config(tmp_path, prepared, *FINAL, "tracking.registered_model=spiky")
-    monkeypatch.setattr(objective, "RandomBatches",
+    monkeypatch.setattr(candidate, "RandomBatches",
                         lambda images, batch_size, seed: PoisonedBatches(images, batch_size, {17}))  # fmt: skip
     with StudySession(config) as session:
         final = stages.train_final(config, SAFEST, session)

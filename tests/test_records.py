@@ -13,7 +13,7 @@ import pytest
 from stylepipe import stages
 from stylepipe.config import load_config
 from stylepipe.records import RecordError, Safest, WarmStart
-from stylepipe.search.attributes import STUDY_STATES, StudyRecord
+from stylepipe.search.attributes import StudyRecord, StudyState
 from tests.conftest import DEMO, SAFEST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_the_study_record_keeps_a_typed_safest_and_its_state():
     assert record.safest_for(3) == (True, SAFEST) and record.safest_for(4) == (False, None)
     record.record_safest(None, for_trials=4)
     assert record.safest_for(4) == (True, None)  # "nothing was safe" is an answer too
-    for state in STUDY_STATES:
+    for state in StudyState:
         record.set_state(state)
         assert study.user_attrs["state"] == state  # what optuna-dashboard shows
     with pytest.raises(ValueError, match="unknown study state"):

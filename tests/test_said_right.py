@@ -35,29 +35,30 @@ NOT_PROMOTED = (
 
 def _finished(config: Config, safest: Safest | None, promotion: dict | None) -> dict[str, Any]:
     """The study's answer as chain.finish builds it, each stage replaced by what it returns."""
-    from stylepipe import chain
+    from stylepipe import chain, pipeline
 
-    def stage(step: str, config: Config, *args: Any) -> Any:
-        if step == "confirm":
+    def stage(entry: pipeline.Stage, context: pipeline.Context) -> Any:
+        step = entry.name
+        if step == pipeline.CONFIRM:
             return safest
-        if step == "train final":
+        if step == pipeline.TRAIN_FINAL:
             return FinalRun(run_id="r1", model=None, model_uri=None, model_sha256=None, quality=0.02,
-                            steps=4, safest=args[0], folder="final")  # fmt: skip
-        if step == "register":
+                            steps=4, safest=context.done[pipeline.CONFIRM], folder="final")  # fmt: skip
+        if step == pipeline.REGISTER:
             return {"run_id": "r1", "model_uri": "models:/m@safest", "version": "2", "reused": False,
                     "quality": 0.02, "samples": [], "recoveries": 0, "style": None, "model": None,
                     "folder": "final", "final_reused": False}  # fmt: skip
-        if step == "promote":
+        if step == pipeline.PROMOTE:
             return promotion
-        if step == "record":
+        if step == pipeline.RECORD:
             return {}
-        assert step == "report"
+        assert step == pipeline.REPORT
         report = {key: None for key in REPORT_KEYS}
         return {**report, "runs_table": "http://mlflow/runs", "stability_map": "map.png",
                 "safest_json": "safest.json", "outcomes": {"complete": 3},
                 "nothing_safe": None if safest else "every candidate went NaN under the stress replays"}  # fmt: skip
 
-    return chain.finish(config, stage)
+    return chain.finish(pipeline.Context(config), stage)
 
 
 def _flow_run(monkeypatch, capsys, tmp_path, safest, promotion, *overrides: str) -> tuple[int, str, str]:

@@ -26,7 +26,8 @@ from stylepipe.cli import main
 from stylepipe.config import load_config
 from stylepipe.nets import TransformerNet
 from stylepipe.records import Safest
-from stylepipe.search.objective import evaluate_quality, load_study_data
+from stylepipe.search.quality import evaluate_quality
+from stylepipe.search.study_data import load_study_data
 from stylepipe.stylize import stylize_tensor
 from stylepipe.train.guards import CAUSES
 from stylepipe.train.model_file import load_model
@@ -254,12 +255,12 @@ def test_quality_does_not_depend_on_the_trials_loss_weights(tmp_path, prepared):
 
 @pytest.mark.slow
 def test_an_interrupted_study_resumes_without_duplicate_trial_numbers(tmp_path, prepared, monkeypatch):
-    from stylepipe.search import objective
+    from stylepipe.search import quality
 
     extra = ("search.n_trials=3", "search.top_k=1", "search.replay_seeds=0", "search.lr_margin=1",
              "final.train=false", "search.space.lr=[1e-3,1e-2]")  # fmt: skip
     config = search_config(tmp_path, prepared, *extra)
-    original = objective.QualityReporter.on_check
+    original = quality.QualityReporter.on_check
 
     def break_trials(self, state):
         if self.trial is not None and self.trial.number == 0:
@@ -268,10 +269,10 @@ def test_an_interrupted_study_resumes_without_duplicate_trial_numbers(tmp_path, 
             raise KeyboardInterrupt  # Ctrl-C in the middle of trial 1's training
         return original(self, state)
 
-    monkeypatch.setattr(objective.QualityReporter, "on_check", break_trials)
+    monkeypatch.setattr(quality.QualityReporter, "on_check", break_trials)
     with pytest.raises(KeyboardInterrupt):
         run_search(config, progress=False)
-    monkeypatch.setattr(objective.QualityReporter, "on_check", original)
+    monkeypatch.setattr(quality.QualityReporter, "on_check", original)
     run_search(config, progress=False)
 
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)

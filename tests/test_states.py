@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -294,19 +295,19 @@ def test_study_finished_with_other_settings_is_refused_naming_them(
 
 def test_study_searching_with_other_settings_is_refused(tmp_path, prepared, capsys, monkeypatch):
     from stylepipe.chain import run_search
-    from stylepipe.search import objective
+    from stylepipe.search import quality
 
-    original = objective.QualityReporter.on_check
+    original = quality.QualityReporter.on_check
 
     def ctrl_c_in_the_first_trial(self, state):
         if self.trial is not None:
             raise KeyboardInterrupt
         return original(self, state)
 
-    monkeypatch.setattr(objective.QualityReporter, "on_check", ctrl_c_in_the_first_trial)
+    monkeypatch.setattr(quality.QualityReporter, "on_check", ctrl_c_in_the_first_trial)
     with pytest.raises(KeyboardInterrupt):
         run_search(search_config(tmp_path, prepared, *STUDY), progress=False)
-    monkeypatch.setattr(objective.QualityReporter, "on_check", original)
+    monkeypatch.setattr(quality.QualityReporter, "on_check", original)
     config = search_config(tmp_path, prepared, *STUDY)
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
     assert study.user_attrs["state"] == "searching"
@@ -359,10 +360,10 @@ def test_study_cut_short_after_its_final_model_completes_without_training_it_aga
 ):
     """Before: a kill after the final model was written and before its registration left the study
     stuck: every rerun exited 2, "the safest configuration went nan (None) ... after 0 recoveries"."""
-    from stylepipe import chain, final
+    from stylepipe import final, pipeline
 
     config = search_config(tmp_path, prepared, *STUDY)
-    real_log_model, real_register = final.log_model, chain.STEPS["register"]
+    real_log_model, real_stages = final.log_model, pipeline.STAGES
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -374,7 +375,9 @@ def test_study_cut_short_after_its_final_model_completes_without_training_it_aga
     assert run.data.tags.get("stylepipe.state") != "finished"
     monkeypatch.setattr(final, "log_model", real_log_model)
     # 2. stopped between the finished final run and its registration
-    monkeypatch.setitem(chain.STEPS, "register", killed)
+    killed_register = dataclasses.replace(pipeline.stage_named(pipeline.REGISTER), run=killed)
+    monkeypatch.setattr(pipeline, "STAGES", tuple(killed_register if s.name == pipeline.REGISTER else s
+                                                  for s in pipeline.STAGES))  # fmt: skip
     assert main(search_args(tmp_path, prepared)) == 130
     [run] = _final_runs(config)
     assert run.info.status == "FINISHED" and run.data.tags["stylepipe.state"] == "finished"
@@ -382,7 +385,7 @@ def test_study_cut_short_after_its_final_model_completes_without_training_it_aga
     client = MlflowClient(tracking_uri=config.tracking_uri)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == [1, 2, 3, 4]
     assert not client.search_model_versions("name='states'")
-    monkeypatch.setitem(chain.STEPS, "register", real_register)
+    monkeypatch.setattr(pipeline, "STAGES", real_stages)
     committed = (run.info.end_time, run.data.tags, run.data.metrics)
     # 3. the same command completes the registration; the finished final run is reused as it is
     capsys.readouterr()

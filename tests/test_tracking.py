@@ -9,7 +9,7 @@ import optuna
 import sqlalchemy
 from mlflow import MlflowClient
 
-from stylepipe.search.objective import QualityReporter
+from stylepipe.search.quality import QualityReporter
 from stylepipe.search.storage import open_storage
 from stylepipe.stores import sqlite_path
 from stylepipe.tracking import RunLogger, Tracker
@@ -101,12 +101,12 @@ def test_sqlite_urls_are_read_as_sqlalchemy_reads_them(tmp_path, monkeypatch):
 
 
 def test_a_trial_behind_the_median_is_pruned_midway_but_not_at_its_last_step(monkeypatch):
-    import stylepipe.search.objective as objective
+    import stylepipe.search.quality as quality
 
     study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=0))
     for _ in range(3):  # finished trials that reached quality 0.1 at steps 4 and 8
         study.add_trial(optuna.trial.create_trial(value=0.1, intermediate_values={4: 0.1, 8: 0.1}))
-    monkeypatch.setattr(objective, "evaluate_quality", lambda model, data: 0.9)  # far behind them
+    monkeypatch.setattr(quality, "evaluate_quality", lambda model, data: 0.9)  # far behind them
 
     midway = QualityReporter(data=None, eval_every=4, trial=study.ask())
     try:

@@ -264,7 +264,7 @@ def test_several_worker_processes_on_sqlite_are_refused_before_any_work(tmp_path
 
     code = main(["worker", "--config", str(DEMO), "--processes", "3", "--set", f"run_dir={tmp_path}"])
     assert code == 2
-    assert "SQLite serves one worker" in capsys.readouterr().err
+    assert "SQLite, which serves one worker" in capsys.readouterr().err
     assert not (tmp_path / "optuna.db").exists()
 
 
@@ -349,7 +349,7 @@ def test_a_peer_s_trial_finishing_while_this_worker_counts_does_not_start_one_to
     peers = study.ask()  # another worker's trial, running
     in_gate, peer_done = [], []
 
-    class Gate(study_module.StudyLock):
+    class Gate(study_module.NoLock):
         def acquire(self) -> None:
             super().acquire()
             in_gate.append(True)
@@ -371,7 +371,7 @@ def test_a_peer_s_trial_finishing_while_this_worker_counts_does_not_start_one_to
             self.calls += 1
             return 3.0
 
-    monkeypatch.setattr(study_module, "StudyLock", Gate)
+    monkeypatch.setattr(study_module, "study_lock", lambda config, name: Gate())
     monkeypatch.setattr(optuna.Study, "get_trials", get_trials)
     objective = Objective()
     ran = study_module.run_trials(config, study, objective, progress=False)

@@ -7,38 +7,33 @@ import multiprocessing
 import threading
 from contextlib import suppress
 
-from stylepipe import chain
 from stylepipe.config import Config
 from stylepipe.ops import cores
-from stylepipe.search.storage import StorageError
-from stylepipe.stores import is_sqlite, redact_url
+from stylepipe.search.storage import StudyStore
 
 
 def run_worker(config: Config, progress: bool = False, finish: bool = True) -> dict:
-    """``chain.run_worker``, counted among this machine's workers: each trial takes its share of
+    """``chain.work_on_study``, counted among this machine's workers: each trial takes its share of
     the cores, and the one that finishes the study takes the cores the others gave back."""
+    from stylepipe import chain  # the stages' modules, imported when a worker runs
+
     with cores.CoreShare():
-        return chain.run_worker(config, progress=progress, cores=cores.MACHINE, finish=finish)
+        return chain.work_on_study(config, progress=progress, cores=cores.MACHINE, finish=finish)
 
 
 def check_fan_out(config: Config) -> None:
     """``search.workers`` > 1 needs a study the workers can share: SQLite serves one process."""
-    if config.search.workers > 1 and is_sqlite(config.storage_url):
-        raise StorageError(
-            f"search.workers={config.search.workers} needs a study the workers can share, and "
-            f"{redact_url(config.storage_url)} is SQLite, which serves one process: put the study in "
-            "PostgreSQL (search.storage=postgresql://...) or set search.workers=1"
-        )
+    StudyStore.of(config.storage_url).refuse_many(
+        config.search.workers, f"search.workers={config.search.workers}", "set search.workers=1"
+    )
 
 
 def run_worker_processes(config: Config, processes: int) -> list[int]:
     """``processes`` workers on this machine sharing one PostgreSQL study: several trials at once
     on one GPU. Returns their exit codes."""
-    if processes > 1 and is_sqlite(config.storage_url):
-        raise StorageError(
-            f"{processes} worker processes cannot share {redact_url(config.storage_url)}: SQLite serves one worker. "
-            "Put the study in PostgreSQL (--storage postgresql://...) or use --processes 1."
-        )
+    StudyStore.of(config.storage_url).refuse_many(
+        processes, f"--processes {processes}", "use --processes 1", "--storage postgresql://..."
+    )
     context = multiprocessing.get_context("spawn")
     # All register before any starts a trial, so the first trials already share the cores.
     ready = context.Barrier(processes)

@@ -19,20 +19,26 @@ and every machine of the study reads them.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 import optuna
 
 from stylepipe.records import Edge, Edges, Finished, Safest
 
-STUDY_STATES = (
-    "finding its edge",
-    "searching",
-    "certifying",
-    "training the final model",
-    "registering",
-    "finished",
-)
+# The trials a study counts towards search.n_trials: those that ended with an answer.
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+class StudyState(StrEnum):
+    """Where a study is (docs/design.md's state tables), as optuna-dashboard shows it."""
+
+    FINDING_EDGE = "finding its edge"
+    SEARCHING = "searching"
+    CERTIFYING = "certifying"
+    TRAINING_FINAL = "training the final model"
+    REGISTERING = "registering"
+    FINISHED = "finished"
 
 
 class StudyRecord:
@@ -65,14 +71,22 @@ class StudyRecord:
         self._set("settings", settings)
 
     @property
-    def state(self) -> str | None:
-        return self._get("state")
+    def state(self) -> StudyState | None:
+        """None for a new study, and for a state this stylepipe does not know (not acted on)."""
+        raw = self._get("state")
+        return StudyState(raw) if raw in StudyState._value2member_map_ else None
 
-    def set_state(self, state: str) -> None:
-        if state not in STUDY_STATES:
+    def set_state(self, state: StudyState) -> None:
+        if state not in StudyState._value2member_map_:
             raise ValueError(f"unknown study state {state!r}")
+        state = StudyState(state)
         if self.state != state:
-            self._set("state", state)
+            self._set("state", state.value)
+
+    @property
+    def counted(self) -> int:
+        """How many trials count towards search.n_trials (complete or pruned)."""
+        return len(self.study.get_trials(deepcopy=False, states=COUNTED))
 
     def record_parent_run(self, run_id: str) -> None:
         if self._get("mlflow_parent_run_id") != run_id:
@@ -160,5 +174,5 @@ class StudyRecord:
     def record_finished(self, for_trials: int, safest: Safest | None, model: dict | None) -> dict[str, Any]:
         stored = safest.to_json() if safest else None
         self._set("finished", {"for_trials": for_trials, "safest": stored, "model": model})
-        self.set_state("finished")
+        self.set_state(StudyState.FINISHED)
         return {"for_trials": for_trials, "safest": safest, "model": model}

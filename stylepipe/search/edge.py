@@ -42,11 +42,12 @@ import optuna
 from stylepipe.config import Config, GuardConfig, SearchSpace
 from stylepipe.errors import failure_text
 from stylepipe.records import Edge, Edges, Probe, clipping
-from stylepipe.search.attributes import StudyRecord
-from stylepipe.search.objective import StudyData, run_candidate
+from stylepipe.search.attributes import StudyRecord, StudyState
+from stylepipe.search.candidate import run_candidate
 from stylepipe.search.safest import confirm_horizon
 from stylepipe.search.space import LrRanges
-from stylepipe.search.storage import StudyLock
+from stylepipe.search.storage import Lock, study_lock
+from stylepipe.search.study_data import StudyData
 from stylepipe.stores import scrub
 from stylepipe.tracking import Tracker
 from stylepipe.train import Callback
@@ -272,7 +273,7 @@ def study_edge(
     if config.search.edge_steps == 0:
         return None, edge_line(None, margin, "the edge test is off: search.edge_steps=0")
     record = StudyRecord(study)
-    with StudyLock(config, "edge"):
+    with study_lock(config, Lock.EDGE):
         edges = record.edges
         if edges is not None and edges.complete:
             return edges, edge_line(edges, margin) + " (recorded on the study: not found again)"
@@ -280,7 +281,7 @@ def study_edge(
         if edges is None and any(t.state != waiting for t in study.get_trials(deepcopy=False)):
             return None, edge_line(None, margin, "the study's trials began without an edge test")
         modes = clip_modes(config)
-        if record.state == "finding its edge":  # its process died: under this lock, no one runs it
+        if record.state == StudyState.FINDING_EDGE:  # its process died: under this lock, no one runs it
             kept = [e.mode for e in edges.found()] if edges is not None else []
             log.warning(
                 "the edge test was cut short before: it runs again from the start of %s",
@@ -291,7 +292,7 @@ def study_edge(
             tracker.end_orphaned_runs(
                 parent(), ("edge",), "its process stopped (killed or lost) during the edge test"
             )
-        record.set_state("finding its edge")
+        record.set_state(StudyState.FINDING_EDGE)
         edges = edges or Edges(modes=list(modes))
         for mode, clip_norm in modes.items():
             if edges.of_mode(mode) is not None:

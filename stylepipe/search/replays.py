@@ -33,10 +33,12 @@ from pydantic import NonNegativeInt, PositiveFloat
 from stylepipe.config import Config
 from stylepipe.errors import failure_text
 from stylepipe.records import Record, RecordError
-from stylepipe.search.objective import StudyData, run_candidate, worker_id
+from stylepipe.search.candidate import run_candidate
 from stylepipe.search.space import apply, params_from_trial
-from stylepipe.search.storage import StudyLock, open_storage
+from stylepipe.search.storage import Lock, open_storage, study_lock
 from stylepipe.search.study import ReleaseGateThenRun
+from stylepipe.search.study_data import StudyData
+from stylepipe.search.worker_id import worker_id
 from stylepipe.threads import ALONE, Cores
 from stylepipe.tracking import Tracker, end_killed_run
 from stylepipe.train import Callback, TrainState
@@ -129,7 +131,7 @@ def plan_units(
     order; returns how many were queued. Idempotent, under the study's ``certificate`` lock: every worker
     may call it once the search has ended. A unit that failed (its worker raised, or it ran out of
     retries) is queued again; one cancelled is queued again only under ``search.certify_all``."""
-    with StudyLock(config, "certificate"):
+    with study_lock(config, Lock.CERTIFICATE):
         held = {
             unit_key(t.user_attrs)
             for t in companion.get_trials(deepcopy=False)
@@ -347,7 +349,7 @@ def run_units(
     for those running elsewhere (failing any whose heartbeats stopped, then running their
     retries here). Returns how many units this process claimed. A replay that raises stops
     this worker, as a trial does: its unit is failed and queued again by the next plan."""
-    gate = StudyLock(config, "replays")
+    gate = study_lock(config, Lock.REPLAYS)
     claim = ReleaseGateThenRun(_UnlessCancelled(objective, config.search.certify_all), gate)
     claimed = 0
     while True:

@@ -15,7 +15,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from stylepipe.records import BROKE
-from stylepipe.search.study import COUNTED
+from stylepipe.search.attributes import COUNTED
 
 log = logging.getLogger(__name__)
 

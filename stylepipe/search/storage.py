@@ -1,12 +1,19 @@
-"""Optuna storage for one or many workers: heartbeats, stale-trial retries, locks.
+"""Where a study lives: one ``StudyStore`` chosen from the storage URL, which knows what that
+kind of store can do.
 
-* RDB storage (SQLite file, or PostgreSQL for many workers) with heartbeats: a trial
-  whose worker died is failed by the next worker that looks, its MLflow run is ended as
-  KILLED, and the trial is re-queued (``RetryHeartbeatStaleTrialCallback``).
-* ``StudyLock``: a PostgreSQL advisory lock (released by the server if its holder dies),
-  so that counting trials and starting one is atomic across workers, and the
-  safest-configuration step runs once per study.
-* SQLite serves one worker: a second one is refused with a clear message.
+* ``shared``: whether several workers may work on it (PostgreSQL: yes; a SQLite file serves
+  one process, and a second one is refused with a clear message, ``SqliteWorkerLock``).
+* ``lock(study, Lock.X)``: a named lock shared by every worker of a study (PostgreSQL: an
+  advisory lock, released by the server if its holder dies; SQLite: none is needed), so that
+  counting trials and starting one is atomic, and the edge test, the certificate's plan and
+  the study's finish run once.
+* ``running_is_orphaned``: whether a run or unit found RUNNING when a process starts belongs to
+  one that died (SQLite: its one process is this one; PostgreSQL: heartbeats find the dead).
+* ``storage()``: Optuna's RDB storage with heartbeats: a trial whose worker died is failed by
+  the next worker that looks, its MLflow run ended as KILLED, and the trial re-queued.
+
+Another backend (Optuna's ``JournalFileBackend`` for processes on one machine without a
+server, say) is one more subclass and one more line in ``StudyStore.of``.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ import copy
 import fcntl
 import hashlib
 import warnings
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 from optuna.distributions import FloatDistribution, IntDistribution
@@ -71,24 +79,129 @@ def _with_room_for_its_params(trial: optuna.trial.FrozenTrial) -> optuna.trial.F
     return room
 
 
-def open_storage(config: Config) -> RDBStorage:
-    url = config.storage_url
-    search = config.search
-    open_store(url, "cannot open the Optuna storage", StorageError)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                heartbeat_interval=search.heartbeat_interval,
-                grace_period=search.grace_period,
-                heartbeat_stale_trial_callback=EndKilledRunThenRetry(config.tracking_uri, search.max_retry),
-                engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None,
+class Lock(StrEnum):
+    """The study's named locks, shared by its workers."""
+
+    SETUP = "setup"  # one MLflow experiment, one study, one parent run
+    ASK = "ask"  # count the finished trials and start one, atomically
+    EDGE = "edge"  # the edge test, once per study
+    CERTIFICATE = "certificate"  # the certificate's replays planned once
+    REPLAYS = "replays"  # claim one replay unit
+    FINISH = "finish"  # the study finished once
+
+
+class NoLock:
+    """A lock that nothing else can contend for."""
+
+    def acquire(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> NoLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class StudyStore:
+    """A study's storage, by kind: what it can share, how it locks, what RUNNING means."""
+
+    shared: ClassVar[bool]
+    running_is_orphaned: ClassVar[bool]
+    engine_kwargs: ClassVar[dict[str, Any] | None] = None
+
+    def __init__(self, url: str):
+        self.url = url
+
+    @staticmethod
+    def of(url: str) -> StudyStore:
+        return SqliteStore(url) if is_sqlite(url) else ServerStore(url)
+
+    def exists(self) -> bool:
+        """Whether there may be a study to load (without creating anything)."""
+        return True
+
+    def lock(self, study_name: str, name: Lock) -> StudyLock | NoLock:
+        raise NotImplementedError
+
+    def sole_worker(self) -> SqliteWorkerLock | NoLock:
+        """Held by the one process that works on a store that cannot be shared."""
+        return NoLock()
+
+    def refuse_many(
+        self, workers: int, what: str, instead: str, setting: str = "search.storage=postgresql://..."
+    ) -> None:
+        """``workers`` > 1 on a store that cannot be shared: refused in one line."""
+        if workers > 1 and not self.shared:
+            raise StorageError(
+                f"{what} needs a study the workers can share, and {redact_url(self.url)} is SQLite, "
+                f"which serves one worker: put the study in PostgreSQL ({setting}) or {instead}"
             )
-    except Exception as err:  # unknown dialect, unreachable server, bad credentials, ...
-        raise StorageError(
-            f"cannot open the Optuna storage {redact_url(url)}: {first_line(err, url)}"
-        ) from None
+
+    def storage(self, config: Config) -> RDBStorage:
+        search = config.search
+        open_store(self.url, "cannot open the Optuna storage", StorageError)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    self.url,
+                    heartbeat_interval=search.heartbeat_interval,
+                    grace_period=search.grace_period,
+                    heartbeat_stale_trial_callback=EndKilledRunThenRetry(
+                        config.tracking_uri, search.max_retry
+                    ),
+                    engine_kwargs=self.engine_kwargs,
+                )
+        except Exception as err:  # unknown dialect, unreachable server, bad credentials, ...
+            raise StorageError(
+                f"cannot open the Optuna storage {redact_url(self.url)}: {first_line(err, self.url)}"
+            ) from None
+
+
+class SqliteStore(StudyStore):
+    """A SQLite file: one process works on its studies at a time, so it needs no study locks,
+    and a run it finds RUNNING was left by a process that died."""
+
+    shared = False
+    running_is_orphaned = True
+
+    def exists(self) -> bool:
+        return Path(sqlite_path(self.url)).is_file()
+
+    def lock(self, study_name: str, name: Lock) -> NoLock:
+        return NoLock()
+
+    def sole_worker(self) -> SqliteWorkerLock:
+        return SqliteWorkerLock(self.url)
+
+
+class ServerStore(StudyStore):
+    """A database server (PostgreSQL) that many workers share: advisory locks, connections
+    checked before use, dead workers found by their heartbeats."""
+
+    shared = True
+    running_is_orphaned = False
+    engine_kwargs: ClassVar[dict[str, Any] | None] = {"pool_pre_ping": True}
+
+    def lock(self, study_name: str, name: Lock) -> StudyLock:
+        return StudyLock(self.url, study_name, name)
+
+
+def open_storage(config: Config) -> RDBStorage:
+    return StudyStore.of(config.storage_url).storage(config)
+
+
+def study_lock(config: Config, name: Lock) -> StudyLock | NoLock:
+    """The study's lock ``name`` in its store (a no-op where one process works on it)."""
+    return StudyStore.of(config.storage_url).lock(config.study_name, name)
+
+
+def sole_worker(config: Config) -> SqliteWorkerLock | NoLock:
+    return StudyStore.of(config.storage_url).sole_worker()
 
 
 class SqliteWorkerLock:
@@ -140,18 +253,17 @@ class SqliteWorkerLock:
 
 
 class StudyLock:
-    """A named lock shared by every worker of a study (no-op on SQLite: one worker)."""
+    """A PostgreSQL advisory lock named after the study and the lock: shared by every worker of
+    the study, released by the server if its holder dies."""
 
-    def __init__(self, config: Config, name: str):
-        self.url = config.storage_url
-        digest = hashlib.sha256(f"stylepipe:{config.study_name}:{name}".encode()).digest()
+    def __init__(self, url: str, study_name: str, name: Lock):
+        self.url = url
+        digest = hashlib.sha256(f"stylepipe:{study_name}:{Lock(name).value}".encode()).digest()
         self.key = int.from_bytes(digest[:8], "big", signed=True)
         self._engine: Any = None
         self._connection: Any = None
 
     def acquire(self) -> None:
-        if is_sqlite(self.url):
-            return
         import sqlalchemy
 
         try:

@@ -23,18 +23,24 @@ from stylepipe.data.sources import data_fingerprint
 from stylepipe.errors import StylepipeError
 from stylepipe.records import Safest
 from stylepipe.search import space
-from stylepipe.search.attributes import StudyRecord
+from stylepipe.search.attributes import COUNTED, StudyRecord
 from stylepipe.search.objective import Objective
 from stylepipe.search.space import Parameter, baseline_params, params_from_trial, trial_values
-from stylepipe.search.storage import SqliteWorkerLock, StudyLock, open_storage
-from stylepipe.stores import sqlite_path
+from stylepipe.search.storage import (
+    Lock,
+    NoLock,
+    StudyLock,
+    StudyStore,
+    open_storage,
+    sole_worker,
+    study_lock,
+)
 from stylepipe.train.lifecycle import NOT_FINGERPRINTED
 
 log = logging.getLogger(__name__)
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 # What counts towards search.n_trials: a failed trial (a crash, a killed worker) does not.
-COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 # What a study may be resumed with changed: where it runs and is recorded, how many trials it
@@ -142,8 +148,7 @@ def open_study(config: Config) -> optuna.Study:
 def existing_study(config: Config) -> optuna.Study | None:
     """The study, when it exists, loaded without creating anything (no SQLite file, no study);
     None when it does not, or its storage cannot be opened (the command that uses it says why)."""
-    path = sqlite_path(config.storage_url)
-    if path is not None and not Path(path).is_file():
+    if not StudyStore.of(config.storage_url).exists():
         return None
     try:
         return optuna.load_study(study_name=config.study_name, storage=open_storage(config))
@@ -266,7 +271,7 @@ def enqueue_first_trials(study: optuna.Study, config: Config, warm_start_params:
     """A new study's first trial is the user's own settings (the baseline); a warm start's
     configuration comes next. Under the study's lock: workers that open an empty study at the
     same instant would each see it empty and each enqueue the baseline."""
-    with StudyLock(config, "ask"):
+    with study_lock(config, Lock.ASK):
         if not study.get_trials(deepcopy=False):
             study.enqueue_trial(
                 trial_values(baseline_params(config)), user_attrs={"baseline": True}, skip_if_exists=True
@@ -278,7 +283,7 @@ def enqueue_first_trials(study: optuna.Study, config: Config, warm_start_params:
 class ReleaseGateThenRun:
     """Objective wrapper: the trial exists once it runs, so the start gate can open."""
 
-    def __init__(self, objective: Callable[[optuna.Trial], float], gate: StudyLock):
+    def __init__(self, objective: Callable[[optuna.Trial], float], gate: StudyLock | NoLock):
         self.objective = objective
         self.gate = gate
 
@@ -318,11 +323,11 @@ def run_trials(
     """
     target = config.search.n_trials
     enqueue_first_trials(study, config, warm_start_params)
-    gate = StudyLock(config, "ask")
+    gate = study_lock(config, Lock.ASK)
     objective = ReleaseGateThenRun(objective, gate)
     bar = StudyProgress(study, target, enabled=progress)
     ran = 0
-    with SqliteWorkerLock(config.storage_url), bar.progress, frozen_heap():
+    with sole_worker(config), bar.progress, frozen_heap():
         while True:
             gate.acquire()
             try:
