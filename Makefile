@@ -49,12 +49,12 @@ bench: $(STAMP)
 	$(PY) -m bench.run
 
 # The search and its certificate, before (no range test, no constraints, every candidate
-# replayed) against now, on the demo: 2 cases x 5 seeds x 12 trials, 72 minutes on 2 cores.
+# replayed) against now, on the demo: 2 cases x 5 seeds x 12 trials.
 bench-search: $(STAMP)
 	$(PY) -m bench.search_bench
 
 # The stability edge against runs trained as trials train, trials that broke, and the answer's
-# quality over seeds against plain Optuna's, on the demo: counts, about 2 hours on 2 cores. Each
+# quality over seeds against plain Optuna's, on the demo: counts. Each
 # part's results are kept in runs/bench-edge/results.json: run it again to go on after a stop.
 bench-edge: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m bench.edge_calibration --out runs/bench-edge/results.json
@@ -64,8 +64,8 @@ bench-edge: $(STAMP)
 bench-fanout: $(STAMP)
 	$(PY) -m bench.fanout
 
-# Fan-out measured: the demo (12 trials) on `stylepipe stack` with 1 and then 2 workers, one torch
-# thread each; the search's and the certificate's wall times side by side (about 6 minutes).
+# Fan-out on the stack: the demo (12 trials) on `stylepipe stack` with 1 and then 2 workers, one
+# torch thread each; the search's and the certificate's wall times side by side.
 bench-fanout-stack: $(STAMP)
 	$(PY) -m bench.fanout_stack
 

@@ -27,7 +27,7 @@ Parts:
 The images: scikit-image's bundled ones, split by name: two thirds are what every study, sweep and
 edge test sees; the other third is the hidden content of part 4.
 
-``python -m bench.edge_calibration --out runs/bench-edge/results.json`` (about 2 hours on 2 cores).
+``python -m bench.edge_calibration --out runs/bench-edge/results.json`` (a run cut short goes on where it stopped).
 """
 
 from __future__ import annotations

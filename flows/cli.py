@@ -35,8 +35,8 @@ def prefect_home(args: argparse.Namespace) -> None:
     # no PREFECT_API_URL: a temporary local server for this run
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect gives its temporary server 20 s to come up; on a busy 2-core machine that is
-    # a coin toss (seen: 20-21 s). Unless the user chose, give it the time a small machine needs.
+    # Prefect gives its temporary server 20 s to come up, which a busy small machine can miss.
+    # Unless the user chose, give it the time a small machine needs.
     os.environ.setdefault(STARTUP_TIMEOUT, "180")
 
 

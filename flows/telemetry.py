@@ -56,7 +56,7 @@ def _in_a_run(record: logging.LogRecord) -> bool:
 def library_logs_in_run_logs() -> Iterator[None]:
     """Inside, the library's INFO lines also go to the Prefect run logs (of the flow run, and of
     the task run that logged them). Only Prefect's API handler is added: the console shows each
-    line once, as before. (Prefect's ``logging.extra_loggers`` setting does the same, but only
+    line once. (Prefect's ``logging.extra_loggers`` setting does the same, but only
     when set before Prefect configures its logging, which a work pool's runs have done.)"""
     logger = logging.getLogger(LIBRARY_LOGGER)
     handler = APILogHandler()

@@ -30,7 +30,7 @@ from stylepipe.sections import (
 )
 from stylepipe.stores import SECRET_ENV, redact_url
 
-# Imported from here by the rest of stylepipe, as before the sections moved to sections.py.
+# The sections are defined in sections.py; the rest of stylepipe imports them from here.
 __all__ = [
     "LAYER_NAMES",
     "MOVED",

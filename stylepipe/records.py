@@ -194,7 +194,7 @@ class Edge(Record):
     clip_norm: PositiveFloat | None = None  # the clipping it ran with; None: off
     # "cold": found by runs trained the way trials train (search/edge.py); "ramp": the warmed-up
     # geometric lr ramp an older stylepipe ran (a record without a kind), which overstates where a
-    # run from initialisation breaks (5-13x on the demo)
+    # run from initialisation breaks (bench/RESULTS.md)
     kind: Literal["cold", "ramp"] = "ramp"
     passed: PositiveFloat | None = None  # cold: the highest lr that trained every step
     probes: list[Probe] = []  # cold: its runs, in the order they ran

@@ -175,7 +175,7 @@ class RecoveryConfig(Section):
 
 
 class SearchSpace(Section):
-    """Ranges the sampler draws from; every numeric range is sampled on a log scale."""
+    """Ranges the sampler draws from: on a log scale, except ``beta1``'s, which is linear."""
 
     lr: tuple[float, float] = (1e-4, 1e-1)
     clip_norm: tuple[float, float] | None = (0.1, 100.0)  # None: never clip

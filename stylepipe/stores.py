@@ -3,7 +3,7 @@
 
 A trial commits to its stores a few dozen times (ask, user attributes, reports, the MLflow
 run, tell). In SQLite's default rollback-journal mode each commit waits for the disk
-(fsync), about 1 ms: tens of ms a trial, a measurable share of a short GPU trial. In
+(fsync): tens of commits a trial, a share of a short GPU trial. In
 write-ahead-log mode with ``synchronous=NORMAL`` a commit does not wait for the disk; the
 database stays consistent after a crash of the process (a power cut may lose the last
 commits). WAL also lets optuna-dashboard and ``mlflow ui`` read while a study writes.

@@ -1,8 +1,7 @@
 """Sharing one machine's CPU cores between stylepipe processes, however they were started.
 
 By default torch uses every core in every process, so processes on one machine compete for
-the same cores. Measured on two cores: three workers took 330 s for one 120-step training
-and 72 s with one thread each. Processes started on their own (two `stylepipe worker`
+the same cores, and oversubscribed they run several times slower (bench/RESULTS.md). Processes started on their own (two `stylepipe worker`
 commands, two Prefect flow runs) do not know about each other, so they find each other
 through a folder with one file per live process. Each process holds an exclusive ``flock``
 on its file for as long as it runs. The kernel drops the lock when the process dies, even

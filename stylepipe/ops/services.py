@@ -17,7 +17,7 @@ from pathlib import Path
 from stylepipe.errors import StylepipeError
 from stylepipe.stores import http_problem
 
-STARTUP_SECONDS = 180.0  # a Prefect server migrating a fresh database on 2 busy cores: ~40 s
+STARTUP_SECONDS = 180.0  # a Prefect server migrating a fresh database on a busy small machine
 
 
 class StackError(StylepipeError):

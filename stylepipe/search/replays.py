@@ -244,8 +244,8 @@ class _AskAgain(Callback):
 class ReplayObjective:
     """Optuna objective of the companion study: train one claimed unit, or cancel it.
 
-    Its MLflow run is the replay run of before (name, role ``replay``, nested under the study's
-    parent run), now also tagged with the worker that ran it."""
+    Its MLflow run is a replay run (name, role ``replay``, nested under the study's parent run),
+    tagged with the worker that ran it."""
 
     def __init__(
         self,

@@ -6,8 +6,7 @@ likeliest failure, first) and with ``search.replay_seeds`` more seeds, each for
 ``confirm_horizon`` steps. It is *safe* when every replay stays finite and does not diverge;
 its replays stop at the first that fails. Candidates are certified best-first by their trial's
 quality, so the first that passes is the safest (ties go to the lower gradient-norm spikiness)
-and worse candidates are not replayed; ``search.certify_all`` replays every candidate in full,
-as before. The replays are shared work: any worker of the study runs them once the search has
+and worse candidates are not replayed; ``search.certify_all`` replays every candidate in full. The replays are shared work: any worker of the study runs them once the search has
 ended, each exactly once (replays.py). If none is safe there is no safest configuration. The record states its
 **certificate** (the seeds, the margin and the horizon it passed) and compares it with the
 **baseline**, the settings of the user's own config file, which every study runs as its first
