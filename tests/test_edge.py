@@ -23,7 +23,7 @@ from stylepipe.search.objective import load_study_data, run_candidate
 from stylepipe.search.study import open_study
 from stylepipe.train import Callback
 from stylepipe.train.trainer import Trainer
-from tests.conftest import DEMO, search_overrides
+from tests.helpers import DEMO, search_overrides
 
 # Runs as the demo's trials train (30 steps, no warm-up, checked every 5), at 32 px
 COLD = ("train.steps=30", "train.check_every=5", "search.space.lr=[1e-4,1e-1]", "search.edge_steps=100",

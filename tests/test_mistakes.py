@@ -25,7 +25,7 @@ from stylepipe.cli import main
 from stylepipe.data.prepare import load_manifest
 from stylepipe.nets import TransformerNet
 from stylepipe.train.model_file import save_model
-from tests.conftest import DEMO
+from tests.helpers import DEMO
 
 TINY = [
     "data.image_size=32",

@@ -24,8 +24,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from stylepipe.ops import stack as stack_tools
-from tests.conftest import DEMO
-from tests.test_workers import POSTGRES, needs_postgres
+from tests.helpers import DEMO, POSTGRES, needs_postgres
 
 pytestmark = [pytest.mark.slow, needs_postgres]
 
