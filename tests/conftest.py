@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,11 +29,13 @@ LONGEST_FIRST = (
     "test_topology",
     "test_workers",
     "test_long_run",
+    "test_edge",
     "test_search",
-    "test_states",
     "test_flows",
+    "test_states",
     "test_secrets",
     "test_mistakes",
+    "test_replays",
 )
 
 
@@ -49,9 +52,9 @@ def _quiet_random_weights_warning(caplog):
     caplog.set_level(logging.ERROR, logger="stylepipe.nets.vgg")
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """A tiny prepared shard of scikit-image's photos (32 px), one per test module."""
+@pytest.fixture(scope="session")
+def _prepared_once(tmp_path_factory) -> Path:
+    """A tiny prepared shard of scikit-image's photos (32 px), prepared once per test process."""
     from stylepipe.config import PrepareConfig
     from stylepipe.data.prepare import prepare
     from stylepipe.data.sources import export_skimage
@@ -61,6 +64,14 @@ def prepared(tmp_path_factory) -> Path:
     settings = PrepareConfig(image_size=32, min_size=32, val_fraction=0.25, workers=1)
     prepare(source, root / "prepared", settings, progress=False)
     return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def prepared(_prepared_once, tmp_path_factory) -> Path:
+    """That shard, a copy of its own for each test module (a module may change its files)."""
+    copy = tmp_path_factory.mktemp("data") / "prepared"
+    shutil.copytree(_prepared_once, copy)
+    return copy
 
 
 @pytest.fixture
