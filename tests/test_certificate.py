@@ -10,7 +10,7 @@ import pytest
 from stylepipe.config import load_config
 from stylepipe.search import replays as replays_module
 from stylepipe.search.safest import confirm_safest
-from tests.conftest import DEMO, study_of
+from tests.helpers import DEMO, study_of
 
 
 def settings(tmp_path, *extra: str):

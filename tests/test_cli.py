@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from stylepipe.cli import main
 from stylepipe.train.model_file import ModelFileError, load_model, save_model
-from tests.conftest import DEMO
+from tests.helpers import DEMO
 
 TINY = [
     "data.image_size=32",

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from stylepipe.config import ConfigError, load_config
-from tests.conftest import DEMO
+from tests.helpers import DEMO
 
 
 def test_demo_config_loads_with_its_values():

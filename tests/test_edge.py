@@ -24,7 +24,7 @@ from stylepipe.search.study import open_study
 from stylepipe.search.study_data import load_study_data
 from stylepipe.train import Callback
 from stylepipe.train.trainer import Trainer
-from tests.conftest import DEMO, search_overrides
+from tests.helpers import DEMO, search_overrides
 
 # Runs as the demo's trials train (30 steps, no warm-up, checked every 5), at 32 px
 COLD = ("train.steps=30", "train.check_every=5", "search.space.lr=[1e-4,1e-1]", "search.edge_steps=100",
@@ -365,7 +365,9 @@ def test_a_study_an_older_stylepipe_made_keeps_its_ramp_edge_and_its_range(
 def test_a_study_whose_trials_began_without_an_edge_test_keeps_its_whole_range(
     tmp_path, prepared, monkeypatch
 ):
-    config = edge_config(tmp_path, prepared, "search.n_trials=1", "final.train=false", "search.edge_steps=0")
+    no_replays = ("search.replay_seeds=0", "search.lr_margin=1")  # what is checked is each trial's lr range
+    config = edge_config(tmp_path, prepared, "search.n_trials=1", "final.train=false", "search.edge_steps=0",
+                         *no_replays)  # fmt: skip
     run_search(config, progress=False)
     # made by an earlier stylepipe: no edge settings recorded, so they compare as their defaults
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
@@ -375,7 +377,8 @@ def test_a_study_whose_trials_began_without_an_edge_test_keeps_its_whole_range(
     monkeypatch.setattr(
         edge_module, "find_edge", lambda *a, **k: pytest.fail("an edge test on a begun study")
     )
-    later = edge_config(tmp_path, prepared, "search.n_trials=2", "final.train=false", "search.edge_steps=100")
+    later = edge_config(tmp_path, prepared, "search.n_trials=2", "final.train=false", "search.edge_steps=100",
+                        *no_replays)  # fmt: skip
     result = run_search(later, progress=False)
     assert StudyRecord(study).edges is None and result["stability_edge"] is None
     assert [t.distributions["lr"].high for t in study.get_trials()] == [3.0, 3.0]  # the demo's range
@@ -384,7 +387,7 @@ def test_a_study_whose_trials_began_without_an_edge_test_keeps_its_whole_range(
 def test_constraints_off_writes_none(tmp_path, prepared):
     config = edge_config(
         tmp_path, prepared, "search.n_trials=2", "final.train=false", "search.constraints=false",
-        "search.edge_steps=0",
+        "search.edge_steps=0", "search.replay_seeds=0", "search.lr_margin=1",  # the trials are what is checked
     )  # fmt: skip
     run_search(config, progress=False)
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from flows.cli import main as flow_main
-from tests.conftest import DEMO, one_error
+from tests.helpers import DEMO, one_error
 
 PG = "postgresql://postgres@127.0.0.1:5432/nosuchdb"  # never opened: the refusal comes first
 

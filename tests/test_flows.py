@@ -28,7 +28,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from flows.deploy import build_deployment  # noqa: E402
 from flows.pipeline import style_pipeline  # noqa: E402
 from stylepipe.config import load_config  # noqa: E402
-from tests.conftest import DEMO  # noqa: E402
+from tests.helpers import DEMO  # noqa: E402
 
 pytestmark = pytest.mark.slow  # Prefect's test server and whole pipeline runs
 

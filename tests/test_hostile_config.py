@@ -12,7 +12,7 @@ import pytest
 from stylepipe.cli import main
 from stylepipe.config import ConfigError, load_config
 from stylepipe.stores import is_masked, redact_url, scrub, url_secrets
-from tests.conftest import DEMO, LOCAL_POSTGRES, POSTGRES_ENV, _answers
+from tests.helpers import DEMO, LOCAL_POSTGRES, POSTGRES_ENV, _answers
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -34,7 +34,7 @@ from stylepipe.train.checkpoints import (
 from stylepipe.train.lifecycle import RunStateError
 from stylepipe.train.long_run import describe_recovery
 from stylepipe.train.recipe import train_from_config, train_run_folder
-from tests.conftest import DEMO, SAFEST, StopAt, search_command, search_config, search_overrides
+from tests.helpers import DEMO, SAFEST, StopAt, search_command, search_config, search_overrides
 
 STYLEPIPE = str(Path(sys.executable).parent / "stylepipe")
 KILL_DELAYS = random.Random(19)  # where in a stretch the kill tests kill: seeded, the same every run

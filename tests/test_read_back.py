@@ -11,7 +11,7 @@ from stylepipe.config import load_config
 from stylepipe.search.replays import open_companion
 from stylepipe.search.safest import confirm_safest
 from stylepipe.search.study import open_study
-from tests.conftest import DEMO, search_overrides, study_of
+from tests.helpers import DEMO, search_overrides, study_of
 
 
 @pytest.mark.parametrize("finished", ["yes", {"for_trials": "many"}, 3])

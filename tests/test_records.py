@@ -14,7 +14,7 @@ from stylepipe import stages
 from stylepipe.config import load_config
 from stylepipe.records import RecordError, Safest, WarmStart
 from stylepipe.search.attributes import StudyRecord, StudyState
-from tests.conftest import DEMO, SAFEST
+from tests.helpers import DEMO, SAFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,8 +17,7 @@ import pytest
 from stylepipe.config import load_config
 from stylepipe.search import replays
 from stylepipe.search.replays import cancelled_because, open_companion, plan_units, run_units
-from tests.conftest import DEMO, study_of
-from tests.test_workers import databases, needs_postgres  # noqa: F401  (a fixture)
+from tests.helpers import DEMO, needs_postgres, study_of
 
 PLAN = [{"seed": 0, "lr_factor": 2.0}, {"seed": 1, "lr_factor": 1.0}, {"seed": 2, "lr_factor": 1.0}]
 
@@ -75,7 +74,7 @@ def _ran(companion: optuna.Study) -> list[tuple]:
 
 
 @needs_postgres
-def test_two_processes_claim_each_replay_exactly_once(databases, tmp_path):  # noqa: F811
+def test_two_processes_claim_each_replay_exactly_once(databases, tmp_path):
     config = settings(databases[0], f"claims-{uuid.uuid4().hex[:6]}", tmp_path)
     # certify_all: nothing is cancelled, every unit must run once (4 candidates x 3 replays)
     config = config.with_overrides({"search.certify_all": True})
@@ -99,7 +98,7 @@ def test_two_processes_claim_each_replay_exactly_once(databases, tmp_path):  # n
 
 
 @needs_postgres
-def test_a_replay_whose_worker_died_is_run_again_by_another_once(databases, tmp_path):  # noqa: F811
+def test_a_replay_whose_worker_died_is_run_again_by_another_once(databases, tmp_path):
     config = settings(databases[0], f"dies-{uuid.uuid4().hex[:6]}", tmp_path)
     config = config.with_overrides({"search.certify_all": True})
     _, companion = queued_study(config, [(1e-3, 1.5, True), (2e-3, 1.0, False)])

@@ -16,7 +16,7 @@ import pytest
 from stylepipe.cli import main
 from stylepipe.config import Config, load_config
 from stylepipe.records import FinalRun, Safest, WarmStart
-from tests.conftest import DEMO, SAFEST, one_error, tiny_config
+from tests.helpers import DEMO, SAFEST, one_error, tiny_config
 
 # -------------------------------------------------------------- 1. safe, and no model asked for
 

@@ -31,7 +31,7 @@ from stylepipe.search.study_data import load_study_data
 from stylepipe.stylize import stylize_tensor
 from stylepipe.train.guards import CAUSES
 from stylepipe.train.model_file import load_model
-from tests.conftest import (
+from tests.helpers import (
     DEMO,
     TINY_SEARCH,
     another_process_holds_sqlite,

@@ -19,8 +19,7 @@ import pytest
 
 from stylepipe.config import Config, load_config
 from stylepipe.stores import redact_url
-from tests.conftest import DEMO
-from tests.test_workers import POSTGRES, databases, needs_postgres  # noqa: F401
+from tests.helpers import DEMO, needs_postgres
 
 PASSWORD = "S3cretPW-stylepipe"
 BIN = Path(sys.executable).parent
@@ -84,7 +83,7 @@ TINY = ["data.image_size=32", "prepare.image_size=32", "search.confirm_steps=4",
 
 @pytest.mark.slow
 @needs_postgres
-def test_a_password_in_the_store_urls_is_in_no_file_artifact_parameter_or_log(tmp_path, prepared, databases):  # noqa: F811
+def test_a_password_in_the_store_urls_is_in_no_file_artifact_parameter_or_log(tmp_path, prepared, databases):
     optuna_url, mlflow_url = (_with_password(url) for url in databases)
     env = {**os.environ, "STYLEPIPE_OFFLINE": "1"}
     for inherited in ("PREFECT_API_URL", "PREFECT_HOME"):  # Prefect's database goes into the run folder

@@ -11,7 +11,7 @@ from stylepipe.config import PrepareConfig
 from stylepipe.data.prepare import PrepareError, load_manifest, prepare
 from stylepipe.data.shard import load_split
 from stylepipe.data.sources import SKIMAGE_COLOUR, export_skimage, load_content_images
-from tests.conftest import DEMO
+from tests.helpers import DEMO
 
 
 @pytest.fixture(scope="module")

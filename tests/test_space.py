@@ -13,7 +13,7 @@ from stylepipe.report import top_trials
 from stylepipe.search import space
 from stylepipe.search.space import Parameter, apply, baseline_params, params_from_trial, suggest, trial_values
 from stylepipe.search.study import open_study, run_trials, trials_table
-from tests.conftest import DEMO
+from tests.helpers import DEMO
 
 
 def _search(config) -> optuna.Study:

@@ -18,7 +18,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from stylepipe import chain, pipeline  # noqa: E402
 from stylepipe.cli import main  # noqa: E402
 from stylepipe.search.storage import Lock  # noqa: E402
-from tests.conftest import DEMO, search_overrides  # noqa: E402
+from tests.helpers import DEMO, search_overrides  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a study by the command, and one by the flow on Prefect's test server
 

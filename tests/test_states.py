@@ -25,7 +25,7 @@ from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.study import enqueue_first_trials, open_study
 from stylepipe.session import StudySession
 from stylepipe.train.recipe import train_from_config, train_run_folder
-from tests.conftest import DEMO, SAFEST, StopAt, another_process_holds, search_config, search_overrides
+from tests.helpers import DEMO, SAFEST, StopAt, another_process_holds, search_config, search_overrides
 
 SMALL = ["data.image_size=32", "train.batch_size=2", "train.steps=10", "train.check_every=5",
          "train.checkpoint_every=5", "train.device=cpu", "train.warmup_steps=0"]  # fmt: skip

@@ -14,7 +14,7 @@ from stylepipe.nets.losses import colour_distance, gram_distance, style_distance
 from stylepipe.nets.vgg import LossNetwork, load_vgg16_features
 from stylepipe.train.model_file import load_model
 from stylepipe.train.recipe import train_from_config
-from tests.conftest import DEMO
+from tests.helpers import DEMO
 
 SIZE = 32
 STEPS = 80

@@ -24,8 +24,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from stylepipe.ops import stack as stack_tools
-from tests.conftest import DEMO
-from tests.test_workers import POSTGRES, needs_postgres
+from tests.helpers import DEMO, POSTGRES, needs_postgres
 
 pytestmark = [pytest.mark.slow, needs_postgres]
 
@@ -174,9 +173,10 @@ def test_a_fanned_out_run_shares_trials_and_replays_and_survives_a_worker_killed
     another worker runs again; the study ends with its trials, one final run, one version."""
     env = _env(services)
     study, model = "fanout", f"{MODEL}-fanout"
-    # lr low enough that replays 150 steps long at lr x2 stay finite: a safest, a final model
+    # lr low enough that replays 80 steps long at lr x2 stay finite: a safest, a final model; 80
+    # steps (several seconds) keep the started worker's replay in training when it is killed
     common = [*TINY, "search.space.lr=[1e-4,1e-3]", "search.workers=2", "search.n_trials=6", "train.steps=40", "search.top_k=2",
-              "search.replay_seeds=1", "search.certify_all=true", "search.confirm_steps=150",
+              "search.replay_seeds=1", "search.certify_all=true", "search.confirm_steps=80",
               "search.heartbeat_interval=1", "search.grace_period=4", f"tracking.registered_model={model}",
               f"run_dir={tmp_path / 'run'}"]  # fmt: skip
     deploy = ["deploy", "--config", str(DEMO), "--pool", services.pool]

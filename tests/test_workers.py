@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -21,14 +20,8 @@ from mlflow import MlflowClient
 
 from stylepipe.config import load_config
 from stylepipe.search.storage import EndKilledRunThenRetry, SqliteWorkerLock, StorageError, open_storage
-from tests.conftest import DEMO, LOCAL_POSTGRES, POSTGRES_ENV, another_process_holds_sqlite
+from tests.helpers import DEMO, POSTGRES, another_process_holds_sqlite, needs_postgres
 
-POSTGRES = os.environ.get(POSTGRES_ENV)
-needs_postgres = pytest.mark.skipif(
-    not POSTGRES,
-    reason=f"no PostgreSQL: none answers at {LOCAL_POSTGRES} and {POSTGRES_ENV} is not set (set it to a server "
-    "these tests may create databases on; .ci/run does)",
-)
 WORKER = [str(Path(sys.executable).parent / "stylepipe"), "worker", "--quiet", "--config", str(DEMO)]
 TINY = [
     "data.image_size=32",
@@ -45,30 +38,6 @@ TINY = [
     "search.edge_steps=10",  # the shortest edge test: these tests are about other things
     "search.edge_probes=2",
 ]
-
-
-def _admin():
-    import sqlalchemy
-
-    return sqlalchemy.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-
-
-@pytest.fixture
-def databases():
-    """Two fresh databases (Optuna's and MLflow's tables would collide in one); dropped after."""
-    import sqlalchemy
-
-    engine = _admin()
-    names = [f"stylepipe_{kind}_{uuid.uuid4().hex[:10]}" for kind in ("optuna", "mlflow")]
-    with engine.connect() as connection:  # an unreachable server fails here, loudly
-        for name in names:
-            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    base = POSTGRES.rsplit("/", 1)[0]
-    yield [f"{base}/{name}" for name in names]
-    with engine.connect() as connection:
-        for name in names:
-            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    engine.dispose()
 
 
 def worker_args(
