@@ -187,26 +187,28 @@ CHECKPOINT_DIR = "checkpoint"  # a run's mirrored checkpoint: two slots and late
 
 
 class RunArtifacts:
-    """A long run's checkpoint mirror (``checkpoints.Mirror``) on its MLflow run: the files go to
-    the run's ``checkpoint/`` artifact folder, through the tracking server when there is one.
-    The names are the checkpoints module's own (two slots and a pointer), never a path read back."""
+    """One artifact folder of an MLflow run, through the tracking server when there is one: a
+    long run's checkpoint mirror (``checkpoints.Mirror``, in ``checkpoint/``), or the inputs a
+    study publishes for workers that share no disk (data/travel.py, ``inputs/<sha256>/``). The
+    names are stylepipe's own, never a path read back."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, folder: str = CHECKPOINT_DIR):
         self.client = client
         self.run_id = run_id
+        self.folder = folder
 
     def upload(self, path: Path, name: str) -> None:
         if path.name != name:  # the store names the file after the local one
             raise ValueError(f"expected a file named {name}, not {path.name}")
-        self.client.log_artifact(self.run_id, str(path), CHECKPOINT_DIR)
+        self.client.log_artifact(self.run_id, str(path), self.folder)
 
     def download(self, name: str, folder: Path) -> Path | None:
         if Path(name).name != name or name in ("", ".", ".."):
             raise ValueError(f"not a plain file name: {name!r}")
-        listed = {f.path for f in self.client.list_artifacts(self.run_id, CHECKPOINT_DIR)}
-        if f"{CHECKPOINT_DIR}/{name}" not in listed:
+        listed = {f.path for f in self.client.list_artifacts(self.run_id, self.folder)}
+        if f"{self.folder}/{name}" not in listed:
             return None
-        return Path(self.client.download_artifacts(self.run_id, f"{CHECKPOINT_DIR}/{name}", str(folder)))
+        return Path(self.client.download_artifacts(self.run_id, f"{self.folder}/{name}", str(folder)))
 
 
 def is_server(uri: str) -> bool:
