@@ -296,10 +296,10 @@ class ReleaseGateThenRun:
 def frozen_heap():
     """Inside: what is loaded so far (torch, MLflow, Optuna, the study's data) is out of the
     garbage collector's view. Otherwise each full collection walks those millions of
-    long-lived objects, about 0.4 s on a 2-core CPU, in the middle of some trial, while the
-    GPU waits for its next kernels. On the way out they are handed back (a caller that
+    long-lived objects in the middle of some trial, while the GPU waits for its next kernels.
+    No collection first (it walks them all once more, each time a search starts): garbage
+    frozen with them is collected after they are handed back on the way out (a caller that
     drops the session may leave reference cycles among them)."""
-    gc.collect()
     gc.freeze()
     try:
         yield
