@@ -55,6 +55,7 @@ def test_a_worker_without_the_path_fetches_the_file_once_by_its_hash(tmp_path, s
 
     assert local_copy(item, elsewhere, cache, NoStore()) == fetched  # present and matching: no download
     assert local_copy(item, shard, cache, NoStore()) == shard  # the given path holds it: used as is
+    assert sorted(p.name for p in shard.parent.iterdir()) == ["shard.npy"]  # and nothing written beside it
     assert sorted(p.name for p in fetched.parent.iterdir()) == ["shard.npy", "shard.npy.verified.json"]
 
 

@@ -73,7 +73,7 @@ def publish(path: str | Path, folder_for: Callable[[InputFile], ArtifactFolder])
 def local_copy(item: InputFile, given: str | Path | None, cache: str | Path, folder: ArtifactFolder) -> Path:
     """A path holding ``item``'s content: ``given`` when it does, else the cache's copy, else one
     fetched from ``folder`` into the cache (``<cache>/<sha256>/<name>``)."""
-    if given is not None and Path(given).is_file() and _holds(Path(given), item):
+    if given is not None and Path(given).is_file() and _holds(Path(given), item, keep_note=False):
         return Path(given)
     cached = Path(cache) / item.sha256 / item.name
     if cached.is_file() and _holds(cached, item):
@@ -81,9 +81,10 @@ def local_copy(item: InputFile, given: str | Path | None, cache: str | Path, fol
     return _fetch(item, cached, folder)
 
 
-def _holds(path: Path, item: InputFile) -> bool:
-    """Whether ``path`` holds ``item``'s content. A copy this module verified keeps a note of its
-    size and time beside it, so a large file is hashed again only when it changed."""
+def _holds(path: Path, item: InputFile, keep_note: bool = True) -> bool:
+    """Whether ``path`` holds ``item``'s content. A cached copy this module verified keeps a note
+    of its size and time beside it, so a large file is hashed again only when it changed; a
+    path the user gave is only read (``keep_note=False``)."""
     note = path.with_name(path.name + ".verified.json")
     stat = path.stat()
     seen = {"sha256": item.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -94,7 +95,7 @@ def _holds(path: Path, item: InputFile) -> bool:
         pass
     if file_sha256(path) != item.sha256:
         return False
-    if note.parent.is_dir() and os.access(note.parent, os.W_OK):
+    if keep_note:
         write_json(note, seen)
     return True
 
