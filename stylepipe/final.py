@@ -17,12 +17,21 @@ reuses its model and says so. An interrupted one resumes in the same MLflow run,
 machine's checkpoints or, on another machine, from the copy mirrored to that run; a copy that
 cannot be used is one warning, the abandoned MLflow run is ended KILLED with the reason, and
 the final run starts over. A halted one is reported again, not trained again.
+
+A final run may be **trained ahead** of its certificate (search/speculative.py): the same run,
+the same fingerprint, folder and MLflow run, trained to its last step and left ``trained``
+(the MLflow tag says so, its last checkpoint mirrored), or stopped at a check when the
+candidate is no longer wanted (its MLflow run ended KILLED with the reason, tagged ``stopped``,
+never registered). Its model is written only by ``run``, with the certified safest record,
+once the certificate has passed: it resumes at the last step and finishes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from mlflow.exceptions import MlflowException
@@ -39,12 +48,14 @@ from stylepipe.search.quality import QualityReporter
 from stylepipe.search.space import apply
 from stylepipe.showcase import measure_style, write_samples, write_triptych
 from stylepipe.tracking import RunArtifacts, end_killed_run
+from stylepipe.train.callbacks import Callback, TrainState
 from stylepipe.train.checkpoints import CheckpointSaver, fetch_mirrored
 from stylepipe.train.lifecycle import (
     FINISHED,
     HALTED,
     INTERRUPTED,
     RUNNING,
+    TRAINED,
     RunFolder,
     RunStateError,
     run_identity,
@@ -55,6 +66,8 @@ from stylepipe.train.model_file import save_model
 log = logging.getLogger(__name__)
 
 STATE_TAG = "stylepipe.state"  # on the final MLflow run: "finished" once its model is logged
+STOPPED = "stopped"  # a final trained ahead that its candidate's certificate made unwanted
+AHEAD_TAG = "stylepipe.ahead"  # on a final run started before its certificate passed
 FINGERPRINT_TAG = "stylepipe.fingerprint"
 SHA_TAG = "stylepipe.model_sha256"
 
@@ -63,21 +76,46 @@ class FinalRunHalted(StylepipeError):
     """The safest configuration halted in its final run after every recovery attempt."""
 
 
-def final_settings(config: Config, safest: Safest) -> Config:
-    """The safest configuration at the final model's length and image size."""
+def final_settings(config: Config, params: dict[str, Any]) -> Config:
+    """A configuration's parameters at the final model's length and image size."""
     steps, size = config.final_run_steps, config.final_run_image_size
-    return apply(config, safest.params, **{"train.steps": steps, "data.image_size": size})
+    return apply(config, params, **{"train.steps": steps, "data.image_size": size})
+
+
+class FinalStopped(Exception):
+    """A final trained ahead is no longer wanted (``why``), at ``step``."""
+
+    def __init__(self, why: str, step: int):
+        super().__init__(why)
+        self.step = step
+
+
+class _StopWhen(Callback):
+    """Stops a final trained ahead once ``why_stop`` gives a reason; asks every ``every_s``."""
+
+    def __init__(self, why_stop: Callable[[], str | None], every_s: float):
+        self.why_stop, self.every_s = why_stop, every_s
+        self.last = time.monotonic()
+
+    def on_check(self, state: TrainState) -> None:
+        if time.monotonic() - self.last < self.every_s:
+            return
+        self.last = time.monotonic()
+        why = self.why_stop()
+        if why:
+            raise FinalStopped(why, state.step)
 
 
 class FinalTraining:
-    """The final run of one safest configuration of one study (see the module doc)."""
+    """The final run of one configuration (a trial's parameters) of one study (see the module doc)."""
 
-    def __init__(self, config: Config, safest: Safest, session: Any):
+    def __init__(self, config: Config, trial: int, params: dict[str, Any], session: Any):
         """``session``: the stages' ``StudySession`` (its study, tracker, parent run, data, run folder)."""
         self.config = config
-        self.safest = safest
+        self.trial, self.params = trial, params
+        self.safest: Safest | None = None  # the certified record, once ``run`` is given it
         self.session = session
-        self.final_config = final_settings(config, safest)
+        self.final_config = final_settings(config, params)
         data = data_fingerprint(
             config.data.content, config.data.style_image, self.final_config.data.image_size
         )
@@ -103,8 +141,10 @@ class FinalTraining:
             return None
 
     # ------------------------------------------------------------------ the stage
-    def run(self) -> FinalRun:
-        """Train it, resume it, or reuse it when it is finished; the final model's record."""
+    def run(self, safest: Safest) -> FinalRun:
+        """Train it, resume it, or reuse it when it is finished; the final model's record, with
+        ``safest`` (the certified record of this configuration) in its model file."""
+        self.safest = safest
         run_id = self.shared().get("run_id")
         mlflow_run = self._mlflow_run(run_id)
         recorded = mlflow_run.data.tags.get(STATE_TAG) if mlflow_run is not None else None
@@ -128,7 +168,21 @@ class FinalTraining:
                 )
             return self._train(run_id if mlflow_run is not None else None)
 
-    def _train(self, run_id: str | None) -> FinalRun:
+    def train_ahead(self, why_stop: Callable[[], str | None], every_s: float) -> str:
+        """Train it before its certificate has passed, to its last step, and leave it ``trained``
+        for ``run`` to finish; ``why_stop`` is asked every ``every_s`` seconds, and a reason
+        stops it (``FinalStopped``). Returns the state it was left in (``trained``, or
+        ``finished``/``halted`` as found); a halt after every recovery raises ``FinalRunHalted``."""
+        run_id = self.shared().get("run_id")
+        mlflow_run = self._mlflow_run(run_id)
+        recorded = mlflow_run.data.tags.get(STATE_TAG) if mlflow_run is not None else None
+        if recorded in (FINISHED, HALTED, TRAINED):
+            return recorded
+        with self.folder.claimed():
+            self._train(run_id if mlflow_run is not None else None, stop=_StopWhen(why_stop, every_s))
+        return TRAINED
+
+    def _train(self, run_id: str | None, stop: _StopWhen | None = None) -> FinalRun | None:
         config, s = self.final_config, self.session
         saver = CheckpointSaver(self.folder.checkpoints, config.train.keep_checkpoints, self.folder.settings)
         resumable = saver.load() is not None
@@ -159,8 +213,10 @@ class FinalTraining:
                 end_killed_run(
                     self.client, run_id, f"abandoned: {why}; the final run started over in a new MLflow run"
                 )
-            tags = {"safest.trial": self.safest.trial, FINGERPRINT_TAG: self.fingerprint}
-            params = self.safest.params
+            tags = {"safest.trial": self.trial, FINGERPRINT_TAG: self.fingerprint}
+            if stop is not None:
+                tags[AHEAD_TAG] = "trained before its certificate passed"
+            params = self.params
             logger = s.tracker.child_run(
                 s.parent, "final model", "final", params, tags, self.config.tracking.log_every
             )
@@ -175,9 +231,12 @@ class FinalTraining:
         reporter = QualityReporter(
             s.data, config.train.steps, logger=long_run
         )  # its rows go through the long run
-        trainer = candidate_trainer(config, s.data, [reporter, long_run])
+        trainer = candidate_trainer(config, s.data, [reporter, *([stop] if stop else []), long_run])
         try:
             run = train_candidate(trainer, lambda: long_run.fit(trainer), reporter, s.data)
+        except FinalStopped as stopped:
+            self._stopped(run_id, str(stopped), logger, stopped.step)
+            raise
         except BaseException as err:  # Ctrl-C too: the run says why it stopped (and resumes later)
             logger.errors.extend(saver.mirror_errors)
             s.tracker.finish_run(run_id, "failed", logger=logger, failure=failure_text(err))
@@ -187,7 +246,38 @@ class FinalTraining:
         run.recoveries = long_run.recoveries
         if run.outcome != "complete":
             raise self._halted(run, logger)
+        if self.safest is None:  # trained ahead: finished once its certificate has passed
+            logger.flush()
+            self.client.set_tag(run_id, STATE_TAG, TRAINED)
+            self.folder.write(TRAINED, steps=config.train.steps)
+            self.share(state=TRAINED)
+            return None
         return self._finish(run, logger, long_run.resumed_from)
+
+    def stop_recorded(self, why: str) -> None:
+        """A final trained ahead whose worker is gone (or that never started), no longer wanted:
+        its MLflow run, if one is still open, ended KILLED with ``why``; the study told."""
+        run_id = self.shared().get("run_id")
+        mlflow_run = self._mlflow_run(run_id)
+        if mlflow_run is not None and mlflow_run.data.tags.get(STATE_TAG) not in (FINISHED, HALTED, STOPPED):
+            self._stopped(run_id, why)
+        elif run_id is None:
+            self.share(state=STOPPED, why=why)
+
+    def _stopped(self, run_id: str, why: str, logger=None, step: int | None = None) -> None:
+        """Ended KILLED with why, tagged ``stopped`` (never registered); the study's record drops
+        its MLflow run, so that wanting this configuration later starts a run of its own."""
+        where = f" at step {step}" if step is not None else ""
+        text = f"stopped{where}: {why}; trained ahead of its certificate, never registered"
+        if logger is not None:
+            self.session.tracker.finish_run(run_id, STOPPED, logger=logger, failure=text, status="KILLED")
+        else:
+            end_killed_run(self.client, run_id, text)
+        self.client.set_tag(run_id, STATE_TAG, STOPPED)
+        if self.folder.record_path.is_file():
+            self.folder.write(INTERRUPTED, reason=text)
+        self.share(run_id=None, state=STOPPED, why=text, stopped_run=run_id)
+        log.warning("the final run trained ahead for trial %d %s", self.trial, text)
 
     def _halted(self, run, logger) -> FinalRunHalted:
         cause = run.autopsy.cause if run.autopsy else None

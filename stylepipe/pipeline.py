@@ -93,7 +93,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(SEARCH, lambda c: stages.search_trials(c.config, c.warm_start, c.progress, c.session, c.cores), Phase.STUDY),
     Stage(REPLAYS, lambda c: stages.certificate_replays(c.config, c.session, c.cores), Phase.STUDY),
     Stage(CONFIRM, lambda c: stages.confirm(c.config, c.session, c.cores), Phase.FINISH),
-    Stage(TRAIN_FINAL, lambda c: stages.train_final(c.config, c.done[CONFIRM], c.session), Phase.FINISH,
+    Stage(TRAIN_FINAL, lambda c: stages.train_final(c.config, c.done[CONFIRM], c.session, c.cores), Phase.FINISH,
           when=_wants_final, retries=1),
     Stage(REGISTER, lambda c: stages.register(c.config, c.done[TRAIN_FINAL], c.session), Phase.FINISH,
           when=_wants_final, retries=2),

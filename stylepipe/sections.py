@@ -274,6 +274,10 @@ class FinalConfig(Section):
     # Its good checkpoints are copied to its MLflow run as well, so that a retry on another
     # machine (a work pool, no shared disk) resumes it instead of starting over.
     mirror_checkpoints: bool = True
+    # Train the best candidate's final while the certificate's replays run on the other workers
+    # (search/speculative.py); stopped, never registered, if the certificate picks another.
+    # None: when search.workers > 1. Needs mirror_checkpoints (the finisher finishes it).
+    speculative: bool | None = None
     # The photo it is shown on: triptych.png in its run folder (content | style | result)
     showcase_image: str = "skimage:astronaut"
     showcase_size: int = Field(256, ge=16)  # its longer side, in pixels

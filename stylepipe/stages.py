@@ -187,17 +187,23 @@ def certificate_replays(config: Config, session: StudySession | None = None, cor
     """Once the study's search has ended, run the certificate's queued replays with the study's
     other workers until none is left to claim (search/replays.py); the study's finisher waits for
     those still running elsewhere (``confirm``). Nothing to do for a study already answered."""
+    from stylepipe.search import speculative
     from stylepipe.search.attributes import StudyRecord, StudyState
-    from stylepipe.search.safest import share_replays
+    from stylepipe.search.safest import CertificatePlan, share_replays
     from stylepipe.session import study_session
 
     with study_session(config, session) as s:
         done = StudyRecord(s.study).counted
         if done < config.search.n_trials or StudyRecord(s.study).safest_for(done)[0]:
-            return {"study": config.study_name, "replays_run": 0}
+            return {"study": config.study_name, "replays_run": 0, "finals_ahead": 0}
         StudyRecord(s.study).set_state(StudyState.CERTIFYING)
-        _, claimed = share_replays(config, s.study, lambda: s.data, s.tracker, s.parent, cores)
-        return {"study": config.study_name, "replays_run": claimed}
+        plan = CertificatePlan(s.study, config)
+        ahead = 0
+        if speculative.enabled(config):  # the first worker here takes the final, the others replays
+            speculative.queue(config, s.study, speculative.open_units(config, s.study), plan)
+            ahead = speculative.run_units(config, s, cores)
+        _, claimed = share_replays(config, s.study, lambda: s.data, s.tracker, s.parent, cores, plan=plan)
+        return {"study": config.study_name, "replays_run": claimed, "finals_ahead": ahead}
 
 
 def confirm(config: Config, session: StudySession | None = None, cores: Cores = ALONE) -> Safest | None:
@@ -208,6 +214,7 @@ def confirm(config: Config, session: StudySession | None = None, cores: Cores = 
     Runs once per study state: a verdict the study already holds for its current trials
     (from another worker, or an earlier run) is reused.
     """
+    from stylepipe.search import speculative
     from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.search.safest import confirm_safest
     from stylepipe.search.storage import StudyStore
@@ -236,23 +243,31 @@ def confirm(config: Config, session: StudySession | None = None, cores: Cores = 
                 )
         if safest is not None:
             safest.keep_for_warm_start(s.run_dir)
+        if speculative.enabled(config):  # a final trained ahead for another candidate stops now
+            speculative.stop_unwanted(config, s, safest, cores)
         return safest
 
 
-def train_final(config: Config, safest: Safest, session: StudySession | None = None) -> FinalRun:
+def train_final(
+    config: Config, safest: Safest, session: StudySession | None = None, cores: Cores = ALONE
+) -> FinalRun:
     """Train the safest configuration for ``final.steps`` as a long run (final.py): in
     ``<run_dir>/final/<study>-<fingerprint>``, with good checkpoints (mirrored to its MLflow run),
     recovery from halts and, when the stage runs again (a Prefect retry, the same command again,
     another machine), a resume in the same MLflow run. A final run that finished before is
     reused (``reused``), never trained or rewritten again; one that halted raises
-    ``FinalRunHalted`` again."""
+    ``FinalRunHalted`` again. One trained ahead of its certificate (search/speculative.py) is
+    waited for, or taken over from its mirrored checkpoint when its worker died, then finished."""
     from stylepipe.final import FinalTraining
+    from stylepipe.search import speculative
     from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.session import study_session
 
     with study_session(config, session) as s:
         StudyRecord(s.study).set_state(StudyState.TRAINING_FINAL)
-        return FinalTraining(config, safest, s).run()
+        if speculative.enabled(config):  # its final, trained ahead: waited for, or taken over
+            speculative.run_units(config, s, cores, wait=True)
+        return FinalTraining(config, safest.trial, safest.params, s).run(safest)
 
 
 def record_finished(

@@ -13,7 +13,8 @@ and every machine of the study reads them.
     versus_baseline     the comparison with them, in words
     safest              the safest configuration (records.Safest), or None: nothing was safe
     safest_for_trials   how many counted trials the safest answers for
-    final_runs          fingerprint -> {run_id, state} of the final runs (final.py)
+    final_run:<fingerprint>  {run_id, state, why} of one final run (final.py); an older
+                        stylepipe kept them all in one ``final_runs`` attribute
     finished            the study's answer once it is finished for its trials (chain.py)
 """
 
@@ -155,12 +156,15 @@ class StudyRecord:
 
     # -- the final runs and the answer
     def final_run(self, fingerprint: str) -> dict[str, Any]:
-        return dict((self._get("final_runs") or {}).get(fingerprint) or {})
+        record = self._get(f"final_run:{fingerprint}")
+        if record is None:  # kept by an older stylepipe
+            record = (self._get("final_runs") or {}).get(fingerprint)
+        return dict(record) if isinstance(record, dict) else {}
 
     def share_final_run(self, fingerprint: str, **record: Any) -> None:
-        runs = dict(self._get("final_runs") or {})
-        runs[fingerprint] = {**(runs.get(fingerprint) or {}), **record}
-        self._set("final_runs", runs)
+        # One attribute per final run: a speculative final and the certified one are written
+        # by different workers at the same time, and neither may undo the other's write.
+        self._set(f"final_run:{fingerprint}", {**self.final_run(fingerprint), **record})
 
     @property
     def finished(self) -> dict[str, Any] | None:

@@ -191,6 +191,14 @@ def results_of(companion: optuna.Study, candidate: int, horizon: int) -> list[di
     return [a["result"] for a in sorted(done, key=lambda a: a["order"])]
 
 
+def failed_replay(companion: optuna.Study, candidate: int, horizon: int) -> str | None:
+    """How ``candidate`` failed a replay that ran to its end, if one did."""
+    for attrs in _ran(companion, horizon):
+        if attrs["candidate"] == candidate and attrs["result"]["outcome"] != "complete":
+            return f"trial {candidate} already failed its replay with seed {attrs['seed']}"
+    return None
+
+
 def cancelled_because(companion: optuna.Study, unit: dict[str, Any], certify_all: bool) -> str | None:
     """Why ``unit`` is no longer needed, if it is not: its candidate already failed a replay, or a
     better candidate passed all of its replays and the unit's candidate is not within that one's
@@ -198,10 +206,10 @@ def cancelled_because(companion: optuna.Study, unit: dict[str, Any], certify_all
     passed)."""
     if certify_all:
         return None
+    failed = failed_replay(companion, unit["candidate"], unit["horizon"])
+    if failed:
+        return failed
     ran = _ran(companion, unit["horizon"])
-    for attrs in ran:
-        if attrs["candidate"] == unit["candidate"] and attrs["result"]["outcome"] != "complete":
-            return f"trial {unit['candidate']} already failed its replay with seed {attrs['seed']}"
     if unit["baseline"]:
         return None
     passed: dict[tuple[float, int], list[dict]] = {}  # (quality, candidate) -> its replays that passed

@@ -87,6 +87,7 @@ class Lock(StrEnum):
     EDGE = "edge"  # the edge test, once per study
     CERTIFICATE = "certificate"  # the certificate's replays planned once
     REPLAYS = "replays"  # claim one replay unit
+    FINAL_AHEAD = "final ahead"  # queue or claim the speculative final (speculative.py)
     FINISH = "finish"  # the study finished once
 
 

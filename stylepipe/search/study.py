@@ -69,6 +69,7 @@ STUDY_MAY_CHANGE = (
     "final.showcase_image",
     "final.showcase_size",
     "final.train",
+    "final.speculative",
     *NOT_FINGERPRINTED,
 )
 

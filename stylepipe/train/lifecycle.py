@@ -15,7 +15,9 @@ never block, resume, overwrite or delete each other:
 **States** (``run.json``): ``running`` while a process works on it; then ``finished`` (the
 model is written and finite), ``halted`` (a guard stopped it after every recovery) or
 ``interrupted`` (an exception or Ctrl-C stopped it). A process killed outright leaves
-``running`` recorded; nobody holds its lock, so it reads as ``interrupted``. What a command
+``running`` recorded; nobody holds its lock, so it reads as ``interrupted``. A study's final
+model trained ahead of its certificate stops at ``trained`` (its last checkpoint written, its
+model not yet): whoever finishes the study finishes it (search/speculative.py). What a command
 does in each state is a table in docs/design.md ("A run's state").
 
 Its checkpoints, their formats and their mirror: ``checkpoints.py``.
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
     from stylepipe.config import Config
 
 RUNNING, INTERRUPTED, HALTED, FINISHED = "running", "interrupted", "halted", "finished"
-STATES = (RUNNING, INTERRUPTED, HALTED, FINISHED)
+TRAINED = "trained"  # at its last step, its model not written yet (a final trained ahead)
+STATES = (RUNNING, INTERRUPTED, HALTED, FINISHED, TRAINED)
 NEW = "new"  # no run with this identity yet (not recorded: there is no folder)
 
 RECORD = "run.json"

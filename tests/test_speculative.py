@@ -1,0 +1,278 @@
+"""The speculative final (search/speculative.py): the best candidate's final model trains while
+its certificate runs; it goes on when the candidate is certified, is stopped (KILLED, never
+registered) when it is not, and is taken over from its mirrored checkpoint when its worker dies.
+Each cell of docs/design.md's table "The speculative final" has a test here."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from stylepipe import chain, stages
+from stylepipe.config import load_config
+from stylepipe.final import AHEAD_TAG, STATE_TAG
+from stylepipe.pipeline import Context
+from stylepipe.search import replays as replays_module
+from stylepipe.search import speculative
+from stylepipe.search.replays import ReplayResult, open_companion
+from stylepipe.search.safest import CertificatePlan, confirm_horizon
+from stylepipe.session import StudySession
+from tests.helpers import DEMO, needs_postgres, search_overrides
+
+_STATE = optuna.trial.TrialState
+# No replays: the best candidate is certified whatever its runs do (the cells where it passes).
+CERTIFIED = ["search.top_k=1", "search.replay_seeds=0", "search.lr_margin=1"]
+
+
+def _config(tmp_path: Path, prepared: Path, *extra: str):
+    overrides = search_overrides(
+        tmp_path / "run", prepared, "search.n_trials=3", "final.speculative=true", *extra
+    )
+    return load_config(DEMO, overrides)
+
+
+def _units(config) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(
+        study_name=f"{config.study_name}{speculative.SUFFIX}", storage=config.storage_url
+    ).trials
+
+
+def _final_runs(config) -> list:
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.study_name)
+    runs = client.search_runs([experiment.experiment_id], "tags.`stylepipe.role` = 'final'")
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def _steps(config, run) -> list[int]:
+    history = MlflowClient(tracking_uri=config.tracking_uri).get_metric_history(run.info.run_id, "loss/total")
+    return sorted(m.step for m in history)
+
+
+def _registered(config) -> list:
+    return MlflowClient(tracking_uri=config.tracking_uri).search_model_versions(
+        f"name='{config.tracking.registered_model}'"
+    )
+
+
+def test_one_worker_trains_no_final_ahead(tmp_path, prepared):
+    config = load_config(DEMO, search_overrides(tmp_path / "run", prepared, "search.n_trials=2"))
+    assert not speculative.enabled(config)  # search.workers 1: nothing to overlap with
+    assert speculative.enabled(config.with_overrides({"search.workers": 2}))
+    assert not speculative.enabled(
+        config.with_overrides({"search.workers": 2, "final.mirror_checkpoints": False})
+    )
+    chain.run_search(config, progress=False)
+    assert not any(
+        name.endswith(speculative.SUFFIX) for name in optuna.get_all_study_names(config.storage_url)
+    )
+    assert len(_final_runs(config)) == 1
+
+
+def test_a_certified_candidate_s_final_trained_ahead_is_the_run_registered(tmp_path, prepared):
+    config = _config(tmp_path, prepared, *CERTIFIED, "final.steps=12", "train.checkpoint_every=4")
+    answer = chain.run_search(config, progress=False)
+
+    (unit,) = _units(config)
+    assert unit.state == _STATE.COMPLETE and unit.user_attrs["state"] == "trained"
+    assert answer["safest"].trial == unit.user_attrs["candidate"]
+    (final,) = _final_runs(config)  # one final run: the one trained ahead, finished by the finisher
+    assert final.data.tags[AHEAD_TAG] and final.data.tags[STATE_TAG] == "finished"
+    assert final.info.status == "FINISHED"
+    (version,) = _registered(config)
+    assert version.run_id == final.info.run_id
+    # the finisher resumed it at its last step: no step trained twice
+    steps = _steps(config, final)
+    assert steps[-1] == 12 and len(steps) == len(set(steps))
+
+
+def _fail_the_best(monkeypatch, config):
+    """Replays of the study's best trial diverge; every other replay passes."""
+
+    def run_candidate(replay_config, data, loggers, **kwargs):
+        study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+        best = CertificatePlan(study, config).candidates[0]
+        broke = replay_config.train.lr / best.params["lr"] in (1.0, config.search.lr_margin)
+        quality = None if broke else 0.5
+        return SimpleRun("diverged" if broke else "complete", quality)
+
+    monkeypatch.setattr(replays_module, "run_candidate", run_candidate)
+
+
+class SimpleRun:
+    def __init__(self, outcome: str, quality: float | None):
+        self.outcome, self.quality, self.spikiness = outcome, quality, 1.0
+        broke = SimpleNamespace(cause="divergence", step=3, to_dict=lambda: {"outcome": outcome, "step": 3})
+        self.autopsy = broke if quality is None else None
+
+    def quality_at(self, step: int) -> float | None:
+        return self.quality
+
+
+def test_a_final_trained_to_its_end_is_stopped_and_never_registered_when_its_candidate_fails(
+    tmp_path, prepared, monkeypatch
+):
+    config = _config(tmp_path, prepared, "search.top_k=2", "final.steps=8")
+    _fail_the_best(monkeypatch, config)
+    answer = chain.run_search(config, progress=False)
+
+    (unit,) = _units(config)
+    best = unit.user_attrs["candidate"]
+    assert unit.user_attrs["state"] == "trained"  # one process: trained whole before its replays
+    assert answer["safest"] is not None and answer["safest"].trial != best
+    ahead, certified = _final_runs(config)
+    assert ahead.data.tags[AHEAD_TAG] and ahead.info.status == "KILLED"
+    assert ahead.data.tags[STATE_TAG] == "stopped"
+    assert f"trial {best} already failed its replay" in ahead.data.tags["failure"]
+    (version,) = _registered(config)
+    assert version.run_id == certified.info.run_id != ahead.info.run_id
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    records = {k: v for k, v in study.user_attrs.items() if k.startswith("final_run:")}
+    assert sorted(r["state"] for r in records.values()) == ["finished", "stopped"]
+
+
+def test_a_final_in_training_stops_at_its_next_check_when_its_candidate_fails_elsewhere(
+    tmp_path, prepared, monkeypatch
+):
+    """Another worker's replay of the candidate fails while its final trains here."""
+    config = _config(tmp_path, prepared, "search.top_k=2", "final.steps=400", "train.checkpoint_every=4")
+    monkeypatch.setattr(speculative, "CHECK_S", 0.1)
+    _fail_the_best(monkeypatch, config)
+    with StudySession(config) as session:
+        context = Context(config, session)
+        stages.search_trials(config, session=session)
+        plan = CertificatePlan(session.study, config)
+        best = plan.candidates[0]
+        failed = threading.Event()
+
+        def another_worker_fails_its_replay():
+            # once the final has trained a while, a replay of its candidate diverges elsewhere
+            checkpoints = Path(config.run_dir) / "final"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not any(checkpoints.glob("*/checkpoints/step-00000008*")):
+                time.sleep(0.05)
+            companion = open_companion(config, session.study)
+            result = ReplayResult(seed=0, lr_factor=2.0, outcome="diverged", cause="divergence", step=3)
+            attrs = {"candidate": best.number, "quality": best.value, "baseline": False, "order": 0,
+                     "replays": 2, "seed": 0, "lr_factor": 2.0, "horizon": confirm_horizon(config),
+                     "result": result.to_json()}  # fmt: skip
+            companion.add_trial(optuna.trial.create_trial(state=_STATE.COMPLETE, value=3.0, user_attrs=attrs))
+            failed.set()
+
+        writer = threading.Thread(target=another_worker_fails_its_replay)
+        writer.start()
+        stages.certificate_replays(config, session)
+        writer.join()
+        assert failed.is_set()
+        chain._finish_held(context, chain.in_process)
+
+    (unit,) = _units(config)
+    assert unit.state == _STATE.PRUNED
+    assert 8 <= unit.user_attrs["steps_trained"] < 400
+    assert f"trial {best.number} already failed its replay with seed 0" in unit.user_attrs["stopped"]
+    ahead, certified = _final_runs(config)
+    assert ahead.info.status == "KILLED" and ahead.data.tags[STATE_TAG] == "stopped"
+    (version,) = _registered(config)
+    assert version.run_id == certified.info.run_id
+
+
+def test_a_final_that_never_started_is_stopped_without_training_when_another_is_certified(
+    tmp_path, prepared, monkeypatch
+):
+    config = _config(tmp_path, prepared, "search.top_k=2", "final.steps=8")
+    _fail_the_best(monkeypatch, config)
+    with StudySession(config) as session:
+        stages.search_trials(config, session=session)
+        speculative.queue(config, session.study, speculative.open_units(config, session.study),
+                          CertificatePlan(session.study, config))  # fmt: skip
+        # the replays ran, and the verdict was recorded, before any worker claimed the final
+        monkeypatch.setattr(speculative, "run_units", lambda *a, **k: 0)
+        stages.certificate_replays(config, session)
+        monkeypatch.undo()
+        _fail_the_best(monkeypatch, config)
+        chain._finish_held(Context(config, session), chain.in_process)
+
+    (unit,) = _units(config)
+    assert unit.state == _STATE.PRUNED and "already failed its replay" in unit.user_attrs["stopped"]
+    assert "steps_trained" not in unit.user_attrs
+    (certified,) = _final_runs(config)  # the stopped one never had a run
+    assert AHEAD_TAG not in certified.data.tags
+    assert len(_registered(config)) == 1
+
+
+# ------------------------------------------------------------------ several processes
+
+WORKER = """
+import sys
+from stylepipe import stages
+from stylepipe.config import load_config
+from stylepipe.session import StudySession
+from stylepipe.search.storage import Lock
+
+config = load_config(sys.argv[1], sys.argv[2:])
+with StudySession(config, owns_parent=False) as session:
+    stages.certificate_replays(config, session)
+"""
+
+
+@pytest.mark.slow
+@needs_postgres
+def test_a_killed_worker_s_final_is_taken_over_from_its_mirrored_checkpoint_and_registered_once(
+    tmp_path, prepared, databases
+):
+    optuna_url, mlflow_url = databases
+    shared = [*CERTIFIED, f"search.storage={optuna_url}", f"tracking.uri={mlflow_url}",
+              "search.heartbeat_interval=1", "search.grace_period=3", "final.steps=400",
+              "train.checkpoint_every=8", "search.workers=2"]  # fmt: skip
+    finisher = _config(tmp_path / "finisher", prepared, *shared)
+    with StudySession(finisher) as session:
+        stages.search_trials(finisher, session=session)
+    worker_args = search_overrides(tmp_path / "worker" / "run", prepared, "search.n_trials=3", *shared)
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(DEMO), *worker_args])
+    try:
+        deadline = time.monotonic() + 240
+        mirrored = None
+        while time.monotonic() < deadline and mirrored is None:
+            time.sleep(0.5)
+            assert worker.poll() is None, "the worker ended before it was killed"
+            mirrored = _mirrored_step(finisher)
+        assert mirrored is not None, "no checkpoint was mirrored in time"
+        os.kill(worker.pid, signal.SIGKILL)
+    finally:
+        worker.kill()
+        worker.wait()
+
+    answer = chain.run_search(finisher, progress=False)  # the finisher: no replays, then finish
+
+    units = _units(finisher)
+    assert [u.state for u in units] == [_STATE.FAIL, _STATE.COMPLETE]  # failed by heartbeats, retried
+    (final,) = _final_runs(finisher)  # one MLflow run, resumed in place
+    assert final.data.tags[AHEAD_TAG] and final.info.status == "FINISHED"
+    steps = _steps(finisher, final)  # logged once each, across two workers
+    assert steps[-1] == 400 and len(steps) == len(set(steps))
+    (version,) = _registered(finisher)
+    assert version.run_id == final.info.run_id
+    assert answer["safest"].trial == units[-1].user_attrs["candidate"]
+
+
+def _mirrored_step(config) -> int | None:
+    """The step of the checkpoint the speculative final mirrored to its MLflow run, once one past
+    the start was."""
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    runs = [v for k, v in study.user_attrs.items() if k.startswith("final_run:") and v.get("run_id")]
+    if not runs:
+        return None
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    history = client.get_metric_history(runs[0]["run_id"], "loss/total")
+    steps = [m.step for m in history]
+    return max(steps) if steps and max(steps) >= 16 else None
