@@ -18,7 +18,7 @@ machine's checkpoints or, on another machine, from the copy mirrored to that run
 cannot be used is one warning, the abandoned MLflow run is ended KILLED with the reason, and
 the final run starts over. A halted one is reported again, not trained again.
 
-A final run may be **trained ahead** of its certificate (search/speculative.py): the same run,
+A final run may be **trained ahead** of its certificate (speculative.py): the same run,
 the same fingerprint, folder and MLflow run, trained to its last step and left ``trained``
 (the MLflow tag says so, its last checkpoint mirrored), or stopped at a check when the
 candidate is no longer wanted (its MLflow run ended KILLED with the reason, tagged ``stopped``,

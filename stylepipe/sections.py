@@ -275,7 +275,7 @@ class FinalConfig(Section):
     # machine (a work pool, no shared disk) resumes it instead of starting over.
     mirror_checkpoints: bool = True
     # Train the best candidate's final while the certificate's replays run on the other workers
-    # (search/speculative.py); stopped, never registered, if the certificate picks another.
+    # (speculative.py); stopped, never registered, if the certificate picks another.
     # None: when search.workers > 1. Needs mirror_checkpoints (the finisher finishes it).
     speculative: bool | None = None
     # The photo it is shown on: triptych.png in its run folder (content | style | result)

@@ -187,7 +187,7 @@ def certificate_replays(config: Config, session: StudySession | None = None, cor
     """Once the study's search has ended, run the certificate's queued replays with the study's
     other workers until none is left to claim (search/replays.py); the study's finisher waits for
     those still running elsewhere (``confirm``). Nothing to do for a study already answered."""
-    from stylepipe.search import speculative
+    from stylepipe import speculative
     from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.search.safest import CertificatePlan, share_replays
     from stylepipe.session import study_session
@@ -214,7 +214,7 @@ def confirm(config: Config, session: StudySession | None = None, cores: Cores = 
     Runs once per study state: a verdict the study already holds for its current trials
     (from another worker, or an earlier run) is reused.
     """
-    from stylepipe.search import speculative
+    from stylepipe import speculative
     from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.search.safest import confirm_safest
     from stylepipe.search.storage import StudyStore
@@ -256,10 +256,10 @@ def train_final(
     recovery from halts and, when the stage runs again (a Prefect retry, the same command again,
     another machine), a resume in the same MLflow run. A final run that finished before is
     reused (``reused``), never trained or rewritten again; one that halted raises
-    ``FinalRunHalted`` again. One trained ahead of its certificate (search/speculative.py) is
+    ``FinalRunHalted`` again. One trained ahead of its certificate (speculative.py) is
     waited for, or taken over from its mirrored checkpoint when its worker died, then finished."""
+    from stylepipe import speculative
     from stylepipe.final import FinalTraining
-    from stylepipe.search import speculative
     from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.session import study_session
 

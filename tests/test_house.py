@@ -26,7 +26,14 @@ LAYERS = [
     ("flows", "stylepipe.cli"),
     ("stylepipe.ops",),
     ("stylepipe.chain", "stylepipe.pipeline"),
-    ("stylepipe.stages", "stylepipe.champion", "stylepipe.session", "stylepipe.final", "stylepipe.showcase"),
+    (
+        "stylepipe.stages",
+        "stylepipe.champion",
+        "stylepipe.session",
+        "stylepipe.final",
+        "stylepipe.speculative",
+        "stylepipe.showcase",
+    ),  # fmt: skip
     (
         "stylepipe.search",
         "stylepipe.train",
@@ -235,7 +242,15 @@ def test_lock_names_come_from_one_enum():
             ):
                 bare.append(f"{name}:{call.lineno}")
     assert bare == []
-    assert {lock.value for lock in Lock} == {"setup", "ask", "edge", "certificate", "replays", "finish"}
+    assert {lock.value for lock in Lock} == {
+        "setup",
+        "ask",
+        "edge",
+        "certificate",
+        "replays",
+        "final ahead",
+        "finish",
+    }
 
 
 def test_study_states_come_from_one_type():

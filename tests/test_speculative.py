@@ -1,4 +1,4 @@
-"""The speculative final (search/speculative.py): the best candidate's final model trains while
+"""The speculative final (speculative.py): the best candidate's final model trains while
 its certificate runs; it goes on when the candidate is certified, is stopped (KILLED, never
 registered) when it is not, and is taken over from its mirrored checkpoint when its worker dies.
 Each cell of docs/design.md's table "The speculative final" has a test here."""
@@ -10,20 +10,19 @@ import signal
 import subprocess
 import sys
 import threading
-from types import SimpleNamespace
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 from mlflow import MlflowClient
 
-from stylepipe import chain, stages
+from stylepipe import chain, speculative, stages
 from stylepipe.config import load_config
 from stylepipe.final import AHEAD_TAG, STATE_TAG
 from stylepipe.pipeline import Context
 from stylepipe.search import replays as replays_module
-from stylepipe.search import speculative
 from stylepipe.search.replays import ReplayResult, open_companion
 from stylepipe.search.safest import CertificatePlan, confirm_horizon
 from stylepipe.session import StudySession

@@ -17,7 +17,7 @@ model is written and finite), ``halted`` (a guard stopped it after every recover
 ``interrupted`` (an exception or Ctrl-C stopped it). A process killed outright leaves
 ``running`` recorded; nobody holds its lock, so it reads as ``interrupted``. A study's final
 model trained ahead of its certificate stops at ``trained`` (its last checkpoint written, its
-model not yet): whoever finishes the study finishes it (search/speculative.py). What a command
+model not yet): whoever finishes the study finishes it (speculative.py). What a command
 does in each state is a table in docs/design.md ("A run's state").
 
 Its checkpoints, their formats and their mirror: ``checkpoints.py``.

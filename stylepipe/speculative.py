@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from stylepipe.config import Config
+from stylepipe.final import FinalRunHalted, FinalStopped, FinalTraining
 from stylepipe.search import replays
 from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.safest import CertificatePlan, confirm_horizon
@@ -105,7 +106,9 @@ def why_unwanted(config: Config, study: optuna.Study, candidate: int) -> str | N
     failed = replays.failed_replay(companion, candidate, confirm_horizon(config))
     if failed or not answered:
         return failed
-    return "nothing was certified safe" if safest is None else f"trial {safest.trial} was certified the safest"
+    return (
+        "nothing was certified safe" if safest is None else f"trial {safest.trial} was certified the safest"
+    )
 
 
 class FinalAhead:
@@ -115,8 +118,6 @@ class FinalAhead:
         self.config, self.session, self.cores = config, session, cores
 
     def __call__(self, unit_trial: optuna.Trial) -> float:
-        from stylepipe.final import FinalRunHalted, FinalStopped, FinalTraining
-
         study = self.session.study
         candidate = unit_trial.user_attrs["candidate"]
         trial = study.get_trials(deepcopy=False)[candidate]
@@ -188,8 +189,6 @@ def stop_unwanted(config: Config, session: StudySession, safest: Any, cores: Cor
     for any other candidate is stopped: by its worker at its next check; here when it never
     started, its worker died, or it was trained to its end already. The one the verdict wants
     goes on (``train_final`` waits for it). Returns how many units this process claimed."""
-    from stylepipe.final import FinalTraining
-
     units = open_units(config, session.study)
     wanted = safest.trial if safest is not None else None
     trials = units.get_trials(deepcopy=False)
