@@ -208,9 +208,18 @@ def stop_unwanted(config: Config, session: StudySession, safest: Any, cores: Cor
     return run_units(config, session, cores, wait=True)
 
 
-def wasted_steps(units: optuna.Study) -> int:
-    """The steps speculative finals trained before they were stopped."""
-    return sum(
-        int(t.user_attrs.get("steps_trained", 0))
-        for t in units.get_trials(deepcopy=False, states=(_STATE.PRUNED,))
-    )
+def stopped_steps(config: Config, study: optuna.Study) -> int:
+    """The steps trained by speculative finals that were then stopped: a study's cost counts them
+    with its final model's."""
+    if not enabled(config):
+        return 0
+    wanted = StudyRecord(study).safest_for(StudyRecord(study).counted)[1]
+    steps = 0
+    for unit in open_units(config, study).get_trials(deepcopy=False):
+        if unit.state == _STATE.PRUNED:
+            steps += int(unit.user_attrs.get("steps_trained", 0))
+        elif unit.state == _STATE.COMPLETE and (
+            wanted is None or unit.user_attrs["candidate"] != wanted.trial
+        ):
+            steps += int(unit.value or 0)
+    return steps

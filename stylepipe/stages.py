@@ -295,6 +295,7 @@ def report(
     writer: the safest record or why there is none, the model, the cost), in run_dir and on the
     study's MLflow run; the summary a person reads first, and the best trials. ``write=False``:
     the same answer, nothing written (a finished study reported again)."""
+    from stylepipe import speculative
     from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
     from stylepipe.search.attributes import StudyRecord
     from stylepipe.search.cost import study_cost
@@ -308,7 +309,8 @@ def report(
         record = StudyRecord(s.study)
         trials = trials_table(s.study, safest, config.train.steps)
         edges = record.edges
-        final_steps = config.final_run_steps if model else 0
+        # the final model's steps, and those of any final trained ahead then stopped
+        final_steps = (config.final_run_steps if model else 0) + speculative.stopped_steps(config, s.study)
         cost = study_cost(
             trials,
             record.verdicts,

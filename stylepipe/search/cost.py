@@ -17,7 +17,8 @@ def study_cost(
 ) -> dict[str, int]:
     """The steps each stage trained: the edge test (every probe, to its halt or its end), the trials (to their halt or
     prune), the stress replays (to their failure or cancel: ``certificate_steps`` as recorded;
-    from the verdicts for a study certified before replays were shared), the final model;
+    from the verdicts for a study certified before replays were shared), the final model (with any
+    final trained ahead of its certificate, then stopped);
     ``total`` their sum."""
     search = int(pd.to_numeric(trials.get("steps"), errors="coerce").fillna(0).sum()) if len(trials) else 0
     certificate = (
