@@ -58,8 +58,11 @@ def _retry_unless_users_mistake(task, task_run, state) -> bool:
 def _task_of(stage: Stage) -> Task:
     """The stage as a Prefect task: its own retries, cache, logs and state in the UI."""
 
-    def run_stage(config_json: str, done: dict[str, Any], warm_start: dict | None) -> Any:
+    def run_stage(
+        config_json: str, done: dict[str, Any], warm_start: dict | None, takes_final_ahead: bool = True
+    ) -> Any:
         context = Context(_settings(config_json), cores=MACHINE, warm_start=warm_start, done=done)
+        context.takes_final_ahead = takes_final_ahead
         return stage.run(context)
 
     def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -82,7 +85,10 @@ def as_tasks() -> chain.Runner:
     tasks = {stage.name: _task_of(stage) for stage in pipeline.STAGES}
 
     def run(stage: Stage, context: Context) -> Any:
-        return tasks[stage.name](context.config.model_dump_json(), dict(context.done), context.warm_start)
+        config_json = context.config.model_dump_json()
+        return tasks[stage.name](
+            config_json, dict(context.done), context.warm_start, context.takes_final_ahead
+        )
 
     return run
 
@@ -117,6 +123,7 @@ def style_pipeline(
         # to start, and they wait for the edge (the study's edge lock) rather than run it again.
         shared = [*(overrides or []), f"data.content={prepared['prepared']}"]
         workers = fanout.start_workers(config, deployment, config_path, shared)
+        context.takes_final_ahead = not workers  # the workers it started train the final ahead
         chain.run_phase(Phase.STUDY, context, runner)
         fanout.cancel_unstarted(workers)  # nothing is left for a worker that never started
         finished = chain.finish(context, runner)  # under the study's finish lock, as the commands

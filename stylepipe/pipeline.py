@@ -47,6 +47,10 @@ class Context:
     warm_start: dict | None = None
     progress: bool = False
     done: dict[str, Any] = field(default_factory=dict)
+    # Whether this worker may take the final trained ahead of the certificate (speculative.py).
+    # A flow run that started workers leaves it to them: a crashed worker is replaced, the
+    # flow run is not. It still takes it over in "train final" when none of them could.
+    takes_final_ahead: bool = True
 
     @property
     def safest(self) -> Safest | None:
@@ -91,7 +95,7 @@ STAGES: tuple[Stage, ...] = (
           cache_key=stages.prepare_fingerprint),
     Stage(EDGE, lambda c: stages.stability_edge(c.config, c.session), Phase.STUDY, retries=1),
     Stage(SEARCH, lambda c: stages.search_trials(c.config, c.warm_start, c.progress, c.session, c.cores), Phase.STUDY),
-    Stage(REPLAYS, lambda c: stages.certificate_replays(c.config, c.session, c.cores), Phase.STUDY),
+    Stage(REPLAYS, lambda c: stages.certificate_replays(c.config, c.session, c.cores, c.takes_final_ahead), Phase.STUDY),
     Stage(CONFIRM, lambda c: stages.confirm(c.config, c.session, c.cores), Phase.FINISH),
     Stage(TRAIN_FINAL, lambda c: stages.train_final(c.config, c.done[CONFIRM], c.session, c.cores), Phase.FINISH,
           when=_wants_final, retries=1),

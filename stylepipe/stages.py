@@ -183,10 +183,14 @@ def search_trials(
         return {"study": config.study_name, "trials_run": ran}
 
 
-def certificate_replays(config: Config, session: StudySession | None = None, cores: Cores = ALONE) -> dict:
+def certificate_replays(
+    config: Config, session: StudySession | None = None, cores: Cores = ALONE, takes_final_ahead: bool = True
+) -> dict:
     """Once the study's search has ended, run the certificate's queued replays with the study's
     other workers until none is left to claim (search/replays.py); the study's finisher waits for
-    those still running elsewhere (``confirm``). Nothing to do for a study already answered."""
+    those still running elsewhere (``confirm``). With several workers, the first to get here
+    (``takes_final_ahead``) trains the best candidate's final first (speculative.py). Nothing to
+    do for a study already answered."""
     from stylepipe import speculative
     from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.search.safest import CertificatePlan, share_replays
@@ -201,7 +205,7 @@ def certificate_replays(config: Config, session: StudySession | None = None, cor
         ahead = 0
         if speculative.enabled(config):  # the first worker here takes the final, the others replays
             speculative.queue(config, s.study, speculative.open_units(config, s.study), plan)
-            ahead = speculative.run_units(config, s, cores)
+            ahead = speculative.run_units(config, s, cores) if takes_final_ahead else 0
         _, claimed = share_replays(config, s.study, lambda: s.data, s.tracker, s.parent, cores, plan=plan)
         return {"study": config.study_name, "replays_run": claimed, "finals_ahead": ahead}
 
