@@ -1,7 +1,9 @@
 """Fan-out: a scheduled flow run with ``search.workers: N`` starts N - 1 ``search_worker`` flow
 runs on its own work pool (``run_deployment``), works as one worker itself, and waits for the
 others. They share the study's trials and its certificate's replays through the PostgreSQL
-study (search/replays.py); the final model stays with the flow run that started them.
+study (search/replays.py); one of them trains the best candidate's final model while the others
+replay (speculative.py); registering it stays with the flow run that started them. Each worker
+has a run folder of its own, ``<run_dir>/workers/<number>`` on its machine.
 
 The workers get the study's name and its storage URL with the password masked: each machine
 gives the password by its environment (STYLEPIPE_SEARCH_STORAGE, or PGPASSWORD), as for any
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from uuid import UUID
 
 from prefect import get_client
@@ -88,12 +91,15 @@ def start_workers(
     parent = FlowRunContext.get().flow_run
     runs = []
     for number in range(2, helpers + 2):
+        # Its own run folder, on whichever machine runs it: no folder of the pipeline's is one of
+        # its paths (its final runs and checkpoints are its own; what it needs travels by MLflow).
+        own = f"run_dir={Path(config.run_dir) / 'workers' / str(number)}"
         run = run_deployment(
             deployment,
             parameters={
                 "config_path": config_path,
                 "storage": redact_url(config.storage_url),
-                "overrides": overrides,
+                "overrides": [*overrides, own],
                 "study_name": config.study_name,
                 "finish": False,
             },
