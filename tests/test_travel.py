@@ -229,6 +229,30 @@ def test_present_and_matching_is_not_fetched_and_a_second_worker_finds_the_cache
     assert (again, done["fetched"], len(downloads)) == (away, [], 3)
 
 
+def _another_preparation(source: Path, target: Path) -> Path:
+    """A copy of a prepared folder whose manifest splits one image the other way: other images
+    to a study (its fingerprint differs), the same shard."""
+    shutil.copytree(source, target)
+    manifest = pd.read_parquet(target / "manifest.parquet")
+    first = manifest.index[manifest["status"] == "kept"][0]
+    manifest.loc[first, "split"] = "val" if manifest.loc[first, "split"] == "train" else "train"
+    manifest.to_parquet(target / "manifest.parquet")
+    return target
+
+
+def test_a_worker_with_a_stale_copy_uses_the_studys_and_a_search_keeps_its_own(published, caplog):
+    stale = _another_preparation(Path(published.here.data.content), published.elsewhere / "prepared")
+    before = _sha(stale / "manifest.parquet")
+    with caplog.at_level("WARNING", logger="stylepipe.search.inputs"):
+        worker, done = inputs_here(published.away, worker=True)
+    assert Path(worker.data.content).name == published.inputs.manifest.sha256
+    assert "shard.npy" in done["fetched"]
+    assert "holds another shard than study travel was made with" in caplog.text
+    assert _sha(stale / "manifest.parquet") == before  # the stale copy is left as it is
+    # stylepipe search on it: its own images, which the study's fingerprint check then refuses
+    assert inputs_here(published.away)[0].data.content == str(stale)
+
+
 def test_two_workers_at_once_in_one_cache_fetch_each_file_once(published, monkeypatch):
     asked: list[str] = []
     real = RunArtifacts.download
@@ -258,12 +282,7 @@ def test_a_study_whose_recorded_images_are_not_the_fetched_ones_is_refused_in_on
     published, tmp_path, capsys
 ):
     """The fingerprint rules hold: what the study was made with decides, not what it names."""
-    other = tmp_path / "other-preparation"
-    shutil.copytree(published.here.data.content, other)
-    manifest = pd.read_parquet(other / "manifest.parquet")
-    first = manifest.index[manifest["status"] == "kept"][0]
-    manifest.loc[first, "split"] = "val" if manifest.loc[first, "split"] == "train" else "train"
-    manifest.to_parquet(other / "manifest.parquet")
+    other = _another_preparation(Path(published.here.data.content), tmp_path / "other-preparation")
     client = MlflowClient(tracking_uri=published.here.tracking_uri)
     run = published.inputs.run_id
     moved = publish(other / "manifest.parquet", lambda item: RunArtifacts(client, run, item.folder))
