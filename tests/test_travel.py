@@ -23,6 +23,7 @@ from stylepipe.chain import work_on_study
 from stylepipe.cli import main as cli_main
 from stylepipe.data.shard import is_prepared
 from stylepipe.data.travel import InputFile, Inputs, PublishedFile, TravelError, local_copy, publish
+from stylepipe.records import RecordError
 from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.inputs import inputs_here, publishes
 from stylepipe.search.study import StudySettingsError
@@ -323,10 +324,26 @@ def test_a_study_record_of_inputs_that_stylepipe_did_not_write_is_refused_in_one
     study = optuna.load_study(study_name="travel", storage=published.here.storage_url)
     raw = published.inputs.to_json()
     study.set_user_attr(
-        "inputs", {**raw, "shard": {"name": "../../shard.npy", "sha256": raw["shard"]["sha256"]}}
+        "inputs", {**raw, "style": {"name": "../../style.png", "sha256": raw["style"]["sha256"]}}
     )
     assert cli_main(["worker", "--quiet", *_as_args(published.away)]) == 2
     assert "study travel's inputs is not an inputs record stylepipe wrote" in one_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [({"manifest": {"name": "report.md", "sha256": "a" * 64}}, "a shard is manifest.parquet and shard.npy"),
+     ({"shard": {"name": "shard.npy", "sha256": "B" * 64}}, "is not a SHA-256"),
+     ({"run_id": "../../runs"}, "not an MLflow run id")],
+)  # fmt: skip
+def test_an_inputs_record_is_a_shard_and_a_run_or_refused(change, why):
+    raw = {"run_id": "0a" * 16, "manifest": {"name": "manifest.parquet", "sha256": "a" * 64},
+           "shard": {"name": "shard.npy", "sha256": "b" * 64}, "style": None}  # fmt: skip
+    assert Inputs.from_json(raw, "it").shard.sha256 == "b" * 64
+    with pytest.raises(
+        RecordError, match=f"^study s's inputs is not an inputs record stylepipe wrote .*{why}"
+    ):
+        Inputs.from_json({**raw, **change}, "study s's inputs")
 
 
 def test_a_data_content_in_the_artifact_store_is_read_from_there(tmp_path, prepared, downloads):
