@@ -106,6 +106,7 @@ def style_pipeline(
     # crashed run) finds its study, resumes its trials and its final model's checkpoints.
     stamp = (flow_run.get_scheduled_start_time() or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
     config = config.with_overrides({"search.study_name": study_name or f"{config.name}-{stamp}"})
+    config, _ = chain.inputs_here(config)  # a data.content in the artifact store, read from there
 
     # told: the library's lines in the run logs, its events as Prefect events. counted: this flow
     # run is one of the machine's workers, so the workers it starts here share the cores with it.
@@ -121,7 +122,10 @@ def style_pipeline(
             logger.info("warm start: enqueuing the previous safest configuration %s", context.warm_start)
         # The workers start before the edge test: a process takes seconds to be picked up and
         # to start, and they wait for the edge (the study's edge lock) rather than run it again.
-        shared = [*(overrides or []), f"data.content={prepared['prepared']}"]
+        # They get the folder prepared here (published for them: the prepare phase's end), or
+        # data.content as it was given when it needed no preparation (an artifact URL, say).
+        prepared_here = [] if "skipped" in prepared else [f"data.content={prepared['prepared']}"]
+        shared = [*(overrides or []), *prepared_here]
         workers = fanout.start_workers(config, deployment, config_path, shared)
         context.takes_final_ahead = not workers  # the workers it started train the final ahead
         chain.run_phase(Phase.STUDY, context, runner)

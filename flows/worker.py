@@ -63,7 +63,9 @@ def search_worker(
     with told():
         log.info("worker %s joins study %s", worker_id(), config.study_name)
         result = run_worker(config, finish=finish)
-    return {k: v for k, v in result.items() if k in ("trials_run", "replays_run", "finished_study")}
+    return {
+        k: v for k, v in result.items() if k in ("trials_run", "replays_run", "finished_study", "fetched")
+    }
 
 
 def deploy(config_path: str, pool: str, source: str | None = None) -> str:

@@ -19,6 +19,7 @@ from stylepipe import pipeline, stages
 from stylepipe.config import Config
 from stylepipe.pipeline import Context, Phase, Stage
 from stylepipe.search.attributes import StudyRecord
+from stylepipe.search.inputs import inputs_here
 from stylepipe.search.storage import Lock, sole_worker, study_lock
 from stylepipe.search.study import existing_study
 from stylepipe.search.study_data import check_prepared
@@ -87,11 +88,14 @@ def run_search(
     """The ``search`` command: run (or resume) the study, then finish it, or report it finished.
 
     Another process on the same study (PostgreSQL) may run trials too; the study is finished
-    once: a process that finds it finished for its current trials reports that result.
+    once: a process that finds it finished for its current trials reports that result. Images
+    not on this machine are fetched from the study's MLflow run first (search/inputs.py).
     """
+    config, _ = inputs_here(config)
     check_prepared(config.data.content)
     with sole_worker(config), StudySession(config) as session:
         context = Context(config, session, cores, warm_start, progress)
+        run_phase(Phase.PREPARE, context)  # data.content is prepared: its images are published
         run_phase(Phase.STUDY, context)
         return finish(context)
 
@@ -104,14 +108,20 @@ def work_on_study(config: Config, progress: bool = False, cores: Cores = ALONE, 
     which ends the MLflow parent run, with the cores the workers that left gave back; the others
     find it finished and leave. ``finish=False``: a worker started by the scheduled flow, which
     finishes the study itself, leaves after the replays.
+
+    A worker serves the study's images: those it lacks, or holds other ones of, are fetched
+    from the study's MLflow run by hash (``fetched``: the files it fetched; search/inputs.py).
     """
+    config, here = inputs_here(config, worker=True)
     check_prepared(config.data.content)
     with sole_worker(config):
         worker = Context(config, StudySession(config, owns_parent=False), cores, progress=progress)
+        run_phase(Phase.PREPARE, worker)  # a worker that brings the images publishes them, once per study
         run_phase(Phase.STUDY, worker)  # the first worker finds the edge; the others wait, then read it
         ran = {
             "trials_run": worker.done[pipeline.SEARCH]["trials_run"],
             "replays_run": worker.done[pipeline.REPLAYS]["replays_run"],  # the certificate, shared
+            "fetched": here["fetched"],
         }
         if not finish:
             return {**ran, "finished_study": False}

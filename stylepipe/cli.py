@@ -201,6 +201,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise UsageError(f"--processes {processes}: give 1 or more worker processes")
     if processes == 1:
         result = run_worker(config, progress=not args.quiet)
+        if result["fetched"]:
+            out.print(f"fetched from the study's artifact store, by hash: {', '.join(result['fetched'])}")
         out.print(f"worker ran {result['trials_run']} trials; finished the study: {result['finished_study']}")
         return 0
     codes = run_worker_processes(config, processes)

@@ -4,7 +4,12 @@ worker`` (chain.py) and the Prefect flow (flows/pipeline.py, a task per entry) a
 Each entry names a stage function of stages.py (or champion.py), when it runs, its phase, and
 what an orchestrator may do with it (retries; a cache key):
 
-* ``prepare``: the images, prepared into a shard (the flow's; the commands take a prepared one);
+* ``prepare``: the images, prepared into a shard, then published to the study's MLflow run for
+  workers that share no disk with this machine. The commands run this phase too: their
+  data.content is prepared already, so only the publishing is left. Publishing ends this phase,
+  not starts the study's, because the flow starts its workers between the two: they find the
+  images published when they start (search/inputs.py), and a worker that brings its own copy
+  publishes before its first trial;
 * ``study``: every worker of the study runs these: the edge test (found once, read back by the
   others), its trials, its share of the certificate's replays;
 * ``finish``: once per study, by whoever holds its ``finish`` lock: confirm the safest
@@ -81,7 +86,8 @@ class Stage:
     cache_key: Callable[[Config], str] | None = None
 
 
-PREPARE, EDGE, SEARCH, REPLAYS = "prepare", "stability edge", "search", "certificate replays"
+PREPARE, PUBLISH = "prepare", "publish inputs"
+EDGE, SEARCH, REPLAYS = "stability edge", "search", "certificate replays"
 CONFIRM, TRAIN_FINAL, REGISTER, PROMOTE = "confirm safest", "train final", "register", "promote"
 RECORD, REPORT = "record finished", "report"
 
@@ -93,6 +99,8 @@ def _wants_final(context: Context) -> bool:
 STAGES: tuple[Stage, ...] = (
     Stage(PREPARE, lambda c: stages.prepare(c.config, cores=c.cores), Phase.PREPARE, retries=2,
           cache_key=stages.prepare_fingerprint),
+    Stage(PUBLISH, lambda c: stages.publish_inputs(c.config, c.done[PREPARE]["prepared"], c.session), Phase.PREPARE,
+          when=lambda c: stages.publishes(c.config), retries=2),
     Stage(EDGE, lambda c: stages.stability_edge(c.config, c.session), Phase.STUDY, retries=1),
     Stage(SEARCH, lambda c: stages.search_trials(c.config, c.warm_start, c.progress, c.session, c.cores), Phase.STUDY),
     Stage(REPLAYS, lambda c: stages.certificate_replays(c.config, c.session, c.cores, c.takes_final_ahead), Phase.STUDY),

@@ -56,6 +56,16 @@ class DataConfig(Section):
     style_image: str = "generated:strokes"
     image_size: int = Field(64, ge=16, le=4096)
     style_size: int | None = Field(None, ge=16, le=4096)
+    # Whether a study puts its prepared shard and a style image file into its MLflow run, for
+    # workers that share no disk with this machine (they fetch them by hash: data/travel.py).
+    # "auto": when tracking goes to a server, the one store every machine reaches; "never":
+    # every worker needs the folder on a disk it mounts. true/false read as always/never.
+    publish: Literal["auto", "always", "never"] = "auto"
+
+    @field_validator("publish", mode="before")
+    @classmethod
+    def _yes_or_no(cls, value: Any) -> Any:
+        return {True: "always", False: "never"}.get(value, value) if isinstance(value, bool) else value
 
 
 class PrepareConfig(Section):

@@ -85,6 +85,27 @@ def prepare(
     }
 
 
+def publishes(config: Config) -> bool:
+    """Whether the study publishes its images for workers that share no disk (data.publish)."""
+    from stylepipe.search.inputs import publishes as wanted
+
+    return wanted(config)
+
+
+def publish_inputs(config: Config, prepared: str, session: StudySession | None = None) -> dict:
+    """Put the prepared shard (the folder ``prepared``) and a style image file into the study's
+    MLflow run, once per study, recorded on the study by hash: a worker that shares no disk with
+    this machine fetches them from there (search/inputs.py). ``published``: whether this call
+    uploaded them (False: the study held them already)."""
+    from stylepipe.search.inputs import publish_study_inputs
+    from stylepipe.session import study_session
+
+    if config.data.content != prepared:  # the flow's settings name the folder it prepared from
+        config = config.with_overrides({"data.content": prepared})
+    with study_session(config, session) as s:
+        return publish_study_inputs(config, s.study, s.tracker.client, lambda: s.parent)
+
+
 # ------------------------------------------------------------------ training by hand
 
 

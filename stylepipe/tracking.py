@@ -15,10 +15,11 @@ import json
 import logging
 import math
 import queue
+import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,30 @@ class RunArtifacts:
         if f"{self.folder}/{name}" not in listed:
             return None
         return Path(self.client.download_artifacts(self.run_id, f"{self.folder}/{name}", str(folder)))
+
+
+# What MLflow's artifact code reads as a location of its own: a run's artifacts, the tracking
+# server's proxied store, the cloud stores it can reach (models:/ holds models, not images).
+ARTIFACT_URLS = re.compile(r"^(runs:/|mlflow-artifacts:|s3://|gs://|wasbs://|abfss://|hdfs://)")
+
+
+def is_artifact_url(text: str) -> bool:
+    return bool(ARTIFACT_URLS.match(text))
+
+
+def download_from(url: str, tracking_uri: str) -> Callable[[str, Path], Path]:
+    """``download(name, folder)``: the file ``name`` under the artifact folder ``url``, streamed
+    into ``folder`` by MLflow's artifact client."""
+
+    def download(name: str, folder: Path) -> Path:
+        uri = f"{url.rstrip('/')}/{name}"
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(folder), tracking_uri=tracking_uri
+            )
+        )
+
+    return download
 
 
 def is_server(uri: str) -> bool:

@@ -198,7 +198,7 @@ def test_the_stage_order_is_written_once():
     from stylepipe import stages
 
     stage_functions = {"stability_edge", "search_trials", "certificate_replays", "confirm", "train_final",
-                       "register", "promote", "record_finished", "report", "prepare"}  # fmt: skip
+                       "register", "promote", "record_finished", "report", "prepare", "publish_inputs"}  # fmt: skip
     assert all(callable(getattr(stages, name)) for name in stage_functions)
     assert len(pipeline.STAGES) == len(stage_functions)  # each stage function has its one entry
     ordering = {}
@@ -242,15 +242,8 @@ def test_lock_names_come_from_one_enum():
             ):
                 bare.append(f"{name}:{call.lineno}")
     assert bare == []
-    assert {lock.value for lock in Lock} == {
-        "setup",
-        "ask",
-        "edge",
-        "certificate",
-        "replays",
-        "final ahead",
-        "finish",
-    }
+    assert {lock.value for lock in Lock} == {"setup", "inputs", "ask", "edge", "certificate", "replays",
+                                             "final ahead", "finish"}  # fmt: skip
 
 
 def test_study_states_come_from_one_type():

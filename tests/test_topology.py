@@ -6,6 +6,7 @@ folders that share nothing but the services. The same commands as the README's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -274,28 +275,68 @@ def test_workers_sharing_only_the_services_finish_one_study_whose_model_loads_an
     prepared,
     tmp_path,
 ):
+    """Machine a has the prepared images and the style image; machine b has neither, only the
+    same settings, whose paths do not exist there: it fetches the study's images by hash."""
     study = "shared"
     # The config's own lr (the baseline, trial 0) blows up: a pruned trial with its autopsy.
     overrides = [*TINY, "search.n_trials=4", f"search.study_name={study}", "train.lr=50",
-                 f"tracking.registered_model={MODEL}", "run_dir=run", "data.content=prepared"]  # fmt: skip
+                 f"tracking.registered_model={MODEL}", "run_dir=run", "data.content=prepared",
+                 "data.style_image=style.png"]  # fmt: skip
     args = ["worker", "--quiet", "--config", str(DEMO)]
     for override in overrides:
         args += ["--set", override]
     folders = [tmp_path / "machine-a", tmp_path / "machine-b"]
-    workers = []
-    for folder in folders:  # each "machine" has its own copy of the data and nothing else
-        shutil.copytree(prepared, folder / "prepared")
-        workers.append(subprocess.Popen([str(BIN / "stylepipe"), *args], cwd=folder, env=_env(services),
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    shutil.copytree(prepared, folders[0] / "prepared")
+    Image.fromarray((np.random.default_rng(1).random((48, 48, 3)) * 255).astype(np.uint8)).save(
+        folders[0] / "style.png"
+    )
+    folders[1].mkdir()
+
+    def start(folder: Path) -> subprocess.Popen:
+        return subprocess.Popen([str(BIN / "stylepipe"), *args], cwd=folder, env=_env(services),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    workers = [start(folders[0])]
+    storage = optuna.storages.RDBStorage(services.optuna_url)  # one connection pool for the polls
+    deadline = time.monotonic() + 300
+    while True:  # machine a publishes the images before its first trial; then b joins
+        assert time.monotonic() < deadline and workers[0].poll() is None, workers[0].communicate()[0]
+        if (
+            study in optuna.get_all_study_names(storage)
+            and "inputs" in optuna.load_study(study_name=study, storage=storage).user_attrs
+        ):
+            break
+        time.sleep(0.5)
+    workers.append(start(folders[1]))
+    outputs = []
     for worker in workers:
         output, _ = worker.communicate(timeout=600)
         assert worker.returncode == 0, output
+        outputs.append(output)
+
+    # b's view holds no path of a's: it fetched the shard and the style image by their hashes,
+    # once, from the study's MLflow run through the server, into its own run folder.
+    assert sorted(p.name for p in folders[1].iterdir()) == ["run"]
+    fetched = [
+        line for line in outputs[1].splitlines() if line.startswith("fetched from the study's artifact store")
+    ]
+    assert fetched == [
+        "fetched from the study's artifact store, by hash: manifest.parquet, shard.npy, style.png"
+    ]
+    assert "fetched from" not in outputs[0]
+    inputs = optuna.load_study(study_name=study, storage=services.optuna_url).user_attrs["inputs"]
+    shard_sha = hashlib.sha256((prepared / "shard.npy").read_bytes()).hexdigest()
+    assert inputs["shard"]["sha256"] == shard_sha
+    cached = folders[1] / "run" / "inputs" / inputs["manifest"]["sha256"] / "shard.npy"
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == shard_sha
 
     counted = optuna.load_study(study_name=study, storage=services.optuna_url).get_trials(
         states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     )
     assert len(counted) == 4
     client = MlflowClient(tracking_uri=services.tracking_uri)
+    published = client.list_artifacts(inputs["run_id"], f"inputs/{shard_sha}")
+    assert [f.path for f in published] == [f"inputs/{shard_sha}/shard.npy"]  # by its hash, through the server
     experiment = client.get_experiment_by_name(study)
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
     view = json.loads(experiment.tags["mlflow.sharedViewState.stylepipe-trials"])  # the runs table's columns

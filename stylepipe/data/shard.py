@@ -51,3 +51,31 @@ def shard_fingerprint(folder: str | Path) -> str:
     shape = list(np.load(folder / "shard.npy", mmap_mode="r").shape)
     rows = list(zip(kept["sha256"], kept["split"], strict=True))
     return hashlib.sha256(json.dumps({"shape": shape, "rows": rows}).encode()).hexdigest()
+
+
+def check_shard(folder: str | Path) -> str | None:
+    """What is wrong with a prepared folder read from elsewhere (an artifact store), as untrusted
+    input, or None: its manifest must be a table of the columns stylepipe writes, and its shard
+    a uint8 array N x 3 x S x S (no pickle) whose rows are the manifest's kept images."""
+    import pandas as pd
+
+    folder = Path(folder)
+    try:
+        manifest = pd.read_parquet(
+            folder / "manifest.parquet", columns=["sha256", "status", "split", "shard_row"]
+        )
+    except Exception as err:  # not parquet, other columns, ...: pyarrow says so many ways
+        return f"its manifest cannot be read ({type(err).__name__})"
+    try:
+        shard = np.load(folder / "shard.npy", mmap_mode="r", allow_pickle=False)
+    except Exception as err:  # not a .npy file, an object array, ...
+        return f"its shard is not an array file ({type(err).__name__})"
+    if shard.dtype != np.uint8 or shard.ndim != 4 or shard.shape[1] != 3 or shard.shape[2] != shard.shape[3]:
+        return f"its shard is {shard.dtype} {tuple(shard.shape)}, not uint8 images N x 3 x S x S"
+    kept = manifest[manifest["status"] == "kept"]
+    rows = pd.to_numeric(kept["shard_row"], errors="coerce").to_numpy()
+    if len(rows) != len(shard) or not np.array_equal(np.sort(rows), np.arange(len(shard))):
+        return f"its shard has {len(shard)} rows but its manifest keeps {len(kept)} images in other rows"
+    if not kept["split"].isin(["train", "val"]).all():
+        return "its manifest gives a kept image a split other than train or val"
+    return None

@@ -6,6 +6,8 @@ and every machine of the study reads them.
     settings            the settings the study answers for (study.py refuses other ones)
     state               finding its edge, searching, certifying, training the final model, registering, finished
     mlflow_parent_run_id  the study's MLflow run
+    inputs              its prepared shard and style image file as published to that run, by hash
+                        (data/travel.py ``Inputs``), for workers that share no disk
     stability_edges     where training breaks, one edge per clipping mode (records.Edges), before its
                         first trial; stability_edge: an older stylepipe's one ramp edge
     safety              every candidate's verdict from the stress replays (search/safest.py)
@@ -25,6 +27,7 @@ from typing import Any
 
 import optuna
 
+from stylepipe.data.travel import Inputs
 from stylepipe.records import Edge, Edges, Finished, Safest
 
 # The trials a study counts towards search.n_trials: those that ended with an answer.
@@ -60,7 +63,7 @@ class StudyRecord:
     def check(self) -> None:
         """Read each record the study holds: one that is not a record stylepipe wrote (the study is
         shared, and read back) is refused in one line before any work (``RecordError``)."""
-        _ = self.edges, self.finished
+        _ = self.edges, self.finished, self.inputs
         self._safest_from(self._get("safest"), "safest")
 
     # -- what it answers for, and where it is
@@ -92,6 +95,15 @@ class StudyRecord:
     def record_parent_run(self, run_id: str) -> None:
         if self._get("mlflow_parent_run_id") != run_id:
             self._set("mlflow_parent_run_id", run_id)
+
+    # -- its images, for workers that share no disk
+    @property
+    def inputs(self) -> Inputs | None:
+        raw = self._get("inputs")
+        return None if raw is None else Inputs.from_json(raw, f"study {self.study.study_name}'s inputs")
+
+    def record_inputs(self, inputs: Inputs) -> None:
+        self._set("inputs", inputs.to_json())
 
     # -- the stability edges
     @property

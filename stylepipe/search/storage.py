@@ -5,8 +5,8 @@ kind of store can do.
   one process, and a second one is refused with a clear message, ``SqliteWorkerLock``).
 * ``lock(study, Lock.X)``: a named lock shared by every worker of a study (PostgreSQL: an
   advisory lock, released by the server if its holder dies; SQLite: none is needed), so that
-  counting trials and starting one is atomic, and the edge test, the certificate's plan and
-  the study's finish run once.
+  counting trials and starting one is atomic, and the publishing of its images, the edge
+  test, the certificate's plan and the study's finish run once.
 * ``running_is_orphaned``: whether a run or unit found RUNNING when a process starts belongs to
   one that died (SQLite: its one process is this one; PostgreSQL: heartbeats find the dead).
 * ``storage()``: Optuna's RDB storage with heartbeats: a trial whose worker died is failed by
@@ -83,6 +83,7 @@ class Lock(StrEnum):
     """The study's named locks, shared by its workers."""
 
     SETUP = "setup"  # one MLflow experiment, one study, one parent run
+    INPUTS = "inputs"  # the study's images published once (search/inputs.py)
     ASK = "ask"  # count the finished trials and start one, atomically
     EDGE = "edge"  # the edge test, once per study
     CERTIFICATE = "certificate"  # the certificate's replays planned once

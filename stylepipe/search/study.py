@@ -44,11 +44,14 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, op
 
 
 # What a study may be resumed with changed: where it runs and is recorded, how many trials it
-# holds, how fast a machine computes. Everything else decides its answer: a study answers for
-# the settings it was created with, and other settings are refused (``check_settings``).
+# holds, how fast a machine computes, where its images are. Everything else decides its answer:
+# a study answers for the settings it was created with, and other settings are refused
+# (``check_settings``). The style image is in data.content's fingerprint by what it is: its path
+# may change (a worker's copy fetched by hash, search/inputs.py).
 STUDY_MAY_CHANGE = (
     "name",
     "run_dir",
+    "data.style_image",
     "prepare.",
     "schedule.",
     "search.n_trials",
@@ -95,11 +98,15 @@ def _answering(config: Config) -> dict[str, Any]:
         if isinstance(value, dict):
             for key, inner in value.items():
                 walk(f"{prefix}.{key}" if prefix else key, inner)
-        elif not any(prefix == k or (k.endswith(".") and prefix.startswith(k)) for k in STUDY_MAY_CHANGE):
+        elif not may_change(prefix):
             flat[prefix] = value
 
     walk("", config.model_dump(mode="json"))
     return flat
+
+
+def may_change(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in STUDY_MAY_CHANGE)
 
 
 def check_settings(study: optuna.Study, config: Config) -> None:
@@ -109,6 +116,8 @@ def check_settings(study: optuna.Study, config: Config) -> None:
     recorded = record.settings
     if recorded is not None:  # a study recorded before some settings moved: their new names
         recorded = {MOVED.get(key, key): value for key, value in recorded.items()}
+        # and before some of them were free to change (data.style_image): not compared
+        recorded = {key: value for key, value in recorded.items() if not may_change(key)}
         # and before some were added: one at its default is what the study ran with
         defaults = _answering(Config())
         added = {

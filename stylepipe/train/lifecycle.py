@@ -49,8 +49,10 @@ NEW = "new"  # no run with this identity yet (not recorded: there is no folder)
 RECORD = "run.json"
 MODEL = "model.safetensors"
 
-# Knobs that change how a run is computed, not what: a run resumes with them changed.
+# Knobs that change how a run is computed, or how its images reach it, not what it computes:
+# a run resumes with them changed.
 NOT_FINGERPRINTED = (
+    "data.publish",
     "train.checkpoint_every",
     "train.checkpoint_minutes",
     "train.keep_checkpoints",
