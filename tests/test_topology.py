@@ -260,6 +260,73 @@ def test_a_fanned_out_run_shares_trials_and_replays_and_survives_a_worker_killed
     assert f"trial {safest['trial']}: safe" in [log["message"] for log in logs]
 
 
+def _final_ahead_on(storage, client: MlflowClient, study: str, worker: str, deadline: float) -> str:
+    """The MLflow run of the final trained ahead on ``worker``, once a checkpoint past its start
+    was mirrored to it (its metric rows are committed with each checkpoint)."""
+    while time.monotonic() < deadline:
+        try:
+            units = optuna.load_study(study_name=f"{study}:final", storage=storage).trials
+        except KeyError:  # not queued yet
+            units = []
+        running = [
+            u
+            for u in units
+            if u.state == optuna.trial.TrialState.RUNNING and u.user_attrs.get("worker") == worker
+        ]
+        records = optuna.load_study(study_name=study, storage=storage).user_attrs
+        run_ids = [v["run_id"] for k, v in records.items() if k.startswith("final_run:") and v.get("run_id")]
+        if running and run_ids:
+            steps = [m.step for m in client.get_metric_history(run_ids[0], "loss/total")]
+            if steps and max(steps) >= 16:
+                return run_ids[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no final was trained ahead on the started worker {worker}")
+
+
+def test_a_fanned_out_run_finishes_the_final_trained_ahead_elsewhere_when_its_worker_is_killed(
+    services, tmp_path
+):
+    """search.workers=2: the started worker trains the best candidate's final while the pipeline
+    replays; it is killed (SIGKILL) mid-final; the final is finished elsewhere from its mirrored
+    checkpoint, in the same MLflow run, once, and one version is registered."""
+    env = _env(services)
+    study, model = "ahead", f"{MODEL}-ahead"
+    common = [*TINY, "search.space.lr=[1e-4,1e-3]", "search.workers=2", "search.n_trials=6", "train.steps=40",
+              "search.confirm_steps=40", "final.steps=160", "train.checkpoint_every=8",
+              "search.heartbeat_interval=1", "search.grace_period=4", f"tracking.registered_model={model}",
+              f"run_dir={tmp_path / 'run'}"]  # fmt: skip
+    deploy = ["deploy", "--config", str(DEMO), "--pool", services.pool]
+    for override in common:
+        deploy += ["--set", override]
+    _stylepipe(*deploy, cwd=tmp_path, env=env, program="stylepipe-flow", timeout=180)
+    storage = optuna.storages.RDBStorage(services.optuna_url)
+    client = MlflowClient(tracking_uri=services.tracking_uri)
+    with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
+        deployment = api.get("/deployments/name/style_pipeline/nightly").json()
+        created = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": {
+            "config_path": str(DEMO), "overrides": common, "study_name": study}})  # fmt: skip
+        created.raise_for_status()
+        deadline = time.monotonic() + 400
+        _, worker = _started_worker(api, f"{study} worker 2", deadline)
+        ahead = _final_ahead_on(storage, client, study, worker, deadline)
+        os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
+        pipeline = _wait(api, created.json()["id"], 500)
+        assert pipeline["state_type"] == "COMPLETED", pipeline["state"]
+
+    units = optuna.load_study(study_name=f"{study}:final", storage=storage).trials
+    assert [u.state for u in units] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert units[1].user_attrs["worker"] != worker  # finished elsewhere
+    experiment = client.get_experiment_by_name(study)
+    (final,) = client.search_runs([experiment.experiment_id], "tags.`stylepipe.role` = 'final'")
+    assert final.info.run_id == ahead and final.info.status == "FINISHED"  # the same MLflow run
+    steps = [m.step for m in client.get_metric_history(ahead, "loss/total")]
+    assert max(steps) == 160 and len(steps) == len(set(steps))  # resumed, no step logged twice
+    (version,) = client.search_model_versions(f"name = '{model}'")
+    assert version.run_id == ahead
+    # the worker's run folder is its own: the pipeline's holds the final only as fetched
+    assert (tmp_path / "run" / "workers" / "2" / "final").is_dir()
+
+
 def _wait(api: httpx.Client, run_id: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
