@@ -76,6 +76,13 @@ def check(config: Config, config_path: str) -> str | None:
     return name
 
 
+def workers_overrides(overrides: list[str], prepared: dict) -> list[str]:
+    """The settings the workers get: the flow run's own overrides, and the folder it prepared
+    (published for them at the prepare phase's end); a data.content that needed no preparation
+    (a prepared folder, an artifact URL) reaches them as it was given."""
+    return [*overrides, *([] if "skipped" in prepared else [f"data.content={prepared['prepared']}"])]
+
+
 def start_workers(
     config: Config, deployment: str | None, config_path: str, overrides: list[str]
 ) -> list[UUID]:

@@ -116,10 +116,7 @@ def style_pipeline(
             logger.info("warm start: enqueuing the previous safest configuration %s", context.warm_start)
         # The workers start before the edge test: a process takes seconds to be picked up and
         # to start, and they wait for the edge (the study's edge lock) rather than run it again.
-        # They get the folder prepared here (published for them: the prepare phase's end), or
-        # data.content as it was given when it needed no preparation (an artifact URL, say).
-        prepared_here = [] if "skipped" in prepared else [f"data.content={prepared['prepared']}"]
-        shared = [*(overrides or []), *prepared_here]
+        shared = fanout.workers_overrides(overrides or [], prepared)
         workers = fanout.start_workers(config, deployment, config_path, shared)
         chain.run_phase(Phase.STUDY, context, runner)
         fanout.cancel_unstarted(workers)  # nothing is left for a worker that never started
