@@ -79,6 +79,16 @@ def check(config: Config, config_path: str) -> str | None:
     return name
 
 
+def workers_overrides(overrides: list[str], prepared: dict, published: bool) -> list[str]:
+    """The settings the workers get: the flow run's own overrides and, where they need it, the
+    folder it prepared. Published (the prepare phase's end), the images reach them through the
+    study's MLflow run: no folder of this machine is one of their settings. Not published
+    (data.publish: never), the folder prepared here, on a disk they must share. A data.content
+    that needed no preparation (a prepared folder, an artifact URL) reaches them as it was given."""
+    handed = "skipped" in prepared or published
+    return [*overrides, *([] if handed else [f"data.content={prepared['prepared']}"])]
+
+
 def start_workers(
     config: Config, deployment: str | None, config_path: str, overrides: list[str]
 ) -> list[UUID]:

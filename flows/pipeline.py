@@ -122,14 +122,7 @@ def style_pipeline(
             logger.info("warm start: enqueuing the previous safest configuration %s", context.warm_start)
         # The workers start before the edge test: a process takes seconds to be picked up and
         # to start, and they wait for the edge (the study's edge lock) rather than run it again.
-        # Published, the images reach them through the study's MLflow run: no folder of this
-        # machine is one of their settings. Otherwise (data.publish: never) they get the folder
-        # prepared here, on a disk they must share; data.content as it was given when it needed
-        # no preparation (an artifact URL, say).
-        published = pipeline.PUBLISH in context.done
-        handed = "skipped" in prepared or published
-        prepared_here = [] if handed else [f"data.content={prepared['prepared']}"]
-        shared = [*(overrides or []), *prepared_here]
+        shared = fanout.workers_overrides(overrides or [], prepared, pipeline.PUBLISH in context.done)
         workers = fanout.start_workers(config, deployment, config_path, shared)
         context.takes_final_ahead = not workers  # the workers it started train the final ahead
         chain.run_phase(Phase.STUDY, context, runner)

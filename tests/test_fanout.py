@@ -44,3 +44,21 @@ def test_one_worker_needs_no_pool_and_any_storage(tmp_path):
     assert config.search.workers == 1
     check_fan_out(config)  # SQLite is fine for one
     assert fanout.check(config, str(DEMO)) is None  # and no work pool is asked for
+
+
+def test_the_workers_get_the_folder_the_flow_prepared_or_the_images_as_given():
+    """The folder a flow run prepared was published for its workers; a data.content that needed
+    no preparation (an artifact URL, say) reaches them as it was given, to read it themselves."""
+    from flows.fanout import workers_overrides
+
+    prepared = {"prepared": "/runs/demo/prepared", "files": 3}
+    assert workers_overrides(["train.lr=0.1"], prepared, published=False) == [
+        "train.lr=0.1",
+        "data.content=/runs/demo/prepared",
+    ]
+    # published: the images travel through the study, and no folder of the flow's is theirs
+    assert workers_overrides(["train.lr=0.1"], prepared, published=True) == ["train.lr=0.1"]
+    given = {"prepared": "/runs/demo/inputs/ab12", "skipped": "data.content is already prepared"}
+    assert workers_overrides(["data.content=runs:/abc/prepared"], given, published=False) == [
+        "data.content=runs:/abc/prepared"
+    ]

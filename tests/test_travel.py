@@ -28,7 +28,7 @@ from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.inputs import inputs_here, publishes
 from stylepipe.search.study import StudySettingsError
 from stylepipe.tracking import RunArtifacts
-from tests.helpers import DEMO, one_error, search_config
+from tests.helpers import DEMO, needs_postgres, one_error, search_config
 
 
 @pytest.fixture
@@ -318,6 +318,33 @@ def test_a_worker_whose_study_published_nothing_is_told_in_one_line(tmp_path, pr
     away = _settings(tmp_path, "b", tmp_path / "nowhere", "generated:swirl")
     assert cli_main(["worker", "--quiet", *_as_args(away)]) == 2
     assert "study travel has published no images to fetch" in one_error(capsys)
+
+
+@needs_postgres
+def test_a_worker_that_arrives_while_the_images_upload_waits_for_them(tmp_path, prepared, databases):
+    from stylepipe.search.storage import Lock, study_lock
+    from stylepipe.session import StudySession
+
+    storage = f"search.storage={databases[0]}"
+    here = _settings(tmp_path, "a", prepared, "generated:swirl", storage)
+    away = _settings(tmp_path, "b", tmp_path / "not-on-b" / "prepared", "generated:swirl", storage)
+    pool = ThreadPoolExecutor(1)
+    with StudySession(here) as session:
+        with study_lock(here, Lock.INPUTS):  # the publisher, uploading
+            arriving = pool.submit(inputs_here, away, True)
+            time.sleep(2)
+            assert not arriving.done()  # waiting for the upload, not refused
+            run = session.parent
+            paths = (prepared / "manifest.parquet", prepared / "shard.npy")
+            files = [
+                publish(path, lambda item: RunArtifacts(session.tracker.client, run, item.folder))
+                for path in paths
+            ]
+            inputs = Inputs(run_id=run, manifest=PublishedFile.of(files[0]), shard=PublishedFile.of(files[1]))
+            StudyRecord(session.study).record_inputs(inputs)
+        _, done = arriving.result(timeout=60)  # once the publisher let go: what it recorded
+    pool.shutdown()
+    assert sorted(done["fetched"]) == ["manifest.parquet", "shard.npy"]
 
 
 def test_a_study_record_of_inputs_that_stylepipe_did_not_write_is_refused_in_one_line(published, capsys):
