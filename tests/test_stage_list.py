@@ -27,6 +27,16 @@ pytestmark = pytest.mark.slow  # a study by the command, and one by the flow on 
 TINY = ["search.n_trials=2", "search.top_k=1", "search.replay_seeds=0", "search.edge_probes=2",
         "search.edge_steps=10", "search.space.lr=[1e-3,1e-2]", "final.train=false", "data.publish=always"]  # fmt: skip
 
+# the stages that run before one inserted after "confirm safest"
+BEFORE_THE_DUMMY = [
+    pipeline.PREPARE,
+    pipeline.PUBLISH,
+    pipeline.EDGE,
+    pipeline.SEARCH,
+    pipeline.REPLAYS,
+    pipeline.CONFIRM,
+]
+
 
 @pytest.fixture
 def a_dummy_stage(monkeypatch):
@@ -63,14 +73,7 @@ def test_a_stage_added_to_the_list_runs_in_the_search_command_in_order_under_the
     for override in search_overrides(tmp_path, prepared, *TINY):
         args += ["--set", override]
     assert main(args) == 0
-    before = [
-        pipeline.PREPARE,
-        pipeline.PUBLISH,
-        pipeline.EDGE,
-        pipeline.SEARCH,
-        pipeline.REPLAYS,
-        pipeline.CONFIRM,
-    ]
+    before = BEFORE_THE_DUMMY
     assert a_dummy_stage == [(before, True)]
     assert "safest" in capsys.readouterr().out  # and the stages after it ran: the report was printed
     assert main(args) == 0  # the same command on the finished study: reported, nothing run again
@@ -102,14 +105,7 @@ def test_a_stage_added_to_the_list_runs_in_the_flow_as_a_task_in_order_under_the
                 ]
 
         names = asyncio.run(task_names())
-    before = [
-        pipeline.PREPARE,
-        pipeline.PUBLISH,
-        pipeline.EDGE,
-        pipeline.SEARCH,
-        pipeline.REPLAYS,
-        pipeline.CONFIRM,
-    ]
+    before = BEFORE_THE_DUMMY
     assert a_dummy_stage == [(before, True)]
     assert names == [*before, "dummy", pipeline.RECORD, pipeline.REPORT]
     assert result["safest"] is not None and result["recorded_before"] is False

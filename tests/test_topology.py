@@ -94,6 +94,14 @@ def _stylepipe(*args, cwd, env, timeout=600, program="stylepipe") -> subprocess.
     return done
 
 
+def _deploy(services, overrides: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """`stylepipe-flow deploy` of the demo with ``overrides`` to the stack's pool."""
+    deploy = ["deploy", "--config", str(DEMO), "--pool", services.pool]
+    for override in overrides:
+        deploy += ["--set", override]
+    return _stylepipe(*deploy, cwd=cwd, env=env, program="stylepipe-flow", timeout=180)
+
+
 def _flow_run(api: str, deployment_id: str, overrides: list[str], timeout: float = 500) -> dict:
     """Create a flow run of the deployment now (not waiting for the cron) and wait for its end."""
     with httpx.Client(base_url=api, timeout=30) as client:
@@ -110,10 +118,7 @@ def test_the_scheduled_deployment_runs_on_the_pool_and_the_next_run_warm_starts_
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
     # The config's own lr (the baseline) blows up, so the safest is a trial of the search's own.
     common = [*TINY, "search.n_trials=3", "train.lr=50", f"tracking.registered_model={MODEL}-flow"]
-    deploy = ["deploy", "--config", str(DEMO), "--pool", services.pool]
-    for override in [*common, f"run_dir={first_dir}"]:
-        deploy += ["--set", override]
-    _stylepipe(*deploy, cwd=tmp_path, env=env, program="stylepipe-flow", timeout=180)
+    _deploy(services, [*common, f"run_dir={first_dir}"], tmp_path, env)
 
     with httpx.Client(base_url=services.prefect_api_url, timeout=30) as client:
         deployment = client.get("/deployments/name/style_pipeline/nightly").json()
@@ -180,10 +185,7 @@ def test_a_fanned_out_run_shares_trials_and_replays_and_survives_a_worker_killed
               "search.replay_seeds=1", "search.certify_all=true", "search.confirm_steps=80",
               "search.heartbeat_interval=1", "search.grace_period=4", f"tracking.registered_model={model}",
               f"run_dir={tmp_path / 'run'}"]  # fmt: skip
-    deploy = ["deploy", "--config", str(DEMO), "--pool", services.pool]
-    for override in common:
-        deploy += ["--set", override]
-    done = _stylepipe(*deploy, cwd=tmp_path, env=env, program="stylepipe-flow", timeout=180)
+    done = _deploy(services, common, tmp_path, env)
     assert "deployed search_worker/demo beside it" in done.stdout
 
     with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
@@ -295,10 +297,7 @@ def test_a_fanned_out_run_finishes_the_final_trained_ahead_elsewhere_when_its_wo
               "search.confirm_steps=40", "final.steps=160", "train.checkpoint_every=8",
               "search.heartbeat_interval=1", "search.grace_period=4", f"tracking.registered_model={model}",
               f"run_dir={tmp_path / 'run'}"]  # fmt: skip
-    deploy = ["deploy", "--config", str(DEMO), "--pool", services.pool]
-    for override in common:
-        deploy += ["--set", override]
-    _stylepipe(*deploy, cwd=tmp_path, env=env, program="stylepipe-flow", timeout=180)
+    _deploy(services, common, tmp_path, env)
     storage = optuna.storages.RDBStorage(services.optuna_url)
     client = MlflowClient(tracking_uri=services.tracking_uri)
     with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
