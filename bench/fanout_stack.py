@@ -116,7 +116,10 @@ def main() -> None:
                                      "params": safest.get("params")}  # fmt: skip
                 model = (found.user_attrs.get("finished") or {}).get("model") or {}
                 results[workers]["weights"] = weight_sum(services, str(model["version"])) if model else None
-                ahead = optuna.load_study(study_name=f"{study}:final", storage=services.optuna_url).trials
+                try:
+                    ahead = optuna.load_study(study_name=f"{study}:final", storage=services.optuna_url).trials
+                except KeyError:  # one worker: nothing was trained ahead
+                    ahead = []
                 results[workers]["ahead"] = (
                     ", ".join(
                         f"trial {u.user_attrs['candidate']} on {u.user_attrs.get('worker', '-')}: {u.state.name.lower()}"

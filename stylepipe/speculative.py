@@ -25,7 +25,6 @@ heartbeat callback does not end that run as it ends a dead replay's).
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +37,7 @@ from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.safest import CertificatePlan, confirm_horizon
 from stylepipe.search.space import params_from_trial
 from stylepipe.search.storage import Lock, StudyStore, open_storage, study_lock
-from stylepipe.search.study import ReleaseGateThenRun
+from stylepipe.search.study import claim_units
 from stylepipe.search.worker_id import worker_id
 from stylepipe.threads import ALONE, Cores
 
@@ -148,23 +147,10 @@ def run_units(config: Config, session: StudySession, cores: Cores = ALONE, wait:
     how many this process claimed."""
     units = open_units(config, session.study)
     gate = study_lock(config, Lock.FINAL_AHEAD)
-    claim = ReleaseGateThenRun(FinalAhead(config, session, cores), gate)
-    claimed = 0
-    while True:
-        gate.acquire()
-        try:
-            _fail_dead(config, units)
-            states = [t.state for t in units.get_trials(deepcopy=False)]
-            if _STATE.WAITING in states:
-                units.optimize(claim, n_trials=1, catch=())
-                claimed += 1
-                continue
-            if not (wait and _STATE.RUNNING in states):
-                return claimed
-            gate.release()
-            time.sleep(min(CHECK_S, config.search.heartbeat_interval))
-        finally:
-            gate.release()
+    pause = min(CHECK_S, config.search.heartbeat_interval)
+    return claim_units(
+        units, FinalAhead(config, session, cores), gate, wait, lambda: _fail_dead(config, units), pause
+    )
 
 
 def _fail_dead(config: Config, units: optuna.Study) -> None:

@@ -36,7 +36,7 @@ from stylepipe.records import Record, RecordError
 from stylepipe.search.candidate import run_candidate
 from stylepipe.search.space import apply, params_from_trial
 from stylepipe.search.storage import Lock, open_storage, study_lock
-from stylepipe.search.study import ReleaseGateThenRun
+from stylepipe.search.study import claim_units
 from stylepipe.search.study_data import StudyData
 from stylepipe.search.worker_id import worker_id
 from stylepipe.threads import ALONE, Cores
@@ -357,27 +357,15 @@ def run_units(
     for those running elsewhere (failing any whose heartbeats stopped, then running their
     retries here). Returns how many units this process claimed. A replay that raises stops
     this worker, as a trial does: its unit is failed and queued again by the next plan."""
+
+    def fail_stale() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(companion)
+
     gate = study_lock(config, Lock.REPLAYS)
-    claim = ReleaseGateThenRun(_UnlessCancelled(objective, config.search.certify_all), gate)
-    claimed = 0
-    while True:
-        gate.acquire()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(companion)
-            states = [t.state for t in companion.get_trials(deepcopy=False)]
-            if _STATE.WAITING in states:
-                # Optuna claims the first unit queued (WAITING -> RUNNING); the gate opens once it runs
-                companion.optimize(claim, n_trials=1, catch=())
-                claimed += 1
-                continue
-            if not (wait and _STATE.RUNNING in states):
-                return claimed
-            gate.release()
-            time.sleep(min(5, config.search.heartbeat_interval))
-        finally:
-            gate.release()
+    objective = _UnlessCancelled(objective, config.search.certify_all)
+    return claim_units(companion, objective, gate, wait, fail_stale, min(5, config.search.heartbeat_interval))
 
 
 def replay_steps(companion: optuna.Study) -> int:

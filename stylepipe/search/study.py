@@ -302,6 +302,37 @@ class ReleaseGateThenRun:
         return self.objective(trial)
 
 
+def claim_units(
+    units: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    gate: StudyLock | NoLock,
+    wait: bool,
+    fail_dead: Callable[[], None],
+    pause_s: float,
+) -> int:
+    """Claim and run a companion study's queued units (its WAITING trials: Optuna hands each to
+    one worker) until none is left; with ``wait``, also wait for those running elsewhere,
+    ``fail_dead`` first failing any whose worker died so that their retries run here. ``gate``
+    makes a look for a waiting unit and its claim one step. Returns how many were claimed."""
+    claim = ReleaseGateThenRun(objective, gate)
+    claimed = 0
+    while True:
+        gate.acquire()
+        try:
+            fail_dead()
+            states = [t.state for t in units.get_trials(deepcopy=False)]
+            if optuna.trial.TrialState.WAITING in states:
+                units.optimize(claim, n_trials=1, catch=())  # the gate opens once it runs
+                claimed += 1
+                continue
+            if not (wait and optuna.trial.TrialState.RUNNING in states):
+                return claimed
+            gate.release()
+            time.sleep(pause_s)
+        finally:
+            gate.release()
+
+
 @contextlib.contextmanager
 def frozen_heap():
     """Inside: what is loaded so far (torch, MLflow, Optuna, the study's data) is out of the
