@@ -199,9 +199,13 @@ def stopped_steps(config: Config, study: optuna.Study) -> int:
     with its final model's."""
     if not enabled(config):
         return 0
+    try:  # read only: a study reported again is not written to, its companion not created
+        units = optuna.load_study(study_name=f"{study.study_name}{SUFFIX}", storage=open_storage(config))
+    except KeyError:
+        return 0
     wanted = StudyRecord(study).safest_for(StudyRecord(study).counted)[1]
     steps = 0
-    for unit in open_units(config, study).get_trials(deepcopy=False):
+    for unit in units.get_trials(deepcopy=False):
         if unit.state == _STATE.PRUNED:
             steps += int(unit.user_attrs.get("steps_trained", 0))
         elif unit.state == _STATE.COMPLETE and (

@@ -390,7 +390,7 @@ def _interrupted_final_run(config, monkeypatch) -> str:
         with pytest.raises(KeyboardInterrupt), StudySession(config) as session:
             stages.train_final(config, SAFEST, session)
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
-    [record] = study.user_attrs["final_runs"].values()
+    [record] = [v for k, v in study.user_attrs.items() if k.startswith("final_run:")]
     return record["run_id"]
 
 

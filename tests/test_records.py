@@ -121,3 +121,21 @@ def test_a_study_made_before_a_setting_was_added_opens_while_it_is_at_its_defaul
     open_study(config)  # it ran with what is now the default
     with pytest.raises(StudySettingsError, match=r"search\.startup_trials \(null -> 3\)"):
         open_study(config.with_overrides({"search.startup_trials": 3}))
+
+
+def test_final_runs_are_one_attribute_each_and_an_older_study_s_record_is_still_read():
+    import optuna
+
+    from stylepipe.search.attributes import StudyRecord
+
+    study = optuna.create_study()
+    study.set_user_attr("final_runs", {"old": {"run_id": "r1", "state": "finished"}})  # an older stylepipe's
+    record = StudyRecord(study)
+    assert record.final_run("old") == {"run_id": "r1", "state": "finished"}
+    # two final runs written by two workers: each its own attribute, neither undoes the other
+    record.share_final_run("a", run_id="ra", state="running")
+    record.share_final_run("b", run_id="rb", state="running")
+    record.share_final_run("a", state="stopped")
+    assert record.final_run("a") == {"run_id": "ra", "state": "stopped"}
+    assert record.final_run("b") == {"run_id": "rb", "state": "running"}
+    assert {"final_run:a", "final_run:b"} <= set(study.user_attrs)

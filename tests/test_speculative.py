@@ -1,21 +1,16 @@
-"""The speculative final (speculative.py): the best candidate's final model trains while
-its certificate runs; it goes on when the candidate is certified, is stopped (KILLED, never
-registered) when it is not, and is taken over from its mirrored checkpoint when its worker dies.
-Each cell of docs/design.md's table "The speculative final" has a test here."""
+"""The speculative final (speculative.py): the best candidate's final model trains while its
+certificate runs; it goes on when the candidate is certified and is stopped (KILLED, never
+registered) when it is not. The cells of docs/design.md's table "The speculative final"; the
+worker killed mid-final is tests/test_topology.py's, on the stack with a real fan-out."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
-import pytest
 from mlflow import MlflowClient
 
 from stylepipe import chain, speculative, stages
@@ -26,7 +21,7 @@ from stylepipe.search import replays as replays_module
 from stylepipe.search.replays import ReplayResult, open_companion
 from stylepipe.search.safest import CertificatePlan, confirm_horizon
 from stylepipe.session import StudySession
-from tests.helpers import DEMO, needs_postgres, search_overrides
+from tests.helpers import DEMO, search_overrides
 
 _STATE = optuna.trial.TrialState
 # No replays: the best candidate is certified whatever its runs do (the cells where it passes).
@@ -207,71 +202,3 @@ def test_a_final_that_never_started_is_stopped_without_training_when_another_is_
     (certified,) = _final_runs(config)  # the stopped one never had a run
     assert AHEAD_TAG not in certified.data.tags
     assert len(_registered(config)) == 1
-
-
-# ------------------------------------------------------------------ several processes
-
-WORKER = """
-import sys
-from stylepipe import stages
-from stylepipe.config import load_config
-from stylepipe.session import StudySession
-from stylepipe.search.storage import Lock
-
-config = load_config(sys.argv[1], sys.argv[2:])
-with StudySession(config, owns_parent=False) as session:
-    stages.certificate_replays(config, session)
-"""
-
-
-@pytest.mark.slow
-@needs_postgres
-def test_a_killed_worker_s_final_is_taken_over_from_its_mirrored_checkpoint_and_registered_once(
-    tmp_path, prepared, databases
-):
-    optuna_url, mlflow_url = databases
-    shared = [*CERTIFIED, f"search.storage={optuna_url}", f"tracking.uri={mlflow_url}",
-              "search.heartbeat_interval=1", "search.grace_period=3", "final.steps=80",
-              "train.checkpoint_every=8", "search.workers=2"]  # fmt: skip
-    finisher = _config(tmp_path / "finisher", prepared, *shared)
-    with StudySession(finisher) as session:
-        stages.search_trials(finisher, session=session)
-    worker_args = search_overrides(tmp_path / "worker" / "run", prepared, "search.n_trials=3", *shared)
-    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(DEMO), *worker_args])
-    try:
-        deadline = time.monotonic() + 240
-        mirrored = None
-        while time.monotonic() < deadline and mirrored is None:
-            time.sleep(0.5)
-            assert worker.poll() is None, "the worker ended before it was killed"
-            mirrored = _mirrored_step(finisher)
-        assert mirrored is not None, "no checkpoint was mirrored in time"
-        os.kill(worker.pid, signal.SIGKILL)
-    finally:
-        worker.kill()
-        worker.wait()
-
-    answer = chain.run_search(finisher, progress=False)  # the finisher: no replays, then finish
-
-    units = _units(finisher)
-    assert [u.state for u in units] == [_STATE.FAIL, _STATE.COMPLETE]  # failed by heartbeats, retried
-    (final,) = _final_runs(finisher)  # one MLflow run, resumed in place
-    assert final.data.tags[AHEAD_TAG] and final.info.status == "FINISHED"
-    steps = _steps(finisher, final)  # logged once each, across two workers
-    assert steps[-1] == 80 and len(steps) == len(set(steps))
-    (version,) = _registered(finisher)
-    assert version.run_id == final.info.run_id
-    assert answer["safest"].trial == units[-1].user_attrs["candidate"]
-
-
-def _mirrored_step(config) -> int | None:
-    """The step of the checkpoint the speculative final mirrored to its MLflow run, once one past
-    the start was."""
-    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
-    runs = [v for k, v in study.user_attrs.items() if k.startswith("final_run:") and v.get("run_id")]
-    if not runs:
-        return None
-    client = MlflowClient(tracking_uri=config.tracking_uri)
-    history = client.get_metric_history(runs[0]["run_id"], "loss/total")
-    steps = [m.step for m in history]
-    return max(steps) if steps and max(steps) >= 16 else None

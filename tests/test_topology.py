@@ -294,7 +294,7 @@ def test_a_fanned_out_run_finishes_the_final_trained_ahead_elsewhere_when_its_wo
     env = _env(services)
     study, model = "ahead", f"{MODEL}-ahead"
     common = [*TINY, "search.space.lr=[1e-4,1e-3]", "search.workers=2", "search.n_trials=6", "train.steps=40",
-              "search.confirm_steps=40", "final.steps=160", "train.checkpoint_every=8",
+              "search.confirm_steps=40", "final.steps=80", "train.checkpoint_every=8",
               "search.heartbeat_interval=1", "search.grace_period=4", f"tracking.registered_model={model}",
               f"run_dir={tmp_path / 'run'}"]  # fmt: skip
     _deploy(services, common, tmp_path, env)
@@ -319,7 +319,7 @@ def test_a_fanned_out_run_finishes_the_final_trained_ahead_elsewhere_when_its_wo
     (final,) = client.search_runs([experiment.experiment_id], "tags.`stylepipe.role` = 'final'")
     assert final.info.run_id == ahead and final.info.status == "FINISHED"  # the same MLflow run
     steps = [m.step for m in client.get_metric_history(ahead, "loss/total")]
-    assert max(steps) == 160 and len(steps) == len(set(steps))  # resumed, no step logged twice
+    assert max(steps) == 80 and len(steps) == len(set(steps))  # resumed, no step logged twice
     (version,) = client.search_model_versions(f"name = '{model}'")
     assert version.run_id == ahead
     # the worker's run folder is its own: the pipeline's holds the final only as fetched
