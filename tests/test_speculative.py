@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
+import pytest
 from mlflow import MlflowClient
 
 from stylepipe import chain, speculative, stages
@@ -202,3 +203,20 @@ def test_a_final_that_never_started_is_stopped_without_training_when_another_is_
     (certified,) = _final_runs(config)  # the stopped one never had a run
     assert AHEAD_TAG not in certified.data.tags
     assert len(_registered(config)) == 1
+
+
+def test_a_final_that_halted_ahead_is_reported_by_the_finisher_not_trained_again(tmp_path, prepared):
+    """The divergence guard wakes after a trial's length: trials and replays pass, the final
+    trained ahead halts after every recovery. The finisher reports that halt."""
+    from stylepipe.final import FinalRunHalted
+
+    guard = ["guard.divergence_warmup=12", "guard.divergence_factor=1.0001", "final.steps=60"]
+    config = _config(tmp_path, prepared, *CERTIFIED, *guard)
+    with pytest.raises(FinalRunHalted, match="recorded before, not trained again"):
+        chain.run_search(config, progress=False)
+
+    (unit,) = _units(config)
+    assert unit.state == _STATE.COMPLETE and unit.user_attrs["state"] == "halted"
+    (final,) = _final_runs(config)  # halted once, ahead; not trained again by the finisher
+    assert final.data.tags[AHEAD_TAG] and final.data.tags[STATE_TAG] == "halted"
+    assert _registered(config) == []
