@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,7 +47,7 @@ from stylepipe.search.quality import QualityReporter
 from stylepipe.search.space import apply
 from stylepipe.showcase import measure_style, write_samples, write_triptych
 from stylepipe.tracking import RunArtifacts, end_killed_run
-from stylepipe.train.callbacks import Callback, TrainState
+from stylepipe.train.callbacks import NoLongerNeeded, StopWhenUnneeded
 from stylepipe.train.checkpoints import CheckpointSaver, fetch_mirrored
 from stylepipe.train.lifecycle import (
     FINISHED,
@@ -82,30 +81,6 @@ def final_settings(config: Config, params: dict[str, Any]) -> Config:
     return apply(config, params, **{"train.steps": steps, "data.image_size": size})
 
 
-class FinalStopped(Exception):
-    """A final trained ahead is no longer wanted (``why``), at ``step``."""
-
-    def __init__(self, why: str, step: int):
-        super().__init__(why)
-        self.step = step
-
-
-class _StopWhen(Callback):
-    """Stops a final trained ahead once ``why_stop`` gives a reason; asks every ``every_s``."""
-
-    def __init__(self, why_stop: Callable[[], str | None], every_s: float):
-        self.why_stop, self.every_s = why_stop, every_s
-        self.last = time.monotonic()
-
-    def on_check(self, state: TrainState) -> None:
-        if time.monotonic() - self.last < self.every_s:
-            return
-        self.last = time.monotonic()
-        why = self.why_stop()
-        if why:
-            raise FinalStopped(why, state.step)
-
-
 class FinalTraining:
     """The final run of one configuration (a trial's parameters) of one study (see the module doc)."""
 
@@ -132,6 +107,12 @@ class FinalTraining:
     def share(self, **record: Any) -> None:
         self.study.share_final_run(self.fingerprint, **record)
 
+    def _recorded(self) -> tuple[str | None, Any, str | None]:
+        """The study's MLflow run of this final run (its id, the run, the state its tag records)."""
+        run_id = self.shared().get("run_id")
+        mlflow_run = self._mlflow_run(run_id)
+        return run_id, mlflow_run, mlflow_run.data.tags.get(STATE_TAG) if mlflow_run is not None else None
+
     def _mlflow_run(self, run_id: str | None):
         if not run_id:
             return None
@@ -145,9 +126,7 @@ class FinalTraining:
         """Train it, resume it, or reuse it when it is finished; the final model's record, with
         ``safest`` (the certified record of this configuration) in its model file."""
         self.safest = safest
-        run_id = self.shared().get("run_id")
-        mlflow_run = self._mlflow_run(run_id)
-        recorded = mlflow_run.data.tags.get(STATE_TAG) if mlflow_run is not None else None
+        run_id, mlflow_run, recorded = self._recorded()
         if recorded == FINISHED:
             return self._reuse(mlflow_run)
         if recorded == HALTED:  # the same settings halt the same way
@@ -171,18 +150,16 @@ class FinalTraining:
     def train_ahead(self, why_stop: Callable[[], str | None], every_s: float) -> str:
         """Train it before its certificate has passed, to its last step, and leave it ``trained``
         for ``run`` to finish; ``why_stop`` is asked every ``every_s`` seconds, and a reason
-        stops it (``FinalStopped``). Returns the state it was left in (``trained``, or
+        stops it (``NoLongerNeeded``). Returns the state it was left in (``trained``, or
         ``finished``/``halted`` as found); a halt after every recovery raises ``FinalRunHalted``."""
-        run_id = self.shared().get("run_id")
-        mlflow_run = self._mlflow_run(run_id)
-        recorded = mlflow_run.data.tags.get(STATE_TAG) if mlflow_run is not None else None
+        run_id, mlflow_run, recorded = self._recorded()
         if recorded in (FINISHED, HALTED, TRAINED):
             return recorded
         with self.folder.claimed():
-            self._train(run_id if mlflow_run is not None else None, stop=_StopWhen(why_stop, every_s))
+            self._train(run_id if mlflow_run is not None else None, stop=StopWhenUnneeded(why_stop, every_s))
         return TRAINED
 
-    def _train(self, run_id: str | None, stop: _StopWhen | None = None) -> FinalRun | None:
+    def _train(self, run_id: str | None, stop: StopWhenUnneeded | None = None) -> FinalRun | None:
         config, s = self.final_config, self.session
         saver = CheckpointSaver(self.folder.checkpoints, config.train.keep_checkpoints, self.folder.settings)
         resumable = saver.load() is not None
@@ -234,7 +211,7 @@ class FinalTraining:
         trainer = candidate_trainer(config, s.data, [reporter, *([stop] if stop else []), long_run])
         try:
             run = train_candidate(trainer, lambda: long_run.fit(trainer), reporter, s.data)
-        except FinalStopped as stopped:
+        except NoLongerNeeded as stopped:
             self._stopped(run_id, str(stopped), logger, stopped.step)
             raise
         except BaseException as err:  # Ctrl-C too: the run says why it stopped (and resumes later)
@@ -257,9 +234,8 @@ class FinalTraining:
     def stop_recorded(self, why: str) -> None:
         """A final trained ahead whose worker is gone (or that never started), no longer wanted:
         its MLflow run, if one is still open, ended KILLED with ``why``; the study told."""
-        run_id = self.shared().get("run_id")
-        mlflow_run = self._mlflow_run(run_id)
-        if mlflow_run is not None and mlflow_run.data.tags.get(STATE_TAG) not in (FINISHED, HALTED, STOPPED):
+        run_id, mlflow_run, recorded = self._recorded()
+        if mlflow_run is not None and recorded not in (FINISHED, HALTED, STOPPED):
             self._stopped(run_id, why)
         elif run_id is None:
             self.share(state=STOPPED, why=why)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from stylepipe.config import Config
-from stylepipe.final import FinalRunHalted, FinalStopped, FinalTraining
+from stylepipe.final import FinalRunHalted, FinalTraining
 from stylepipe.search import replays
 from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.safest import CertificatePlan, confirm_horizon
@@ -40,6 +40,7 @@ from stylepipe.search.storage import Lock, StudyStore, open_storage, study_lock
 from stylepipe.search.study import claim_units
 from stylepipe.search.worker_id import worker_id
 from stylepipe.threads import ALONE, Cores
+from stylepipe.train.callbacks import NoLongerNeeded
 
 if TYPE_CHECKING:
     from stylepipe.session import StudySession
@@ -75,7 +76,7 @@ def open_units(config: Config, study: optuna.Study) -> optuna.Study:
         )
 
 
-def queue(config: Config, study: optuna.Study, units: optuna.Study, plan: CertificatePlan) -> int | None:
+def queue(config: Config, study: optuna.Study, plan: CertificatePlan) -> int | None:
     """Queue the best candidate's final (once per study and candidate, under the study's
     ``final ahead`` lock); the candidate's trial number, or None when there is none to train:
     no complete trial, or its verdict is known already."""
@@ -84,6 +85,7 @@ def queue(config: Config, study: optuna.Study, units: optuna.Study, plan: Certif
         return None
     if best.number in plan.kept:  # certified before (the study then grew): no speculation left
         return None
+    units = open_units(config, study)
     with study_lock(config, Lock.FINAL_AHEAD):
         if not any(t.user_attrs.get("candidate") == best.number for t in units.get_trials(deepcopy=False)):
             units.enqueue_trial({}, user_attrs={"candidate": best.number, "quality": best.value})
@@ -130,7 +132,7 @@ class FinalAhead:
         self.cores.set_threads()
         try:
             state = training.train_ahead(lambda: why_unwanted(self.config, study, candidate), CHECK_S)
-        except FinalStopped as stopped:
+        except NoLongerNeeded as stopped:
             unit_trial.set_user_attr("stopped", str(stopped))
             unit_trial.set_user_attr("steps_trained", stopped.step)
             raise optuna.TrialPruned(str(stopped)) from None

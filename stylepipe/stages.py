@@ -225,7 +225,7 @@ def certificate_replays(
         plan = CertificatePlan(s.study, config)
         ahead = 0
         if speculative.enabled(config):  # the first worker here takes the final, the others replays
-            speculative.queue(config, s.study, speculative.open_units(config, s.study), plan)
+            speculative.queue(config, s.study, plan)
             ahead = speculative.run_units(config, s, cores) if takes_final_ahead else 0
         _, claimed = share_replays(config, s.study, lambda: s.data, s.tracker, s.parent, cores, plan=plan)
         return {"study": config.study_name, "replays_run": claimed, "finals_ahead": ahead}

@@ -88,6 +88,13 @@ def test_a_certified_candidate_s_final_trained_ahead_is_the_run_registered(tmp_p
     steps = _steps(config, final)
     assert steps[-1] == 12 and len(steps) == len(set(steps))
 
+    # Run again when finished, with speculation as it was and switched off (a setting a study may
+    # change): its recorded answer; no unit queued, no final run or version added.
+    for again in (config, config.with_overrides({"final.speculative": False})):
+        reported = chain.run_search(again, progress=False)
+        assert reported["recorded_before"] and reported["safest"].trial == answer["safest"].trial
+        assert len(_units(config)) == 1 and len(_final_runs(config)) == 1 and len(_registered(config)) == 1
+
 
 def _fail_the_best(monkeypatch, config):
     """Replays of the study's best trial diverge; every other replay passes."""
@@ -188,8 +195,7 @@ def test_a_final_that_never_started_is_stopped_without_training_when_another_is_
     _fail_the_best(monkeypatch, config)
     with StudySession(config) as session:
         stages.search_trials(config, session=session)
-        speculative.queue(config, session.study, speculative.open_units(config, session.study),
-                          CertificatePlan(session.study, config))  # fmt: skip
+        speculative.queue(config, session.study, CertificatePlan(session.study, config))
         # the replays ran, and the verdict was recorded, before any worker claimed the final
         monkeypatch.setattr(speculative, "run_units", lambda *a, **k: 0)
         stages.certificate_replays(config, session)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -41,7 +40,7 @@ from stylepipe.search.study_data import StudyData
 from stylepipe.search.worker_id import worker_id
 from stylepipe.threads import ALONE, Cores
 from stylepipe.tracking import Tracker, end_killed_run
-from stylepipe.train import Callback, TrainState
+from stylepipe.train.callbacks import NoLongerNeeded, StopWhenUnneeded
 
 log = logging.getLogger(__name__)
 
@@ -225,30 +224,6 @@ def cancelled_because(companion: optuna.Study, unit: dict[str, Any], certify_all
     return None
 
 
-class ReplayCancelled(Exception):
-    """A replay in training is no longer needed (``cancelled_because``), at ``step``."""
-
-    def __init__(self, why: str, step: int):
-        super().__init__(why)
-        self.step = step
-
-
-class _AskAgain(Callback):
-    """Stops a replay in training once it is no longer needed; asks at most every CANCEL_CHECK_S."""
-
-    def __init__(self, companion: optuna.Study, unit: dict[str, Any], certify_all: bool):
-        self.companion, self.unit, self.certify_all = companion, unit, certify_all
-        self.last = time.monotonic()
-
-    def on_check(self, state: TrainState) -> None:
-        if time.monotonic() - self.last < CANCEL_CHECK_S:
-            return
-        self.last = time.monotonic()
-        why = cancelled_because(self.companion, self.unit, self.certify_all)
-        if why:
-            raise ReplayCancelled(why, state.step)
-
-
 class ReplayObjective:
     """Optuna objective of the companion study: train one claimed unit, or cancel it.
 
@@ -290,12 +265,15 @@ class ReplayObjective:
                 self.config.tracking.log_every,
             )
             unit_trial.set_user_attr("mlflow_run_id", logger.run_id)  # a dead worker's run ends KILLED
-        watch = _AskAgain(unit_trial.study, unit, self.config.search.certify_all)
+        certify_all = self.config.search.certify_all
+        watch = StopWhenUnneeded(
+            lambda: cancelled_because(unit_trial.study, unit, certify_all), CANCEL_CHECK_S
+        )
         callbacks = [*([logger] if logger else []), watch]
         try:
             # quality at a trial's length too: another seed's, comparable with the trial's own
             run = run_candidate(replay_config, self.data(), callbacks, eval_every=self.config.train.steps)
-        except ReplayCancelled as cancelled:
+        except NoLongerNeeded as cancelled:
             log.info(
                 "replay of trial %d seed %d: cancelled in training, %s",
                 trial.number,

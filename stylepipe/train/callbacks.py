@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,3 +134,28 @@ class ProgressBar(Callback):
 
     def on_train_end(self, state: TrainState) -> None:
         self.progress.stop()
+
+
+class NoLongerNeeded(Exception):
+    """A run stopped because its result is no longer needed (``why``), at ``step``."""
+
+    def __init__(self, why: str, step: int):
+        super().__init__(why)
+        self.step = step
+
+
+class StopWhenUnneeded(Callback):
+    """Stops a run once ``why_unneeded`` gives a reason (``NoLongerNeeded``); it is asked at a
+    check at most every ``every_s`` seconds, since the answer is read from a shared store."""
+
+    def __init__(self, why_unneeded: Callable[[], str | None], every_s: float):
+        self.why_unneeded, self.every_s = why_unneeded, every_s
+        self.last = time.monotonic()
+
+    def on_check(self, state: TrainState) -> None:
+        if time.monotonic() - self.last < self.every_s:
+            return
+        self.last = time.monotonic()
+        why = self.why_unneeded()
+        if why:
+            raise NoLongerNeeded(why, state.step)
