@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from stylepipe.data.decode import resize_crop
+from stylepipe.data.travel import is_bundled
 from stylepipe.errors import StylepipeError
 from stylepipe.files import atomic_path, file_sha256
 
@@ -245,8 +246,7 @@ def data_fingerprint(content: str, style_image: str, size: int) -> str:
         if is_prepared(content)
         else images_fingerprint(load_content_images(content, size))
     )
-    kind, _, name = style_image.partition(":")
-    bundled = kind in ("skimage", "generated") and name
+    bundled = is_bundled(style_image)
     style = file_sha256(style_image) if not bundled and Path(style_image).is_file() else style_image
     return hashlib.sha256(f"{images}|{style}".encode()).hexdigest()
 

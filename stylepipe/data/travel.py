@@ -39,11 +39,17 @@ from pydantic import model_validator
 from stylepipe.errors import StylepipeError
 from stylepipe.files import file_sha256, write_json
 from stylepipe.records import Record
-from stylepipe.stores import redact_url, scrub
+from stylepipe.stores import first_line, redact_url
 
 INPUTS_DIR = "inputs"
 MANIFEST, SHARD = "manifest.parquet", "shard.npy"  # a prepared folder's two files (data/shard.py)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_bundled(style_image: str) -> bool:
+    """A scikit-image or generated style image: its name fixes it, and it travels as its name."""
+    kind, _, name = style_image.partition(":")
+    return kind in ("skimage", "generated") and bool(name)
 
 
 class TravelError(StylepipeError):
@@ -162,7 +168,7 @@ def _fetch(item: InputFile, target: Path, folder: ArtifactFolder) -> Path:
                 f"not {item.sha256[:12]}: refused"
             )
         os.replace(fetched, target)
-    _holds(target, item)  # its note: the next look does not hash it again
+    write_json(_note_of(target), _seen(target, digest))  # hashed above: the next look does not hash it
     return target
 
 
@@ -227,8 +233,9 @@ def _downloaded(download: Callable[[str, Path], Path], name: str, scratch: Path,
     try:
         fetched = Path(download(name, scratch))
     except Exception as err:  # no such artifact, the store unreachable, ...
-        first = scrub((str(err).strip().splitlines() or [type(err).__name__])[0], url)
-        raise TravelError(f"{name} cannot be fetched from {redact_url(url)}: {first}") from None
+        raise TravelError(
+            f"{name} cannot be fetched from {redact_url(url)}: {first_line(err, url)}"
+        ) from None
     if fetched.resolve() != (scratch / name).resolve() or not fetched.is_file():
         raise TravelError(
             f"{name} of {redact_url(url)}: the store returned another path than the one asked for"

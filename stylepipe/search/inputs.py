@@ -45,6 +45,7 @@ from stylepipe.data.travel import (
     TravelError,
     cache_entry,
     from_url,
+    is_bundled,
     local_copy,
     local_shard,
     manifest_sha256,
@@ -71,12 +72,6 @@ def publishes(config: Config) -> bool:
     return config.data.publish == "always" or (
         config.data.publish == "auto" and is_server(config.tracking_uri)
     )
-
-
-def is_bundled(style_image: str) -> bool:
-    """A scikit-image or generated style image: its name fixes it, and it travels as its name."""
-    kind, _, name = style_image.partition(":")
-    return kind in ("skimage", "generated") and bool(name)
 
 
 def publish_study_inputs(
@@ -115,13 +110,11 @@ def publish_study_inputs(
 
 @dataclass
 class Counted:
-    """An artifact folder that counts what it fetched (the worker says so, the tests check)."""
+    """An artifact folder to fetch from that counts what it fetched (the worker says so, the
+    tests check)."""
 
     folder: ArtifactFolder
     fetched: list[str] = field(default_factory=list)
-
-    def upload(self, path: Path, name: str) -> None:
-        self.folder.upload(path, name)
 
     def download(self, name: str, folder: Path) -> Path | None:
         found = self.folder.download(name, folder)
@@ -164,8 +157,10 @@ def _localised(config: Config, worker: bool, fetched: list[str]) -> dict[str, st
     if inputs is None:
         return moved
 
+    client = MlflowClient(config.tracking_uri)
+
     def folder_for(item: InputFile) -> ArtifactFolder:
-        return Counted(RunArtifacts(MlflowClient(config.tracking_uri), inputs.run_id, item.folder), fetched)
+        return Counted(RunArtifacts(client, inputs.run_id, item.folder), fetched)
 
     if here != inputs.manifest.sha256 and (here is None or worker):
         if here is not None:
