@@ -226,3 +226,40 @@ def test_a_final_that_halted_ahead_is_reported_by_the_finisher_not_trained_again
     (final,) = _final_runs(config)  # halted once, ahead; not trained again by the finisher
     assert final.data.tags[AHEAD_TAG] and final.data.tags[STATE_TAG] == "halted"
     assert _registered(config) == []
+
+
+@pytest.mark.slow
+def test_search_killed_mid_final_ahead_resumes_it_in_the_same_run_when_run_again(tmp_path, prepared):
+    """`stylepipe search` on SQLite with final.speculative: kill -9 while its final trains ahead;
+    the same command again fails the orphaned unit, queues it again and resumes the same run."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import search_command
+
+    config = _config(tmp_path, prepared, *CERTIFIED, "final.steps=200", "train.checkpoint_every=8")
+    args = search_command(search_overrides(tmp_path / "run", prepared, "search.n_trials=3", "final.speculative=true",
+                                           *CERTIFIED, "final.steps=200", "train.checkpoint_every=8"))  # fmt: skip
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(
+            (tmp_path / "run" / "final").glob("*/checkpoints/step-00000016*")
+        ):
+            assert process.poll() is None, "the search ended before it was killed"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+
+    subprocess.run(args, check=True, capture_output=True, timeout=600)
+    units = _units(config)
+    assert [u.state for u in units] == [_STATE.FAIL, _STATE.COMPLETE]
+    (final,) = _final_runs(config)  # resumed in place: one final run
+    assert final.info.status == "FINISHED" and final.data.tags[AHEAD_TAG]
+    steps = _steps(config, final)
+    assert steps[-1] == 200 and len(steps) == len(set(steps))
+    (version,) = _registered(config)
+    assert version.run_id == final.info.run_id
