@@ -75,6 +75,18 @@ def test_a_worker_without_the_path_fetches_the_file_once_by_its_hash(tmp_path, s
     assert sorted(p.name for p in fetched.parent.iterdir()) == ["shard.npy", "shard.npy.verified.json"]
 
 
+def test_a_fetch_killed_midway_leaves_nothing_used_and_the_next_fetch_clears_its_scratch(tmp_path, study_run):
+    shard = _shard(tmp_path)
+    item = publish(shard, study_run)
+    cache = tmp_path / "cache"
+    killed = cache / item.sha256 / ".fetching-abc123"  # what a kill -9 mid-download leaves
+    killed.mkdir(parents=True)
+    (killed / "shard.npy").write_bytes(b"\x07" * 1000)  # a partial copy
+    fetched = local_copy(item, None, cache, study_run(item))
+    assert hashlib.sha256(fetched.read_bytes()).hexdigest() == item.sha256  # the partial one is never used
+    assert sorted(p.name for p in fetched.parent.iterdir()) == ["shard.npy", "shard.npy.verified.json"]
+
+
 def test_a_given_path_with_other_content_is_not_used(tmp_path, study_run):
     shard = _shard(tmp_path)
     item = publish(shard, study_run)

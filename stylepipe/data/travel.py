@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -146,6 +147,11 @@ def _holds(path: Path, item: InputFile, keep_note: bool = True) -> bool:
 
 def _fetch(item: InputFile, target: Path, folder: ArtifactFolder) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
+    # A scratch folder left by a process killed mid-fetch (kill -9 skips its clean-up) holds a
+    # partial file nothing uses: removed here, where no other fetch of this entry can be running
+    # (the callers hold the entry's lock, ``cache_entry``).
+    for stale in target.parent.glob(".fetching-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     # Downloaded beside its target (the same file system), checked, then renamed into place.
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetching-") as scratch:
         try:
