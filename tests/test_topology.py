@@ -158,110 +158,6 @@ def _started_worker(api: httpx.Client, name: str, deadline: float) -> tuple[dict
     raise AssertionError(f"no flow run {name} started")
 
 
-def _replay_running_on(client: MlflowClient, study: str, worker: str, deadline: float):
-    """A replay run in training on ``worker``, once there is one."""
-    while time.monotonic() < deadline:
-        experiment = client.get_experiment_by_name(study)
-        runs = [] if experiment is None else client.search_runs(
-            [experiment.experiment_id], "tags.`stylepipe.role` = 'replay' and attributes.status = 'RUNNING'")  # fmt: skip
-        mine = [run for run in runs if run.data.tags.get("stylepipe.worker") == worker]
-        if mine:
-            return mine[0]
-        time.sleep(0.5)
-    raise AssertionError(f"no replay ran on the started worker {worker}")
-
-
-def test_a_fanned_out_run_shares_trials_and_replays_and_survives_a_worker_killed_mid_replay(
-    services, tmp_path
-):
-    """search.workers=2: the pipeline's flow run starts a search_worker flow run on its pool;
-    both run trials and replays; the started worker is killed (SIGKILL) in a replay, which
-    another worker runs again; the study ends with its trials, one final run, one version."""
-    env = _env(services)
-    study, model = "fanout", f"{MODEL}-fanout"
-    # lr low enough that replays 80 steps long at lr x2 stay finite: a safest, a final model; 80
-    # steps (several seconds) keep the started worker's replay in training when it is killed
-    common = [*TINY, "search.space.lr=[1e-4,1e-3]", "search.workers=2", "search.n_trials=6", "train.steps=40", "search.top_k=2",
-              "search.replay_seeds=1", "search.certify_all=true", "search.confirm_steps=80",
-              "search.heartbeat_interval=1", "search.grace_period=4", f"tracking.registered_model={model}",
-              f"run_dir={tmp_path / 'run'}"]  # fmt: skip
-    done = _deploy(services, common, tmp_path, env)
-    assert "deployed search_worker/demo beside it" in done.stdout
-
-    with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
-        deployment = api.get("/deployments/name/style_pipeline/nightly").json()
-        created = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": {
-            "config_path": str(DEMO), "overrides": common, "study_name": study}})  # fmt: skip
-        created.raise_for_status()
-        pipeline_id = created.json()["id"]
-        client = MlflowClient(tracking_uri=services.tracking_uri)
-        deadline = time.monotonic() + 400
-        started, worker = _started_worker(api, f"{study} worker 2", deadline)
-        assert started["parent_task_run_id"]  # a subflow of the pipeline's flow run
-        victim = _replay_running_on(client, study, worker, deadline)
-        time.sleep(1)  # inside its training
-        os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
-        pipeline = _wait(api, pipeline_id, 500)
-        assert pipeline["state_type"] == "COMPLETED", pipeline["state"]
-        workers = api.post("/flow_runs/filter", json={"flows": {"name": {"any_": ["search_worker"]}}}).json()
-        states = {w["name"]: w["state_type"] for w in workers if w["name"].startswith(f"{study} worker")}
-        assert states[f"{study} worker 2"] == "CRASHED", states
-        assert f"{study} worker 2 (attempt 2)" in states, states  # its replacement, started by its hook
-
-    storage = optuna.storages.RDBStorage(services.optuna_url)
-    counted = optuna.load_study(study_name=study, storage=storage).get_trials(
-        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))  # fmt: skip
-    assert len(counted) == 6
-    experiment = client.get_experiment_by_name(study)
-
-    def runs(role: str) -> list:
-        return client.search_runs([experiment.experiment_id], f"tags.`stylepipe.role` = '{role}'")
-
-    assert len({r.data.tags["stylepipe.worker"] for r in runs("trial")}) == 2  # both ran trials
-    replays = runs("replay")
-    assert len({r.data.tags["stylepipe.worker"] for r in replays}) >= 2  # and replays
-    killed = client.get_run(victim.info.run_id)
-    assert killed.info.status == "KILLED" and "heartbeats" in killed.data.tags["failure"]
-    assert worker in {r.data.tags["stylepipe.worker"] for r in runs("trial")}  # the started worker's trials
-    units = optuna.load_study(study_name=f"{study}:certificate", storage=storage).trials
-    complete = [t for t in units if t.state == optuna.trial.TrialState.COMPLETE]
-    keys = [(t.user_attrs["candidate"], t.user_attrs["seed"], t.user_attrs["lr_factor"]) for t in complete]
-    finished = optuna.load_study(study_name=study, storage=storage).trials
-    best = sorted(
-        (t for t in finished if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value
-    )[:2]
-    candidates = {t.number for t in best} | {t.number for t in finished if t.user_attrs.get("baseline")
-                                              and t.state == optuna.trial.TrialState.COMPLETE}  # fmt: skip
-    assert sorted(set(keys)) == sorted(keys) and len(keys) == 2 * len(candidates)  # every replay, once
-    rerun = [t for t in complete if t.user_attrs.get("mlflow_run_id") != victim.info.run_id
-             and t.system_attrs.get("failed_trial") is not None]  # fmt: skip
-    assert len(rerun) == 1 and rerun[0].user_attrs["worker"] != worker  # run again by another worker
-    safest = optuna.load_study(study_name=study, storage=storage).user_attrs["safest"]
-    assert safest is not None, "nothing was safe: make the lr range lower"
-    assert safest["certificate"]["seeds"] == [1] and safest["certificate"]["lr_margin"] == 2.0  # in full
-    assert len(runs("final")) == 1
-    assert len(client.search_model_versions(f"name = '{model}'")) == 1
-
-    # The story in the Prefect API: the library's lines in the run logs, its events.
-    with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
-        deadline = time.monotonic() + 30
-        while True:
-            logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [pipeline_id]}}}).json()
-            events = api.post("/events/filter", json={"filter": {"event": {"prefix": ["stylepipe."]}},
-                                                      "limit": 50}).json()["events"]  # fmt: skip
-            certified = [e for e in events if e["event"] == "stylepipe.study.certified"
-                         and e["resource"]["prefect.resource.id"] == f"stylepipe.study.{study}"]  # fmt: skip
-            if (
-                certified
-                and any(log["message"].startswith("trial ") for log in logs)
-                or time.monotonic() > deadline
-            ):
-                break
-            time.sleep(1)
-    assert certified and certified[0]["payload"]["trial"] == safest["trial"]
-    assert f"trial {safest['trial']}: safe" in [log["message"] for log in logs]
-
-
 def _final_ahead_on(storage, client: MlflowClient, study: str, worker: str, deadline: float) -> str:
     """The MLflow run of the final trained ahead on ``worker``, once a checkpoint past its start
     was mirrored to it (its metric rows are committed with each checkpoint)."""
@@ -285,12 +181,14 @@ def _final_ahead_on(storage, client: MlflowClient, study: str, worker: str, dead
     raise AssertionError(f"no final was trained ahead on the started worker {worker}")
 
 
-def test_a_fanned_out_run_finishes_the_final_trained_ahead_elsewhere_when_its_worker_is_killed(
+def test_a_fanned_out_run_shares_its_trials_and_finishes_the_final_trained_ahead_elsewhere_when_its_worker_is_killed(
     services, tmp_path
 ):
-    """search.workers=2: the started worker trains the best candidate's final while the pipeline
-    replays; it is killed (SIGKILL) mid-final; the final is finished elsewhere from its mirrored
-    checkpoint, in the same MLflow run, once, and one version is registered."""
+    """search.workers=2: the pipeline's flow run starts a search_worker flow run on its pool;
+    both run trials; the started worker trains the best candidate's final while the pipeline
+    replays; it is killed (SIGKILL) mid-final and replaced by its hook; the final is finished
+    elsewhere from its mirrored checkpoint, in the same MLflow run, once, and one version is
+    registered. (A replay whose worker died is run again by another: test_replays.py.)"""
     env = _env(services)
     study, model = "ahead", f"{MODEL}-ahead"
     common = [*TINY, "search.space.lr=[1e-4,1e-3]", "search.workers=2", "search.n_trials=6", "train.steps=40",
@@ -305,17 +203,30 @@ def test_a_fanned_out_run_finishes_the_final_trained_ahead_elsewhere_when_its_wo
         created = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": {
             "config_path": str(DEMO), "overrides": common, "study_name": study}})  # fmt: skip
         created.raise_for_status()
+        pipeline_id = created.json()["id"]
         deadline = time.monotonic() + 400
-        _, worker = _started_worker(api, f"{study} worker 2", deadline)
+        started, worker = _started_worker(api, f"{study} worker 2", deadline)
+        assert started["parent_task_run_id"]  # a subflow of the pipeline's flow run
         ahead = _final_ahead_on(storage, client, study, worker, deadline)
         os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
-        pipeline = _wait(api, created.json()["id"], 500)
+        pipeline = _wait(api, pipeline_id, 500)
         assert pipeline["state_type"] == "COMPLETED", pipeline["state"]
+        workers = api.post("/flow_runs/filter", json={"flows": {"name": {"any_": ["search_worker"]}}}).json()
+        states = {w["name"]: w["state_type"] for w in workers if w["name"].startswith(f"{study} worker")}
+        assert states[f"{study} worker 2"] == "CRASHED", states
+        assert f"{study} worker 2 (attempt 2)" in states, states  # its replacement, started by its hook
+
+    counted = optuna.load_study(study_name=study, storage=storage).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))  # fmt: skip
+    assert len(counted) == 6
+    experiment = client.get_experiment_by_name(study)
+    trials = client.search_runs([experiment.experiment_id], "tags.`stylepipe.role` = 'trial'")
+    assert len({r.data.tags["stylepipe.worker"] for r in trials}) == 2  # both ran trials
+    assert worker in {r.data.tags["stylepipe.worker"] for r in trials}  # the started worker's too
 
     units = optuna.load_study(study_name=f"{study}:final", storage=storage).trials
     assert [u.state for u in units] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert units[1].user_attrs["worker"] != worker  # finished elsewhere
-    experiment = client.get_experiment_by_name(study)
     (final,) = client.search_runs([experiment.experiment_id], "tags.`stylepipe.role` = 'final'")
     assert final.info.run_id == ahead and final.info.status == "FINISHED"  # the same MLflow run
     steps = [m.step for m in client.get_metric_history(ahead, "loss/total")]
@@ -324,6 +235,27 @@ def test_a_fanned_out_run_finishes_the_final_trained_ahead_elsewhere_when_its_wo
     assert version.run_id == ahead
     # the worker's run folder is its own: the pipeline's holds the final only as fetched
     assert (tmp_path / "run" / "workers" / "2" / "final").is_dir()
+
+    safest = optuna.load_study(study_name=study, storage=storage).user_attrs["safest"]
+
+    # The story in the Prefect API: the library's lines in the run logs, its events.
+    with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
+        deadline = time.monotonic() + 30
+        while True:
+            logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [pipeline_id]}}}).json()
+            events = api.post("/events/filter", json={"filter": {"event": {"prefix": ["stylepipe."]}},
+                                                      "limit": 50}).json()["events"]  # fmt: skip
+            certified = [e for e in events if e["event"] == "stylepipe.study.certified"
+                         and e["resource"]["prefect.resource.id"] == f"stylepipe.study.{study}"]  # fmt: skip
+            if (
+                certified
+                and any(log["message"].startswith("trial ") for log in logs)
+                or time.monotonic() > deadline
+            ):
+                break
+            time.sleep(1)
+    assert certified and certified[0]["payload"]["trial"] == safest["trial"]
+    assert f"trial {safest['trial']}: safe" in [log["message"] for log in logs]
 
 
 def _wait(api: httpx.Client, run_id: str, timeout: float) -> dict:
