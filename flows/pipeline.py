@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import Task, flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
@@ -23,6 +23,7 @@ from stylepipe.config import Config, load_config
 from stylepipe.errors import StylepipeError
 from stylepipe.ops.cores import MACHINE
 from stylepipe.pipeline import Context, Phase, Stage
+from stylepipe.report import picture_markdown, safest_rows
 
 
 class _UsersMistakeInOneLine(logging.Filter):
@@ -129,8 +130,17 @@ def style_pipeline(
         fanout.cancel_unstarted(workers)  # nothing is left for a worker that never started
         finished = chain.finish(context, runner)  # under the study's finish lock, as the commands
         fanout.wait_for_workers(workers)
-    create_markdown_artifact(
-        finished["summary_markdown"], key="stylepipe-summary", description="stylepipe run summary"
+    # The flow run's page: the summary with the stability map, the map as an image (where the
+    # artifact store is an MLflow server the browser can reach), the safest configuration.
+    image, link = finished["stability_map_image_url"], finished["stability_map_link"]
+    summary = finished["summary_markdown"] + "\n\n" + picture_markdown("Stability map", image, link)
+    create_markdown_artifact(summary, key="stylepipe-summary", description="stylepipe run summary")
+    if image:
+        create_image_artifact(image, key="stylepipe-stability-map", description="the study's stability map")
+    create_table_artifact(
+        safest_rows(finished["safest"], finished["nothing_safe"]),
+        key="stylepipe-safest",
+        description="the safest configuration and its certificate",
     )
     create_table_artifact(
         finished["top_trials"], key="stylepipe-top-trials", description="the best complete trials"

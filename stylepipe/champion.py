@@ -100,7 +100,9 @@ def register(config: Config, final: FinalRun, session: StudySession | None = Non
     weights' SHA-256, the certificate and the recoveries, aliased ``safest``. A version already
     registered from that run is completed and reused (``reused``), never registered twice."""
     from stylepipe.registry import SAFEST_SETTINGS_TAG, Registry
+    from stylepipe.report import version_markdown
     from stylepipe.search.attributes import StudyRecord, StudyState
+    from stylepipe.search.edge import edge_line
     from stylepipe.showcase import style_summary
 
     if session is not None:
@@ -117,7 +119,13 @@ def register(config: Config, final: FinalRun, session: StudySession | None = Non
     }
     if final.style:
         tags["style"] = style_summary(final.style)
-    record = registry.register(final.run_id, final.model_uri, final.model_sha256, final.quality, tags)
+    edges = StudyRecord(session.study).edges if session is not None else None
+    description = version_markdown(
+        final, config.study_name, edge_line(edges, config.search.edge_margin) if edges else None
+    )
+    record = registry.register(
+        final.run_id, final.model_uri, final.model_sha256, final.quality, tags, description, config.study_name
+    )
     return {
         **record,
         "quality": final.quality,
@@ -145,11 +153,11 @@ def promote(config: Config, version: str, session: StudySession | None = None) -
         return {"promoted": False, "version": version, "why": f"version {version} is not marked safe"}
     champion = registry.alias_version("champion")
     if champion is None:
-        registry.set_alias("champion", version)
-        return _promoted(
-            config, {"version": version, "why": f"version {version} is now the champion; there was none"}
-        )
-    if champion == version:
+        why = f"version {version} is now the champion; there was none"
+        registry.move_alias("champion", version, config.study_name, why)
+        return _promoted(config, {"version": version, "why": why})
+    if champion == version:  # (a move cut short before it was recorded is recorded now)
+        registry.move_alias("champion", version, config.study_name, f"version {version} was promoted")
         return {"promoted": False, "version": version, "why": "it already is the champion"}
     data = session.data if session is not None else load_study_data(config)
     new_quality = evaluate_quality(registry.load(version).to(data.device), data)
@@ -162,8 +170,8 @@ def promote(config: Config, version: str, session: StudySession | None = None) -
         "val_images": len(data.val_images),
     }
     if new_quality < old_quality:
-        registry.set_alias("champion", version)
         why = f"quality {new_quality:.4g} beats the champion's {old_quality:.4g} on the same validation split"
+        registry.move_alias("champion", version, config.study_name, why)
         return _promoted(config, {**decision, "why": why})
     why = (
         f"quality {new_quality:.4g} does not beat champion version {champion} "
@@ -183,3 +191,17 @@ def _promoted(config: Config, decision: dict) -> dict:
         why=decision["why"],
     )
     return {**decision, "promoted": True}
+
+
+def rollback(config: Config, version: str, why: str | None = None) -> dict:
+    """``stylepipe rollback``: move ``@champion`` back to ``version`` by hand, recorded in the
+    alias history like a promotion (registry.Registry.rollback says what is refused)."""
+    from stylepipe.registry import Registry
+
+    name = config.tracking.registered_model
+    move = Registry(config.tracking_uri, name).rollback(version, why)
+    if move is None:
+        return {"moved": False, "version": version.removeprefix("@"), "why": "it already is the champion"}
+    events.publish(events.MODEL_PROMOTED, model=name, version=move.to_version, alias="champion", study=None,
+                   why=move.why)  # fmt: skip
+    return {"moved": True, **move.to_json()}

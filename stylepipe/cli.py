@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -221,6 +222,20 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from stylepipe import stages
+
+    config = load_settings(args)
+    moved = stages.rollback(config, args.version, args.why)
+    name = config.tracking.registered_model
+    if not moved["moved"]:
+        out.print(f"{name}@champion is version {moved['version']} already: nothing moved")
+        return 0
+    was = f"version {moved['from_version']}" if moved["from_version"] else "no version"
+    out.print(f"{name}@champion: {was} -> version {moved['to_version']} (recorded in its alias_history)")
+    return 0
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
     from stylepipe.ops import stack
 
@@ -293,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(stylize)
     stylize.set_defaults(func=cmd_stylize)
 
+    rollback = sub.add_parser("rollback", help="move @champion back to an earlier registered version")
+    rollback.add_argument("version", help="a version number of tracking.registered_model, or @ALIAS")
+    rollback.add_argument("--why", help="the reason, kept in the model's alias history")
+    add_config_args(rollback)
+    rollback.set_defaults(func=cmd_rollback)
+
     stack = sub.add_parser("stack", help="a production-shaped stack on loopback: MLflow, Prefect, a worker")
     stack.add_argument("action", choices=["up", "down"])
     stack.add_argument(
@@ -328,6 +349,8 @@ def run(args: argparse.Namespace) -> int:
     # Libraries' Python warnings (MLflow's on importing PythonModel, ...) are for developers:
     # logged, shown with --verbose only, so a user's mistake stays one line.
     logging.captureWarnings(True)
+    # MLflow's download progress bars are not a command's output (a registry read, a fetch)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("py.warnings").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     import optuna
 

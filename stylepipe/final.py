@@ -95,6 +95,7 @@ class FinalTraining:
             config.data.content, config.data.style_image, self.final_config.data.image_size
         )
         settings, fingerprint = run_identity(self.final_config, data, study=config.study_name)
+        self.data_fingerprint = data
         self.folder = RunFolder(session.run_dir / "final", config.study_name, settings, fingerprint)
         self.fingerprint = fingerprint
         self.client = session.tracker.client
@@ -210,7 +211,8 @@ class FinalTraining:
         )  # its rows go through the long run
         trainer = candidate_trainer(config, s.data, [reporter, *([stop] if stop else []), long_run])
         try:
-            run = train_candidate(trainer, lambda: long_run.fit(trainer), reporter, s.data)
+            with s.tracker.system_metrics(run_id, self.config.final.system_metrics_every_s):
+                run = train_candidate(trainer, lambda: long_run.fit(trainer), reporter, s.data)
         except NoLongerNeeded as stopped:
             self._stopped(run_id, str(stopped), logger, stopped.step)
             raise
@@ -330,6 +332,7 @@ class FinalTraining:
             steps=steps,
             safest=safest,
             folder=str(self.folder.path),
+            data_fingerprint=self.data_fingerprint,
         )
 
     def _reuse(self, mlflow_run) -> FinalRun:
@@ -366,4 +369,5 @@ class FinalTraining:
             safest=safest,
             folder=str(self.folder.path),
             reused=True,
+            data_fingerprint=self.data_fingerprint,
         )

@@ -153,6 +153,7 @@ class FinalRun(Record):
     safest: Safest  # its certificate says whether the final run needed recoveries
     folder: str
     reused: bool = False  # it finished before: nothing was trained or written again
+    data_fingerprint: str | None = None  # its images and style image (data/sources.py)
 
 
 def clipping(clip_norm: float | None) -> str:

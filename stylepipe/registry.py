@@ -1,7 +1,12 @@
 """The MLflow Model Registry: the final model logged and registered, its aliases, loading it back.
 
 Aliases: ``safest`` (the latest model trained with a safe configuration) and ``champion``
-(moved only by promotion, when a safe model beats the current champion; see stages.promote).
+(moved by promotion, when a safe model beats the current champion, see stages.promote, and by
+``stylepipe rollback``). MLflow keeps no record of an alias's moves, so each move is recorded
+here: on the registered model, one ``alias_history`` tag (a JSON list, oldest first, that any
+MLflow client reads), and on both versions a tag saying when and why it gained or lost the
+alias (``alias.<alias>.since`` / ``alias.<alias>.until``). Each version carries a markdown
+description of what it is (``describe``).
 
 A version holds the transformer's weights as safetensors (plain tensors, no code) and a
 small ``mlflow.pyfunc`` model that rebuilds ``TransformerNet`` from them, so that
@@ -15,7 +20,9 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 import numpy as np
@@ -26,7 +33,7 @@ from mlflow.pyfunc import PythonModel
 from stylepipe.errors import StylepipeError
 from stylepipe.files import file_sha256
 from stylepipe.nets.transformer import TransformerNet
-from stylepipe.records import RecordError, WarmStart
+from stylepipe.records import Record, RecordError, WarmStart
 from stylepipe.stores import open_store, redact_url
 
 WEIGHTS = "model.safetensors"
@@ -48,6 +55,44 @@ SAFEST_SETTINGS_TAG = "stylepipe.safest_settings"
 
 class RegistryError(StylepipeError):
     """A registered version cannot be used (missing, or its files changed since registration)."""
+
+
+ALIAS_HISTORY_TAG = "alias_history"  # on the registered model
+# The newest moves that fit in one registered-model tag (MLflow: 100,000 characters); older
+# ones are counted in the record's ``earlier`` and dropped.
+HISTORY_CHARS = 90_000
+
+
+class AliasMove(Record):
+    """One move of an alias: from which version to which, when, by which study, and why."""
+
+    alias: Literal["champion", "safest"]
+    from_version: str | None  # None: the alias was new
+    to_version: str
+    at: str  # ISO 8601, UTC
+    study: str | None  # None: a person's command (a rollback)
+    why: str
+
+    def line(self) -> str:
+        by = f"study {self.study}" if self.study else "a rollback"
+        was = f"from version {self.from_version}" if self.from_version else "(new)"
+        return f"{self.at} {was} to version {self.to_version} by {by}: {self.why}"
+
+
+class AliasHistory(Record):
+    """The ``alias_history`` tag of a registered model."""
+
+    moves: list[AliasMove] = []
+    earlier: int = 0  # moves dropped to keep the tag within MLflow's limit
+
+    def last(self, alias: str) -> AliasMove | None:
+        return next((m for m in reversed(self.moves) if m.alias == alias), None)
+
+    def with_move(self, move: AliasMove) -> AliasHistory:
+        moves, earlier = [*self.moves, move], self.earlier
+        while len(moves) > 1 and len(json.dumps([m.to_json() for m in moves])) > HISTORY_CHARS:
+            moves, earlier = moves[1:], earlier + 1
+        return AliasHistory(moves=moves, earlier=earlier)
 
 
 class StylizeModel(PythonModel):
@@ -113,12 +158,20 @@ class Registry:
         self.client = MlflowClient(tracking_uri=uri)
 
     def register(
-        self, run_id: str, model_uri: str, weights_sha256: str, quality: float, tags: dict | None = None
+        self,
+        run_id: str,
+        model_uri: str,
+        weights_sha256: str,
+        quality: float,
+        tags: dict | None = None,
+        description: str | None = None,
+        study: str | None = None,
     ) -> dict:
         """The final run's logged model (``log_model``) as a version tagged safe, with its quality,
-        its weights' SHA-256 and ``tags``, aliased ``safest``. Idempotent: a version already
-        registered from that run (a registration cut short, a study certified again with the same
-        safest configuration) is completed and reused, not registered twice."""
+        its weights' SHA-256, ``tags`` and ``description``, aliased ``safest`` (the move recorded
+        for ``study``). Idempotent: a version already registered from that run (a registration
+        cut short, a study certified again with the same safest configuration) is completed and
+        reused, not registered twice."""
         earlier = self.client.search_model_versions(f"name = '{self.name}' and run_id = '{run_id}'")
         if earlier:
             version, reused = str(max(int(v.version) for v in earlier)), True
@@ -133,7 +186,10 @@ class Registry:
         }
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, key, value)
-        self.set_alias("safest", version)
+        if description is not None:
+            self.describe(version, description)
+        why = f"registered from the final run {run_id}" + (f" of study {study}" if study else "")
+        self.move_alias("safest", version, study, why)
         return {
             "run_id": run_id,
             "model_uri": f"models:/{self.name}@safest",
@@ -209,8 +265,57 @@ class Registry:
             raise RecordError(f"{source} is not JSON: {error}") from None
         return WarmStart.from_json(raw, source)
 
-    def set_alias(self, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(self.name, alias, version)
+    def describe(self, version: str, markdown: str) -> None:
+        """The version's description, which MLflow's UI shows on the version's page."""
+        if self.client.get_model_version(self.name, version).description != markdown:
+            self.client.update_model_version(self.name, version, description=markdown)
+
+    def alias_history(self) -> AliasHistory:
+        """The registered model's record of its aliases' moves (empty before the first)."""
+        raw = self.client.get_registered_model(self.name).tags.get(ALIAS_HISTORY_TAG)
+        if not raw:
+            return AliasHistory()
+        source = f"model {self.name}'s tag {ALIAS_HISTORY_TAG}"
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise RecordError(f"{source} is not JSON: {error}") from None
+        return AliasHistory.from_json(data, source)
+
+    def move_alias(self, alias: str, version: str, study: str | None, why: str) -> AliasMove | None:
+        """Point ``name@alias`` at ``version`` and record the move (see the module doc); None
+        when it already pointed there and that was recorded. A move whose record was cut short
+        (the alias moved, the process died) is recorded by the next call, as of then."""
+        before = self.alias_version(alias)
+        history = self.alias_history()
+        last = history.last(alias)
+        if before == version and last is not None and last.to_version == version:
+            return None
+        if before != version:
+            self.client.set_registered_model_alias(self.name, alias, version)
+        else:  # moved by a call that did not live to record it
+            before, why = (last.to_version if last else None), f"{why} (recorded after the move)"
+        move = AliasMove(alias=alias, from_version=before, to_version=version, study=study, why=why,
+                         at=datetime.now(UTC).isoformat(timespec="seconds"))  # fmt: skip
+        self.client.set_registered_model_tag(
+            self.name, ALIAS_HISTORY_TAG, json.dumps(history.with_move(move).to_json())
+        )
+        self.client.set_model_version_tag(self.name, version, f"alias.{alias}.since", move.line())
+        if before is not None and before != version:
+            self.client.set_model_version_tag(self.name, before, f"alias.{alias}.until", move.line())
+        return move
+
+    def rollback(self, version: str, why: str | None = None) -> AliasMove | None:
+        """Move ``@champion`` back to ``version`` (a number or an ``@alias``): refused in one line
+        when it is not there, not marked safe, or its weights are not a finite stylepipe model
+        (``load`` checks them). None when it already is the champion."""
+        version = self.resolve(version)
+        if not self.is_safe(version):
+            raise RegistryError(f"version {version} of {self.name} is not marked safe: not made champion")
+        self.load(version)  # its weights as registered, finite
+        champion = self.alias_version("champion")
+        reason = why or f"rolled back from version {champion} by hand"
+        return self.move_alias("champion", version, None, reason)
 
     def is_safe(self, version: str) -> bool:
         return self.client.get_model_version(self.name, version).tags.get("safe") == "true"

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from stylepipe.records import BROKE, Edges, Safest
+from stylepipe.records import BROKE, Edges, FinalRun, Safest
 from stylepipe.search import space
 from stylepipe.search.cost import cost_markdown
 
@@ -68,7 +68,7 @@ def _causes(trials: pd.DataFrame, outcomes: pd.Series) -> pd.Series:
     return pd.Series(values, index=trials.index, dtype=object)
 
 
-def _order(outcome: str) -> int:
+def outcome_order(outcome: str) -> int:
     return OUTCOMES.index(outcome) if outcome in OUTCOMES else len(OUTCOMES)
 
 
@@ -92,7 +92,7 @@ def causes_summary(trials: pd.DataFrame) -> pd.DataFrame:
     counts: dict[tuple[str, str | None], int] = {}
     for outcome, cause in zip(outcomes, causes, strict=True):
         counts[(outcome, cause)] = counts.get((outcome, cause), 0) + 1
-    rows = sorted(counts.items(), key=lambda kv: (-kv[1], _order(kv[0][0]), kv[0][0], kv[0][1] or ""))
+    rows = sorted(counts.items(), key=lambda kv: (-kv[1], outcome_order(kv[0][0]), kv[0][0], kv[0][1] or ""))
     return pd.DataFrame(
         {
             "outcome": [o for (o, _), _n in rows],
@@ -155,6 +155,26 @@ def top_trials(trials: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     return best[columns].reset_index(drop=True)
 
 
+def map_points(trials: pd.DataFrame) -> pd.DataFrame:
+    """The stability map's points, one per trial with a learning rate: ``number``, ``outcome``,
+    ``cause`` (NaN/diverged only), ``lr``, ``clip`` (NaN: clipping off), ``on`` (clipped),
+    ``y`` (the clip norm, 0 on the clip-off band) and ``baseline`` (the user's own settings).
+    The PNG (matplotlib) and the dashboard's plot (search/dashboard.py) both draw these."""
+    outcomes = _outcomes(trials)
+    df = pd.DataFrame(
+        {"number": trials.get("number"), "outcome": outcomes, "cause": _causes(trials, outcomes)}
+    )
+    df["lr"], df["clip"] = (
+        pd.to_numeric(trials.get(c, np.nan), errors="coerce") for c in ("lr", "clip_norm")
+    )
+    baseline = (
+        trials["is_baseline"] if "is_baseline" in trials.columns else pd.Series(False, index=trials.index)
+    )
+    df["baseline"] = baseline.astype(object).where(baseline.notna(), False).astype(bool)
+    # Trials without a learning rate are not drawn; a clip norm of NaN, None or 0 means clipping off.
+    return df[df["lr"] > 0].assign(on=lambda d: d["clip"] > 0, y=lambda d: d["clip"].where(d["on"], 0.0))
+
+
 def stability_figure(
     trials: pd.DataFrame,
     safest_number: int | None = None,
@@ -173,15 +193,7 @@ def stability_figure(
     mode (``edges``), where one was found.
     """
     trials = trials if trials is not None else pd.DataFrame()
-    outcomes = _outcomes(trials)
-    df = pd.DataFrame(
-        {"number": trials.get("number"), "outcome": outcomes, "cause": _causes(trials, outcomes)}
-    )
-    df["lr"], df["clip"] = (
-        pd.to_numeric(trials.get(c, np.nan), errors="coerce") for c in ("lr", "clip_norm")
-    )
-    # Trials without a learning rate are not drawn; a clip norm of NaN, None or 0 means clipping off.
-    df = df[df["lr"] > 0].assign(on=lambda d: d["clip"] > 0, y=lambda d: d["clip"].where(d["on"], 0.0))
+    df = map_points(trials)
 
     fig = Figure(figsize=(7, 5), layout="constrained")
     fig.suptitle(f"{title}  ({len(trials)} trial{'' if len(trials) == 1 else 's'})")
@@ -204,7 +216,7 @@ def stability_figure(
         return fig
 
     # Each outcome labelled once (on the first axes it appears in), counted over both axes.
-    for outcome in sorted(df["outcome"].unique(), key=lambda o: (_order(o), o)):
+    for outcome in sorted(df["outcome"].unique(), key=lambda o: (outcome_order(o), o)):
         rows = df["outcome"] == outcome
         label = f"{outcome} ({rows.sum()})"
         for a in axes:
@@ -240,8 +252,8 @@ def stability_figure(
         fig.text(0.01, 0.005, f"cause: {key}", fontsize=7, color="#444444", va="bottom")
         fig.get_layout_engine().set(rect=(0, 0.03, 1, 0.97))  # room for that line
 
-    if "is_baseline" in trials.columns:  # the user's own settings
-        for t in df[trials.loc[df.index, "is_baseline"].fillna(False).astype(bool)].itertuples():
+    if df["baseline"].any():  # the user's own settings
+        for t in df[df["baseline"]].itertuples():
             (ax if t.on else band).annotate(
                 "yours",
                 (t.lr, t.y),
@@ -313,7 +325,7 @@ def stability_figure(
     # the labels: outcomes in their usual order, the safest star last.
     handles = sorted(
         (h for a in axes for h in a.collections if not h.get_label().startswith("_")),
-        key=lambda h: (h.zorder, _order(h.get_label().split(" (")[0])),
+        key=lambda h: (h.zorder, outcome_order(h.get_label().split(" (")[0])),
     )
     shown = axes[-1].legend(
         handles=handles,
@@ -359,6 +371,63 @@ def stability_map(trials: pd.DataFrame, path: str | Path, **drawn: Any) -> Path:
     return path
 
 
+def settings_table(params: dict[str, Any]) -> list[str]:
+    """A configuration as the lines of a markdown table (off: a setting that is off)."""
+    lines = ["| setting | value |", "|---|---|"]
+    for key, value in params.items():
+        shown = "off" if value is None else (f"{value:.4g}" if isinstance(value, float) else value)
+        lines.append(f"| {key} | {shown} |")
+    return lines
+
+
+def safest_rows(safest: Safest | None, why_none: str | None = None) -> list[dict[str, str]]:
+    """The safest configuration as table rows (setting, value), with its certificate and
+    quality; one row saying why when nothing was safe."""
+    if safest is None:
+        return [{"setting": "safest", "value": f"none: {why_none or 'nothing was safe'}"}]
+    rows = [
+        {"setting": key, "value": "off" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))}
+        for key, v in safest.params.items()
+    ]
+    return [
+        {"setting": "trial", "value": str(safest.trial)},
+        *rows,
+        {"setting": "quality", "value": safest.quality_text().removeprefix("quality ")},
+        {"setting": "certificate", "value": safest.certificate.text},
+        {"setting": "margin", "value": f"safe up to lr x{safest.certificate.lr_margin:g}"},
+    ]
+
+
+def picture_markdown(title: str, image_url: str | None, link: str) -> str:
+    """A picture in a markdown summary: the image itself where it has an HTTP URL, else a link."""
+    return f"![{title}]({image_url})\n\n[{title}: the file]({link})" if image_url else f"[{title}]({link})"
+
+
+def version_markdown(final: FinalRun, study: str, edge: str | None) -> str:
+    """A registered version's description, as MLflow's UI shows it: what the model is, and why
+    it can be trusted (``edge``: the study's edge line, each clipping mode's)."""
+    safest, certificate = final.safest, final.safest.certificate
+    weakened = f" Weakened: {certificate.weakened}." if certificate.weakened else ""
+    recoveries = f"{final.recoveries} recover{'y' if final.recoveries == 1 else 'ies'}"
+    quality = "not measured" if final.quality is None else f"{final.quality:.4g}"
+    lines = [
+        f"**stylepipe**: the final model of the safest configuration of study `{study}` (trial {safest.trial}).",
+        "",
+        *settings_table(safest.params),
+        "",
+        f"**Certificate**: {certificate.text}.{weakened}",
+        "",
+        f"**Stability edge**: {edge.removeprefix('stability edge: ') if edge else 'not measured (the edge test was off)'}.",
+        "",
+        f"**Quality**: {quality} (final model); search {safest.quality_text()}.",
+        "",
+        f"**Final run**: MLflow run `{final.run_id}`, {final.steps} steps, {recoveries}.",
+        "",
+        f"**Data**: fingerprint `{final.data_fingerprint or 'not recorded'}` (content images and style image).",
+    ]
+    return "\n".join(lines)
+
+
 def pipeline_markdown(
     trials: pd.DataFrame,
     safest: Safest | None,
@@ -379,10 +448,7 @@ def pipeline_markdown(
             "",
         ]
     else:
-        lines += [f"## Safest configuration: trial {safest.trial}", "", "| setting | value |", "|---|---|"]
-        for key, value in safest.params.items():
-            shown = "off" if value is None else (f"{value:.4g}" if isinstance(value, float) else value)
-            lines.append(f"| {key} | {shown} |")
+        lines += [f"## Safest configuration: trial {safest.trial}", "", *settings_table(safest.params)]
         certificate = safest.certificate
         safe_of = f"{safest.safe_candidates} of {safest.candidates} candidates were safe"
         lines += [

@@ -284,6 +284,9 @@ class FinalConfig(Section):
     # Its good checkpoints are copied to its MLflow run as well, so that a retry on another
     # machine (a work pool, no shared disk) resumes it instead of starting over.
     mirror_checkpoints: bool = True
+    # MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on its run,
+    # sampled this often while it trains; None: not recorded. (Their cost: bench/RESULTS.md.)
+    system_metrics_every_s: float | None = Field(10.0, gt=0)
     # Train the best candidate's final while the certificate's replays run on the other workers
     # (speculative.py); stopped, never registered, if the certificate picks another.
     # None: when search.workers > 1. Needs mirror_checkpoints (the finisher finishes it).

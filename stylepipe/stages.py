@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stylepipe import events
-from stylepipe.champion import previous_safest, promote, register  # noqa: F401  (stages too)
+from stylepipe.champion import previous_safest, promote, register, rollback  # noqa: F401  (stages too)
 from stylepipe.config import Config
 from stylepipe.files import write_json
 from stylepipe.records import FinalRun, Safest
@@ -321,9 +321,11 @@ def report(
     study's MLflow run; the summary a person reads first, and the best trials. ``write=False``:
     the same answer, nothing written (a finished study reported again)."""
     from stylepipe import speculative
+    from stylepipe.dashboard_plots import stability_figures
     from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
     from stylepipe.search.attributes import StudyRecord
     from stylepipe.search.cost import study_cost
+    from stylepipe.search.dashboard import show_stability
     from stylepipe.search.edge import edge_markdown
     from stylepipe.search.safest import nothing_safe_because
     from stylepipe.search.stability import importance_markdown, stability_importance
@@ -346,16 +348,17 @@ def report(
         edge_text = edge_markdown(edges, config.search.edge_margin, config)
         importance = stability_importance(s.study)
         picture, safest_path = s.run_dir / "stability_map.png", s.run_dir / "safest.json"
+        drawn = {
+            "safest_number": safest.trial if safest else None,
+            "lr_margin": safest.certificate.lr_margin if safest else None,
+            "edges": edges,
+            "title": f"Stability map: {config.study_name}",
+        }
         if write:
-            record.write_note(importance_markdown(importance))  # optuna-dashboard shows it above the study
-            stability_map(
-                trials,
-                picture,
-                safest_number=safest.trial if safest else None,
-                title=f"Stability map: {config.study_name}",
-                lr_margin=safest.certificate.lr_margin if safest else None,
-                edges=edges,
-            )
+            # optuna-dashboard's study page: the note above the trials, and the two plots
+            record.write_note(importance_markdown(importance))
+            show_stability(s.study, stability_figures(trials, importance, **drawn))
+            stability_map(trials, picture, **drawn)
             trials.to_csv(s.run_dir / "trials.csv", index=False)
             s.tracker.log_study_summary(
                 s.parent, trials, picture, causes_markdown(trials), safest, cost, importance
@@ -374,9 +377,12 @@ def report(
                     "cost": cost,
                 }
                 write_json(safest_path, nothing)
+        map_image, map_link = s.tracker.artifact_links(s.parent, picture.name)
         return {
             "runs_table": s.tracker.runs_table_url(),
             "stability_map": str(picture),
+            "stability_map_image_url": map_image,  # None: the artifact store is not a server
+            "stability_map_link": map_link,
             "safest_json": str(safest_path),
             "trials_csv": str(s.run_dir / "trials.csv"),
             "outcomes": {str(k): int(v) for k, v in trials["outcome"].value_counts().items()},

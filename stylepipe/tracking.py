@@ -19,9 +19,11 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import mlflow
 from mlflow import MlflowClient
@@ -285,6 +287,25 @@ class Tracker:
             f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW}"
         )
 
+    def artifact_links(self, run_id: str, path: str) -> tuple[str | None, str]:
+        """Where a person's browser finds a run's artifact: (an HTTP URL of the file itself, or
+        None when the store is not a server, the run's artifacts page or the file's URI). No
+        credentials: a URL's user and password are left out, not masked."""
+        if not is_server(self.uri):
+            return None, f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+        parts = urlsplit(self.uri)
+        base = urlunsplit(
+            (
+                parts.scheme,
+                parts.hostname + (f":{parts.port}" if parts.port else ""),
+                parts.path.rstrip("/"),
+                "",
+                "",
+            )
+        )
+        image = f"{base}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}"
+        return image, f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}/artifacts/{path}"
+
     # ------------------------------------------------------------ runs
     def study_run(self, study_name: str, tags: dict[str, str] | None = None) -> str:
         """The study's parent run: reused when the study resumes."""
@@ -317,6 +338,25 @@ class Tracker:
         logger = RunLogger(self.client, run.info.run_id, every=log_every)
         logger.log_params(params)
         return logger
+
+    @contextmanager
+    def system_metrics(self, run_id: str, every_s: float | None) -> Iterator[None]:
+        """MLflow's own system metrics (``system/...``: CPU, memory, disk, network, and the GPU
+        where nvidia-ml-py finds one) on ``run_id`` every ``every_s`` seconds while inside, from
+        a thread; a resumed run goes on after its last sample. ``every_s`` None: none."""
+        if not every_s:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=every_s, resume_logging=True, tracking_uri=self.uri
+        )
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()  # before the run ends: its last samples are written first
 
     def reopen_run(self, run_id: str, log_every: int = 1) -> RunLogger:
         """A run of this study that a crashed process left, RUNNING again, and its logger."""

@@ -110,6 +110,12 @@ def test_the_flow_completes_registers_a_champion_and_leaves_artifacts(first_run)
     assert str(client.get_model_version_by_alias("flow-style", "champion").version) == "1"
     artifacts = _artifacts(state.state_details.flow_run_id)
     assert "Safest configuration" in artifacts["stylepipe-summary"].data
+    # the stability map: a local artifact store is a link (an MLflow server's: test_topology.py)
+    assert "[Stability map](file://" in artifacts["stylepipe-summary"].data
+    assert "stylepipe-stability-map" not in artifacts
+    safest = {row["setting"]: row["value"] for row in json.loads(artifacts["stylepipe-safest"].data)}
+    assert safest["trial"] == str(result["safest"].trial)
+    assert safest["certificate"] == result["safest"].certificate.text and "lr" in safest
     assert artifacts["stylepipe-top-trials"].type == "table"
     assert '"lr"' in artifacts["stylepipe-top-trials"].data
 

@@ -4,7 +4,7 @@
     stylepipe.ops                             operations: worker processes, the stack, probes
     stylepipe.chain, pipeline                 the one list of stages, in order, and its runner
     stylepipe.stages, champion, session,      the pipeline's stages, what they share, the final
-    final, showcase                           model, its pictures
+    final, showcase, dashboard_plots          model, its pictures, the study's dashboard plots
     search, train, tracking, registry, data,  the parts the stages wire together
     report, stylize
     nets                                      the networks and losses
@@ -33,6 +33,7 @@ LAYERS = [
         "stylepipe.final",
         "stylepipe.speculative",
         "stylepipe.showcase",
+        "stylepipe.dashboard_plots",
     ),  # fmt: skip
     (
         "stylepipe.search",

@@ -490,7 +490,8 @@ def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_p
     from stylepipe import stages
     from stylepipe.search import candidate
 
-    config = search_config(tmp_path, prepared, *FINAL, "tracking.registered_model=spiky")
+    config = search_config(tmp_path, prepared, *FINAL, "tracking.registered_model=spiky",
+                           "final.system_metrics_every_s=0.2")  # fmt: skip
     monkeypatch.setattr(candidate, "RandomBatches",
                         lambda images, batch_size, seed: PoisonedBatches(images, batch_size, {17}))  # fmt: skip
     with StudySession(config) as session:
@@ -519,9 +520,12 @@ def test_the_final_model_recovers_from_a_spike_and_the_mlflow_run_shows_it(tmp_p
     for measure in ("texture", "palette"):
         before, after = metrics[f"final/style_{measure}_inputs"], metrics[f"final/style_{measure}_outputs"]
         assert metrics[f"final/style_{measure}_ratio"] == pytest.approx(after / before)
+    # MLflow's own system metrics, sampled while it trained
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
     registered = stages.register(config, final)
     version = client.get_model_version("spiky", registered["version"])
     assert version.tags["recoveries"] == "1" and version.tags["certificate"].endswith(f"weakened: {weakened}")
+    assert "1 recovery" in version.description and weakened in version.description
     assert version.tags["style"].startswith(f"texture x{metrics['final/style_texture_ratio']:.2f}, palette x")
     assert stages.register(config, final)["version"] == registered["version"]  # registered once
     # and the next scheduled run re-checks it at a lower learning rate first

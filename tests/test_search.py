@@ -25,7 +25,8 @@ from stylepipe.chain import run_search
 from stylepipe.cli import main
 from stylepipe.config import load_config
 from stylepipe.nets import TransformerNet
-from stylepipe.records import Safest
+from stylepipe.records import BROKE, Safest
+from stylepipe.search.dashboard import IMPORTANCE_ID, MAP_ID
 from stylepipe.search.quality import evaluate_quality
 from stylepipe.search.study_data import load_study_data
 from stylepipe.stylize import stylize_tensor
@@ -82,7 +83,7 @@ def test_nan_trials_are_pruned_with_a_cause_and_a_nan_intermediate_value(searche
     assert complete and all(
         t.user_attrs["outcome"] == "complete" and math.isfinite(t.value) for t in complete
     )
-    assert all(t.constraints == {"stability": -1.0} for t in complete)  # feasible
+    assert all(t.constraints["stability"] == -1.0 for t in complete)  # feasible
 
 
 @pytest.mark.slow
@@ -335,6 +336,11 @@ def test_optuna_dashboard_serves_the_pruned_trials_with_their_cause(searched):
         assert any(cause in CAUSES for cause in causes)
         # the study's note, shown above its trials: what decides whether training breaks
         assert detail["note"]["body"].startswith("**What decides stability**")
+        # its two plots, and each trial that broke infeasible (the others feasible)
+        assert {p["id"] for p in detail["plotly_graph_objects"]} == {MAP_ID, IMPORTANCE_ID}
+        for t in detail["trials"]:
+            outcome = {a["key"]: a["value"] for a in t["user_attrs"]}["outcome"]
+            assert t["constraints"] and all(c <= 0 for c in t["constraints"]) == (outcome not in BROKE)
     finally:
         server.terminate()
         server.wait(timeout=20)

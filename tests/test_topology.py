@@ -25,6 +25,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from stylepipe.ops import stack as stack_tools
+from stylepipe.records import BROKE
+from stylepipe.search.dashboard import IMPORTANCE_ID, MAP_ID
 from tests.helpers import DEMO, POSTGRES, needs_postgres
 
 pytestmark = [pytest.mark.slow, needs_postgres]
@@ -142,6 +144,42 @@ def test_the_scheduled_deployment_runs_on_the_pool_and_the_next_run_warm_starts_
     assert not [t for t in earlier.trials if t.user_attrs.get("warm_start")]
     warm = [t for t in later.trials if t.user_attrs.get("warm_start")]
     assert len(warm) == 1 and warm[0].params["lr"] == pytest.approx(recorded["params"]["lr"]), warm
+
+    # What users see of it, through each server's API. Prefect: the flow run's stability map,
+    # an image the MLflow server serves; its safest configuration, a table.
+    with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
+        found = api.post(
+            "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [second["id"]]}}}
+        ).json()
+    by_key = {a["key"]: a for a in found}
+    assert by_key["stylepipe-stability-map"]["type"] == "image"
+    picture = httpx.get(by_key["stylepipe-stability-map"]["data"], timeout=30)
+    assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG")
+    assert by_key["stylepipe-stability-map"]["data"] in by_key["stylepipe-summary"]["data"]
+    rows = {r["setting"]: r["value"] for r in json.loads(by_key["stylepipe-safest"]["data"])}
+    assert rows["trial"] == str(later.user_attrs["safest"]["trial"]) and rows["certificate"]
+    # optuna-dashboard: the two plots on the study page; the baseline (lr 50) broke: infeasible
+    with httpx.Client(base_url=services.dashboard_url, timeout=30) as board:
+        summaries = board.get("/api/studies").json()["study_summaries"]
+        study_id = next(s["study_id"] for s in summaries if s["study_name"] == names[1])
+        detail = board.get(f"/api/studies/{study_id}", params={"after": 0}).json()
+    assert {g["id"] for g in detail["plotly_graph_objects"]} == {MAP_ID, IMPORTANCE_ID}
+    outcomes = {
+        t["number"]: {a["key"]: a["value"] for a in t["user_attrs"]}["outcome"] for t in detail["trials"]
+    }
+    for t in detail["trials"]:
+        assert t["constraints"] and (max(t["constraints"]) > 0) == (outcomes[t["number"]] in BROKE), t
+    # MLflow: each version describes itself; a rollback is one more recorded move of @champion
+    model = f"{MODEL}-flow"
+    assert f"study `{names[1]}`" in registry.get_model_version(model, "2").description
+    other = "1" if registry.get_model_version_by_alias(model, "champion").version == "2" else "2"
+    rolled = _stylepipe("rollback", other, "--why", "checking the rollback", "--config", str(DEMO),
+                        "--set", f"tracking.registered_model={model}", cwd=tmp_path, env=env)  # fmt: skip
+    assert f"-> version {other}" in rolled.stdout
+    moves = json.loads(registry.get_registered_model(model).tags["alias_history"])["moves"]
+    assert [(m["alias"], m["to_version"]) for m in moves][-1] == ("champion", other)
+    assert moves[-1]["why"] == "checking the rollback" and moves[-1]["study"] is None
+    assert any(m["alias"] == "safest" and m["to_version"] == "2" and m["study"] == names[1] for m in moves)
 
 
 def _started_worker(api: httpx.Client, name: str, deadline: float) -> tuple[dict, str]:

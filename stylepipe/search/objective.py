@@ -15,6 +15,7 @@ import optuna
 from stylepipe import events
 from stylepipe.config import Config
 from stylepipe.errors import failure_text
+from stylepipe.search import dashboard
 from stylepipe.search.candidate import CandidateRun, run_candidate
 from stylepipe.search.space import LrRanges, apply, suggest
 from stylepipe.search.study_data import StudyData
@@ -113,6 +114,7 @@ class TrialRecord:
     def _constrain(self, value: float) -> None:
         if self.config.search.constraints:
             self.trial.set_constraint(STABILITY, value)
+            dashboard.mark_feasibility(self.trial, value)  # the form optuna-dashboard reads
 
     def _end(self, outcome: str, title: str, **how: object) -> None:
         self.trial.set_user_attr("outcome", outcome)
