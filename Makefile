@@ -7,7 +7,7 @@ CONFIG ?= configs/demo.yaml
 
 RUN_DIR ?= runs/demo
 
-.PHONY: run serve test test-fast lint bench bench-search bench-edge bench-fanout bench-fanout-stack install clean dashboards stack stack-down pictures
+.PHONY: run serve test test-fast lint bench bench-search bench-edge bench-fanout bench-fanout-stack bench-sysmetrics bench-make-run install clean dashboards stack stack-down pictures
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,15 @@ bench-fanout: $(STAMP)
 # torch thread each; the search's and the certificate's wall times side by side.
 bench-fanout-stack: $(STAMP)
 	$(PY) -m bench.fanout_stack
+
+# What MLflow's system metrics cost the final run's training: none, every 10 s, every 1 s, alternating.
+bench-sysmetrics: $(STAMP)
+	$(PY) -m bench.system_metrics_bench
+
+# `make run`'s wall time at BASE (a git revision) and at this checkout, alternating, side by side.
+BASE ?= HEAD
+bench-make-run: $(STAMP)
+	$(PY) -m bench.make_run_bench --base $(BASE)
 
 # optuna-dashboard on :8080 and the MLflow UI on :5000, loopback only; Ctrl-C stops both.
 dashboards: $(STAMP)

@@ -377,7 +377,11 @@ def report(
                     "cost": cost,
                 }
                 write_json(safest_path, nothing)
-        map_image, map_link = s.tracker.artifact_links(s.parent, picture.name)
+        # (reported again: the run recorded, not reopened, which would write to it)
+        parent = s.parent if write else record.parent_run_id
+        map_image, map_link = (
+            s.tracker.artifact_links(parent, picture.name) if parent else (None, str(picture))
+        )
         return {
             "runs_table": s.tracker.runs_table_url(),
             "stability_map": str(picture),

@@ -268,11 +268,13 @@ class Tracker:
                 self.experiment_id = self.client.create_experiment(
                     experiment, artifact_location=location, tags=EXPERIMENT_TAGS
                 )
+                found = self.client.get_experiment(self.experiment_id)
             else:
                 self.experiment_id = found.experiment_id
                 for key, value in EXPERIMENT_TAGS.items():
                     if found.tags.get(key) != value:
                         self.client.set_experiment_tag(self.experiment_id, key, value)
+            self.artifact_location = found.artifact_location
         except Exception as err:  # MLflow's own text may quote the URL, password and all
             raise TrackingError(
                 f"cannot use the MLflow tracking store {redact_url(uri)}: {first_line(err, uri)}"
@@ -291,8 +293,8 @@ class Tracker:
         """Where a person's browser finds a run's artifact: (an HTTP URL of the file itself, or
         None when the store is not a server, the run's artifacts page or the file's URI). No
         credentials: a URL's user and password are left out, not masked."""
-        if not is_server(self.uri):
-            return None, f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+        if not is_server(self.uri):  # (MLflow's own layout: asking the store would write to SQLite's log)
+            return None, f"{self.artifact_location.rstrip('/')}/{run_id}/artifacts/{path}"
         parts = urlsplit(self.uri)
         base = urlunsplit(
             (

@@ -92,6 +92,10 @@ class StudyRecord:
         """How many trials count towards search.n_trials (complete or pruned)."""
         return len(self.study.get_trials(deepcopy=False, states=COUNTED))
 
+    @property
+    def parent_run_id(self) -> str | None:
+        return self._get("mlflow_parent_run_id")
+
     def record_parent_run(self, run_id: str) -> None:
         if self._get("mlflow_parent_run_id") != run_id:
             self._set("mlflow_parent_run_id", run_id)
