@@ -19,11 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.prepare_bench import make_corpus
-from bench.train_bench import ROOT, timed_fit, warm_trainer
-from stylepipe.config import PrepareConfig, load_config
-from stylepipe.data.prepare import prepare
-from stylepipe.data.shard import load_split
+from bench.train_bench import bench_images, bench_settings, timed_fit, warm_trainer
 from stylepipe.tracking import Tracker
 
 EVERY = {"none": None, "every_10s": 10.0, "every_1s": 1.0}
@@ -33,17 +29,9 @@ def run(steps: int, rounds: int) -> dict:
     logging.disable(logging.WARNING)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    size, batch, precision = (256, 16, "bf16") if cuda else (64, 4, "fp32")
-    config = load_config(ROOT / "configs" / "demo.yaml", [
-        f"data.image_size={size}", f"train.batch_size={batch}", f"train.precision={precision}",
-        "train.warmup_steps=0", "train.check_every=50", "train.device=" + device.type,
-    ])  # fmt: skip
+    config = bench_settings(device)
     with tempfile.TemporaryDirectory() as tmp:
-        source, prepared = Path(tmp) / "source", Path(tmp) / "prepared"
-        make_corpus(source, 96 if cuda else 32)
-        prepare(source, prepared, PrepareConfig(image_size=size, near_duplicate_distance=0,
-                                                outlier_min_images=10**9, val_fraction=0.1), progress=False)  # fmt: skip
-        images = load_split(prepared, "all", device=device)
+        _, images = bench_images(Path(tmp), config.data.image_size, device)
         tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "system-metrics", Path(tmp) / "artifacts")
         parent = tracker.study_run("bench")
         trainer, _ = warm_trainer(config, images, device)

@@ -294,20 +294,36 @@ def tracking_overhead(config, prepared: Path, steps: int, repeats: int = 3) -> d
     return result
 
 
+def bench_settings(device: torch.device):
+    """The benches' trainer settings: GPU 256 px, bf16, batch 16; CPU 64 px, fp32, batch 4."""
+    cuda = device.type == "cuda"
+    size, batch, precision = (256, 16, "bf16") if cuda else (64, 4, "fp32")
+    return load_config(ROOT / "configs" / "demo.yaml", [
+        f"data.image_size={size}", f"train.batch_size={batch}", f"train.precision={precision}",
+        "train.warmup_steps=0", "train.check_every=50", "train.device=" + device.type,
+    ])  # fmt: skip
+
+
+def bench_images(folder: Path, size: int, device: torch.device) -> tuple[Path, torch.Tensor]:
+    """A generated corpus in ``folder``/source, prepared at ``size``: (the source, its images)."""
+    source, prepared = folder / "source", folder / "prepared"
+    make_corpus(source, 96 if device.type == "cuda" else 32)
+    prepare(source, prepared, PrepareConfig(image_size=size, near_duplicate_distance=0,
+                                            outlier_min_images=10**9, val_fraction=0.1), progress=False)  # fmt: skip
+    return source, load_split(prepared, "all", device=device)
+
+
 def run(out: Path | None = None) -> dict:
     """Every measurement, cheapest first; the JSON is rewritten after each one, so a run cut
     short by a time limit still leaves what it measured."""
     logging.disable(logging.WARNING)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    size, batch, precision = (256, 16, "bf16") if cuda else (64, 4, "fp32")
     steps, naive_steps = (60, 40) if cuda else (12, 8)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    config = load_config(ROOT / "configs" / "demo.yaml", [
-        f"data.image_size={size}", f"train.batch_size={batch}", f"train.precision={precision}",
-        "train.warmup_steps=0", "train.check_every=50", "train.device=" + device.type,
-    ])  # fmt: skip
+    config = bench_settings(device)
+    size, batch, precision = config.data.image_size, config.train.batch_size, config.train.precision
     result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                     "image_size": size, "batch": batch, "precision": precision}  # fmt: skip
 
@@ -318,11 +334,8 @@ def run(out: Path | None = None) -> dict:
             (out / "train_bench.json").write_text(json.dumps(result, indent=2))
 
     with tempfile.TemporaryDirectory() as tmp:
-        source, prepared = Path(tmp) / "source", Path(tmp) / "prepared"
-        make_corpus(source, 96 if cuda else 32)
-        prepare(source, prepared, PrepareConfig(image_size=size, near_duplicate_distance=0,
-                                                outlier_min_images=10**9, val_fraction=0.1), progress=False)  # fmt: skip
-        images = load_split(prepared, "all", device=device)
+        source, images = bench_images(Path(tmp), size, device)
+        prepared = Path(tmp) / "prepared"
         naive = naive_loop(source, config.with_overrides({"train.precision": "fp32"}), device, naive_steps)
         variants = {"guards_on": config, "guards_off": config.with_overrides({"guard.enabled": False}),
                     "guards_on_private_foreach": (config, PrivateForeachTrainer)}  # fmt: skip

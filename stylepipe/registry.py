@@ -148,6 +148,15 @@ def log_model(uri: str, run_id: str, weights: str | Path, tags: dict[str, str]) 
 LOGGED_MODEL_TAG = "stylepipe.model_uri"  # on the final run: its logged model
 
 
+def _record_from_tag(record: type[Record], text: str, source: str) -> Record:
+    """A record kept as JSON in a registry tag (read back: untrusted), or one line saying why not."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RecordError(f"{source} is not JSON: {error}") from None
+    return record.from_json(raw, source)
+
+
 class Registry:
     """One registered model's versions and aliases in the tracking store at ``uri``."""
 
@@ -258,12 +267,9 @@ class Registry:
         text = self.client.get_model_version(self.name, version).tags.get(SAFEST_SETTINGS_TAG)
         if not text:
             return None
-        source = f"model {self.name} version {version}'s tag {SAFEST_SETTINGS_TAG}"
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise RecordError(f"{source} is not JSON: {error}") from None
-        return WarmStart.from_json(raw, source)
+        return _record_from_tag(
+            WarmStart, text, f"model {self.name} version {version}'s tag {SAFEST_SETTINGS_TAG}"
+        )
 
     def describe(self, version: str, markdown: str) -> None:
         """The version's description, which MLflow's UI shows on the version's page."""
@@ -275,12 +281,7 @@ class Registry:
         raw = self.client.get_registered_model(self.name).tags.get(ALIAS_HISTORY_TAG)
         if not raw:
             return AliasHistory()
-        source = f"model {self.name}'s tag {ALIAS_HISTORY_TAG}"
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise RecordError(f"{source} is not JSON: {error}") from None
-        return AliasHistory.from_json(data, source)
+        return _record_from_tag(AliasHistory, raw, f"model {self.name}'s tag {ALIAS_HISTORY_TAG}")
 
     def move_alias(self, alias: str, version: str, study: str | None, why: str) -> AliasMove | None:
         """Point ``name@alias`` at ``version`` and record the move (see the module doc); None
