@@ -103,10 +103,13 @@ def register(config: Config, final: FinalRun, session: StudySession | None = Non
     from stylepipe.report import version_markdown
     from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.search.edge import edge_line
+    from stylepipe.session import study_session
     from stylepipe.showcase import style_summary
 
-    if session is not None:
-        StudyRecord(session.study).set_state(StudyState.REGISTERING)
+    with study_session(config, session) as s:  # (a flow's task has none of its own)
+        record = StudyRecord(s.study)
+        record.set_state(StudyState.REGISTERING)
+        edges = record.edges
     registry = Registry(config.tracking_uri, config.tracking.registered_model)
     certificate = final.safest.certificate
     weakened = f"; weakened: {certificate.weakened}" if certificate.weakened else ""
@@ -119,7 +122,6 @@ def register(config: Config, final: FinalRun, session: StudySession | None = Non
     }
     if final.style:
         tags["style"] = style_summary(final.style)
-    edges = StudyRecord(session.study).edges if session is not None else None
     description = version_markdown(
         final, config.study_name, edge_line(edges, config.search.edge_margin) if edges else None
     )

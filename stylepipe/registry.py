@@ -5,7 +5,7 @@ Aliases: ``safest`` (the latest model trained with a safe configuration) and ``c
 ``stylepipe rollback``). MLflow keeps no record of an alias's moves, so each move is recorded
 here: on the registered model, one ``alias_history`` tag (a JSON list, oldest first, that any
 MLflow client reads), and on both versions a tag saying when and why it gained or lost the
-alias (``alias.<alias>.since`` / ``alias.<alias>.until``). Each version carries a markdown
+alias (``stylepipe.alias.<alias>.since`` / ``.until``). Each version carries a markdown
 description of what it is (``describe``).
 
 A version holds the transformer's weights as safetensors (plain tensors, no code) and a
@@ -58,6 +58,9 @@ class RegistryError(StylepipeError):
 
 
 ALIAS_HISTORY_TAG = "alias_history"  # on the registered model
+# On a version: stylepipe.alias.<alias>.since / .until (after its certificate and quality tags in
+# MLflow's alphabetical tag table)
+ALIAS_TAG = "stylepipe.alias"
 # The newest moves that fit in one registered-model tag (MLflow: 100,000 characters); older
 # ones are counted in the record's ``earlier`` and dropped.
 HISTORY_CHARS = 90_000
@@ -301,9 +304,9 @@ class Registry:
         self.client.set_registered_model_tag(
             self.name, ALIAS_HISTORY_TAG, json.dumps(history.with_move(move).to_json())
         )
-        self.client.set_model_version_tag(self.name, version, f"alias.{alias}.since", move.line())
+        self.client.set_model_version_tag(self.name, version, f"{ALIAS_TAG}.{alias}.since", move.line())
         if before is not None and before != version:
-            self.client.set_model_version_tag(self.name, before, f"alias.{alias}.until", move.line())
+            self.client.set_model_version_tag(self.name, before, f"{ALIAS_TAG}.{alias}.until", move.line())
         return move
 
     def rollback(self, version: str, why: str | None = None) -> AliasMove | None:

@@ -109,10 +109,10 @@ def test_every_move_of_an_alias_is_recorded_and_a_rollback_is_one_of_them(two_ve
     tags = {v: client.get_model_version(MODEL, v).tags for v in ("1", "2")}
     assert (
         "from version 2 to version 1 by a rollback: version 2 smears faces"
-        in tags["1"]["alias.champion.since"]
+        in tags["1"]["stylepipe.alias.champion.since"]
     )
-    assert "to version 1 by a rollback" in tags["2"]["alias.champion.until"]
-    assert "from version 1 to version 2 by study nightly-2" in tags["2"]["alias.safest.since"]
+    assert "to version 1 by a rollback" in tags["2"]["stylepipe.alias.champion.until"]
+    assert "from version 1 to version 2 by study nightly-2" in tags["2"]["stylepipe.alias.safest.since"]
 
     # the champion again: nothing moves, nothing is recorded
     assert (
