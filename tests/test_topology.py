@@ -180,6 +180,8 @@ def test_the_scheduled_deployment_runs_on_the_pool_and_the_next_run_warm_starts_
     assert [(m["alias"], m["to_version"]) for m in moves][-1] == ("champion", other)
     assert moves[-1]["why"] == "checking the rollback" and moves[-1]["study"] is None
     assert any(m["alias"] == "safest" and m["to_version"] == "2" and m["study"] == names[1] for m in moves)
+    promoted = [m for m in moves if m["alias"] == "champion" and m["study"] == names[0]]  # the first run's
+    assert promoted and promoted[0]["to_version"] == "1" and "there was none" in promoted[0]["why"]
 
 
 def _started_worker(api: httpx.Client, name: str, deadline: float) -> tuple[dict, str]:
