@@ -296,15 +296,8 @@ class Tracker:
         if not is_server(self.uri):  # (MLflow's own layout: asking the store would write to SQLite's log)
             return None, f"{self.artifact_location.rstrip('/')}/{run_id}/artifacts/{path}"
         parts = urlsplit(self.uri)
-        base = urlunsplit(
-            (
-                parts.scheme,
-                parts.hostname + (f":{parts.port}" if parts.port else ""),
-                parts.path.rstrip("/"),
-                "",
-                "",
-            )
-        )
+        host = parts.netloc.rsplit("@", 1)[-1]  # without user and password; an [IPv6] host and port kept
+        base = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
         image = f"{base}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}"
         return image, f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}/artifacts/{path}"
 

@@ -122,3 +122,16 @@ def test_a_trial_behind_the_median_is_pruned_midway_but_not_at_its_last_step(mon
     reporter.on_check(TrainState(model=None, step=8, steps=8))  # no compute left to save: no prune
     assert reporter.final == 0.9
     assert study.get_trials()[-1].intermediate_values == {8: 0.9}
+
+
+def test_a_run_artifact_s_browser_links_carry_no_credentials_and_a_local_store_gives_no_image(tmp_path):
+    server = Tracker.__new__(Tracker)  # only the URL is read: nothing is asked of a server
+    server.uri, server.experiment_id = "http://bob:s3cret@[::1]:5000/mlflow/", "3"
+    image, link = server.artifact_links("abc", "stability_map.png")
+    assert image == "http://[::1]:5000/mlflow/get-artifact?path=stability_map.png&run_uuid=abc"
+    assert link == "http://[::1]:5000/mlflow/#/experiments/3/runs/abc/artifacts/stability_map.png"
+    local = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "links", tmp_path / "artifacts")
+    run = local.study_run("links")
+    image, link = local.artifact_links(run, "stability_map.png")
+    assert image is None and link == f"{(tmp_path / 'artifacts').as_uri()}/{run}/artifacts/stability_map.png"
+    assert local.client.get_run(run).info.artifact_uri + "/stability_map.png" == link  # MLflow's own layout
