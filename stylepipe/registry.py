@@ -58,6 +58,15 @@ class RegistryError(StylepipeError):
 
 
 ALIAS_HISTORY_TAG = "alias_history"  # on the registered model
+MODEL_DESCRIPTION = """**stylepipe** style-transfer models, each version trained with a certified safest configuration
+(its description says which, and what the certificate covers).
+
+- `@safest`: the latest model trained with a safe configuration.
+- `@champion`: the one to use; moved by a promotion (a safe model that beats it on the same
+  validation images) or by `stylepipe rollback`.
+
+Every move of either alias is recorded in this model's `alias_history` tag (JSON, oldest first),
+and on the versions as `stylepipe.alias.<alias>.since` / `.until`."""
 # On a version: stylepipe.alias.<alias>.since / .until (after its certificate and quality tags in
 # MLflow's alphabetical tag table)
 ALIAS_TAG = "stylepipe.alias"
@@ -200,6 +209,8 @@ class Registry:
             self.client.set_model_version_tag(self.name, version, key, value)
         if description is not None:
             self.describe(version, description)
+        if not self.client.get_registered_model(self.name).description:  # the model's own page
+            self.client.update_registered_model(self.name, description=MODEL_DESCRIPTION)
         why = f"registered from the final run {run_id}" + (f" of study {study}" if study else "")
         self.move_alias("safest", version, study, why)
         return {

@@ -79,6 +79,8 @@ def test_each_version_says_in_its_description_what_it_is_and_why_it_can_be_trust
                   "**Stability edge**: clipping at 10: lr 0.02 (diverged: divergence",
                   "1 recovery", "fingerprint `d4740`", "**Quality**: 0.25 (final model)"):  # fmt: skip
         assert shown in described, (shown, described)
+    # the model's own page says what its aliases mean and where their history is
+    assert "`alias_history`" in client.get_registered_model(MODEL).description
     # a study that ran no edge test says so, rather than leaving the line out
     assert "**Stability edge**: not measured" in client.get_model_version(MODEL, "2").description
 
