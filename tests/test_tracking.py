@@ -135,3 +135,18 @@ def test_a_run_artifact_s_browser_links_carry_no_credentials_and_a_local_store_g
     image, link = local.artifact_links(run, "stability_map.png")
     assert image is None and link == f"{(tmp_path / 'artifacts').as_uri()}/{run}/artifacts/stability_map.png"
     assert local.client.get_run(run).info.artifact_uri + "/stability_map.png" == link  # MLflow's own layout
+
+
+def test_system_metrics_of_a_resumed_run_go_on_after_its_last_sample(tmp_path):
+    import time
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "sysmetrics", tmp_path / "artifacts")
+    run = tracker.child_run(tracker.study_run("sysmetrics"), "final model", "final", {}, {}).run_id
+    for _ in range(2):  # trained, killed, resumed by a new process: the same run, sampled again
+        with tracker.system_metrics(run, 0.1):
+            time.sleep(0.5)
+    steps = [m.step for m in tracker.client.get_metric_history(run, "system/cpu_utilization_percentage")]
+    assert len(steps) >= 4 and sorted(steps) == list(range(len(steps)))  # no step sampled twice
+    with tracker.system_metrics(run, None):  # off: nothing more
+        time.sleep(0.3)
+    assert len(tracker.client.get_metric_history(run, "system/cpu_utilization_percentage")) == len(steps)
