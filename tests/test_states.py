@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -46,10 +48,28 @@ def folder_of(run_dir: Path, *extra: str) -> Path:
     return train_run_folder(config_of(run_dir, *extra)).path
 
 
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    """Every file under ``folder``: its SHA-256 and modification time."""
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    """Every file under ``folder``: its SHA-256 and modification time; a SQLite database by its
+    rows. SQLite moves pages between a database and its write-ahead log on its own (a checkpoint
+    when some process closes its last connection, whenever that connection is collected), which
+    changes the files' bytes and not a row: the rows are what a command could have written."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.name.endswith(SQLITE_SIDE_FILES):
+            continue
+        if path.read_bytes()[:16] == b"SQLite format 3\x00":
+            with contextlib.closing(sqlite3.connect(path)) as database:
+                rows = "\n".join(database.iterdump())
+            found[str(path.relative_to(folder))] = (hashlib.sha256(rows.encode()).hexdigest(), 0)
+        else:
+            found[str(path.relative_to(folder))] = (
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+                path.stat().st_mtime_ns,
+            )
+    return found
 
 
 def state_of(folder: Path) -> str:
