@@ -176,17 +176,34 @@ def test_the_libraries_lines_are_in_the_run_logs_and_its_events_in_prefect(first
     assert {r.id for r in promoted.related} >= {"stylepipe.study.first", f"prefect.flow-run.{flow_run_id}"}
 
 
-def test_a_second_run_warm_starts_and_keeps_a_better_champion(first_run):
+def test_a_second_run_through_the_deployment_warm_starts_and_keeps_a_better_champion(first_run):
+    """The deployment carries the config's cron; a run through it (as the schedule would start
+    one) warm-starts from the first run's safest and leaves the better champion in place."""
     import optuna
 
     run_dir, overrides, _ = first_run
     previous = load_config(DEMO, overrides)
     safest_before = (run_dir / "last_safest.json").read_text()
     # A final model trained for one step cannot beat the 8-step champion on the same images.
-    state = style_pipeline(str(DEMO), [*overrides, "final.steps=1"], study_name="second", return_state=True)
+    second = [*overrides, "final.steps=1"]
+    name = f"style_pipeline/{previous.schedule.deployment}"
+    deployment_id = build_deployment(str(DEMO), second).apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment_by_name(name)
+
+    deployment = asyncio.run(read())
+    assert deployment.id == deployment_id
+    schedule = deployment.schedules[0].schedule
+    assert isinstance(schedule, CronSchedule) and schedule.cron == "15 4 * * 1"
+    flow_run = run_deployment(name, parameters={"study_name": "second"}, timeout=0)
+    assert flow_run.deployment_id == deployment_id
+    state = run_flow(style_pipeline, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+    assert state.is_completed()
     result = state.result()
     # the images did not change: prepare is a cache hit, not a second decode
-    assert _task_states(state.state_details.flow_run_id)["prepare"] == "Cached"
+    assert _task_states(flow_run.id)["prepare"] == "Cached"
     study = optuna.load_study(study_name="second", storage=previous.storage_url)
     enqueued = json.loads(safest_before)["params"]
     warm = [t for t in study.trials if t.user_attrs.get("warm_start")]
@@ -198,26 +215,6 @@ def test_a_second_run_warm_starts_and_keeps_a_better_champion(first_run):
     client = MlflowClient(tracking_uri=previous.tracking_uri)
     assert str(client.get_model_version_by_alias("flow-style", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("flow-style", "safest").version) == "2"
-
-
-def test_the_deployment_has_the_configured_cron_and_a_run_through_it_completes(harness, tmp_path):
-    overrides = [*TINY, f"run_dir={tmp_path}", "search.n_trials=2"]
-    name = f"style_pipeline/{load_config(DEMO, overrides).schedule.deployment}"
-    deployment_id = build_deployment(str(DEMO), overrides).apply()
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_deployment_by_name(name)
-
-    deployment = asyncio.run(read())
-    assert deployment.id == deployment_id
-    schedule = deployment.schedules[0].schedule
-    assert isinstance(schedule, CronSchedule) and schedule.cron == "15 4 * * 1"
-    flow_run = run_deployment(name, timeout=0)
-    assert flow_run.deployment_id == deployment_id
-    state = run_flow(style_pipeline, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
-    assert state.is_completed()
-    assert (tmp_path / "safest.json").is_file()
 
 
 def test_a_temporary_server_that_does_not_start_is_one_line_and_a_non_zero_exit(tmp_path):

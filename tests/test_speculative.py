@@ -238,9 +238,9 @@ def test_search_killed_mid_final_ahead_resumes_it_in_the_same_run_when_run_again
 
     from tests.helpers import search_command
 
-    config = _config(tmp_path, prepared, *CERTIFIED, "final.steps=200", "train.checkpoint_every=8")
+    config = _config(tmp_path, prepared, *CERTIFIED, "final.steps=64", "train.checkpoint_every=8")
     args = search_command(search_overrides(tmp_path / "run", prepared, "search.n_trials=3", "final.speculative=true",
-                                           *CERTIFIED, "final.steps=200", "train.checkpoint_every=8"))  # fmt: skip
+                                           *CERTIFIED, "final.steps=64", "train.checkpoint_every=8"))  # fmt: skip
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -260,6 +260,6 @@ def test_search_killed_mid_final_ahead_resumes_it_in_the_same_run_when_run_again
     (final,) = _final_runs(config)  # resumed in place: one final run
     assert final.info.status == "FINISHED" and final.data.tags[AHEAD_TAG]
     steps = _steps(config, final)
-    assert steps[-1] == 200 and len(steps) == len(set(steps))
+    assert steps[-1] == 64 and len(steps) == len(set(steps))
     (version,) = _registered(config)
     assert version.run_id == final.info.run_id

@@ -113,77 +113,6 @@ def _flow_run(api: str, deployment_id: str, overrides: list[str], timeout: float
         return _wait(client, created.json()["id"], timeout)
 
 
-def test_the_scheduled_deployment_runs_on_the_pool_and_the_next_run_warm_starts_through_the_services(
-    services, tmp_path
-):
-    env = _env(services)
-    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
-    # The config's own lr (the baseline) blows up, so the safest is a trial of the search's own.
-    common = [*TINY, "search.n_trials=3", "train.lr=50", f"tracking.registered_model={MODEL}-flow"]
-    _deploy(services, [*common, f"run_dir={first_dir}"], tmp_path, env)
-
-    with httpx.Client(base_url=services.prefect_api_url, timeout=30) as client:
-        deployment = client.get("/deployments/name/style_pipeline/nightly").json()
-    assert deployment["work_pool_name"] == services.pool
-    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
-
-    first = _flow_run(services.prefect_api_url, deployment["id"], [*common, f"run_dir={first_dir}"])
-    assert first["state_type"] == "COMPLETED", first["state"]
-    assert not (first_dir / "mlartifacts").exists()  # artifacts went through the server
-    registry = MlflowClient(tracking_uri=services.tracking_uri)
-    version = registry.get_model_version_by_alias(f"{MODEL}-flow", "safest")
-    recorded = json.loads(version.tags["stylepipe.safest_settings"])
-
-    # A second run in a fresh folder (another machine): no last_safest.json to read there.
-    second = _flow_run(services.prefect_api_url, deployment["id"], [*common, f"run_dir={second_dir}"])
-    assert second["state_type"] == "COMPLETED", second["state"]
-    storage = optuna.storages.RDBStorage(services.optuna_url)
-    names = sorted(n for n in optuna.get_all_study_names(storage) if n.startswith("demo-") and ":" not in n)
-    assert len(names) == 2
-    earlier, later = (optuna.load_study(study_name=n, storage=storage) for n in names)
-    assert not [t for t in earlier.trials if t.user_attrs.get("warm_start")]
-    warm = [t for t in later.trials if t.user_attrs.get("warm_start")]
-    assert len(warm) == 1 and warm[0].params["lr"] == pytest.approx(recorded["params"]["lr"]), warm
-
-    # What users see of it, through each server's API. Prefect: the flow run's stability map,
-    # an image the MLflow server serves; its safest configuration, a table.
-    with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
-        found = api.post(
-            "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [second["id"]]}}}
-        ).json()
-    by_key = {a["key"]: a for a in found}
-    assert by_key["stylepipe-stability-map"]["type"] == "image"
-    picture = httpx.get(by_key["stylepipe-stability-map"]["data"], timeout=30)
-    assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG")
-    assert by_key["stylepipe-stability-map"]["data"] in by_key["stylepipe-summary"]["data"]
-    rows = {r["setting"]: r["value"] for r in json.loads(by_key["stylepipe-safest"]["data"])}
-    assert rows["trial"] == str(later.user_attrs["safest"]["trial"]) and rows["certificate"]
-    # optuna-dashboard: the two plots on the study page; the baseline (lr 50) broke: infeasible
-    with httpx.Client(base_url=services.dashboard_url, timeout=30) as board:
-        summaries = board.get("/api/studies").json()["study_summaries"]
-        study_id = next(s["study_id"] for s in summaries if s["study_name"] == names[1])
-        detail = board.get(f"/api/studies/{study_id}", params={"after": 0}).json()
-    assert {g["id"] for g in detail["plotly_graph_objects"]} == {MAP_ID, IMPORTANCE_ID}
-    outcomes = {
-        t["number"]: {a["key"]: a["value"] for a in t["user_attrs"]}["outcome"] for t in detail["trials"]
-    }
-    for t in detail["trials"]:
-        assert t["constraints"] and (max(t["constraints"]) > 0) == (outcomes[t["number"]] in BROKE), t
-    # MLflow: each version describes itself; a rollback is one more recorded move of @champion
-    model = f"{MODEL}-flow"
-    assert f"study `{names[1]}`" in registry.get_model_version(model, "2").description
-    other = "1" if registry.get_model_version_by_alias(model, "champion").version == "2" else "2"
-    rolled = _stylepipe("rollback", other, "--why", "checking the rollback", "--config", str(DEMO),
-                        "--set", f"tracking.registered_model={model}", cwd=tmp_path, env=env)  # fmt: skip
-    assert f"-> version {other}" in rolled.stdout
-    moves = json.loads(registry.get_registered_model(model).tags["alias_history"])["moves"]
-    assert [(m["alias"], m["to_version"]) for m in moves][-1] == ("champion", other)
-    assert moves[-1]["why"] == "checking the rollback" and moves[-1]["study"] is None
-    assert any(m["alias"] == "safest" and m["to_version"] == "2" and m["study"] == names[1] for m in moves)
-    promoted = [m for m in moves if m["alias"] == "champion" and m["study"] == names[0]]  # the first run's
-    assert promoted and promoted[0]["to_version"] == "1" and "there was none" in promoted[0]["why"]
-
-
 def _started_worker(api: httpx.Client, name: str, deadline: float) -> tuple[dict, str]:
     """The search_worker flow run named ``name`` and its worker id (host:pid), from its run log."""
     while time.monotonic() < deadline:
@@ -221,64 +150,90 @@ def _final_ahead_on(storage, client: MlflowClient, study: str, worker: str, dead
     raise AssertionError(f"no final was trained ahead on the started worker {worker}")
 
 
-def test_a_fanned_out_run_shares_its_trials_and_finishes_the_final_trained_ahead_elsewhere_when_its_worker_is_killed(
+def test_the_scheduled_deployment_runs_on_the_pool_and_the_next_run_warm_starts_fans_out_and_survives_a_killed_worker(
     services, tmp_path
 ):
-    """search.workers=2: the pipeline's flow run starts a search_worker flow run on its pool;
-    both run trials; the started worker trains the best candidate's final while the pipeline
-    replays; it is killed (SIGKILL) mid-final and replaced by its hook; the final is finished
+    """Two flow runs of the deployment on the stack's pool, in folders of their own (two machines).
+    The first finds a safest configuration; the second warm-starts from it through the registry
+    with search.workers=2: the pipeline's flow run starts a search_worker flow run on its pool,
+    both run trials, the started worker trains the best candidate's final while the pipeline
+    replays, and it is killed (SIGKILL) mid-final and replaced by its hook; the final is finished
     elsewhere from its mirrored checkpoint, in the same MLflow run, once, and one version is
-    registered. (A replay whose worker died is run again by another: test_replays.py.)"""
+    registered from it. Then what users see of it in Prefect, optuna-dashboard and the registry.
+    (A replay whose worker died is run again by another: test_replays.py.)"""
     env = _env(services)
-    study, model = "ahead", f"{MODEL}-ahead"
-    common = [*TINY, "search.space.lr=[1e-4,1e-3]", "search.workers=2", "search.n_trials=6", "train.steps=40",
-              "search.confirm_steps=40", "final.steps=80", "train.checkpoint_every=8",
-              "search.heartbeat_interval=1", "search.grace_period=4", f"tracking.registered_model={model}",
-              f"run_dir={tmp_path / 'run'}"]  # fmt: skip
-    _deploy(services, common, tmp_path, env)
-    storage = optuna.storages.RDBStorage(services.optuna_url)
-    client = MlflowClient(tracking_uri=services.tracking_uri)
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    model, study = f"{MODEL}-flow", "ahead"
+    # The config's own lr (the baseline) blows up, so the safest is a trial of the search's own.
+    common = [*TINY, "search.space.lr=[1e-4,1e-3]", "train.lr=50", f"tracking.registered_model={model}"]
+    first_settings = [*common, "search.n_trials=3", f"run_dir={first_dir}"]
+    second_settings = [*common, "search.workers=2", "search.n_trials=6", "train.steps=40", "search.confirm_steps=40",
+                       "final.steps=80", "train.checkpoint_every=8", "search.heartbeat_interval=1",
+                       "search.grace_period=4", f"run_dir={second_dir}"]  # fmt: skip
+    _deploy(services, first_settings, tmp_path, env)
+    storage = optuna.storages.RDBStorage(services.optuna_url)  # one connection pool for the polls
+    registry = MlflowClient(tracking_uri=services.tracking_uri)
+
     with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
         deployment = api.get("/deployments/name/style_pipeline/nightly").json()
+        assert deployment["work_pool_name"] == services.pool
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+
+        first = _flow_run(services.prefect_api_url, deployment["id"], first_settings)
+        assert first["state_type"] == "COMPLETED", first["state"]
+        assert not (first_dir / "mlartifacts").exists()  # artifacts went through the server
+        recorded = json.loads(
+            registry.get_model_version_by_alias(model, "safest").tags["stylepipe.safest_settings"]
+        )
+
         created = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": {
-            "config_path": str(DEMO), "overrides": common, "study_name": study}})  # fmt: skip
+            "config_path": str(DEMO), "overrides": second_settings, "study_name": study}})  # fmt: skip
         created.raise_for_status()
         pipeline_id = created.json()["id"]
         deadline = time.monotonic() + 400
         started, worker = _started_worker(api, f"{study} worker 2", deadline)
         assert started["parent_task_run_id"]  # a subflow of the pipeline's flow run
-        ahead = _final_ahead_on(storage, client, study, worker, deadline)
+        ahead = _final_ahead_on(storage, registry, study, worker, deadline)
         os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
-        pipeline = _wait(api, pipeline_id, 500)
-        assert pipeline["state_type"] == "COMPLETED", pipeline["state"]
+        second = _wait(api, pipeline_id, 500)
+        assert second["state_type"] == "COMPLETED", second["state"]
         workers = api.post("/flow_runs/filter", json={"flows": {"name": {"any_": ["search_worker"]}}}).json()
         states = {w["name"]: w["state_type"] for w in workers if w["name"].startswith(f"{study} worker")}
         assert states[f"{study} worker 2"] == "CRASHED", states
         assert f"{study} worker 2 (attempt 2)" in states, states  # its replacement, started by its hook
 
-    counted = optuna.load_study(study_name=study, storage=storage).get_trials(
-        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))  # fmt: skip
+    # The warm start: the second machine has no last_safest.json; it read the registry.
+    (earlier_name,) = [
+        n for n in optuna.get_all_study_names(storage) if n.startswith("demo-") and ":" not in n
+    ]
+    earlier, later = (optuna.load_study(study_name=n, storage=storage) for n in (earlier_name, study))
+    assert not [t for t in earlier.trials if t.user_attrs.get("warm_start")]
+    warm = [t for t in later.trials if t.user_attrs.get("warm_start")]
+    assert len(warm) == 1 and warm[0].params["lr"] == pytest.approx(recorded["params"]["lr"]), warm
+
+    # The fan-out: both workers ran trials; the final trained ahead was finished elsewhere, once.
+    counted = later.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
     assert len(counted) == 6
-    experiment = client.get_experiment_by_name(study)
-    trials = client.search_runs([experiment.experiment_id], "tags.`stylepipe.role` = 'trial'")
+    experiment = registry.get_experiment_by_name(study)
+    trials = registry.search_runs([experiment.experiment_id], "tags.`stylepipe.role` = 'trial'")
     assert len({r.data.tags["stylepipe.worker"] for r in trials}) == 2  # both ran trials
     assert worker in {r.data.tags["stylepipe.worker"] for r in trials}  # the started worker's too
-
     units = optuna.load_study(study_name=f"{study}:final", storage=storage).trials
     assert [u.state for u in units] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert units[1].user_attrs["worker"] != worker  # finished elsewhere
-    (final,) = client.search_runs([experiment.experiment_id], "tags.`stylepipe.role` = 'final'")
+    (final,) = registry.search_runs([experiment.experiment_id], "tags.`stylepipe.role` = 'final'")
     assert final.info.run_id == ahead and final.info.status == "FINISHED"  # the same MLflow run
-    steps = [m.step for m in client.get_metric_history(ahead, "loss/total")]
+    steps = [m.step for m in registry.get_metric_history(ahead, "loss/total")]
     assert max(steps) == 80 and len(steps) == len(set(steps))  # resumed, no step logged twice
-    (version,) = client.search_model_versions(f"name = '{model}'")
-    assert version.run_id == ahead
+    versions = {v.version: v for v in registry.search_model_versions(f"name = '{model}'")}
+    assert sorted(versions) == ["1", "2"] and versions["2"].run_id == ahead
     # the worker's run folder is its own: the pipeline's holds the final only as fetched
-    assert (tmp_path / "run" / "workers" / "2" / "final").is_dir()
+    assert (second_dir / "workers" / "2" / "final").is_dir()
 
-    safest = optuna.load_study(study_name=study, storage=storage).user_attrs["safest"]
-
-    # The story in the Prefect API: the library's lines in the run logs, its events.
+    # What users see of it, through each server's API. Prefect: the library's lines in the run
+    # logs and its events; the flow run's stability map, an image the MLflow server serves; its
+    # safest configuration, a table.
+    safest = later.user_attrs["safest"]
     with httpx.Client(base_url=services.prefect_api_url, timeout=30) as api:
         deadline = time.monotonic() + 30
         while True:
@@ -294,8 +249,44 @@ def test_a_fanned_out_run_shares_its_trials_and_finishes_the_final_trained_ahead
             ):
                 break
             time.sleep(1)
+        found = api.post(
+            "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [pipeline_id]}}}
+        ).json()
     assert certified and certified[0]["payload"]["trial"] == safest["trial"]
     assert f"trial {safest['trial']}: safe" in [log["message"] for log in logs]
+    by_key = {a["key"]: a for a in found}
+    assert by_key["stylepipe-stability-map"]["type"] == "image"
+    picture = httpx.get(by_key["stylepipe-stability-map"]["data"], timeout=30)
+    assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG")
+    assert by_key["stylepipe-stability-map"]["data"] in by_key["stylepipe-summary"]["data"]
+    rows = {r["setting"]: r["value"] for r in json.loads(by_key["stylepipe-safest"]["data"])}
+    assert rows["trial"] == str(safest["trial"]) and rows["certificate"]
+    # optuna-dashboard: the two plots on the study page; the baseline (lr 50) broke: infeasible
+    with httpx.Client(base_url=services.dashboard_url, timeout=30) as board:
+        summaries = board.get("/api/studies").json()["study_summaries"]
+        study_id = next(s["study_id"] for s in summaries if s["study_name"] == study)
+        detail = board.get(f"/api/studies/{study_id}", params={"after": 0}).json()
+    assert {g["id"] for g in detail["plotly_graph_objects"]} == {MAP_ID, IMPORTANCE_ID}
+    outcomes = {
+        t["number"]: {a["key"]: a["value"] for a in t["user_attrs"]}["outcome"] for t in detail["trials"]
+    }
+    assert any(outcomes[t["number"]] in BROKE for t in detail["trials"])
+    for t in detail["trials"]:
+        assert t["constraints"] and (max(t["constraints"]) > 0) == (outcomes[t["number"]] in BROKE), t
+    # MLflow: each version describes itself; a rollback is one more recorded move of @champion
+    assert f"study `{study}`" in registry.get_model_version(model, "2").description
+    other = "1" if registry.get_model_version_by_alias(model, "champion").version == "2" else "2"
+    rolled = _stylepipe("rollback", other, "--why", "checking the rollback", "--config", str(DEMO),
+                        "--set", f"tracking.registered_model={model}", cwd=tmp_path, env=env)  # fmt: skip
+    assert f"-> version {other}" in rolled.stdout
+    moves = json.loads(registry.get_registered_model(model).tags["alias_history"])["moves"]
+    assert [(m["alias"], m["to_version"]) for m in moves][-1] == ("champion", other)
+    assert moves[-1]["why"] == "checking the rollback" and moves[-1]["study"] is None
+    assert any(m["alias"] == "safest" and m["to_version"] == "2" and m["study"] == study for m in moves)
+    promoted = [
+        m for m in moves if m["alias"] == "champion" and m["study"] == earlier_name
+    ]  # the first run's
+    assert promoted and promoted[0]["to_version"] == "1" and "there was none" in promoted[0]["why"]
 
 
 def _wait(api: httpx.Client, run_id: str, timeout: float) -> dict:
