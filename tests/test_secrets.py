@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 from stylepipe.config import Config, load_config
@@ -92,12 +93,17 @@ def test_a_password_in_the_store_urls_is_in_no_file_artifact_parameter_or_log(tm
               "--set", f"data.content={prepared}"]  # fmt: skip
     for override in TINY:
         common += ["--set", override]
-    searched = subprocess.run([str(BIN / "stylepipe"), "search", "--quiet", *common, "--set",
-                               f"run_dir={tmp_path / 'search'}"], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    assert searched.returncode == 0, searched.stdout + searched.stderr
     piped = subprocess.run([str(BIN / "stylepipe-flow"), "run", *common, "--set", f"run_dir={tmp_path / 'flow'}"],
                            capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert piped.returncode == 0, piped.stdout + piped.stderr
+    # The search command on the study the flow finished: its summary, as printed after a search
+    # (the live search's lines are the library's loggers, which the flow run printed and logged).
+    (study,) = [name for name in optuna.get_all_study_names(optuna_url) if ":" not in name]
+    searched = subprocess.run([str(BIN / "stylepipe"), "search", "--quiet", *common, "--set",
+                               f"run_dir={tmp_path / 'flow'}", "--set", f"search.study_name={study}"],
+                              capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert searched.returncode == 0, searched.stdout + searched.stderr
+    assert "finished before with these settings" in searched.stdout, searched.stdout
     assert "secret-style@safest" in searched.stdout and "secret-style@safest" in piped.stdout
 
     printed = searched.stdout + searched.stderr + piped.stdout + piped.stderr

@@ -40,7 +40,6 @@ from stylepipe.stores import (
     redact_url,
     sqlite_path,
 )
-from stylepipe.tracking import end_killed_run
 
 
 class StorageError(StylepipeError):
@@ -59,6 +58,8 @@ class EndKilledRunThenRetry:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
+            from stylepipe.tracking import end_killed_run  # MLflow and torch: only when one died
+
             end_killed_run(self.tracking_uri, run_id, "worker stopped sending heartbeats (killed or lost)")
         self.retry(study, _with_room_for_its_params(trial))
 
