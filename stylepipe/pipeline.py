@@ -13,7 +13,7 @@ what an orchestrator may do with it (retries; a cache key):
 * ``study``: every worker of the study runs these: the edge test (found once, read back by the
   others), its trials, its share of the certificate's replays;
 * ``finish``: once per study, by whoever holds its ``finish`` lock: confirm the safest
-  configuration, train, register and promote its final model, record the study finished, report.
+  configuration, train, register and promote its final model, report, record the study finished.
 
 Adding a stage is one entry here and its function in stages.py.
 """
@@ -111,8 +111,11 @@ STAGES: tuple[Stage, ...] = (
           when=_wants_final, retries=2),
     Stage(PROMOTE, lambda c: stages.promote(c.config, c.done[REGISTER]["version"]), Phase.FINISH,
           when=_wants_final, retries=2),
-    Stage(RECORD, lambda c: stages.record_finished(c.config, c.safest, c.model, c.session), Phase.FINISH),
+    # Report, then record: a study is recorded finished only once its report is whole. The same
+    # command after a crash in the report finishes it again (verdicts, final run and version are
+    # reused) and writes the report; a finished study's report is never written again.
     Stage(REPORT, lambda c: stages.report(c.config, c.safest, c.model, c.promotion, c.session), Phase.FINISH),
+    Stage(RECORD, lambda c: stages.record_finished(c.config, c.safest, c.model, c.session), Phase.FINISH),
 )  # fmt: skip
 
 

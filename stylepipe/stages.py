@@ -323,7 +323,7 @@ def report(
     from stylepipe import speculative
     from stylepipe.dashboard_plots import stability_figures
     from stylepipe.report import causes_markdown, pipeline_markdown, stability_map, top_trials
-    from stylepipe.search.attributes import StudyRecord
+    from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.search.cost import study_cost
     from stylepipe.search.dashboard import show_stability
     from stylepipe.search.edge import edge_markdown
@@ -355,6 +355,7 @@ def report(
             "title": f"Stability map: {config.study_name}",
         }
         if write:
+            record.set_state(StudyState.REPORTING)
             # optuna-dashboard's study page: the note above the trials, and the two plots
             record.write_note(importance_markdown(importance))
             show_stability(s.study, stability_figures(trials, importance, **drawn))

@@ -146,7 +146,7 @@ def test_a_final_in_training_stops_at_its_next_check_when_its_candidate_fails_el
     tmp_path, prepared, monkeypatch
 ):
     """Another worker's replay of the candidate fails while its final trains here."""
-    config = _config(tmp_path, prepared, "search.top_k=2", "final.steps=60", "train.checkpoint_every=4")
+    config = _config(tmp_path, prepared, "search.top_k=2", "final.steps=32", "train.checkpoint_every=4")
     monkeypatch.setattr(speculative, "CHECK_S", 0.1)
     _fail_the_best(monkeypatch, config)
     with StudySession(config) as session:
@@ -179,8 +179,8 @@ def test_a_final_in_training_stops_at_its_next_check_when_its_candidate_fails_el
 
     (unit,) = _units(config)
     assert unit.state == _STATE.PRUNED
-    assert 8 <= unit.user_attrs["steps_trained"] < 60
-    assert finished["cost"]["final"] == 60 + unit.user_attrs["steps_trained"]  # the stopped steps count
+    assert 8 <= unit.user_attrs["steps_trained"] < 32
+    assert finished["cost"]["final"] == 32 + unit.user_attrs["steps_trained"]  # the stopped steps count
     assert f"trial {best.number} already failed its replay with seed 0" in unit.user_attrs["stopped"]
     ahead, certified = _final_runs(config)
     assert ahead.info.status == "KILLED" and ahead.data.tags[STATE_TAG] == "stopped"

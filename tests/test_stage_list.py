@@ -107,5 +107,5 @@ def test_a_stage_added_to_the_list_runs_in_the_flow_as_a_task_in_order_under_the
         names = asyncio.run(task_names())
     before = BEFORE_THE_DUMMY
     assert a_dummy_stage == [(before, True)]
-    assert names == [*before, "dummy", pipeline.RECORD, pipeline.REPORT]
+    assert names == [*before, "dummy", pipeline.REPORT, pipeline.RECORD]
     assert result["safest"] is not None and result["recorded_before"] is False

@@ -372,6 +372,47 @@ def test_study_another_safest_configuration_gets_its_own_final_run_and_version(t
     assert versions == ["1", "2"]
 
 
+def test_study_killed_in_its_report_is_finished_by_the_same_command_with_its_report_whole(
+    tmp_path, prepared, capsys
+):
+    """Before: a study was recorded finished before its report ran. Killed (kill -9) in the
+    report, the same command answered "finished before" and wrote nothing: no safest.json, no
+    stability map, ever."""
+    import signal
+    import subprocess
+    import sys
+
+    from stylepipe.search.attributes import StudyState
+
+    config = search_config(tmp_path, prepared, *STUDY)
+    dies_in_its_report = (
+        "import os, signal, sys\nimport stylepipe.report\n"
+        "stylepipe.report.stability_map = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from stylepipe.cli import main\nsys.exit(main(sys.argv[1:]))"
+    )
+    killed = subprocess.run([sys.executable, "-c", dies_in_its_report, *search_args(tmp_path, prepared)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    assert StudyRecord(study).state == StudyState.REPORTING
+    assert not (tmp_path / "safest.json").exists() and not (tmp_path / "stability_map.png").exists()
+    [run] = _final_runs(config)
+    committed = (run.info.end_time, run.data.tags, run.data.metrics)
+
+    assert main(search_args(tmp_path, prepared)) == 0
+    out = capsys.readouterr().out
+    assert "finished before with these settings" not in out and "registered version 1 is reused" in out, out
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    assert StudyRecord(study).state == StudyState.FINISHED
+    assert json.loads((tmp_path / "safest.json").read_text())["model"]["version"] == "1"
+    assert (tmp_path / "stability_map.png").read_bytes().startswith(b"\x89PNG")
+    assert len(pd.read_csv(tmp_path / "trials.csv")) == len(study.trials)
+    [run] = _final_runs(config)  # the finished final run reused as it was: nothing trained again
+    assert (run.info.end_time, run.data.tags, run.data.metrics) == committed
+    versions = MlflowClient(tracking_uri=config.tracking_uri).search_model_versions("name='states'")
+    assert [str(v.version) for v in versions] == ["1"]
+
+
 def test_study_cut_short_after_its_final_model_completes_without_training_it_again(
     tmp_path,
     prepared,

@@ -42,6 +42,7 @@ class StudyState(StrEnum):
     CERTIFYING = "certifying"
     TRAINING_FINAL = "training the final model"
     REGISTERING = "registering"
+    REPORTING = "reporting"
     FINISHED = "finished"
 
 
