@@ -31,12 +31,15 @@ LONGEST_FIRST = (
     "test_workers",
     "test_long_run",
     "test_edge",
-    "test_search",
+    "test_speculative",
     "test_flows",
     "test_states",
+    "test_search",
     "test_secrets",
-    "test_mistakes",
+    "test_stage_list",
     "test_replays",
+    "test_style",
+    "test_mistakes",
 )
 
 
