@@ -321,6 +321,43 @@ def test_publishing_is_once_per_study(published, monkeypatch):
     assert again == {"published": False, "inputs": published.inputs.to_json()}
 
 
+def test_publishing_cut_short_records_nothing_and_the_same_command_publishes_whole(
+    tmp_path, prepared, monkeypatch
+):
+    """Killed while the shard uploads: the store holds part of it and the study no record, so no
+    worker fetches it; publishing again puts the whole file there, and a worker elsewhere fetches
+    it and finds its hash."""
+    from stylepipe import stages
+    from stylepipe.session import StudySession
+
+    here = _settings(tmp_path, "a", prepared, _png(tmp_path / "a-disk" / "style.png"))
+    real_upload = RunArtifacts.upload
+
+    def killed_midway(self, path, name):
+        if name != "shard.npy":
+            return real_upload(self, path, name)
+        partial = tmp_path / "part" / name  # what a kill in the copy leaves in the store
+        partial.parent.mkdir()
+        partial.write_bytes(Path(path).read_bytes()[:1000])
+        real_upload(self, partial, name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunArtifacts, "upload", killed_midway)
+    with pytest.raises(KeyboardInterrupt), StudySession(here) as session:
+        stages.publish_inputs(here, str(prepared), session)
+    study = optuna.load_study(study_name="travel", storage=here.storage_url)
+    assert StudyRecord(study).inputs is None
+
+    monkeypatch.setattr(RunArtifacts, "upload", real_upload)
+    with StudySession(here) as session:
+        assert stages.publish_inputs(here, str(prepared), session)["published"] is True
+    elsewhere = tmp_path / "not-on-b"
+    away = _settings(tmp_path, "b", elsewhere / "prepared", elsewhere / "style.png")
+    found, fetched = inputs_here(away, worker=True)
+    assert sorted(fetched["fetched"]) == ["manifest.parquet", "shard.npy", "style.png"]
+    assert _sha(Path(found.data.content) / "shard.npy") == _sha(prepared / "shard.npy")
+
+
 def test_a_worker_whose_study_published_nothing_is_told_in_one_line(tmp_path, prepared, capsys):
     from stylepipe.session import StudySession
 
