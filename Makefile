@@ -30,9 +30,11 @@ serve: $(STAMP)
 
 # Two pytest-xdist workers, each taking whole test files (a file's fixtures are built once),
 # each test process with one torch thread: the suite in about two thirds of the time on two
-# cores. TEST_WORKERS=0 runs it in this one process.
+# cores. The files go out longest first (tests/conftest.py's order; xdist's own puts the files
+# with the most tests first, which left the longest file for last). TEST_WORKERS=0 runs it in
+# this one process.
 TEST_WORKERS ?= 2
-TEST_ARGS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+TEST_ARGS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(TEST_ARGS)

@@ -25,7 +25,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # and every stylepipe process a test 
 
 # The files that take longest (servers, worker processes, kills and resumes; measured with
 # --durations), collected first: make test's two pytest-xdist workers take whole files in
-# collection order, and the longest ones first finish together.
+# collection order (--no-loadscope-reorder), and the longest ones first finish together.
 LONGEST_FIRST = (
     "test_topology",
     "test_workers",
