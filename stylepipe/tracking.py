@@ -283,11 +283,15 @@ class Tracker:
     def runs_table_url(self, ui: str = "http://127.0.0.1:5000") -> str:
         """The MLflow UI's runs table of this study, on the trials' columns (the server's own
         address when tracking goes to one; else the UI that `make dashboards` starts)."""
-        base = redact_url(self.uri) if is_server(self.uri) else ui
-        return (
-            f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
-            f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW}"
-        )
+        base = self._browser_base() if is_server(self.uri) else ui.rstrip("/")
+        return f"{base}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW}"
+
+    def _browser_base(self) -> str:
+        """The tracking server's address for a person's browser: no user and password (left
+        out, not masked: a masked one would not open), an [IPv6] host and port kept."""
+        parts = urlsplit(self.uri)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
 
     def artifact_links(self, run_id: str, path: str) -> tuple[str | None, str]:
         """Where a person's browser finds a run's artifact: (an HTTP URL of the file itself, or
@@ -295,9 +299,7 @@ class Tracker:
         credentials: a URL's user and password are left out, not masked."""
         if not is_server(self.uri):  # (MLflow's own layout: asking the store would write to SQLite's log)
             return None, f"{self.artifact_location.rstrip('/')}/{run_id}/artifacts/{path}"
-        parts = urlsplit(self.uri)
-        host = parts.netloc.rsplit("@", 1)[-1]  # without user and password; an [IPv6] host and port kept
-        base = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+        base = self._browser_base()
         image = f"{base}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}"
         return image, f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}/artifacts/{path}"
 

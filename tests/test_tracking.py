@@ -124,12 +124,13 @@ def test_a_trial_behind_the_median_is_pruned_midway_but_not_at_its_last_step(mon
     assert study.get_trials()[-1].intermediate_values == {8: 0.9}
 
 
-def test_a_run_artifact_s_browser_links_carry_no_credentials_and_a_local_store_gives_no_image(tmp_path):
+def test_browser_links_to_runs_and_artifacts_carry_no_credentials_and_a_local_store_gives_no_image(tmp_path):
     server = Tracker.__new__(Tracker)  # only the URL is read: nothing is asked of a server
     server.uri, server.experiment_id = "http://bob:s3cret@[::1]:5000/mlflow/", "3"
     image, link = server.artifact_links("abc", "stability_map.png")
     assert image == "http://[::1]:5000/mlflow/get-artifact?path=stability_map.png&run_uuid=abc"
     assert link == "http://[::1]:5000/mlflow/#/experiments/3/runs/abc/artifacts/stability_map.png"
+    assert server.runs_table_url().startswith("http://[::1]:5000/mlflow/#/experiments/3/runs?")
     local = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "links", tmp_path / "artifacts")
     run = local.study_run("links")
     image, link = local.artifact_links(run, "stability_map.png")
