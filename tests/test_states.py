@@ -399,6 +399,15 @@ def test_study_killed_in_its_report_is_finished_by_the_same_command_with_its_rep
     [run] = _final_runs(config)
     committed = (run.info.end_time, run.data.tags, run.data.metrics)
 
+    # other settings on the study stopped in its report: refused in one line, nothing written
+    assert main(search_args(tmp_path, prepared, "train.lr=0.02")) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "train.lr (" in errors[0], errors
+    assert StudyRecord(optuna.load_study(study_name=config.study_name, storage=config.storage_url)).state == (
+        StudyState.REPORTING
+    )
+    assert not (tmp_path / "safest.json").exists()
+
     assert main(search_args(tmp_path, prepared)) == 0
     out = capsys.readouterr().out
     assert "finished before with these settings" not in out and "registered version 1 is reused" in out, out
