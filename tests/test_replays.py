@@ -8,11 +8,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import uuid
 
 import optuna
 import pytest
+from optuna.storages._heartbeat import NullHeartbeatThread
 
 from stylepipe.config import load_config
 from stylepipe.search import replays
@@ -118,6 +120,49 @@ def test_a_replay_whose_worker_died_is_run_again_by_another_once(databases, tmp_
     retried = [t for t in companion.trials if t.system_attrs.get("failed_trial") is not None]
     assert len(retried) == 1 and retried[0].user_attrs["worker"] == survivor.pid
     assert [t.state for t in companion.trials].count(optuna.trial.TrialState.FAIL) == 1
+
+
+def _in_thread(work, timeout: float) -> bool:
+    """Run ``work`` in a thread; whether it ended within ``timeout`` seconds."""
+    thread = threading.Thread(target=work, daemon=True)  # a hung one must not hold pytest
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive()
+
+
+def test_a_unit_whose_worker_died_before_its_first_heartbeat_is_run_again(tmp_path):
+    config = settings(f"sqlite:///{tmp_path}/optuna.db", "silent", tmp_path)
+    config = config.with_overrides({"search.certify_all": True})
+    _, companion = queued_study(config, [(1e-3, 1.5, True), (2e-3, 1.0, False)])
+    # What a worker killed between its claim and its first heartbeat leaves: a RUNNING unit
+    # with no heartbeat row (Optuna's own stale check never fails one).
+    claimed = companion.ask()
+    survivor = open_companion(config, optuna.load_study(study_name=config.study_name,
+                                                        storage=replays.open_storage(config)))  # fmt: skip
+    assert _in_thread(lambda: run_units(config, survivor, Sleeper(0.0), wait=True), timeout=60)
+    assert companion.trials[claimed.number].state == optuna.trial.TrialState.FAIL
+    ran = _ran(companion)
+    assert len(ran) == 6 and len(set(ran)) == 6  # the silent claim's unit ran again, once
+    retried = [t for t in companion.trials if t.system_attrs.get("failed_trial") is not None]
+    assert [t.system_attrs["failed_trial"] for t in retried] == [claimed.number]
+
+
+def test_a_unit_just_claimed_is_not_taken_for_dead_before_its_first_heartbeat(tmp_path, monkeypatch):
+    config = settings(f"sqlite:///{tmp_path}/optuna.db", "live", tmp_path)
+    config = config.with_overrides({"search.certify_all": True})
+    _, companion = queued_study(config, [(1e-3, 1.5, True)])
+    # Optuna's heartbeat thread has not written yet (a loaded machine) when a peer looks.
+    monkeypatch.setattr(optuna.study._optimize, "get_heartbeat_thread", lambda *a: NullHeartbeatThread())
+    peer = open_companion(config, optuna.load_study(study_name=config.study_name,
+                                                    storage=replays.open_storage(config)))  # fmt: skip
+
+    class LookedAtByAPeer(Sleeper):
+        def __call__(self, trial: optuna.Trial) -> float:
+            optuna.storages.fail_stale_trials(peer)
+            return super().__call__(trial)
+
+    run_units(config, companion, LookedAtByAPeer(0.0), wait=True)
+    assert [t.state for t in companion.trials] == [optuna.trial.TrialState.COMPLETE] * 3
 
 
 def test_units_no_longer_needed_are_cancelled_but_the_baselines_are_not(tmp_path):

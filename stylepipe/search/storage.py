@@ -10,7 +10,8 @@ kind of store can do.
 * ``running_is_orphaned``: whether a run or unit found RUNNING when a process starts belongs to
   one that died (SQLite: its one process is this one; PostgreSQL: heartbeats find the dead).
 * ``storage()``: Optuna's RDB storage with heartbeats: a trial whose worker died is failed by
-  the next worker that looks, its MLflow run ended as KILLED, and the trial re-queued.
+  the next worker that looks, its MLflow run ended as KILLED, and the trial re-queued (one
+  whose worker died before its first heartbeat too: ``SilentClaimsGoStale``).
 
 Another backend (Optuna's ``JournalFileBackend`` for processes on one machine without a
 server, say) is one more subclass and one more line in ``StudyStore.of``.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import hashlib
+import time
 import warnings
 from enum import StrEnum
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any, ClassVar
 import optuna
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb import models  # the tables Optuna's own stale check reads
 
 from stylepipe.config import Config
 from stylepipe.errors import StylepipeError
@@ -62,6 +65,46 @@ class EndKilledRunThenRetry:
 
             end_killed_run(self.tracking_uri, run_id, "worker stopped sending heartbeats (killed or lost)")
         self.retry(study, _with_room_for_its_params(trial))
+
+
+class SilentClaimsGoStale(RDBStorage):
+    """Optuna's RDB storage, whose stale check also finds a trial claimed by a worker that died
+    before its first heartbeat. Optuna skips a RUNNING trial with no heartbeat row, and the
+    first is written by a thread started after the claim: a worker killed in between left its
+    trial (a search trial, a replay unit, a final trained ahead) RUNNING for ever, and its peers
+    waiting for it waited for ever. Here a trial that this process has seen RUNNING without any
+    heartbeat for the grace period is stale: as long as Optuna gives one whose heartbeats
+    stopped. Seen, not dated: the claim's ``datetime_start`` is the claiming machine's clock,
+    which need not agree with this one's."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._silent_since: dict[int, dict[int, float]] = {}  # study id -> trial id -> first seen
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        grace = self.grace_period if self.grace_period is not None else 2 * (self.heartbeat_interval or 0)
+        now = time.monotonic()
+        seen = self._silent_since.get(study_id, {})
+        silent = {trial_id: seen.get(trial_id, now) for trial_id in self._silent_trial_ids(study_id)}
+        self._silent_since[study_id] = silent
+        return stale + [trial_id for trial_id, since in silent.items() if now - since > grace]
+
+    def _silent_trial_ids(self, study_id: int) -> list[int]:
+        """The study's RUNNING trials that have no heartbeat row."""
+        session = self.scoped_session()
+        try:
+            rows = (
+                session.query(models.TrialModel.trial_id)
+                .outerjoin(models.TrialHeartbeatModel)
+                .filter(models.TrialModel.study_id == study_id)
+                .filter(models.TrialModel.state == optuna.trial.TrialState.RUNNING)
+                .filter(models.TrialHeartbeatModel.trial_heartbeat_id.is_(None))
+                .all()
+            )
+        finally:
+            session.close()
+        return [trial_id for (trial_id,) in rows]
 
 
 def _with_room_for_its_params(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
@@ -150,7 +193,7 @@ class StudyStore:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
+                return SilentClaimsGoStale(
                     self.url,
                     heartbeat_interval=search.heartbeat_interval,
                     grace_period=search.grace_period,
