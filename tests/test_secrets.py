@@ -79,7 +79,8 @@ def _with_password(url: str) -> str:
 TINY = ["data.image_size=32", "prepare.image_size=32", "search.confirm_steps=4", "train.steps=4", "train.batch_size=2", "train.check_every=2", "train.device=cpu",
         "search.n_trials=2", "search.eval_every=2", "search.space.lr=[1e-3,1e-2]", "search.top_k=1",
         "search.replay_seeds=0", "search.max_val_images=4", "final.steps=2",
-        "tracking.registered_model=secret-style"]  # fmt: skip
+        "search.edge_steps=10", "search.edge_probes=2",  # the shortest edge test: its runs are checked too
+        "loss.style_layers=[relu1_2,relu2_2]", "tracking.registered_model=secret-style"]  # fmt: skip
 
 
 @pytest.mark.slow

@@ -33,8 +33,9 @@ pytestmark = [pytest.mark.slow, needs_postgres]
 
 BIN = Path(sys.executable).parent
 TINY = [
-    "search.edge_steps=10",  # the shortest edge test: these tests are about other things
-    "search.edge_probes=2",
+    # No edge test and the loss network up to relu2_2: these tests are about the services, and
+    # each costs its whole pipeline (the edge test on the stack's PostgreSQL: test_workers.py).
+    "search.edge_steps=0", "loss.style_layers=[relu1_2,relu2_2]",
     "data.image_size=32", "prepare.image_size=32", "prepare.workers=1", "prepare.val_fraction=0.25",
     "train.steps=8", "train.batch_size=2", "train.warmup_steps=0", "train.check_every=4", "train.device=cpu",
     "search.eval_every=4", "search.space.lr=[1e-3,1e-2]", "search.top_k=1", "search.replay_seeds=0",
