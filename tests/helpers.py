@@ -172,3 +172,36 @@ def one_error(capsys) -> str:
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, out + err
     return errors[0]
+
+
+@contextlib.contextmanager
+def a_stage_added_after_confirm():
+    """pipeline.py's list with one more stage, ``dummy``, right after ``confirm safest``. Yields
+    what it saw each time it ran: the stages done before it, and whether the study's finish lock
+    was held (every lock chain.py takes is watched)."""
+    from stylepipe import chain, pipeline
+    from stylepipe.search.storage import Lock
+
+    seen: list[tuple[list[str], bool]] = []
+    held: set[Lock] = set()
+    real_lock = chain.study_lock
+
+    @contextlib.contextmanager
+    def watched_lock(config, name):
+        with real_lock(config, name):
+            held.add(name)
+            try:
+                yield
+            finally:
+                held.discard(name)
+
+    def dummy(context: pipeline.Context) -> dict:
+        seen.append((list(context.done), Lock.FINISH in held))
+        return {"ran": True}
+
+    entry = pipeline.Stage("dummy", dummy, pipeline.Phase.FINISH)
+    at = [s.name for s in pipeline.STAGES].index(pipeline.CONFIRM) + 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "STAGES", (*pipeline.STAGES[:at], entry, *pipeline.STAGES[at:]))
+        patch.setattr(chain, "study_lock", watched_lock)
+        yield seen

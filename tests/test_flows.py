@@ -19,7 +19,12 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from mlflow import MlflowClient  # noqa: E402
 from prefect import get_client  # noqa: E402
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId  # noqa: E402
+from prefect.client.schemas.filters import (  # noqa: E402
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    TaskRunFilter,
+    TaskRunFilterFlowRunId,
+)
 from prefect.client.schemas.schedules import CronSchedule  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 from prefect.flow_engine import run_flow  # noqa: E402
@@ -27,8 +32,9 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.deploy import build_deployment  # noqa: E402
 from flows.pipeline import style_pipeline  # noqa: E402
+from stylepipe import pipeline  # noqa: E402
 from stylepipe.config import load_config  # noqa: E402
-from tests.helpers import DEMO  # noqa: E402
+from tests.helpers import DEMO, a_stage_added_after_confirm  # noqa: E402
 
 pytestmark = pytest.mark.slow  # Prefect's test server and whole pipeline runs
 
@@ -68,8 +74,10 @@ def first_run(harness, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pipeline")
     # The config's own lr (the baseline, trial 0) diverges: an event; the search's trials do not.
     overrides = [*TINY, f"run_dir={run_dir}", "train.lr=50"]
-    state = style_pipeline(str(DEMO), overrides, study_name="first", return_state=True)
-    return run_dir, overrides, state
+    # with one more stage in pipeline.py's list, which the flow must run in its place (checked below)
+    with a_stage_added_after_confirm() as added_stage_saw:
+        state = style_pipeline(str(DEMO), overrides, study_name="first", return_state=True)
+    return run_dir, overrides, state, added_stage_saw
 
 
 def _artifacts(flow_run_id):
@@ -82,8 +90,6 @@ def _artifacts(flow_run_id):
 
 
 def _task_states(flow_run_id) -> dict[str, str]:
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
-
     async def read():
         async with get_client() as client:
             found = TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id]))
@@ -93,7 +99,7 @@ def _task_states(flow_run_id) -> dict[str, str]:
 
 
 def test_the_flow_completes_registers_a_champion_and_leaves_artifacts(first_run):
-    run_dir, overrides, state = first_run
+    run_dir, overrides, state, _ = first_run
     assert state.is_completed()
     result = state.result()
     assert result["safest"] is not None and result["model"]["version"] == "1"
@@ -120,6 +126,24 @@ def test_the_flow_completes_registers_a_champion_and_leaves_artifacts(first_run)
     assert '"lr"' in artifacts["stylepipe-top-trials"].data
 
 
+def test_a_stage_added_to_the_list_runs_in_the_flow_as_a_task_in_order_under_the_finish_lock(first_run):
+    _, _, state, added_stage_saw = first_run
+
+    async def task_runs():
+        async with get_client() as client:
+            found = TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+            return await client.read_task_runs(task_run_filter=found)
+
+    names = [
+        run.name.rsplit("-", 1)[0]
+        for run in sorted(asyncio.run(task_runs()), key=lambda r: r.expected_start_time)
+    ]
+    before = [pipeline.PREPARE, pipeline.EDGE, pipeline.SEARCH, pipeline.REPLAYS, pipeline.CONFIRM]
+    after = [pipeline.TRAIN_FINAL, pipeline.REGISTER, pipeline.PROMOTE, pipeline.REPORT, pipeline.RECORD]
+    assert names == [*before, "dummy", *after]
+    assert added_stage_saw == [(before, True)]
+
+
 def _read_back(read, ready, timeout: float = 20.0):
     """Prefect stores run logs and events a few seconds after they are sent: ask until ``ready``."""
     import time
@@ -136,7 +160,7 @@ def test_the_libraries_lines_are_in_the_run_logs_and_its_events_in_prefect(first
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.events.filters import EventFilter, EventNameFilter
 
-    _, _, state = first_run
+    _, _, state, _ = first_run
     flow_run_id = state.state_details.flow_run_id
     result = state.result()
 
@@ -181,7 +205,7 @@ def test_a_second_run_through_the_deployment_warm_starts_and_keeps_a_better_cham
     one) warm-starts from the first run's safest and leaves the better champion in place."""
     import optuna
 
-    run_dir, overrides, _ = first_run
+    run_dir, overrides, _, _ = first_run
     previous = load_config(DEMO, overrides)
     safest_before = (run_dir / "last_safest.json").read_text()
     # A final model trained for one step cannot beat the 8-step champion on the same images.
