@@ -557,8 +557,7 @@ def test_a_killed_final_run_resumes_in_the_same_mlflow_run(tmp_path, prepared):
     time.sleep(KILL_DELAYS.uniform(0.0, 1.5))
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
-    resumed = subprocess.run(search_command(overrides), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert main(search_command(overrides)[1:]) == 0  # the same command again (in this process)
 
     client = MlflowClient(tracking_uri=config.tracking_uri)
     experiment = client.get_experiment_by_name(config.study_name)

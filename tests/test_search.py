@@ -433,8 +433,7 @@ def test_runs_of_a_killed_search_are_ended_with_the_reason_when_it_resumes(tmp_p
         victim.wait(timeout=30)
     stopped = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
     assert stopped.user_attrs["state"] == "certifying"  # killed in a replay: said so on the study
-    resumed = subprocess.run(search_command(overrides), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert main(search_command(overrides)[1:]) == 0  # the same command again (in this process)
     runs = {r.info.run_id: r for r in _runs(config)}
     assert [r.info.run_name for r in runs.values() if r.info.status == "RUNNING"] == []
     killed = runs[replay.info.run_id]
