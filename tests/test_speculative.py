@@ -1,7 +1,8 @@
 """The speculative final (speculative.py): the best candidate's final model trains while its
 certificate runs; it goes on when the candidate is certified and is stopped (KILLED, never
-registered) when it is not. The cells of docs/design.md's table "The speculative final"; the
-worker killed mid-final is tests/test_topology.py's, on the stack with a real fan-out."""
+registered) when it is not. The cells of docs/design.md's table "The speculative final"; its
+process killed mid-final is here on SQLite (the same command again) and in
+tests/test_topology.py on the stack, with a real fan-out."""
 
 from __future__ import annotations
 
@@ -265,3 +266,64 @@ def test_search_killed_mid_final_ahead_resumes_it_in_the_same_run_when_run_again
     assert steps[-1] == 64 and len(steps) == len(set(steps))
     (version,) = _registered(config)
     assert version.run_id == final.info.run_id
+
+
+@pytest.mark.slow
+def test_a_final_whose_worker_died_is_stopped_not_resumed_when_its_candidate_failed_meanwhile(
+    tmp_path, prepared, monkeypatch
+):
+    """kill -9 while the final trains ahead; meanwhile a replay of its candidate failed elsewhere.
+    The same command again: the orphaned unit is failed, its retry claimed and pruned without
+    training, the MLflow run the dead process left RUNNING ended KILLED and tagged stopped, and
+    the certified configuration's final is the one registered."""
+    import signal
+    import subprocess
+
+    from tests.helpers import search_command
+
+    extra = ("search.top_k=2", "final.steps=64", "train.checkpoint_every=8")
+    config = _config(tmp_path, prepared, *extra)
+    args = search_command(search_overrides(tmp_path / "run", prepared, "search.n_trials=3", "final.speculative=true",
+                                           *extra))  # fmt: skip
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(
+            (tmp_path / "run" / "final").glob("*/checkpoints/step-00000016*")
+        ):
+            assert process.poll() is None, "the search ended before it was killed"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    (orphan,) = _units(config)
+    assert orphan.state == _STATE.RUNNING
+    (dead_run,) = _final_runs(config)
+    assert dead_run.info.status == "RUNNING"
+
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    best = CertificatePlan(study, config).candidates[0]
+    assert orphan.user_attrs["candidate"] == best.number
+    result = ReplayResult(seed=0, lr_factor=2.0, outcome="diverged", cause="divergence", step=3)
+    attrs = {"candidate": best.number, "quality": best.value, "baseline": False, "order": 0, "replays": 2,
+             "seed": 0, "lr_factor": 2.0, "horizon": confirm_horizon(config), "result": result.to_json()}  # fmt: skip
+    open_companion(config, study).add_trial(
+        optuna.trial.create_trial(state=_STATE.COMPLETE, value=3.0, user_attrs=attrs)
+    )  # another worker's replay of the candidate, which diverged
+    _fail_the_best(monkeypatch, config)
+
+    from stylepipe.cli import main
+
+    assert main(args[1:]) == 0  # the same command again (in this process)
+    orphaned, retry = _units(config)
+    assert orphaned.state == _STATE.FAIL
+    assert retry.state == _STATE.PRUNED and "steps_trained" not in retry.user_attrs
+    assert f"trial {best.number} already failed its replay" in retry.user_attrs["stopped"]
+    ahead, certified = _final_runs(config)
+    assert ahead.info.run_id == dead_run.info.run_id
+    assert ahead.info.status == "KILLED" and ahead.data.tags[STATE_TAG] == "stopped"
+    assert f"trial {best.number} already failed its replay" in ahead.data.tags["failure"]
+    assert AHEAD_TAG not in certified.data.tags and certified.info.status == "FINISHED"
+    (version,) = _registered(config)
+    assert version.run_id == certified.info.run_id
