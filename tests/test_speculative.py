@@ -6,6 +6,8 @@ tests/test_topology.py on the stack, with a real fan-out."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from stylepipe.search import replays as replays_module
 from stylepipe.search.replays import ReplayResult, open_companion
 from stylepipe.search.safest import CertificatePlan, confirm_horizon
 from stylepipe.session import StudySession
-from tests.helpers import DEMO, search_overrides
+from tests.helpers import DEMO, search_command, search_overrides
 
 _STATE = optuna.trial.TrialState
 # No replays: the best candidate is certified whatever its runs do (the cells where it passes).
@@ -59,6 +61,23 @@ def _registered(config) -> list:
     return MlflowClient(tracking_uri=config.tracking_uri).search_model_versions(
         f"name='{config.tracking.registered_model}'"
     )
+
+
+def _killed_mid_final_ahead(args: list[str], run_dir: Path) -> None:
+    """Run the search command ``args`` and kill -9 it once its final trained ahead has written
+    its step-16 checkpoint."""
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(
+            (run_dir / "final").glob("*/checkpoints/step-00000016*")
+        ):
+            assert process.poll() is None, "the search ended before it was killed"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_a_final_is_trained_ahead_only_with_several_workers_and_a_mirror(tmp_path, prepared):
@@ -233,27 +252,10 @@ def test_a_final_that_halted_ahead_is_reported_by_the_finisher_not_trained_again
 def test_search_killed_mid_final_ahead_resumes_it_in_the_same_run_when_run_again(tmp_path, prepared):
     """`stylepipe search` on SQLite with final.speculative: kill -9 while its final trains ahead;
     the same command again fails the orphaned unit, queues it again and resumes the same run."""
-    import signal
-    import subprocess
-    import time
-
-    from tests.helpers import search_command
-
     config = _config(tmp_path, prepared, *CERTIFIED, "final.steps=64", "train.checkpoint_every=8")
     args = search_command(search_overrides(tmp_path / "run", prepared, "search.n_trials=3", "final.speculative=true",
                                            *CERTIFIED, "final.steps=64", "train.checkpoint_every=8"))  # fmt: skip
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not list(
-            (tmp_path / "run" / "final").glob("*/checkpoints/step-00000016*")
-        ):
-            assert process.poll() is None, "the search ended before it was killed"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    _killed_mid_final_ahead(args, tmp_path / "run")
 
     from stylepipe.cli import main
 
@@ -276,27 +278,11 @@ def test_a_final_whose_worker_died_is_stopped_not_resumed_when_its_candidate_fai
     The same command again: the orphaned unit is failed, its retry claimed and pruned without
     training, the MLflow run the dead process left RUNNING ended KILLED and tagged stopped, and
     the certified configuration's final is the one registered."""
-    import signal
-    import subprocess
-
-    from tests.helpers import search_command
-
     extra = ("search.top_k=2", "final.steps=64", "train.checkpoint_every=8")
     config = _config(tmp_path, prepared, *extra)
     args = search_command(search_overrides(tmp_path / "run", prepared, "search.n_trials=3", "final.speculative=true",
                                            *extra))  # fmt: skip
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not list(
-            (tmp_path / "run" / "final").glob("*/checkpoints/step-00000016*")
-        ):
-            assert process.poll() is None, "the search ended before it was killed"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    _killed_mid_final_ahead(args, tmp_path / "run")
     (orphan,) = _units(config)
     assert orphan.state == _STATE.RUNNING
     (dead_run,) = _final_runs(config)
