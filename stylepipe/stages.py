@@ -242,14 +242,12 @@ def confirm(config: Config, session: StudySession | None = None, cores: Cores = 
     from stylepipe import speculative
     from stylepipe.search.attributes import StudyRecord, StudyState
     from stylepipe.search.safest import confirm_safest
-    from stylepipe.search.storage import StudyStore
+    from stylepipe.search.storage import ORPHANED, StudyStore
     from stylepipe.session import study_session
 
     with study_session(config, session) as s:
         if StudyStore.of(config.storage_url).running_is_orphaned:
-            s.tracker.end_orphaned_runs(
-                s.parent, ("replay",), "its process stopped (killed or lost) before the run ended"
-            )
+            s.tracker.end_orphaned_runs(s.parent, ("replay",), ORPHANED)
         record = StudyRecord(s.study)
         done = StudyRecord(s.study).counted
         answered, safest = record.safest_for(done)

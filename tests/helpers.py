@@ -205,3 +205,14 @@ def a_stage_added_after_confirm():
         patch.setattr(pipeline, "STAGES", (*pipeline.STAGES[:at], entry, *pipeline.STAGES[at:]))
         patch.setattr(chain, "study_lock", watched_lock)
         yield seen
+
+
+def ends_within(work, timeout: float) -> bool:
+    """Run ``work`` in a thread; whether it ended within ``timeout`` seconds (a test of a wait
+    that must end, not of a speed: a hung one fails the test instead of holding the suite)."""
+    import threading
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive()

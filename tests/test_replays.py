@@ -8,7 +8,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import threading
 import time
 import uuid
 
@@ -19,7 +18,7 @@ from optuna.storages._heartbeat import NullHeartbeatThread
 from stylepipe.config import load_config
 from stylepipe.search import replays
 from stylepipe.search.replays import cancelled_because, open_companion, plan_units, run_units
-from tests.helpers import DEMO, needs_postgres, study_of
+from tests.helpers import DEMO, ends_within, needs_postgres, study_of
 
 PLAN = [{"seed": 0, "lr_factor": 2.0}, {"seed": 1, "lr_factor": 1.0}, {"seed": 2, "lr_factor": 1.0}]
 
@@ -122,14 +121,6 @@ def test_a_replay_whose_worker_died_is_run_again_by_another_once(databases, tmp_
     assert [t.state for t in companion.trials].count(optuna.trial.TrialState.FAIL) == 1
 
 
-def _in_thread(work, timeout: float) -> bool:
-    """Run ``work`` in a thread; whether it ended within ``timeout`` seconds."""
-    thread = threading.Thread(target=work, daemon=True)  # a hung one must not hold pytest
-    thread.start()
-    thread.join(timeout)
-    return not thread.is_alive()
-
-
 def test_a_unit_whose_worker_died_before_its_first_heartbeat_is_run_again(tmp_path):
     config = settings(f"sqlite:///{tmp_path}/optuna.db", "silent", tmp_path)
     config = config.with_overrides({"search.certify_all": True})
@@ -139,7 +130,7 @@ def test_a_unit_whose_worker_died_before_its_first_heartbeat_is_run_again(tmp_pa
     claimed = companion.ask()
     survivor = open_companion(config, optuna.load_study(study_name=config.study_name,
                                                         storage=replays.open_storage(config)))  # fmt: skip
-    assert _in_thread(lambda: run_units(config, survivor, Sleeper(0.0), wait=True), timeout=60)
+    assert ends_within(lambda: run_units(config, survivor, Sleeper(0.0), wait=True), timeout=60)
     assert companion.trials[claimed.number].state == optuna.trial.TrialState.FAIL
     ran = _ran(companion)
     assert len(ran) == 6 and len(set(ran)) == 6  # the silent claim's unit ran again, once

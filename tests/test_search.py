@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import socket
@@ -36,6 +37,7 @@ from tests.helpers import (
     DEMO,
     TINY_SEARCH,
     another_process_holds_sqlite,
+    ends_within,
     search_command,
     search_config,
     search_overrides,
@@ -439,6 +441,37 @@ def test_runs_of_a_killed_search_are_ended_with_the_reason_when_it_resumes(tmp_p
     killed = runs[replay.info.run_id]
     assert killed.info.status == "KILLED"
     assert "process stopped" in killed.data.tags["failure"] and killed.data.tags["outcome"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_search_killed_mid_trial_runs_that_trial_again_at_once_when_resumed(tmp_path, prepared, caplog):
+    """SQLite serves one process: a trial found RUNNING belongs to one that died. It is failed
+    and queued again at once, not a heartbeat grace period (here 10 minutes) later."""
+    overrides = search_overrides(tmp_path, prepared, *LONG_REPLAYS, "search.grace_period=600")
+    config = load_config(DEMO, overrides)
+    victim = subprocess.Popen(search_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        killed_run = _wait_for_run(victim, config, "trial")
+        time.sleep(0.5)  # inside its training
+        victim.send_signal(signal.SIGKILL)
+    finally:
+        victim.wait(timeout=30)
+    (orphan,) = optuna.load_study(study_name=config.study_name, storage=config.storage_url).get_trials(
+        states=(optuna.trial.TrialState.RUNNING,)
+    )
+    caplog.set_level(logging.INFO, logger="stylepipe")
+    resumed = []
+    assert ends_within(lambda: resumed.append(main(search_command(overrides)[1:])), timeout=120)
+    assert resumed == [0]
+
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+    assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert retry.params == orphan.params and retry.state == optuna.trial.TrialState.COMPLETE
+    assert f"trial {orphan.number}: its process stopped (killed or lost)" in caplog.text
+    killed = MlflowClient(tracking_uri=config.tracking_uri).get_run(killed_run.info.run_id)
+    assert killed.info.status == "KILLED" and "its process stopped" in killed.data.tags["failure"]
+    assert [r.info.run_name for r in _runs(config) if r.info.status == "RUNNING"] == []
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ from stylepipe.errors import failure_text
 from stylepipe.records import Record, RecordError
 from stylepipe.search.candidate import run_candidate
 from stylepipe.search.space import apply, params_from_trial
-from stylepipe.search.storage import Lock, open_storage, study_lock
+from stylepipe.search.storage import ORPHANED, Lock, open_storage, study_lock
 from stylepipe.search.study import claim_units
 from stylepipe.search.study_data import StudyData
 from stylepipe.search.worker_id import worker_id
@@ -160,9 +160,6 @@ def plan_units(
                     companion.enqueue_trial({}, user_attrs=attrs)
                     queued += 1
         return queued
-
-
-ORPHANED = "its process stopped (killed or lost) before the run ended"
 
 
 def fail_orphans(config: Config, companion: optuna.Study) -> int:

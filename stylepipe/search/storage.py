@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import hashlib
+import logging
 import time
 import warnings
 from enum import StrEnum
@@ -44,9 +45,14 @@ from stylepipe.stores import (
     sqlite_path,
 )
 
+log = logging.getLogger(__name__)
+
 
 class StorageError(StylepipeError):
     """The study storage cannot be used; the message names the URL without its password."""
+
+
+ORPHANED = "its process stopped (killed or lost) before the run ended"
 
 
 class EndKilledRunThenRetry:
@@ -58,13 +64,36 @@ class EndKilledRunThenRetry:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def __call__(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        why: str = "worker stopped sending heartbeats (killed or lost)",
+    ) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             from stylepipe.tracking import end_killed_run  # MLflow and torch: only when one died
 
-            end_killed_run(self.tracking_uri, run_id, "worker stopped sending heartbeats (killed or lost)")
+            end_killed_run(self.tracking_uri, run_id, why)
         self.retry(study, _with_room_for_its_params(trial))
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[int]:
+    """On a store one process works on (SQLite, whose worker lock this process holds): a trial
+    still RUNNING belongs to a process that died. It is failed now, as a stale trial is after
+    the grace period (its MLflow run ended KILLED, the trial queued again), not a grace period
+    later while the search waits. Returns the failed trials' numbers."""
+    storage = study._storage
+    callback = storage.get_heartbeat_stale_trial_callback()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+            continue
+        failed.append(trial.number)
+        log.info("trial %d: %s; it runs again", trial.number, ORPHANED)
+        if isinstance(callback, EndKilledRunThenRetry):
+            callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)), why=ORPHANED)
+    return failed
 
 
 class SilentClaimsGoStale(RDBStorage):

@@ -31,6 +31,7 @@ from stylepipe.search.storage import (
     NoLock,
     StudyLock,
     StudyStore,
+    fail_orphaned_trials,
     open_storage,
     sole_worker,
     study_lock,
@@ -369,6 +370,8 @@ def run_trials(
     bar = StudyProgress(study, target, enabled=progress)
     ran = 0
     with sole_worker(config), bar.progress, frozen_heap():
+        if StudyStore.of(config.storage_url).running_is_orphaned:
+            fail_orphaned_trials(study)
         while True:
             gate.acquire()
             try:
