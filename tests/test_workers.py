@@ -19,7 +19,13 @@ import pytest
 from mlflow import MlflowClient
 
 from stylepipe.config import load_config
-from stylepipe.search.storage import EndKilledRunThenRetry, SqliteWorkerLock, StorageError, open_storage
+from stylepipe.search.storage import (
+    EndKilledRunThenRetry,
+    SqliteStore,
+    SqliteWorkerLock,
+    StorageError,
+    open_storage,
+)
 from tests.helpers import DEMO, POSTGRES, another_process_holds_sqlite, needs_postgres
 
 WORKER = [str(Path(sys.executable).parent / "stylepipe"), "worker", "--quiet", "--config", str(DEMO)]
@@ -281,6 +287,8 @@ def test_a_peer_s_trial_finishing_while_this_worker_counts_does_not_start_one_to
     study = optuna.create_study()
     study.add_trial(optuna.trial.create_trial(value=1.0))
     peers = study.ask()  # another worker's trial, running
+    # Peers run only on a shared store (on SQLite a RUNNING trial is a dead process's): so here.
+    monkeypatch.setattr(SqliteStore, "running_is_orphaned", False)
     in_gate, peer_done = [], []
 
     class Gate(study_module.NoLock):

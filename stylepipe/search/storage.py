@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import optuna
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages._rdb import models  # the tables Optuna's own stale check reads
 
 from stylepipe.config import Config
@@ -84,7 +85,7 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
     the grace period (its MLflow run ended KILLED, the trial queued again), not a grace period
     later while the search waits. Returns the failed trials' numbers."""
     storage = study._storage
-    callback = storage.get_heartbeat_stale_trial_callback()
+    callback = storage.get_heartbeat_stale_trial_callback() if isinstance(storage, BaseHeartbeat) else None
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
