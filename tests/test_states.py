@@ -372,12 +372,13 @@ def test_study_another_safest_configuration_gets_its_own_final_run_and_version(t
     assert versions == ["1", "2"]
 
 
+@pytest.mark.parametrize("command", ["search", "worker"])
 def test_study_killed_in_its_report_is_finished_by_the_same_command_with_its_report_whole(
-    tmp_path, prepared, capsys
+    tmp_path, prepared, capsys, command
 ):
     """Before: a study was recorded finished before its report ran. Killed (kill -9) in the
     report, the same command answered "finished before" and wrote nothing: no safest.json, no
-    stability map, ever."""
+    stability map, ever. ``stylepipe search`` and ``stylepipe worker`` finish a study alike."""
     import signal
     import subprocess
     import sys
@@ -390,7 +391,8 @@ def test_study_killed_in_its_report_is_finished_by_the_same_command_with_its_rep
         "stylepipe.report.stability_map = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
         "from stylepipe.cli import main\nsys.exit(main(sys.argv[1:]))"
     )
-    killed = subprocess.run([sys.executable, "-c", dies_in_its_report, *search_args(tmp_path, prepared)],
+    same_command = [command, *search_args(tmp_path, prepared)[1:]]
+    killed = subprocess.run([sys.executable, "-c", dies_in_its_report, *same_command],
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
@@ -408,9 +410,11 @@ def test_study_killed_in_its_report_is_finished_by_the_same_command_with_its_rep
     )
     assert not (tmp_path / "safest.json").exists()
 
-    assert main(search_args(tmp_path, prepared)) == 0
+    assert main(same_command) == 0
     out = capsys.readouterr().out
-    assert "finished before with these settings" not in out and "registered version 1 is reused" in out, out
+    assert "finished before with these settings" not in out, out
+    said = "registered version 1 is reused" if command == "search" else "finished the study: True"
+    assert said in out, out
     study = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
     assert StudyRecord(study).state == StudyState.FINISHED
     assert json.loads((tmp_path / "safest.json").read_text())["model"]["version"] == "1"
