@@ -5,6 +5,7 @@ what, how often."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -121,7 +122,7 @@ def test_a_replay_whose_worker_died_is_run_again_by_another_once(databases, tmp_
     assert [t.state for t in companion.trials].count(optuna.trial.TrialState.FAIL) == 1
 
 
-def test_a_unit_whose_worker_died_before_its_first_heartbeat_is_run_again(tmp_path):
+def test_a_unit_whose_worker_died_before_its_first_heartbeat_is_run_again(tmp_path, caplog):
     config = settings(f"sqlite:///{tmp_path}/optuna.db", "silent", tmp_path)
     config = config.with_overrides({"search.certify_all": True})
     _, companion = queued_study(config, [(1e-3, 1.5, True), (2e-3, 1.0, False)])
@@ -130,7 +131,11 @@ def test_a_unit_whose_worker_died_before_its_first_heartbeat_is_run_again(tmp_pa
     claimed = companion.ask()
     survivor = open_companion(config, optuna.load_study(study_name=config.study_name,
                                                         storage=replays.open_storage(config)))  # fmt: skip
+    caplog.set_level(logging.INFO, logger="stylepipe")
     assert ends_within(lambda: run_units(config, survivor, Sleeper(0.0), wait=True), timeout=60)
+    waiting = [r.message for r in caplog.records if r.message.startswith("waiting for")]
+    assert waiting == [f"waiting for 1 running elsewhere in {companion.study_name} (one whose worker stopped "
+                       "runs again here after search.grace_period seconds without a heartbeat)"]  # fmt: skip
     assert companion.trials[claimed.number].state == optuna.trial.TrialState.FAIL
     ran = _ran(companion)
     assert len(ran) == 6 and len(set(ran)) == 6  # the silent claim's unit ran again, once

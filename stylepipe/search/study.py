@@ -316,7 +316,7 @@ def claim_units(
     ``fail_dead`` first failing any whose worker died so that their retries run here. ``gate``
     makes a look for a waiting unit and its claim one step. Returns how many were claimed."""
     claim = ReleaseGateThenRun(objective, gate)
-    claimed = 0
+    claimed, said = 0, 0
     while True:
         gate.acquire()
         try:
@@ -328,10 +328,24 @@ def claim_units(
                 continue
             if not (wait and optuna.trial.TrialState.RUNNING in states):
                 return claimed
+            said = _say_waiting(states.count(optuna.trial.TrialState.RUNNING), said, units.study_name)
             gate.release()
             time.sleep(pause_s)
         finally:
             gate.release()
+
+
+def _say_waiting(running: int, said: int, what: str) -> int:
+    """One line when this worker starts waiting for ``running`` trials of ``what`` that run
+    elsewhere (or their number changes), not one per look: else it waits without a word."""
+    if running != said:
+        log.info(
+            "waiting for %d running elsewhere in %s (one whose worker stopped runs again here "
+            "after search.grace_period seconds without a heartbeat)",
+            running,
+            what,
+        )
+    return running
 
 
 @contextlib.contextmanager
@@ -368,7 +382,7 @@ def run_trials(
     gate = study_lock(config, Lock.ASK)
     objective = ReleaseGateThenRun(objective, gate)
     bar = StudyProgress(study, target, enabled=progress)
-    ran = 0
+    ran, said = 0, 0
     with sole_worker(config), bar.progress, frozen_heap():
         if StudyStore.of(config.storage_url).running_is_orphaned:
             fail_orphaned_trials(study)
@@ -386,6 +400,7 @@ def run_trials(
                 if done >= target:
                     break
                 if done + running >= target:  # the last trials are running elsewhere
+                    said = _say_waiting(running, said, study.study_name)
                     gate.release()
                     time.sleep(min(5, config.search.heartbeat_interval))
                     continue
