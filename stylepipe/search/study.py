@@ -324,7 +324,7 @@ def claim_units(
             states = [t.state for t in units.get_trials(deepcopy=False)]
             if optuna.trial.TrialState.WAITING in states:
                 units.optimize(claim, n_trials=1, catch=())  # the gate opens once it runs
-                claimed += 1
+                claimed, said = claimed + 1, 0
                 continue
             if not (wait and optuna.trial.TrialState.RUNNING in states):
                 return claimed
@@ -409,7 +409,7 @@ def run_trials(
                 fatal = getattr(objective.objective, "fatal", None)  # this worker must stop
                 if fatal is not None:
                     raise fatal
-                ran += 1
+                ran, said = ran + 1, 0
             finally:
                 gate.release()
     return ran
