@@ -36,7 +36,7 @@ from stylepipe.search import replays
 from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.safest import CertificatePlan, confirm_horizon
 from stylepipe.search.space import params_from_trial
-from stylepipe.search.storage import Lock, StudyStore, open_storage, study_lock
+from stylepipe.search.storage import Lock, fail_dead_trials, open_storage, study_lock
 from stylepipe.search.study import claim_units
 from stylepipe.search.worker_id import worker_id
 from stylepipe.threads import ALONE, Cores
@@ -151,25 +151,8 @@ def run_units(config: Config, session: StudySession, cores: Cores = ALONE, wait:
     gate = study_lock(config, Lock.FINAL_AHEAD)
     pause = min(CHECK_S, config.search.heartbeat_interval)
     return claim_units(
-        units, FinalAhead(config, session, cores), gate, wait, lambda: _fail_dead(config, units), pause
+        units, FinalAhead(config, session, cores), gate, wait, lambda: fail_dead_trials(config, units), pause
     )
-
-
-def _fail_dead(config: Config, units: optuna.Study) -> None:
-    """Units whose worker died: by heartbeats (a shared store; Optuna queues their retry), or,
-    where one process works on the study, any found RUNNING (queued again here)."""
-    if not StudyStore.of(config.storage_url).running_is_orphaned:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(units)
-        return
-    for unit in units.get_trials(deepcopy=False, states=(_STATE.RUNNING,)):
-        units.tell(unit.number, state=_STATE.FAIL)
-        units.enqueue_trial({}, user_attrs={k: unit.user_attrs[k] for k in ("candidate", "quality")})
-        log.info(
-            "the final trained ahead for trial %d: its process stopped; it is queued again",
-            unit.user_attrs["candidate"],
-        )
 
 
 def stop_unwanted(config: Config, session: StudySession, safest: Any, cores: Cores = ALONE) -> int:

@@ -19,6 +19,7 @@ from optuna.storages._heartbeat import NullHeartbeatThread
 from stylepipe.config import load_config
 from stylepipe.search import replays
 from stylepipe.search.replays import cancelled_because, open_companion, plan_units, run_units
+from stylepipe.search.storage import SqliteStore
 from tests.helpers import DEMO, ends_within, needs_postgres, study_of
 
 PLAN = [{"seed": 0, "lr_factor": 2.0}, {"seed": 1, "lr_factor": 1.0}, {"seed": 2, "lr_factor": 1.0}]
@@ -122,7 +123,10 @@ def test_a_replay_whose_worker_died_is_run_again_by_another_once(databases, tmp_
     assert [t.state for t in companion.trials].count(optuna.trial.TrialState.FAIL) == 1
 
 
-def test_a_unit_whose_worker_died_before_its_first_heartbeat_is_run_again(tmp_path, caplog):
+def test_a_unit_whose_worker_died_before_its_first_heartbeat_is_run_again(tmp_path, caplog, monkeypatch):
+    # As on a shared store, where a RUNNING unit may be a live peer's (on SQLite it is a dead
+    # process's, failed at once): the survivor must find it dead by its missing heartbeats.
+    monkeypatch.setattr(SqliteStore, "running_is_orphaned", False)
     config = settings(f"sqlite:///{tmp_path}/optuna.db", "silent", tmp_path)
     config = config.with_overrides({"search.certify_all": True})
     _, companion = queued_study(config, [(1e-3, 1.5, True), (2e-3, 1.0, False)])

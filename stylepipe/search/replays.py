@@ -34,12 +34,12 @@ from stylepipe.errors import failure_text
 from stylepipe.records import Record, RecordError
 from stylepipe.search.candidate import run_candidate
 from stylepipe.search.space import apply, params_from_trial
-from stylepipe.search.storage import ORPHANED, Lock, open_storage, study_lock
+from stylepipe.search.storage import Lock, fail_dead_trials, open_storage, study_lock
 from stylepipe.search.study import claim_units
 from stylepipe.search.study_data import StudyData
 from stylepipe.search.worker_id import worker_id
 from stylepipe.threads import ALONE, Cores
-from stylepipe.tracking import Tracker, end_killed_run
+from stylepipe.tracking import Tracker
 from stylepipe.train.callbacks import NoLongerNeeded, StopWhenUnneeded
 
 log = logging.getLogger(__name__)
@@ -160,25 +160,6 @@ def plan_units(
                     companion.enqueue_trial({}, user_attrs=attrs)
                     queued += 1
         return queued
-
-
-def fail_orphans(config: Config, companion: optuna.Study) -> int:
-    """On SQLite (one process, holding the database's lock): a unit still RUNNING belongs to a
-    process that died. It is failed now, not after its heartbeats' grace period, its MLflow run
-    ended KILLED; the next plan queues it again. Returns how many."""
-    orphans = companion.get_trials(deepcopy=False, states=(_STATE.RUNNING,))
-    for unit in orphans:
-        run_id = unit.user_attrs.get("mlflow_run_id")
-        if run_id:
-            end_killed_run(config.tracking_uri, run_id, ORPHANED)
-        companion.tell(unit.number, state=_STATE.FAIL)
-        log.info(
-            "replay of trial %d seed %d: %s; it runs again",
-            unit.user_attrs["candidate"],
-            unit.user_attrs["seed"],
-            ORPHANED,
-        )
-    return len(orphans)
 
 
 def results_of(companion: optuna.Study, candidate: int, horizon: int) -> list[dict[str, Any]]:
@@ -333,14 +314,10 @@ def run_units(
     retries here). Returns how many units this process claimed. A replay that raises stops
     this worker, as a trial does: its unit is failed and queued again by the next plan."""
 
-    def fail_stale() -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(companion)
-
     gate = study_lock(config, Lock.REPLAYS)
     objective = _UnlessCancelled(objective, config.search.certify_all)
-    return claim_units(companion, objective, gate, wait, fail_stale, min(5, config.search.heartbeat_interval))
+    pause = min(5, config.search.heartbeat_interval)
+    return claim_units(companion, objective, gate, wait, lambda: fail_dead_trials(config, companion), pause)
 
 
 def replay_steps(companion: optuna.Study) -> int:

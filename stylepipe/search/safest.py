@@ -28,7 +28,6 @@ from stylepipe.records import BROKE, Certificate, Edges, Safest
 from stylepipe.search import replays
 from stylepipe.search.attributes import StudyRecord
 from stylepipe.search.space import apply, params_from_trial
-from stylepipe.search.storage import StudyStore
 from stylepipe.search.study_data import StudyData
 from stylepipe.threads import ALONE, Cores
 from stylepipe.tracking import Tracker
@@ -289,8 +288,6 @@ def share_replays(
     this process claimed."""
     plan = plan or CertificatePlan(study, config)
     companion = replays.open_companion(config, study)
-    if StudyStore.of(config.storage_url).running_is_orphaned:
-        replays.fail_orphans(config, companion)
     objective = replays.ReplayObjective(config, study, data, tracker, parent_run_id, cores)
     base = plan.base.number if plan.base is not None else None
     claimed = 0

@@ -79,11 +79,19 @@ class EndKilledRunThenRetry:
         self.retry(study, _with_room_for_its_params(trial))
 
 
-def fail_orphaned_trials(study: optuna.Study) -> list[int]:
-    """On a store one process works on (SQLite, whose worker lock this process holds): a trial
-    still RUNNING belongs to a process that died. It is failed now, as a stale trial is after
-    the grace period (its MLflow run ended KILLED, the trial queued again), not a grace period
-    later while the search waits. Returns the failed trials' numbers."""
+def fail_dead_trials(config: Config, study: optuna.Study) -> list[int]:
+    """Fail the trials of ``study`` (a search's, or a companion's units) whose worker died, each
+    through the storage's stale callback: its MLflow run (if it has one) ended KILLED, the trial
+    queued again. On a shared store, those whose heartbeats are a grace period old, or never
+    came (``SilentClaimsGoStale``). On a store one process works on (SQLite, whose worker lock
+    this process holds, looking between its own trials), every one still RUNNING, at once: its
+    process is gone, and waiting out the grace period would only stall the search. Returns the
+    numbers of the trials failed here."""
+    with warnings.catch_warnings():  # experimental in name only: stable since optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if not StudyStore.of(config.storage_url).running_is_orphaned:
+            optuna.storages.fail_stale_trials(study)  # runs the callback for those it failed
+            return []
     storage = study._storage
     callback = storage.get_heartbeat_stale_trial_callback() if isinstance(storage, BaseHeartbeat) else None
     failed = []
@@ -91,7 +99,7 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
         if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
             continue
         failed.append(trial.number)
-        log.info("trial %d: %s; it runs again", trial.number, ORPHANED)
+        log.info("%s trial %d: %s; it runs again", study.study_name, trial.number, ORPHANED)
         if isinstance(callback, EndKilledRunThenRetry):
             callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)), why=ORPHANED)
     return failed

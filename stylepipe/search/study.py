@@ -7,7 +7,6 @@ import gc
 import json
 import logging
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from stylepipe.search.storage import (
     NoLock,
     StudyLock,
     StudyStore,
-    fail_orphaned_trials,
+    fail_dead_trials,
     open_storage,
     sole_worker,
     study_lock,
@@ -384,14 +383,10 @@ def run_trials(
     bar = StudyProgress(study, target, enabled=progress)
     ran, said = 0, 0
     with sole_worker(config), bar.progress, frozen_heap():
-        if StudyStore.of(config.storage_url).running_is_orphaned:
-            fail_orphaned_trials(study)
         while True:
             gate.acquire()
             try:
-                with warnings.catch_warnings():  # experimental in name only: stable since optuna 2.9
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(study)
+                fail_dead_trials(config, study)
                 # One read for both counts: with two, a peer's trial that finishes between them
                 # is neither done nor running, and one trial too many starts.
                 trials = study.get_trials(deepcopy=False)
