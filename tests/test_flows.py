@@ -241,6 +241,26 @@ def test_a_second_run_through_the_deployment_warm_starts_and_keeps_a_better_cham
     assert str(client.get_model_version_by_alias("flow-style", "safest").version) == "2"
 
 
+def test_a_finished_study_run_again_by_the_flow_reports_it_and_other_settings_are_refused(first_run):
+    """``stylepipe-flow run --study NAME`` on a finished study: its recorded result, nothing
+    trained, registered or rewritten; with other settings, a failed flow run naming them."""
+    run_dir, overrides, _, _ = first_run
+    config = load_config(DEMO, overrides)
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    versions = sorted(v.version for v in client.search_model_versions("name='flow-style'"))
+    safest = run_dir / "safest.json"
+    written = (safest.read_bytes(), safest.stat().st_mtime_ns)
+
+    again = style_pipeline(str(DEMO), overrides, study_name="first", return_state=True)
+    assert again.is_completed(), again.message
+    assert again.result()["recorded_before"] is True
+    other = style_pipeline(str(DEMO), [*overrides, "train.lr=0.02"], study_name="first", return_state=True)
+    assert other.is_failed() and "train.lr (" in other.message, other.message
+
+    assert sorted(v.version for v in client.search_model_versions("name='flow-style'")) == versions
+    assert (safest.read_bytes(), safest.stat().st_mtime_ns) == written
+
+
 def test_a_temporary_server_that_does_not_start_is_one_line_and_a_non_zero_exit(tmp_path):
     import subprocess
     import sys

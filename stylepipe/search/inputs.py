@@ -149,6 +149,8 @@ def _localised(config: Config, worker: bool, fetched: list[str]) -> dict[str, st
 
         content = moved["data.content"] = str(from_url(content, cache, counted))
     here = manifest_sha256(content)  # None: not a prepared folder on this machine
+    if here is None and not worker and (content == "skimage" or Path(content).is_dir()):
+        return moved  # images here to prepare (the flow's prepare stage), not a copy to fetch
     style_file = not is_bundled(style)
     style_here = style_file and Path(style).is_file()
     if here is not None and not worker and (style_here or not style_file):
