@@ -273,17 +273,20 @@ def _record(config):
 
 
 # cost knobs a study may change: certify_all, and workers (the scheduled flow's fan-out)
-@pytest.mark.parametrize("knob", [None, "search.certify_all=true", "search.workers=3"])
+@pytest.mark.parametrize("command, knob", [("search", None), ("search", "search.certify_all=true"),
+                                           ("search", "search.workers=3"), ("worker", None)])  # fmt: skip
 def test_study_finished_the_same_command_again_reports_its_recorded_result(
-    finished_study, prepared, capsys, knob
+    finished_study, prepared, capsys, command, knob
 ):
     config = search_config(finished_study, prepared, *STUDY)
     before = _record(config)
     final = next(iter(before[4].values()))
     assert final[0] == "FINISHED" and final[2]["stylepipe.state"] == "finished"
     files = snapshot(finished_study)
-    assert main(search_args(finished_study, prepared, *([knob] if knob else []))) == 0
-    assert "finished before with these settings" in capsys.readouterr().out
+    args = search_args(finished_study, prepared, *([knob] if knob else []))
+    assert main([command, *args[1:]]) == 0
+    said = "finished before with these settings" if command == "search" else "worker ran 0 trials"
+    assert said in capsys.readouterr().out
     assert _record(config) == before  # nothing replayed, trained or written: not even its note
     # Before: it wrote trials.csv, stability_map.png, safest.json and mlflow.db again
     assert snapshot(finished_study) == files
@@ -291,14 +294,16 @@ def test_study_finished_the_same_command_again_reports_its_recorded_result(
     assert study.user_attrs["state"] == "finished"
 
 
-@pytest.mark.parametrize("change, key", [("train.lr=0.02", "train.lr"), ("search.seed=7", "search.seed"),
-                                         ("search.space.lr=[1e-5,1e-4]", "search.space.lr"),
-                                         ("search.startup_trials=3", "search.startup_trials"),
-                                         ("search.n_trials=2", None)])  # fmt: skip
+@pytest.mark.parametrize("command, change, key", [
+    ("search", "train.lr=0.02", "train.lr"), ("search", "search.seed=7", "search.seed"),
+    ("search", "search.space.lr=[1e-5,1e-4]", "search.space.lr"),
+    ("search", "search.startup_trials=3", "search.startup_trials"), ("search", "search.n_trials=2", None),
+    ("worker", "train.lr=0.02", "train.lr")])  # fmt: skip
 def test_study_finished_with_other_settings_is_refused_naming_them(
     finished_study,
     prepared,
     capsys,
+    command,
     change,
     key,
 ):
@@ -307,7 +312,7 @@ def test_study_finished_with_other_settings_is_refused_naming_them(
     config = search_config(finished_study, prepared, *STUDY)
     before = _record(config)
     extra = [change] if key else [change, "train.lr=0.02"]  # more trials with other settings: refused too
-    assert main(search_args(finished_study, prepared, *extra)) == 2
+    assert main([command, *search_args(finished_study, prepared, *extra)[1:]]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"{key or 'train.lr'} (" in errors[0] and "search.study_name=" in errors[0]
     assert _record(config) == before
